@@ -1,0 +1,3 @@
+from chatnode.cli import main
+
+raise SystemExit(main())

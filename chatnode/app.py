@@ -1,0 +1,126 @@
+"""Composition root: config -> adapters -> node -> edge. The only module that picks backends.
+
+``App.run`` owns everything in nested nurseries (node tasks, then the edge). ``request_stop``
+(SIGTERM/SIGINT in the CLI, tests call it directly) drains: stop accepting, close WebSockets
+with 4000 (reconnect elsewhere), wait for connections up to ``drain_timeout_s``, flush the
+archiver, then cancel the node's tasks and close the backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from chatnode.config import Config, resolve_secret
+from chatnode.core.protocol import CloseCode
+from chatnode.edge import http
+from chatnode.edge.metrics import Metrics
+from chatnode.edge.server import EdgeServer
+from chatnode.edge.websocket import WsSettings
+from chatnode.node.service import Backends, ChatNode, NodeSettings
+
+log = logging.getLogger(__name__)
+
+
+def node_settings(config: Config, secret: str) -> NodeSettings:
+    return NodeSettings(
+        node_id=config.node_id or f"{socket.gethostname()}-{os.getpid()}",
+        jwt_secret=secret,
+        token_ttl_s=config.token_ttl_s,
+        admins=config.admin_names,
+        insecure=config.insecure,
+        password_cost_log2=config.password_cost_log2,
+        history_on_join=config.history_on_join,
+        max_replay=config.max_replay,
+        rate_messages_per_s=config.rate_messages_per_s,
+        rate_burst=config.rate_burst,
+        presence_ttl_s=config.presence_ttl_s,
+        limits=config.limits,
+    )
+
+
+@asynccontextmanager
+async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]:
+    """The configured backends, closed on exit."""
+    async with AsyncExitStack() as stack:
+        if config.embedded:
+            from chatnode.adapters.memory import MemoryPresence
+            from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
+
+            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+            db = await SqliteDatabase.open(str(Path(config.data_dir) / "chatnode.sqlite3"))
+            stack.push_async_callback(db.aclose)
+            yield Backends(
+                directory=SqliteDirectory(db),
+                bus=SqliteBus(db),
+                archive=SqliteArchive(db),
+                presence=MemoryPresence(),
+            )
+        else:
+            from chatnode.adapters.cluster import open_cluster_backends
+
+            yield await stack.enter_async_context(open_cluster_backends(config, node_id))
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = trio.Event()
+        self.node: ChatNode | None = None
+        self.edge: EdgeServer | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        settings = node_settings(config, resolve_secret(config))
+        if config.insecure:
+            log.warning(
+                "INSECURE MODE: anyone may join as any existing user with ?user=, and admin "
+                "operations need no token. Do not expose this node."
+            )
+        async with open_backends(config, settings.node_id) as backends:
+            node = self.node = ChatNode(settings, backends)
+            metrics = Metrics()
+            edge = self.edge = EdgeServer(
+                node,
+                http_limits=http.Limits(
+                    max_header_bytes=config.max_header_bytes,
+                    max_body_bytes=config.max_body_bytes,
+                    handshake_timeout_s=config.handshake_timeout_s,
+                    idle_timeout_s=config.idle_timeout_s,
+                ),
+                ws_settings=WsSettings(
+                    send_backlog_bytes=config.send_backlog_bytes,
+                    max_message_bytes=config.max_message_bytes,
+                ),
+                metrics=metrics,
+            )
+            async with trio.open_nursery() as node_nursery:
+                await node_nursery.start(node.run)
+                async with trio.open_nursery() as edge_nursery:
+                    ports = await edge_nursery.start(edge.serve, config.host, config.port)
+                    log.info(
+                        "chatnode %s listening on %s:%s (%s)",
+                        settings.node_id, config.host, ports[0],
+                        "embedded SQLite" if config.embedded else "cluster",
+                    )
+                    task_status.started(ports)
+                    await self._stop.wait()
+                    log.info("draining: closing connections (up to %.1fs)", config.drain_timeout_s)
+                    deadline = trio.current_time() + config.drain_timeout_s
+                    edge.stop_accepting()
+                    node.hub.close_all(CloseCode.SERVER_SHUTDOWN, "node shutting down; reconnect")
+                    edge_nursery.cancel_scope.deadline = deadline
+                if node.archiver is not None:
+                    with trio.move_on_at(deadline + 1.0):
+                        await node.archiver.drain()
+                node_nursery.cancel_scope.cancel()
+        log.info("stopped")

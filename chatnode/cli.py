@@ -1,0 +1,97 @@
+"""``chatnode serve | migrate | config | chat`` — the process edge: reads the environment and
+flags once into a ``Config`` and hands it to ``app.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from chatnode import __version__
+from chatnode.config import ConfigError, load_config, markdown_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatnode", description="A self-hosted chat backend on Trio.")
+    parser.add_argument("--version", action="version", version=f"chatnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a node (embedded SQLite unless backends are configured)")
+    serve.add_argument("--host", help="address to listen on (CHATNODE_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (CHATNODE_PORT)")
+    serve.add_argument("--data-dir", help="embedded data directory (CHATNODE_DATA_DIR)")
+    serve.add_argument("--insecure", action="store_true", default=None, help="seed's open mode (CHATNODE_INSECURE)")
+
+    sub.add_parser("migrate", help="apply database migrations (MySQL schema, Elasticsearch template)")
+
+    conf = sub.add_parser("config", help="print the effective configuration")
+    conf.add_argument("--markdown", action="store_true", help="print the table of all settings")
+
+    chat = sub.add_parser("chat", help="join a room from the terminal (lines you type are sent)")
+    chat.add_argument("room", type=int)
+    chat.add_argument("--url", default="ws://127.0.0.1:8080", help="node or nginx base URL")
+    chat.add_argument("--user", help="user name (insecure mode)")
+    chat.add_argument("--token", help="token from POST /v1/tokens")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.command == "serve":
+        overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "insecure": args.insecure}
+    try:
+        config = load_config(os.environ, overrides)
+    except ConfigError as exc:
+        print(f"chatnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "config":
+        if args.markdown:
+            print(markdown_table())
+        else:
+            import attrs
+
+            shown = {k: ("***" if k == "jwt_secret" and v else v) for k, v in attrs.asdict(config).items()}
+            print(json.dumps(shown, indent=2))
+        return 0
+    if args.command == "serve":
+        return trio.run(_serve, config)
+    if args.command == "migrate":
+        from chatnode.adapters.cluster import migrate
+
+        migrated: int = trio.run(migrate, config)
+        return migrated
+    if args.command == "chat":
+        from chatnode.client import chat
+
+        return trio.run(chat, args.url, args.room, args.user, args.token)
+    return 2
+
+
+async def _serve(config: Any) -> int:
+    from chatnode.app import App
+
+    app = App(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, app)
+        await app.run()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _stop_on_signal(app: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logging.getLogger("chatnode").info("signal %s: stopping", signal.Signals(signum).name)
+            app.request_stop()
+            return

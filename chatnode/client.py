@@ -1,0 +1,51 @@
+"""``chatnode chat``: a terminal client on the v1 dialect (trio-websocket)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from urllib.parse import urlencode
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+
+async def chat(base_url: str, room: int, user: str | None, token: str | None) -> int:
+    query = {k: v for k, v in (("user", user), ("token", token)) if v}
+    url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
+    if query:
+        url += "?" + urlencode(query)
+    async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_type_lines, ws)
+            try:
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    _show(frame)
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                print(f"* closed: {reason.code if reason else ''} {reason.reason if reason else ''}")
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def _show(frame: dict[str, object]) -> None:
+    kind = frame.get("type")
+    if kind == "message":
+        print(f"[{frame['offset']}] {frame['user']}: {frame['message']}")
+    elif kind == "presence":
+        print(f"* {frame['user']} {frame['event']}s")
+    elif kind == "error":
+        print(f"! {frame['code']}: {frame['message']}")
+    elif kind == "joined":
+        print(f"* joined room {frame['chatroom']} as {frame['user']} at offset {frame['offset']}")
+
+
+async def _type_lines(ws: object) -> None:
+    stdin = trio.wrap_file(sys.stdin)
+    counter = 0
+    async for line in stdin:
+        text = line.rstrip("\n")
+        if text:
+            counter += 1
+            await ws.send_message(json.dumps({"type": "send", "id": str(counter), "message": text}))  # type: ignore[attr-defined]

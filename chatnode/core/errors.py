@@ -1,0 +1,98 @@
+"""One error tree with stable codes.
+
+Every error a client can see derives from :class:`ChatError` and carries a stable ``code``
+(documented in docs/protocol.md). Each transport maps the tree to its own signal in one place:
+HTTP status in ``edge/http_errors.py``, WebSocket close code in ``core/protocol.py``.
+
+::
+
+    ChatError
+    ├── BadRequest            400  malformed input: bad JSON, missing field, bad value
+    │   ├── InvalidName
+    │   └── MessageTooLarge
+    ├── Unauthorized          401  missing, bad or expired token; wrong password
+    ├── Forbidden             403  authenticated but not allowed (admin only)
+    ├── NotFound              404  unknown room, user or route
+    ├── MethodNotAllowed      405
+    ├── Conflict              409  name already taken
+    ├── PayloadTooLarge       413  request body over the limit
+    ├── RoomFull              409  room reached its member limit
+    ├── RateLimited           429  too many messages; retry later
+    └── Unavailable           503  a backend is down; retry later (``retry_after_s``)
+"""
+
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    """Base of every client-visible error; ``code`` is stable, ``message`` is for people."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(ChatError):
+    code = "bad_request"
+
+
+class InvalidName(BadRequest):
+    code = "invalid_name"
+
+
+class MessageTooLarge(BadRequest):
+    code = "message_too_large"
+
+
+class Unauthorized(ChatError):
+    code = "unauthorized"
+
+
+class Forbidden(ChatError):
+    code = "forbidden"
+
+
+class NotFound(ChatError):
+    code = "not_found"
+
+
+class MethodNotAllowed(ChatError):
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class Conflict(ChatError):
+    code = "conflict"
+
+
+class RoomFull(ChatError):
+    code = "room_full"
+
+
+class PayloadTooLarge(ChatError):
+    code = "payload_too_large"
+
+
+class RateLimited(ChatError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(ChatError):
+    """A backend (database, bus, archive) cannot be reached; the operation may be retried."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,171 @@
+"""The ports: what the node needs from the outside world, as Protocols.
+
+Each port has implementations in ``chatnode/adapters/`` (SQLite/memory always; MySQL, Redis,
+Elasticsearch for the cluster) and one contract test suite in ``tests/contracts/`` that every
+implementation passes. ``app.py`` is the only place that picks one.
+
+Errors: an implementation raises :class:`chatnode.core.errors.Unavailable` when its backend
+cannot be reached (the caller may retry), and the domain errors named on each method; any other
+exception is a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from chatnode.core.models import (
+    ArchiveEntry,
+    ChatMessage,
+    Draft,
+    PresenceEntry,
+    Room,
+    SearchHit,
+    SearchQuery,
+    User,
+)
+
+
+class TaskStatus(Protocol):
+    """What ``trio.TaskStatus`` offers; ``core`` does not import trio."""
+
+    def started(self, value: Any = None, /) -> None: ...
+
+
+class Closeable(Protocol):
+    async def check(self) -> None:
+        """Return if the backend answers; raise ``Unavailable`` otherwise (``/readyz``)."""
+
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+
+class Directory(Closeable, Protocol):
+    """Users, rooms and durable room membership (SQLite, MySQL)."""
+
+    async def create_user(
+        self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
+    ) -> User:
+        """Raise ``Conflict`` if the name is taken (names compare exactly)."""
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def delete_all_users(self) -> int:
+        """Delete every user and every membership; return how many users were deleted."""
+
+    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
+        """Rooms get increasing integer ids starting at 1; names need not be unique."""
+
+    async def get_room(self, room_id: int) -> Room | None: ...
+
+    async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
+        """Rooms with ``id > after_id`` in id order, at most ``limit``."""
+
+    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+        """Make ``user`` a member; True if newly added, False if already one.
+
+        Raise ``NotFound`` for an unknown room or user, ``RoomFull`` when the room already has
+        ``max_members`` members and ``user`` is not one of them.
+        """
+
+    async def remove_member(self, room_id: int, user: str) -> bool: ...
+
+    async def list_members(self, room_id: int) -> list[str]:
+        """Member names in name order ([] for an unknown room)."""
+
+
+class BusHandler(Protocol):
+    """Implemented by the node; the bus never reaches into node internals."""
+
+    async def deliver(self, message: ChatMessage) -> None:
+        """Called once per published message of each subscribed room, in offset order per
+        room, from one task at a time. Must not wait on clients."""
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        """An ephemeral room event (presence, typing): not logged, no offset."""
+
+    async def resubscribed(self) -> None:
+        """The bus lost and regained its subscriptions; messages may have been missed."""
+
+
+class Bus(Closeable, Protocol):
+    """Room offsets, the recent room log, and fan-out to every node (memory/SQLite, Redis).
+
+    ``publish`` is atomic: it assigns the next offset of the room, appends to the room log and
+    to the archive feed, and fans out, all or nothing. Offsets are dense: 1, 2, 3, ...
+    """
+
+    async def publish(self, draft: Draft) -> ChatMessage: ...
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        """Fan out an ephemeral event to the room's subscribers (best effort)."""
+
+    async def subscribe(self, room_id: int) -> None:
+        """Return once every message published after this call returns will be delivered."""
+
+    async def unsubscribe(self, room_id: int) -> None: ...
+
+    async def last_offset(self, room_id: int) -> int:
+        """The offset of the room's newest message, 0 if none."""
+
+    async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
+        """Messages with ``offset > after_offset`` still held by the recent log, ascending, at
+        most ``limit``. The log may have dropped old messages: the first one returned can be
+        later than ``after_offset + 1``; the archive holds those."""
+
+    async def serve(self, handler: BusHandler, *, task_status: TaskStatus) -> None:
+        """Run the receiving side until cancelled; ``started()`` once ready to subscribe."""
+
+
+class ArchiveFeed(Protocol):
+    """The durable queue of messages waiting to be archived (Redis stream consumer group).
+
+    Every published message is handed out until acknowledged; entries a dead consumer took and
+    never acknowledged are handed out again after ``claim_idle_ms``.
+    """
+
+    async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]: ...
+
+    async def ack(self, entries: Sequence[ArchiveEntry]) -> None: ...
+
+
+class Archive(Closeable, Protocol):
+    """Every message of every room, searchable (SQLite FTS5, Elasticsearch)."""
+
+    async def store(self, messages: Sequence[ChatMessage]) -> None:
+        """Durably store; idempotent by ``(room_id, offset)``."""
+
+    async def refresh(self) -> None:
+        """Make everything stored so far visible to ``read`` and ``search``."""
+
+    async def read(
+        self, room_id: int, *, after_offset: int, up_to_offset: int, limit: int
+    ) -> list[ChatMessage]:
+        """Messages with ``after_offset < offset <= up_to_offset``, ascending, the first
+        ``limit`` of them."""
+
+    async def tail(self, room_id: int, *, up_to_offset: int, limit: int) -> list[ChatMessage]:
+        """The last ``limit`` messages with ``offset <= up_to_offset``, ascending."""
+
+    async def search(self, query: SearchQuery) -> list[SearchHit]:
+        """Hits ranked best first, then newest first."""
+
+
+class Presence(Closeable, Protocol):
+    """Who is connected to which room, on which node (memory, Redis).
+
+    Entries live under a node heartbeat: a node that stops heartbeating (crashed) has its
+    entries removed by ``reap`` once the heartbeat expired.
+    """
+
+    async def add(self, entry: PresenceEntry) -> None: ...
+
+    async def remove(self, entry: PresenceEntry) -> None: ...
+
+    async def online(self, room_id: int) -> list[str]:
+        """Distinct users with at least one live connection in the room, in name order."""
+
+    async def heartbeat(self, node_id: str, *, ttl_ms: int) -> None: ...
+
+    async def reap(self) -> int:
+        """Remove entries of nodes whose heartbeat expired; return how many were removed."""

@@ -1,0 +1,214 @@
+"""The WebSocket wire protocol, sans-IO: frame payloads both ways and close codes.
+
+Two dialects share ``GET /v1/chatrooms/{id}/join`` (docs/protocol.md is the reference):
+
+* ``plain`` (no subprotocol): the seed's format. A client text frame is a message; the server
+  sends only chat messages ``{"chatroom", "user", "message", "timestamp"}``, history first.
+* ``chatnode.v1`` (``Sec-WebSocket-Protocol: chatnode.v1``): JSON objects with a ``type``.
+
+Rule 1: a server payload depends only on the message and the dialect, never on the member, so a
+broadcast encodes it once per node and dialect (:func:`server_frame`).
+Rule 2: bad client input in v1 gets an ``error`` frame and the connection lives on; in plain,
+where the client cannot read errors, it closes the connection with a documented code.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+import attrs
+
+from chatnode.core import validation
+from chatnode.core.errors import BadRequest
+from chatnode.core.models import ChatMessage
+
+SUBPROTOCOL_V1 = "chatnode.v1"
+MAX_CLIENT_ID_CHARS = 64
+
+
+class Dialect(enum.Enum):
+    PLAIN = "plain"
+    V1 = SUBPROTOCOL_V1
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes. 4000-4499: reconnect (elsewhere); 4500-4999: do not."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVER_SHUTDOWN = 4000
+    SLOW_CONSUMER = 4001
+    BACKEND_UNAVAILABLE = 4002
+    IDLE_TIMEOUT = 4003
+    RATE_LIMITED = 4004
+    TOKEN_EXPIRED = 4500
+    FORBIDDEN = 4501
+    MESSAGE_REJECTED = 4502
+
+    @property
+    def should_reconnect(self) -> bool:
+        return self in (CloseCode.GOING_AWAY, CloseCode.INTERNAL_ERROR) or 4000 <= self < 4500
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- client -> server -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Send:
+    text: str
+    client_id: str | None = None
+
+
+@attrs.frozen
+class Ping:
+    client_id: str | None = None
+
+
+@attrs.frozen
+class Typing:
+    pass
+
+
+@attrs.frozen
+class Rejected:
+    """A client frame that breaks the protocol; ``client_id`` is echoed in the error frame."""
+
+    error: BadRequest
+    client_id: str | None = None
+
+
+ClientFrame = Send | Ping | Typing | Rejected
+
+
+def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -> ClientFrame:
+    """Decode one client text frame. Bad input is returned as :class:`Rejected` with codes
+    ``invalid_json``, ``invalid_frame``, ``unknown_type``, ``message_too_large`` or
+    ``invalid_message``; this function never raises for client input."""
+    client_id = None
+    try:
+        if dialect is Dialect.PLAIN:
+            return Send(validation.message_text(text, limits))
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise BadRequest("frame is not valid JSON", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("frame must be a JSON object with a 'type'", code="invalid_frame")
+        raw_id = obj.get("id")
+        if raw_id is not None and (not isinstance(raw_id, str) or len(raw_id) > MAX_CLIENT_ID_CHARS):
+            raise BadRequest(
+                f"'id' must be a string of at most {MAX_CLIENT_ID_CHARS} characters",
+                code="invalid_frame",
+            )
+        client_id = raw_id
+        kind = obj.get("type")
+        if kind == "send":
+            return Send(validation.message_text(obj.get("message"), limits), client_id)
+        if kind == "ping":
+            return Ping(client_id)
+        if kind == "typing":
+            return Typing()
+        raise BadRequest("unknown frame type; expected 'send', 'ping' or 'typing'", code="unknown_type")
+    except BadRequest as exc:
+        return Rejected(exc, client_id)
+
+
+# -- server -> client -------------------------------------------------------------------------
+
+
+def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
+    """The payload of a chat message; identical for every member of one dialect (Rule 1)."""
+    if dialect is Dialect.PLAIN:
+        return _dumps(
+            {
+                "chatroom": message.room_id,
+                "user": message.user,
+                "message": message.text,
+                "timestamp": message.timestamp_ms,
+            }
+        )
+    return _dumps(
+        {
+            "type": "message",
+            "chatroom": message.room_id,
+            "offset": message.offset,
+            "user": message.user,
+            "message": message.text,
+            "timestamp": message.timestamp_ms,
+        }
+    )
+
+
+def joined_frame(room_id: int, user: str, *, head: int, history: int) -> bytes:
+    """First v1 frame: ``head`` is the room offset the replay runs up to."""
+    return _dumps(
+        {"type": "joined", "chatroom": room_id, "user": user, "offset": head, "history": history}
+    )
+
+
+def live_frame(room_id: int, offset: int) -> bytes:
+    """Sent after the replay: every later message is live."""
+    return _dumps({"type": "live", "chatroom": room_id, "offset": offset})
+
+
+def ack_frame(client_id: str | None, message: ChatMessage) -> bytes:
+    return _dumps(
+        {
+            "type": "ack",
+            "id": client_id,
+            "chatroom": message.room_id,
+            "offset": message.offset,
+            "timestamp": message.timestamp_ms,
+        }
+    )
+
+
+def error_frame(code: str, text: str, *, client_id: str | None = None, **extra: Any) -> bytes:
+    return _dumps({"type": "error", "id": client_id, "code": code, "message": text, **extra})
+
+
+def pong_frame(client_id: str | None) -> bytes:
+    return _dumps({"type": "pong", "id": client_id})
+
+
+def event_frame(event: dict[str, Any]) -> bytes:
+    """Ephemeral room events (``presence``, ``typing``) as they travel on the bus."""
+    return _dumps(event)
+
+
+def presence_event(room_id: int, user: str, change: str) -> dict[str, Any]:
+    return {"type": "presence", "chatroom": room_id, "user": user, "event": change}
+
+
+def typing_event(room_id: int, user: str) -> dict[str, Any]:
+    return {"type": "typing", "chatroom": room_id, "user": user}
+
+
+# -- WebSocket framing (RFC 6455 §5.2) ----------------------------------------------------------
+
+OPCODE_TEXT = 0x1
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented server text frame. Servers never mask and chatnode negotiates
+    no extension, so these bytes are the same for every connection: encode once, write many."""
+    length = len(payload)
+    if length < 126:
+        header = bytes((0x80 | OPCODE_TEXT, length))
+    elif length < 1 << 16:
+        header = bytes((0x80 | OPCODE_TEXT, 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | OPCODE_TEXT, 127)) + length.to_bytes(8, "big")
+    return header + payload

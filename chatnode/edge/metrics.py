@@ -1,0 +1,33 @@
+"""Counters for ``/metrics`` (Prometheus text format)."""
+
+from __future__ import annotations
+
+import attrs
+
+from chatnode.node.service import ChatNode
+
+
+@attrs.define
+class Metrics:
+    http_requests: int = 0
+    ws_accepted: int = 0
+    draining: bool = False
+
+    def render(self, node: ChatNode) -> str:
+        hub = node.hub
+        archiver = node.archiver
+        values = [
+            ("chatnode_http_requests_total", "counter", self.http_requests),
+            ("chatnode_websocket_accepted_total", "counter", self.ws_accepted),
+            ("chatnode_connections", "gauge", hub.connections),
+            ("chatnode_rooms_subscribed", "gauge", hub.rooms),
+            ("chatnode_deliveries_total", "counter", hub.deliveries),
+            ("chatnode_history_loads_total", "counter", hub.history_loads_total),
+            ("chatnode_archived_total", "counter", archiver.archived if archiver else 0),
+            ("chatnode_archive_failures_total", "counter", archiver.failures if archiver else 0),
+            ("chatnode_draining", "gauge", int(self.draining)),
+        ]
+        lines = []
+        for name, kind, value in values:
+            lines += [f"# TYPE {name} {kind}", f'{name}{{node="{node.settings.node_id}"}} {value}']
+        return "\n".join(lines) + "\n"

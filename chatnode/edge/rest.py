@@ -1,0 +1,193 @@
+"""The REST API (README "API" and docs/protocol.md): routing and handlers.
+
+Every handler returns a Response; every ``ChatError`` becomes its status and JSON error body in
+``edge/errors.py``; any other exception is logged and answered with 500 (the node lives on).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import attrs
+
+from chatnode.core import auth, errors, validation
+from chatnode.core.models import ChatMessage, Room, SearchQuery
+from chatnode.edge.http import Request, Response, error_response
+from chatnode.edge.metrics import Metrics
+from chatnode.node.service import ChatNode
+
+log = logging.getLogger(__name__)
+
+RouteHandler = Callable[["Api", Request, re.Match[str]], Awaitable[Response]]
+
+
+@attrs.frozen
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: RouteHandler
+
+
+def room_json(room: Room) -> dict[str, object]:
+    return {"id": room.id, "name": room.name, "created_at": room.created_at_ms}
+
+
+def message_json(message: ChatMessage) -> dict[str, object]:
+    return {
+        "chatroom": message.room_id,
+        "offset": message.offset,
+        "user": message.user,
+        "message": message.text,
+        "timestamp": message.timestamp_ms,
+    }
+
+
+class Api:
+    def __init__(self, node: ChatNode, metrics: Metrics) -> None:
+        self.node = node
+        self.metrics = metrics
+
+    async def handle(self, request: Request) -> Response:
+        self.metrics.http_requests += 1
+        try:
+            route, match = self.route(request)
+            return await route.handler(self, request, match)
+        except errors.ChatError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            return error_response(errors.ChatError("internal error; the node logged it"))
+
+    def route(self, request: Request) -> tuple[Route, re.Match[str]]:
+        allowed: list[str] = []
+        for route in ROUTES:
+            match = route.pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            if route.method == request.method:
+                return route, match
+            allowed.append(route.method)
+        if allowed:
+            raise errors.MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}",
+                allowed=tuple(allowed),
+            )
+        raise errors.NotFound(f"no route for {request.path}", code="route_not_found")
+
+    async def claims(self, request: Request) -> auth.Claims:
+        return await self.node.authenticate(request.bearer_token)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    async def list_rooms(self, request: Request, match: re.Match[str]) -> Response:
+        await self.claims(request)
+        limit = validation.positive_int(request.query.get("limit"), "limit", default=100, maximum=self.node.settings.limits.max_page)
+        after = validation.optional_int(request.query.get("after"), "after") or 0
+        rooms = await self.node.list_rooms(after_id=after, limit=limit)
+        return Response.json(
+            200,
+            {
+                "ids": [r.id for r in rooms],
+                "chatrooms": [room_json(r) for r in rooms],
+                "next": rooms[-1].id if len(rooms) == limit else None,
+            },
+        )
+
+    async def create_room(self, request: Request, match: re.Match[str]) -> Response:
+        await self.claims(request)
+        body = request.json(required=False)
+        room = await self.node.create_room(body.get("name"))
+        return Response.json(201, room_json(room))
+
+    async def room_users(self, request: Request, match: re.Match[str]) -> Response:
+        await self.claims(request)
+        members, online = await self.node.room_users(int(match["room"]))
+        return Response.json(200, {"users": members, "online": online})
+
+    async def create_user(self, request: Request, match: re.Match[str]) -> Response:
+        body = request.json()
+        user = await self.node.create_user(body.get("name"), body.get("password"))
+        return Response.json(201, {"name": user.name, "created_at": user.created_at_ms})
+
+    async def delete_users(self, request: Request, match: re.Match[str]) -> Response:
+        deleted = await self.node.delete_all_users(await self.claims(request))
+        return Response.json(200, {"deleted": deleted})
+
+    async def create_token(self, request: Request, match: re.Match[str]) -> Response:
+        body = request.json()
+        token, expires_at_s = await self.node.issue_token(body.get("name"), body.get("password"))
+        return Response.json(200, {"token": token, "token_type": "Bearer", "expires_at": expires_at_s})
+
+    async def history(self, request: Request, match: re.Match[str]) -> Response:
+        await self.claims(request)
+        limit = validation.positive_int(request.query.get("limit"), "limit", default=50, maximum=self.node.settings.limits.max_page)
+        before = validation.optional_int(request.query.get("before"), "before", minimum=1)
+        messages = await self.node.history(int(match["room"]), before=before, limit=limit)
+        return Response.json(
+            200,
+            {
+                "messages": [message_json(m) for m in messages],
+                "next_before": messages[0].offset if messages and messages[0].offset > 1 else None,
+            },
+        )
+
+    async def search(self, request: Request, match: re.Match[str]) -> Response:
+        await self.claims(request)
+        q = request.query
+        text = q.get("q", "").strip()
+        if not text:
+            raise errors.BadRequest("q (the words to search for) is required", code="invalid_parameter")
+        query = SearchQuery(
+            text=text[:500],
+            room_id=validation.optional_int(q.get("chatroom"), "chatroom", minimum=1),
+            user=q.get("user") or None,
+            from_ms=validation.optional_int(q.get("from"), "from"),
+            to_ms=validation.optional_int(q.get("to"), "to"),
+            limit=validation.positive_int(q.get("limit"), "limit", default=20, maximum=100),
+        )
+        hits = await self.node.search(query)
+        return Response.json(
+            200, {"hits": [{**message_json(h.message), "score": h.score} for h in hits]}
+        )
+
+    async def join_without_upgrade(self, request: Request, match: re.Match[str]) -> Response:
+        return Response.json(
+            426,
+            {"error": {"code": "upgrade_required", "message": "this route is a WebSocket: send Upgrade: websocket"}},
+            headers=(("Upgrade", "websocket"),),
+        )
+
+    async def healthz(self, request: Request, match: re.Match[str]) -> Response:
+        return Response.json(200, {"status": "ok", "node": self.node.settings.node_id})
+
+    async def readyz(self, request: Request, match: re.Match[str]) -> Response:
+        checks = await self.node.check()
+        ready = all(v == "ok" for v in checks.values()) and not self.metrics.draining
+        return Response.json(200 if ready else 503, {"ready": ready, "checks": checks, "draining": self.metrics.draining})
+
+    async def metrics_text(self, request: Request, match: re.Match[str]) -> Response:
+        return Response(200, self.metrics.render(self.node).encode(), content_type="text/plain; version=0.0.4")
+
+
+def _route(method: str, pattern: str, handler: RouteHandler) -> Route:
+    return Route(method, re.compile(pattern), handler)
+
+
+ROOM = r"/v1/chatrooms/(?P<room>[1-9][0-9]{0,17})"
+ROUTES: tuple[Route, ...] = (
+    _route("GET", "/v1/chatrooms", Api.list_rooms),
+    _route("POST", "/v1/chatrooms", Api.create_room),
+    _route("POST", "/v1/chatrooms/users", Api.create_user),
+    _route("GET", ROOM + "/users", Api.room_users),
+    _route("GET", ROOM + "/messages", Api.history),
+    _route("GET", ROOM + "/join", Api.join_without_upgrade),
+    _route("POST", "/v1/users", Api.create_user),
+    _route("DELETE", "/v1/users", Api.delete_users),
+    _route("POST", "/v1/tokens", Api.create_token),
+    _route("GET", "/v1/messages/search", Api.search),
+    _route("GET", "/healthz", Api.healthz),
+    _route("GET", "/readyz", Api.readyz),
+    _route("GET", "/metrics", Api.metrics_text),
+)

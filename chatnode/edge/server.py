@@ -1,0 +1,71 @@
+"""The listener: accepts connections and serves HTTP and WebSocket on them.
+
+Ownership: ``EdgeServer.serve`` owns a nursery of connection tasks. ``stop_accepting`` closes
+the listeners; ``serve`` then returns once every connection has ended. Idle keep-alive HTTP
+connections are closed as soon as draining starts; WebSockets are closed by the node.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from chatnode.edge import http
+from chatnode.edge.metrics import Metrics
+from chatnode.edge.rest import Api
+from chatnode.edge.websocket import WsSettings, serve_websocket
+from chatnode.node.service import ChatNode
+
+log = logging.getLogger(__name__)
+
+
+class EdgeServer:
+    def __init__(
+        self, node: ChatNode, *, http_limits: http.Limits, ws_settings: WsSettings, metrics: Metrics
+    ) -> None:
+        self.node = node
+        self.metrics = metrics
+        self.api = Api(node, metrics)
+        self._http_limits = http_limits
+        self._ws_settings = ws_settings
+        self._accept_scope = trio.CancelScope()
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on ``host:port`` (0 picks a port); ``started(ports)`` once listening."""
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        ports = [listener.socket.getsockname()[1] for listener in listeners]
+        async with trio.open_nursery() as connections:
+            with self._accept_scope:
+                task_status.started(ports)
+                await trio.serve_listeners(self._connection, listeners, handler_nursery=connections)
+            for listener in listeners:
+                await listener.aclose()
+
+    def stop_accepting(self) -> None:
+        self.metrics.draining = True
+        self._accept_scope.cancel()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await http.serve_http_connection(stream, self._http_limits, self.api.handle, self._upgrade)
+        except Exception:
+            log.exception("connection failed")
+
+    async def _upgrade(
+        self, request: http.Request, stream: trio.SocketStream, trailing: bytes
+    ) -> http.Response | None:
+        try:
+            self.api.route(request)
+        except Exception as exc:
+            from chatnode.core.errors import ChatError
+
+            if isinstance(exc, ChatError):
+                return http.error_response(exc)
+            raise
+        if not request.path.endswith("/join"):
+            return await self.api.handle(request)
+        self.metrics.ws_accepted += 1
+        return await serve_websocket(self.node, self._ws_settings, request, stream, trailing)

@@ -1,0 +1,295 @@
+"""WebSocket room connections: the upgrade, the member's outbox, reader and writer.
+
+Ownership: one nursery per connection holds its writer; the reader runs in the connection task.
+The handshake answer is the first item of the outbox, so the replay that ``ChatNode.join``
+queues follows it in order and the node never writes to a socket outside the writer.
+
+Backpressure (DESIGN.md §4.3): ``send_nowait`` appends pre-encoded frames to the outbox and
+wakes the writer; it never awaits. When the unsent bytes pass ``send_backlog_bytes`` the
+member is a slow consumer: its backlog is dropped, a close frame (4001) is queued and the
+connection gets ``close_timeout_s`` to go, after which it is cut. Others in the room never wait.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections import deque
+
+import attrs
+import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import RemoteProtocolError
+
+from chatnode.core import errors, protocol
+from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.edge.http import Request, Response, error_response
+from chatnode.node.service import ChatNode, RoomConnection
+
+log = logging.getLogger(__name__)
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+RECEIVE_BYTES = 64 * 1024
+
+
+@attrs.frozen
+class WsSettings:
+    send_backlog_bytes: int
+    max_message_bytes: int
+    close_timeout_s: float = 2.0
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest incoming WebSocket message: a v1 frame carrying the largest chat message
+        with JSON escaping; anything larger is closed with 1009 unread."""
+        return self.max_message_bytes * 6 + 1024
+
+
+def accept_token(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+
+
+def handshake_response(request: Request, dialect: Dialect) -> bytes:
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_token(request.headers['sec-websocket-key'])}",
+    ]
+    if dialect is Dialect.V1:
+        lines.append(f"Sec-WebSocket-Protocol: {protocol.SUBPROTOCOL_V1}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def check_handshake(request: Request) -> Dialect:
+    """The dialect the client asked for; ``BadRequest`` for a malformed handshake."""
+    if request.headers.get("sec-websocket-version") != "13":
+        raise errors.BadRequest(
+            "unsupported WebSocket version; send Sec-WebSocket-Version: 13",
+            code="unsupported_websocket_version",
+        )
+    key = request.headers.get("sec-websocket-key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise errors.BadRequest("Sec-WebSocket-Key is missing or malformed", code="bad_handshake") from None
+    offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
+    return Dialect.V1 if protocol.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
+
+
+class WsMember:
+    """A joined WebSocket connection; implements ``node.hub.Member``."""
+
+    def __init__(
+        self, stream: trio.SocketStream, ws: Connection, *, conn_id: str, user: str,
+        dialect: Dialect, settings: WsSettings, greeting: bytes,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._settings = settings
+        self.conn_id = conn_id
+        self.user = user
+        self.dialect = dialect
+        self._outbox: deque[bytes] = deque([greeting])
+        self._outbox_bytes = len(greeting)
+        self._wake = trio.Event()
+        self._closing = False
+        self._reader_done = False
+        self._cancel_scope: trio.CancelScope | None = None
+        self.close_code: CloseCode | None = None
+
+    # -- Member ---------------------------------------------------------------------------------
+
+    def send_nowait(self, frame: bytes) -> None:
+        if self._closing:
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if self._outbox_bytes > self._settings.send_backlog_bytes:
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
+            return
+        self._wake.set()
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None:
+        """Queue a close frame and give the connection ``close_timeout_s`` to finish."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = code
+        if self._ws.state is ConnectionState.OPEN:
+            data = self._ws.send(CloseConnection(code=int(code), reason=reason))
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+        self._wake.set()
+        if self._cancel_scope is not None:
+            self._cancel_scope.deadline = min(
+                self._cancel_scope.deadline, trio.current_time() + self._settings.close_timeout_s
+            )
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    async def run(self, room: RoomConnection) -> None:
+        """Serve the connection until it closes. Returns after the writer flushed (bounded)."""
+        with trio.CancelScope() as scope:
+            self._cancel_scope = scope
+            if self._closing:
+                scope.deadline = trio.current_time() + self._settings.close_timeout_s
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                await self._reader(room)
+                self._reader_done = self._closing = True
+                self._wake.set()
+                scope.deadline = min(scope.deadline, trio.current_time() + self._settings.close_timeout_s)
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._outbox:
+                if self._reader_done:
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+            chunks = list(self._outbox)
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            try:
+                await self._stream.send_all(b"".join(chunks))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._closing = True
+                if self._cancel_scope is not None:
+                    self._cancel_scope.cancel()
+                return
+
+    def _state(self) -> ConnectionState:
+        return self._ws.state
+
+    def _queue_control(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._wake.set()
+
+    async def _reader(self, room: RoomConnection) -> None:
+        """Read client frames until the close handshake ends or the peer goes away."""
+        parts: list[str] = []
+        size = 0
+        while self._ws.state not in (ConnectionState.CLOSED, ConnectionState.REMOTE_CLOSING):
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                self._ws.receive_data(data)
+                for event in self._ws.events():
+                    if isinstance(event, TextMessage):
+                        size += len(event.data)
+                        if size > self._settings.max_frame_bytes:
+                            self.close_nowait(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                            return
+                        parts.append(event.data)
+                        if event.message_finished:
+                            text = "".join(parts)
+                            parts, size = [], 0
+                            if not self._closing:
+                                await self._on_text(room, text)
+                    elif isinstance(event, BytesMessage):
+                        self.close_nowait(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text")
+                    elif isinstance(event, Ping):
+                        self._queue_control(self._ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        if self._state() is ConnectionState.REMOTE_CLOSING:
+                            self._queue_control(self._ws.send(event.response()))
+                        return
+            except RemoteProtocolError as exc:
+                self.close_nowait(CloseCode.PROTOCOL_ERROR, f"WebSocket protocol error: {exc}"[:120])
+                return
+
+    async def _on_text(self, room: RoomConnection, text: str) -> None:
+        frame = protocol.parse_client_frame(text, self.dialect, room.limits)
+        try:
+            if isinstance(frame, protocol.Rejected):
+                raise frame.error
+            if isinstance(frame, protocol.Send):
+                message = await room.send(frame.text)
+                if self.dialect is Dialect.V1:
+                    self.send_nowait(protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message)))
+            elif isinstance(frame, protocol.Ping):
+                self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
+            else:
+                await room.typing()
+        except errors.ChatError as exc:
+            self._reject(exc, getattr(frame, "client_id", None))
+
+    def _reject(self, exc: errors.ChatError, client_id: str | None) -> None:
+        """v1: an error frame, the connection lives on. Plain: the client cannot read errors,
+        so a rejected message closes the connection with a code that says why."""
+        if self.dialect is Dialect.V1:
+            extra: dict[str, object] = {}
+            if isinstance(exc, errors.RateLimited | errors.Unavailable):
+                extra["retry_after_s"] = round(exc.retry_after_s, 3)
+            self.send_nowait(
+                protocol.ws_text_frame(protocol.error_frame(exc.code, exc.message, client_id=client_id, **extra))
+            )
+        elif isinstance(exc, errors.MessageTooLarge):
+            self.close_nowait(CloseCode.MESSAGE_TOO_BIG, exc.message[:120])
+        elif isinstance(exc, errors.Unavailable):
+            self.close_nowait(CloseCode.BACKEND_UNAVAILABLE, "backend unavailable; reconnect")
+        elif isinstance(exc, errors.RateLimited):
+            self.close_nowait(CloseCode.RATE_LIMITED, "too many messages; slow down and reconnect")
+        else:
+            self.close_nowait(CloseCode.MESSAGE_REJECTED, f"{exc.code}: {exc.message}"[:120])
+
+
+async def serve_websocket(
+    node: ChatNode, settings: WsSettings, request: Request, stream: trio.SocketStream, trailing: bytes
+) -> Response | None:
+    """Handle ``GET /v1/chatrooms/{id}/join`` with an upgrade. Refusals before the handshake
+    are HTTP errors; after it, close codes (docs/protocol.md)."""
+    try:
+        room_id, since = parse_join(request)
+        dialect = check_handshake(request)
+        claims = await node.authenticate(request.bearer_token, user_param=request.query.get("user"))
+        if not claims.user:
+            raise errors.BadRequest("join needs ?user=<name> (insecure mode) or a token", code="user_required")
+    except errors.ChatError as exc:
+        return error_response(exc)
+    ws = Connection(ConnectionType.SERVER, extensions=[], trailing_data=trailing)
+    member = WsMember(
+        stream, ws, conn_id=node.next_conn_id(), user=claims.user, dialect=dialect,
+        settings=settings, greeting=handshake_response(request, dialect),
+    )
+    try:
+        async with node.join(room_id, member, since=since) as room:
+            await member.run(room)
+    except errors.ChatError as exc:
+        if member.close_code is None and not member_started(member):
+            return error_response(exc)
+        raise
+    return None
+
+
+def member_started(member: WsMember) -> bool:
+    return member._cancel_scope is not None
+
+
+def parse_join(request: Request) -> tuple[int, int | None]:
+    parts = request.path.strip("/").split("/")
+    try:
+        room_id = int(parts[2])
+    except (IndexError, ValueError):
+        raise errors.NotFound("chatroom id must be an integer", code="room_not_found") from None
+    since_raw = request.query.get("since")
+    since = None
+    if since_raw:
+        try:
+            since = int(since_raw)
+        except ValueError:
+            raise errors.BadRequest("since must be an integer offset", code="invalid_parameter") from None
+        if since < 0:
+            raise errors.BadRequest("since must be >= 0", code="invalid_parameter")
+    return room_id, since

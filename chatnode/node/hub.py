@@ -1,0 +1,279 @@
+"""The local hub: which connections of this node sit in which room, and delivery to them.
+
+Rules (the guarantees of docs/architecture.md, "path of a message"):
+
+1. A node subscribes to a room on the bus when its first local member joins and unsubscribes
+   when the last one leaves. Subscription changes are serialized, so a room is never left
+   unsubscribed while it has a member.
+2. ``RoomSession.last_offset`` is the newest offset this node has applied for the room, and the
+   session has applied every offset up to it. A message at or below it is a duplicate and is
+   dropped; one above ``last_offset + 1`` reveals a gap (the bus lost messages, e.g. across a
+   Redis reconnect), which is filled from the room log before the message is applied.
+3. A joining member gets a seat that is not live: messages applied meanwhile queue on the seat.
+   Its replay covers ``(after, head]`` with ``head = last_offset`` at the moment of joining;
+   then the queued messages above ``head`` are sent and the seat goes live, with no ``await``
+   between the two. So every member sees every offset once, in order, with no gap.
+4. Delivery never waits on a member: a frame is encoded once per room and dialect and handed to
+   each live member's ``send_nowait``; a member whose backlog overflows closes itself.
+5. History comes from the session's cache of recent messages when it covers the range; else it
+   is loaded from the bus log (and the archive for what the log no longer holds) by one task
+   at a time per room (single-flight), and the load extends the cache for the next joiner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from chatnode.core import protocol
+from chatnode.core.models import ChatMessage
+from chatnode.core.ports import Archive, Bus
+from chatnode.core.protocol import CloseCode, Dialect
+
+log = logging.getLogger(__name__)
+
+
+class Member(Protocol):
+    """A live connection as the hub sees it (implemented by the WebSocket edge)."""
+
+    @property
+    def conn_id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one encoded WebSocket frame. Never blocks; on backlog overflow the member
+        closes itself with ``CloseCode.SLOW_CONSUMER``."""
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None: ...
+
+
+@attrs.define(eq=False)
+class Seat:
+    member: Member
+    live: bool = False
+    pending: list[ChatMessage] = attrs.Factory(list)
+
+
+@attrs.define(eq=False)
+class RoomSession:
+    room_id: int
+    cache_size: int
+    seats: dict[str, Seat] = attrs.Factory(dict)
+    ready: trio.Event = attrs.Factory(trio.Event)
+    early: list[ChatMessage] = attrs.Factory(list)
+    last_offset: int = 0
+    recent: deque[ChatMessage] = attrs.field(init=False)
+    load_lock: trio.Lock = attrs.Factory(trio.Lock)
+    history_loads: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.recent = deque(maxlen=self.cache_size)
+
+    def cached(self, after: int, head: int) -> list[ChatMessage] | None:
+        """Messages ``(after, head]`` from the cache, or None if it does not hold them all."""
+        if head <= after:
+            return []
+        if not self.recent or self.recent[0].offset > after + 1 or self.recent[-1].offset < head:
+            return None
+        first = self.recent[0].offset
+        return [self.recent[i - first] for i in range(after + 1, head + 1)]
+
+    def remember(self, loaded: list[ChatMessage]) -> None:
+        """Prepend a loaded contiguous range that ends where the cache starts."""
+        if not loaded:
+            return
+        start = self.recent[0].offset if self.recent else self.last_offset + 1
+        if loaded[-1].offset + 1 != start or any(
+            b.offset != a.offset + 1 for a, b in zip(loaded, loaded[1:], strict=False)
+        ):
+            return
+        room = self.cache_size - len(self.recent)
+        if room > 0:
+            self.recent.extendleft(reversed(loaded[-room:]))
+
+
+class Hub:
+    """Implements ``BusHandler``: the bus hands every message of a subscribed room here."""
+
+    def __init__(self, bus: Bus, archive: Archive, *, cache_size: int) -> None:
+        self._bus = bus
+        self._archive = archive
+        self._cache_size = cache_size
+        self._sessions: dict[int, RoomSession] = {}
+        self._subscription_lock = trio.Lock()
+        self.deliveries = 0
+        self.history_loads_total = 0
+
+    # -- membership -----------------------------------------------------------------------
+
+    async def attach(self, room_id: int, member: Member) -> tuple[RoomSession, Seat]:
+        """Seat ``member`` (not yet live) and return with the room subscribed (Rule 1, 3)."""
+        session = await self._session(room_id)
+        seat = Seat(member)
+        session.seats[member.conn_id] = seat
+        return session, seat
+
+    async def detach(self, room_id: int, member: Member) -> None:
+        session = self._sessions.get(room_id)
+        if session is None or session.seats.pop(member.conn_id, None) is None:
+            return
+        if session.seats:
+            return
+        async with self._subscription_lock:
+            if self._sessions.get(room_id) is session and not session.seats:
+                del self._sessions[room_id]
+                await self._bus.unsubscribe(room_id)
+
+    async def _session(self, room_id: int) -> RoomSession:
+        session = self._sessions.get(room_id)
+        if session is not None and session.ready.is_set():
+            return session
+        async with self._subscription_lock:
+            session = self._sessions.get(room_id)
+            if session is None:
+                session = RoomSession(room_id, self._cache_size)
+                self._sessions[room_id] = session
+                try:
+                    await self._bus.subscribe(room_id)
+                    head = await self._bus.last_offset(room_id)
+                except BaseException:
+                    del self._sessions[room_id]
+                    raise
+                session.last_offset = head
+                session.ready.set()
+                early, session.early = session.early, []
+                for message in early:
+                    await self._apply(session, message)
+            return session
+
+    def go_live(self, session: RoomSession, seat: Seat, *, sent_up_to: int) -> None:
+        """Flush what queued during the replay and make the seat live (Rule 3). Sync: nothing
+        can be applied between the flush and the switch."""
+        for message in seat.pending:
+            if message.offset > sent_up_to:
+                seat.member.send_nowait(_frame(message, seat.member.dialect, {}))
+        seat.pending = []
+        seat.live = True
+
+    # -- history ----------------------------------------------------------------------------
+
+    async def history(self, session: RoomSession, after: int, head: int) -> list[ChatMessage]:
+        """Messages ``(after, head]`` ascending (Rule 5)."""
+        found = session.cached(after, head)
+        if found is not None:
+            return found
+        async with session.load_lock:
+            found = session.cached(after, head)
+            if found is not None:
+                return found
+            session.history_loads += 1
+            self.history_loads_total += 1
+            loaded = await self.load_range(session.room_id, after, head)
+            session.remember(loaded)
+            return loaded
+
+    async def load_range(self, room_id: int, after: int, head: int) -> list[ChatMessage]:
+        """``(after, head]`` from the bus log, and from the archive for what the log dropped."""
+        if head <= after:
+            return []
+        logged = [
+            m
+            for m in await self._bus.read_log(room_id, after_offset=after, limit=head - after)
+            if m.offset <= head
+        ]
+        first_logged = logged[0].offset if logged else head + 1
+        older: list[ChatMessage] = []
+        if first_logged > after + 1:
+            older = await self._archive.read(
+                room_id, after_offset=after, up_to_offset=first_logged - 1, limit=first_logged - 1 - after
+            )
+        messages = older + logged
+        if len(messages) != head - after:
+            log.warning(
+                "room %d: history (%d, %d] incomplete: %d of %d messages found",
+                room_id, after, head, len(messages), head - after,
+            )
+        return messages
+
+    # -- BusHandler ---------------------------------------------------------------------------
+
+    async def deliver(self, message: ChatMessage) -> None:
+        session = self._sessions.get(message.room_id)
+        if session is None:
+            return
+        if not session.ready.is_set():
+            session.early.append(message)
+            return
+        await self._apply(session, message)
+
+    async def _apply(self, session: RoomSession, message: ChatMessage) -> None:
+        if message.offset <= session.last_offset:
+            return
+        if message.offset > session.last_offset + 1:
+            missing = await self.load_range(session.room_id, session.last_offset, message.offset - 1)
+            for m in missing:
+                self._fan_out(session, m)
+        self._fan_out(session, message)
+
+    def _fan_out(self, session: RoomSession, message: ChatMessage) -> None:
+        if message.offset <= session.last_offset:
+            return
+        session.last_offset = message.offset
+        session.recent.append(message)
+        frame_cache: dict[Dialect, bytes] = {}
+        for seat in session.seats.values():
+            if seat.live:
+                seat.member.send_nowait(_frame(message, seat.member.dialect, frame_cache))
+                self.deliveries += 1
+            else:
+                seat.pending.append(message)
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        session = self._sessions.get(room_id)
+        if session is None:
+            return
+        frame = protocol.ws_text_frame(protocol.event_frame(event))
+        for seat in session.seats.values():
+            if seat.live and seat.member.dialect is Dialect.V1:
+                seat.member.send_nowait(frame)
+
+    async def resubscribed(self) -> None:
+        """After a bus reconnect: catch every subscribed room up from the room log."""
+        for session in list(self._sessions.values()):
+            if not session.ready.is_set():
+                continue
+            head = await self._bus.last_offset(session.room_id)
+            if head > session.last_offset:
+                for message in await self.load_range(session.room_id, session.last_offset, head):
+                    self._fan_out(session, message)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def close_all(self, code: CloseCode, reason: str) -> None:
+        for session in self._sessions.values():
+            for seat in list(session.seats.values()):
+                seat.member.close_nowait(code, reason)
+
+    @property
+    def connections(self) -> int:
+        return sum(len(s.seats) for s in self._sessions.values())
+
+    @property
+    def rooms(self) -> int:
+        return len(self._sessions)
+
+
+def _frame(message: ChatMessage, dialect: Dialect, cache: dict[Dialect, bytes]) -> bytes:
+    frame = cache.get(dialect)
+    if frame is None:
+        frame = cache[dialect] = protocol.ws_text_frame(protocol.server_frame(message, dialect))
+    return frame

@@ -1,0 +1,301 @@
+"""The node's operations, as the edge calls them: users, tokens, rooms, history, search, and
+room connections. Everything here is transport-neutral; ``edge/`` maps it to HTTP/WebSocket.
+
+Ownership: ``ChatNode.run`` owns the node's background tasks (bus receiver, archiver,
+presence heartbeat and reaper) in its nursery; connections are owned by the edge and enter a
+room through ``ChatNode.join``, an async context manager that leaves the room on exit, also on
+cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from chatnode.core import auth, protocol, validation
+from chatnode.core.errors import Forbidden, NotFound, RateLimited, Unauthorized
+from chatnode.core.models import ChatMessage, Draft, PresenceEntry, Room, SearchHit, SearchQuery, User
+from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Presence
+from chatnode.node.archiver import Archiver
+from chatnode.node.hub import Hub, Member, RoomSession, Seat
+from chatnode.node.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class NodeSettings:
+    """What the node needs of the configuration (built by app.py from Config)."""
+
+    node_id: str
+    jwt_secret: str
+    token_ttl_s: float
+    admins: frozenset[str]
+    insecure: bool
+    password_cost_log2: int
+    history_on_join: int
+    max_replay: int
+    rate_messages_per_s: float
+    rate_burst: int
+    presence_ttl_s: float
+    limits: validation.Limits = validation.Limits()
+
+
+@attrs.frozen
+class Backends:
+    directory: Directory
+    bus: Bus
+    archive: Archive
+    presence: Presence
+    feed: ArchiveFeed | None = None
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ChatNode:
+    def __init__(self, settings: NodeSettings, backends: Backends) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.hub = Hub(
+            backends.bus, backends.archive, cache_size=max(256, 2 * settings.history_on_join)
+        )
+        self.archiver = Archiver(backends.feed, backends.archive) if backends.feed else None
+        self._conn_counter = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node's background tasks until cancelled; ``started()`` once the bus is up."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.backends.bus.serve, self.hub)
+            nursery.start_soon(self._presence_loop)
+            if self.archiver is not None:
+                await nursery.start(self.archiver.run)
+            task_status.started()
+
+    async def _presence_loop(self) -> None:
+        ttl_ms = int(self.settings.presence_ttl_s * 1000)
+        while True:
+            try:
+                await self.backends.presence.heartbeat(self.settings.node_id, ttl_ms=ttl_ms)
+                reaped = await self.backends.presence.reap()
+                if reaped:
+                    log.info("reaped %d presence entries of dead nodes", reaped)
+            except Exception:
+                log.warning("presence heartbeat failed; retrying", exc_info=True)
+            await trio.sleep(self.settings.presence_ttl_s / 3)
+
+    def next_conn_id(self) -> str:
+        self._conn_counter += 1
+        return f"{self.settings.node_id}/{self._conn_counter}"
+
+    # -- users and tokens -----------------------------------------------------------------------
+
+    async def create_user(self, name: object, password: object) -> User:
+        limits = self.settings.limits
+        name = validation.user_name(name, limits)
+        if password is None and self.settings.insecure:
+            password_hash = "!"  # the seed's open mode: a user without a password
+        else:
+            secret = validation.password(password, limits)
+            password_hash = await trio.to_thread.run_sync(
+                lambda: auth.hash_password(secret, cost_log2=self.settings.password_cost_log2)
+            )
+        return await self.backends.directory.create_user(
+            name, password_hash, created_at_ms=now_ms(), is_admin=name in self.settings.admins
+        )
+
+    async def issue_token(self, name: object, password: object) -> tuple[str, int]:
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise Unauthorized("name and password are required", code="bad_credentials")
+        user = await self.backends.directory.get_user(name)
+        stored = user.password_hash if user else auth.hash_password("x", cost_log2=10)
+        ok = await trio.to_thread.run_sync(auth.verify_password, password, stored)
+        if user is None or not ok:
+            raise Unauthorized("wrong user name or password", code="bad_credentials")
+        now_s = int(time.time())
+        ttl_s = int(self.settings.token_ttl_s)
+        token = auth.issue_token(
+            user.name,
+            is_admin=user.is_admin or user.name in self.settings.admins,
+            secret=self.settings.jwt_secret,
+            now_s=now_s,
+            ttl_s=ttl_s,
+        )
+        return token, now_s + ttl_s
+
+    async def authenticate(self, token: str | None, *, user_param: str | None = None) -> auth.Claims:
+        """The caller's identity: a valid token, or in insecure mode ``?user=`` of an existing
+        user (or an anonymous admin when neither is given)."""
+        if token:
+            claims = auth.verify_token(token, secret=self.settings.jwt_secret, now_s=int(time.time()))
+            if await self.backends.directory.get_user(claims.user) is None:
+                raise Unauthorized("the token's user no longer exists", code="token_invalid")
+            return claims
+        if self.settings.insecure:
+            if user_param:
+                if await self.backends.directory.get_user(user_param) is None:
+                    raise NotFound(f"user {user_param!r} does not exist; create it first", code="user_not_found")
+                return auth.Claims(user=user_param, is_admin=True, expires_at_s=2**62)
+            return auth.Claims(user="", is_admin=True, expires_at_s=2**62)
+        raise Unauthorized(
+            "a token is required: POST /v1/tokens, then send 'Authorization: Bearer <token>' "
+            "or '?token=<token>'",
+            code="token_required",
+        )
+
+    async def delete_all_users(self, claims: auth.Claims) -> int:
+        if not claims.is_admin:
+            raise Forbidden("only an admin may delete users", code="admin_only")
+        return await self.backends.directory.delete_all_users()
+
+    # -- rooms --------------------------------------------------------------------------------
+
+    async def create_room(self, name: object) -> Room:
+        if name is None:
+            name = "room"
+        name = validation.room_name(name, self.settings.limits)
+        return await self.backends.directory.create_room(name, created_at_ms=now_ms())
+
+    async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
+        return await self.backends.directory.list_rooms(after_id=after_id, limit=limit)
+
+    async def room(self, room_id: int) -> Room:
+        room = await self.backends.directory.get_room(room_id)
+        if room is None:
+            raise NotFound(f"chatroom {room_id} does not exist", code="room_not_found")
+        return room
+
+    async def room_users(self, room_id: int) -> tuple[list[str], list[str]]:
+        """(members, online) of a room."""
+        await self.room(room_id)
+        members = await self.backends.directory.list_members(room_id)
+        online = await self.backends.presence.online(room_id)
+        return members, online
+
+    async def history(self, room_id: int, *, before: int | None, limit: int) -> list[ChatMessage]:
+        """Up to ``limit`` messages older than offset ``before`` (default: the newest), newest last."""
+        await self.room(room_id)
+        head = await self.backends.bus.last_offset(room_id)
+        up_to = head if before is None else min(head, before - 1)
+        after = max(0, up_to - limit)
+        return await self.hub.load_range(room_id, after, up_to)
+
+    async def search(self, query: SearchQuery) -> list[SearchHit]:
+        return await self.backends.archive.search(query)
+
+    # -- room connections ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def join(
+        self, room_id: int, member: Member, *, since: int | None = None
+    ) -> AsyncIterator[RoomConnection]:
+        """Enter a room: replay, then live (hub Rules 3 and 5). Leaves on exit."""
+        await self.room(room_id)
+        await self.backends.directory.add_member(
+            room_id, member.user, max_members=self.settings.limits.max_room_members
+        )
+        entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
+        session, seat = await self.hub.attach(room_id, member)
+        try:
+            await self.backends.presence.add(entry)
+            connection = RoomConnection(self, session, seat, member)
+            await connection.replay(since)
+            await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
+            yield connection
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.hub.detach(room_id, member)
+                try:
+                    await self.backends.presence.remove(entry)
+                    await self._signal(room_id, protocol.presence_event(room_id, member.user, "leave"))
+                except Exception:
+                    log.warning("presence cleanup failed for %s", entry, exc_info=True)
+
+    async def _signal(self, room_id: int, event: dict[str, object]) -> None:
+        try:
+            await self.backends.bus.signal(room_id, event)
+        except Exception:
+            log.warning("room %d: event not sent", room_id, exc_info=True)
+
+    async def check(self) -> dict[str, str]:
+        """Readiness of every backend: name -> "ok" or the error."""
+        result: dict[str, str] = {}
+        for name, backend in (
+            ("directory", self.backends.directory),
+            ("bus", self.backends.bus),
+            ("archive", self.backends.archive),
+            ("presence", self.backends.presence),
+        ):
+            try:
+                with trio.fail_after(2):
+                    await backend.check()
+                result[name] = "ok"
+            except Exception as exc:
+                result[name] = f"{type(exc).__name__}: {exc}"
+        return result
+
+
+class RoomConnection:
+    """One member's presence in one room, owned by its connection task."""
+
+    def __init__(self, node: ChatNode, session: RoomSession, seat: Seat, member: Member) -> None:
+        self._node = node
+        self._session = session
+        self._seat = seat
+        self._member = member
+        self._bucket = TokenBucket(node.settings.rate_messages_per_s, node.settings.rate_burst)
+        self.head = 0
+
+    @property
+    def room_id(self) -> int:
+        return self._session.room_id
+
+    @property
+    def limits(self) -> validation.Limits:
+        return self._node.settings.limits
+
+    async def replay(self, since: int | None) -> None:
+        settings = self._node.settings
+        head = self._session.last_offset
+        if since is None:
+            after = max(0, head - settings.history_on_join)
+        else:
+            after = min(max(0, since), head)
+            after = max(after, head - settings.max_replay)
+        history = await self._node.hub.history(self._session, after, head)
+        dialect = self._member.dialect
+        if dialect is protocol.Dialect.V1:
+            self._member.send_nowait(
+                protocol.ws_text_frame(
+                    protocol.joined_frame(self.room_id, self._member.user, head=head, history=len(history))
+                )
+            )
+        for message in history:
+            self._member.send_nowait(protocol.ws_text_frame(protocol.server_frame(message, dialect)))
+        if dialect is protocol.Dialect.V1:
+            self._member.send_nowait(protocol.ws_text_frame(protocol.live_frame(self.room_id, head)))
+        self._node.hub.go_live(self._session, self._seat, sent_up_to=head)
+        self.head = head
+
+    async def send(self, text: str) -> ChatMessage:
+        """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``."""
+        wait_s = self._bucket.take(trio.current_time())
+        if wait_s:
+            raise RateLimited(
+                f"too many messages; at most {self._node.settings.rate_messages_per_s:g}/s",
+                retry_after_s=wait_s,
+            )
+        draft = Draft(self.room_id, self._member.user, text, now_ms())
+        return await self._node.backends.bus.publish(draft)
+
+    async def typing(self) -> None:
+        await self._node._signal(self.room_id, protocol.typing_event(self.room_id, self._member.user))
+

@@ -1,0 +1,133 @@
+"""Start real nodes on port 0 and drive them with real clients (httpx, trio-websocket)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from chatnode.app import App
+from chatnode.config import Config
+
+
+def node_config(data_dir: str, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": data_dir,
+        "password_cost_log2": 10,
+        "node_id": "test-node",
+        "admins": "admin",
+        "drain_timeout_s": 3.0,
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+@attrs.define
+class RunningNode:
+    app: App
+    port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_node(config: Config) -> AsyncIterator[RunningNode]:
+    app = App(config)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(app.run)
+        try:
+            yield RunningNode(app, ports[0])
+        finally:
+            app.request_stop()
+
+
+class Api:
+    """A REST client that knows the node's conventions."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def user_with_token(self, name: str, password: str = "password123") -> str:
+        r = await self.client.post("/v1/chatrooms/users", json={"name": name, "password": password})
+        assert r.status_code in (201, 409), r.text
+        r = await self.client.post("/v1/tokens", json={"name": name, "password": password})
+        assert r.status_code == 200, r.text
+        token: str = r.json()["token"]
+        return token
+
+    async def create_room(self, token: str, name: str = "lobby") -> int:
+        r = await self.client.post("/v1/chatrooms", json={"name": name}, headers=auth(token))
+        assert r.status_code == 201, r.text
+        room_id: int = r.json()["id"]
+        return room_id
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def api_client(node: RunningNode) -> AsyncIterator[Api]:
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as client:
+        yield Api(client)
+
+
+@asynccontextmanager
+async def join(
+    node: RunningNode, room_id: int, *, token: str | None = None, user: str | None = None,
+    v1: bool = True, since: int | None = None,
+) -> AsyncIterator[WebSocketConnection]:
+    query = []
+    if token:
+        query.append(f"token={token}")
+    if user:
+        query.append(f"user={user}")
+    if since is not None:
+        query.append(f"since={since}")
+    url = f"{node.ws_url}/v1/chatrooms/{room_id}/join" + ("?" + "&".join(query) if query else "")
+    async with open_websocket_url(url, subprotocols=["chatnode.v1"] if v1 else []) as ws:
+        yield ws
+
+
+async def next_of_type(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+    while True:
+        frame: dict[str, Any] = json.loads(await ws.get_message())
+        if frame.get("type") == kind:
+            return frame
+
+
+async def until_live(ws: WebSocketConnection) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read the joined frame and the replay; return (joined, history messages)."""
+    joined = json.loads(await ws.get_message())
+    assert joined["type"] == "joined", joined
+    history = []
+    while True:
+        frame = json.loads(await ws.get_message())
+        if frame["type"] == "live":
+            return joined, history
+        assert frame["type"] == "message", frame
+        history.append(frame)
+
+
+async def messages(ws: WebSocketConnection, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` chat messages, skipping acks and events."""
+    got = []
+    while len(got) < count:
+        frame = json.loads(await ws.get_message())
+        if frame.get("type", "message") == "message":
+            got.append(frame)
+    return got
