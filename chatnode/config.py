@@ -57,6 +57,10 @@ class Config:
     redis_url: str = _setting("", "redis://host:port/db — bus, presence and caches in Redis")
     elasticsearch_url: str = _setting("", "http://host:port — archive and search in Elasticsearch")
     key_prefix: str = _setting("chatnode", "prefix of every Redis key and Elasticsearch index")
+    room_log_length: int = _setting(1000, "messages per room kept in the Redis room log (older ones come from the archive)")
+    cache_ttl_s: float = _setting(5.0, "lifetime of cached rooms lists and room users in Redis")
+    mysql_pool_size: int = _setting(8, "MySQL connections (and threads) per node")
+    archive_claim_idle_s: float = _setting(30.0, "archive entries unacknowledged this long are taken over from a dead node")
     jwt_secret: str = _setting("", "HS256 secret for tokens (embedded default: generated into data_dir)")
     token_ttl_s: float = _setting(24 * 3600.0, "token lifetime")
     admins: str = _setting("", "comma-separated user names that get admin tokens")
@@ -174,6 +178,8 @@ def _validate(config: Config) -> None:
         )
     if not config.embedded and not config.jwt_secret:
         raise ConfigError("cluster mode needs CHATNODE_JWT_SECRET shared by every node")
+    if config.jwt_secret and len(config.jwt_secret) < 32:
+        raise ConfigError("CHATNODE_JWT_SECRET must be at least 32 characters")
 
 
 def resolve_secret(config: Config) -> str:

@@ -1,0 +1,206 @@
+"""The hub's ordering rules, driven deterministically: a gate holds the history load open
+while messages arrive, so "messages during the replay" is not left to timing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+from wsproto.frame_protocol import FrameDecoder
+
+from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase
+from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.node.hub import Hub
+
+
+class FakeMember:
+    def __init__(self, conn_id: str, dialect: Dialect = Dialect.V1) -> None:
+        self.conn_id = conn_id
+        self.user = conn_id
+        self.dialect = dialect
+        self.frames: list[dict[str, Any]] = []
+        self.closed: CloseCode | None = None
+        self._changed = trio.Event()
+
+    def send_nowait(self, frame: bytes) -> None:
+        decoder = FrameDecoder(client=True)
+        decoder.receive_bytes(frame)
+        decoded = decoder.process_buffer()
+        assert decoded is not None
+        self.frames.append(json.loads(bytes(decoded.payload)))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, count: int) -> list[int]:
+        """Wait until ``count`` chat messages arrived; return their offsets."""
+        while len(self.offsets) < count:
+            await self._changed.wait()
+        return self.offsets
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None:
+        self.closed = code
+
+    @property
+    def offsets(self) -> list[int]:
+        return [f["offset"] for f in self.frames if f.get("type") == "message"]
+
+
+class GatedBus(SqliteBus):
+    """read_log waits for ``gate`` and counts calls."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        super().__init__(db)
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+        self.log_reads = 0
+
+    async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
+        self.log_reads += 1
+        self.entered.set()
+        await self.gate.wait()
+        return await super().read_log(room_id, after_offset=after_offset, limit=limit)
+
+
+class LossyHandler:
+    """Passes bus traffic to the hub, except offsets in ``drop`` (a lossy bus)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.drop: set[int] = set()
+
+    async def deliver(self, message: ChatMessage) -> None:
+        if message.offset not in self.drop:
+            await self.hub.deliver(message)
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        await self.hub.signal(room_id, event)
+
+    async def resubscribed(self) -> None:
+        await self.hub.resubscribed()
+
+
+LOSSY: dict[int, LossyHandler] = {}
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[tuple[Hub, GatedBus]]:
+    db = await SqliteDatabase.open(":memory:")
+    bus = GatedBus(db)
+    hub = Hub(bus, SqliteArchive(db), cache_size=256)
+    handler = LOSSY[id(hub)] = LossyHandler(hub)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.serve, handler)
+        yield hub, bus
+        nursery.cancel_scope.cancel()
+    await db.aclose()
+
+
+async def publish(bus: SqliteBus, n: int, room: int = 1) -> None:
+    for i in range(n):
+        await bus.publish(Draft(room, "ann", f"m{i}", 0))
+
+
+async def join(hub: Hub, member: FakeMember, room: int = 1, after: int | None = None) -> None:
+    session, seat = await hub.attach(room, member)
+    head = session.last_offset
+    history = await hub.history(session, 0 if after is None else after, head)
+    for m in history:
+        member.send_nowait(_frame(m))
+    hub.go_live(session, seat, sent_up_to=head)
+
+
+def _frame(message: ChatMessage) -> bytes:
+    from chatnode.core import protocol
+
+    return protocol.ws_text_frame(protocol.server_frame(message, Dialect.V1))
+
+
+async def test_messages_during_replay_are_sent_once_in_order(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    ann = FakeMember("ann")
+    bus.gate.set()
+    await join(hub, ann)
+    await publish(bus, 5)
+    bus.gate = trio.Event()
+    hub._sessions[1].recent.clear()  # force a real load for bob
+    bob = FakeMember("bob")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(join, hub, bob)
+        await bus.entered.wait()
+        await publish(bus, 3)  # arrive while bob's history load is held open
+        assert bob.offsets == []
+        bus.gate.set()
+    assert await bob.until(8) == list(range(1, 9))
+    assert await ann.until(8) == list(range(1, 9))
+
+
+async def test_history_is_loaded_once_per_room_then_served_from_cache(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    await publish(bus, 10)
+    bus.gate = trio.Event()
+    members = [FakeMember(f"u{i}") for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        for member in members:
+            nursery.start_soon(join, hub, member)
+        await bus.entered.wait()
+        bus.gate.set()
+    assert bus.log_reads == 1
+    assert hub.history_loads_total == 1
+    assert all(m.offsets == list(range(1, 11)) for m in members)
+
+
+async def test_a_gap_on_the_bus_is_filled_from_the_room_log(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    bus.gate.set()
+    ann = FakeMember("ann")
+    await join(hub, ann)
+    LOSSY[id(hub)].drop = {3, 4}
+    await publish(bus, 4)
+    assert await ann.until(2) == [1, 2]
+    await publish(bus, 1)  # offset 5 reveals the gap: 3 and 4 come from the room log first
+    assert await ann.until(5) == [1, 2, 3, 4, 5]
+
+
+async def test_resubscribed_catches_up_from_the_room_log(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    bus.gate.set()
+    ann = FakeMember("ann")
+    await join(hub, ann)
+    LOSSY[id(hub)].drop = {1, 2}
+    await publish(bus, 2)
+    await hub.resubscribed()
+    assert await ann.until(2) == [1, 2]
+
+
+async def test_duplicates_from_the_bus_are_dropped(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    bus.gate.set()
+    ann = FakeMember("ann")
+    await join(hub, ann)
+    await publish(bus, 2)
+    await ann.until(2)
+    first = (await bus.read_log(1, after_offset=0, limit=1))[0]
+    await hub.deliver(first)
+    assert ann.offsets == [1, 2]
+
+
+async def test_last_member_leaving_unsubscribes(setup: tuple[Hub, GatedBus]) -> None:
+    hub, bus = setup
+    bus.gate.set()
+    ann, bob = FakeMember("ann"), FakeMember("bob")
+    await join(hub, ann)
+    await join(hub, bob)
+    await hub.detach(1, ann)
+    assert hub.rooms == 1
+    await hub.detach(1, bob)
+    assert hub.rooms == 0
+    watcher = FakeMember("watcher")
+    await publish(bus, 1)
+    await join(hub, watcher, room=1)  # resubscribes; sees offset 1 only as history
+    await publish(bus, 1)
+    assert await watcher.until(2) == [1, 2]
+    assert bob.offsets == [] and ann.offsets == []

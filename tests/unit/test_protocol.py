@@ -1,0 +1,87 @@
+"""The wire protocol without sockets: client frame parsing, server frames, WebSocket framing."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
+from wsproto.frame_protocol import FrameDecoder
+
+from chatnode.core import protocol
+from chatnode.core.models import ChatMessage
+from chatnode.core.protocol import CloseCode, Dialect, Ping, Rejected, Send, Typing
+from chatnode.core.validation import Limits
+
+LIMITS = Limits(max_message_bytes=16)
+MESSAGE = ChatMessage(room_id=7, offset=3, user="ann", text="héllo", timestamp_ms=1_700_000_000_000)
+
+
+def test_plain_frame_is_the_message() -> None:
+    assert protocol.parse_client_frame("hi there", Dialect.PLAIN, LIMITS) == Send("hi there")
+
+
+def test_v1_frames() -> None:
+    parse = lambda text: protocol.parse_client_frame(text, Dialect.V1, LIMITS)  # noqa: E731
+    assert parse('{"type":"send","message":"yo","id":"c1"}') == Send("yo", "c1")
+    assert parse('{"type":"ping","id":"p"}') == Ping("p")
+    assert parse('{"type":"typing"}') == Typing()
+
+
+def test_v1_rejections_carry_codes_and_the_client_id() -> None:
+    cases = {
+        "{nope": ("invalid_json", None),
+        "[1,2]": ("invalid_frame", None),
+        '{"type":"send","id":5,"message":"x"}': ("invalid_frame", None),
+        '{"type":"dance","id":"d"}': ("unknown_type", "d"),
+        '{"type":"send","id":"big","message":"' + "x" * 17 + '"}': ("message_too_large", "big"),
+        '{"type":"send","id":"e","message":"   "}': ("invalid_message", "e"),
+        '{"type":"send","id":"n","message":7}': ("invalid_message", "n"),
+    }
+    for text, (code, client_id) in cases.items():
+        result = protocol.parse_client_frame(text, Dialect.V1, LIMITS)
+        assert isinstance(result, Rejected), text
+        assert (result.error.code, result.client_id) == (code, client_id), text
+
+
+@given(st.text(max_size=200))
+def test_parse_never_raises(text: str) -> None:
+    for dialect in Dialect:
+        protocol.parse_client_frame(text, dialect, LIMITS)
+
+
+def test_plain_server_frame_has_the_seed_fields_only() -> None:
+    frame = json.loads(protocol.server_frame(MESSAGE, Dialect.PLAIN))
+    assert frame == {"chatroom": 7, "user": "ann", "message": "héllo", "timestamp": 1_700_000_000_000}
+
+
+def test_v1_server_frame_carries_the_offset() -> None:
+    frame = json.loads(protocol.server_frame(MESSAGE, Dialect.V1))
+    assert frame["type"] == "message" and frame["offset"] == 3 and frame["chatroom"] == 7
+
+
+@given(st.binary(max_size=70_000).map(lambda b: b.decode("latin-1")))
+def test_ws_text_frame_decodes_with_wsproto(text: str) -> None:
+    payload = text.encode()
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(protocol.ws_text_frame(payload))
+    received = "".join(e.data for e in client.events() if isinstance(e, TextMessage))
+    assert received == text
+
+
+def test_ws_text_frame_lengths() -> None:
+    for size in (0, 125, 126, 65_535, 65_536):
+        decoder = FrameDecoder(client=True)
+        decoder.receive_bytes(protocol.ws_text_frame(b"a" * size))
+        frame = decoder.process_buffer()
+        assert frame is not None and len(frame.payload) == size and frame.frame_finished
+
+
+def test_close_code_ranges() -> None:
+    assert CloseCode.SERVER_SHUTDOWN.should_reconnect
+    assert CloseCode.SLOW_CONSUMER.should_reconnect
+    assert not CloseCode.TOKEN_EXPIRED.should_reconnect
+    assert not CloseCode.MESSAGE_REJECTED.should_reconnect
+    assert all(c < 4000 or 4000 <= c < 5000 for c in CloseCode)
