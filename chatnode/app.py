@@ -100,6 +100,7 @@ class App:
                 ws_settings=WsSettings(
                     send_backlog_bytes=config.send_backlog_bytes,
                     max_message_bytes=config.max_message_bytes,
+                    ping_interval_s=config.ws_ping_interval_s,
                 ),
                 metrics=metrics,
             )

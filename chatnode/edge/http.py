@@ -77,6 +77,27 @@ class Limits:
     idle_timeout_s: float
 
 
+class IdleConnections:
+    """Keep-alive connections waiting for their next request; draining closes them at once."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def add(self, scope: trio.CancelScope) -> None:
+        if self.draining:
+            scope.cancel()
+        self._scopes.add(scope)
+
+    def discard(self, scope: trio.CancelScope) -> None:
+        self._scopes.discard(scope)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 UpgradeHandler = Callable[[Request, trio.SocketStream, bytes], Awaitable[Response | None]]
 """Takes the request, the stream and bytes received past the request head. Returns None once
@@ -97,15 +118,25 @@ def is_websocket_upgrade(request: Request) -> bool:
 
 
 async def serve_http_connection(
-    stream: trio.SocketStream, limits: Limits, handle: Handler, upgrade: UpgradeHandler
+    stream: trio.SocketStream,
+    limits: Limits,
+    handle: Handler,
+    upgrade: UpgradeHandler,
+    idle: IdleConnections,
 ) -> None:
-    """Serve requests on one connection until it closes, times out or is upgraded."""
+    """Serve requests on one connection until it closes, times out, is upgraded or the server
+    drains while it waits for a request."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     timeout_s = limits.handshake_timeout_s
     try:
         while True:
-            request = await _read_request(conn, stream, limits, timeout_s)
-            if request is None:
+            with trio.CancelScope() as waiting:
+                idle.add(waiting)
+                try:
+                    request = await _read_request(conn, stream, limits, timeout_s)
+                finally:
+                    idle.discard(waiting)
+            if waiting.cancelled_caught or request is None:
                 return
             if is_websocket_upgrade(request):
                 refused = await upgrade(request, stream, conn.trailing_data[0])

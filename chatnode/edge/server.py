@@ -11,6 +11,7 @@ import logging
 
 import trio
 
+from chatnode.core.errors import ChatError
 from chatnode.edge import http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
@@ -30,6 +31,7 @@ class EdgeServer:
         self._http_limits = http_limits
         self._ws_settings = ws_settings
         self._accept_scope = trio.CancelScope()
+        self._idle = http.IdleConnections()
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
@@ -47,10 +49,13 @@ class EdgeServer:
     def stop_accepting(self) -> None:
         self.metrics.draining = True
         self._accept_scope.cancel()
+        self._idle.drain()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
-            await http.serve_http_connection(stream, self._http_limits, self.api.handle, self._upgrade)
+            await http.serve_http_connection(
+                stream, self._http_limits, self.api.handle, self._upgrade, self._idle
+            )
         except Exception:
             log.exception("connection failed")
 
@@ -59,12 +64,8 @@ class EdgeServer:
     ) -> http.Response | None:
         try:
             self.api.route(request)
-        except Exception as exc:
-            from chatnode.core.errors import ChatError
-
-            if isinstance(exc, ChatError):
-                return http.error_response(exc)
-            raise
+        except ChatError as exc:
+            return http.error_response(exc)
         if not request.path.endswith("/join"):
             return await self.api.handle(request)
         self.metrics.ws_accepted += 1

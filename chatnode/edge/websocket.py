@@ -38,6 +38,7 @@ RECEIVE_BYTES = 64 * 1024
 class WsSettings:
     send_backlog_bytes: int
     max_message_bytes: int
+    ping_interval_s: float = 30.0
     close_timeout_s: float = 2.0
 
     @property
@@ -131,20 +132,35 @@ class WsMember:
                 self._cancel_scope.deadline, trio.current_time() + self._settings.close_timeout_s
             )
 
+    @property
+    def started(self) -> bool:
+        """True once the handshake answer may have been written."""
+        return self._cancel_scope is not None
+
     # -- tasks ------------------------------------------------------------------------------------
 
     async def run(self, room: RoomConnection) -> None:
-        """Serve the connection until it closes. Returns after the writer flushed (bounded)."""
+        """Serve the connection until it closes. The writer runs here, the reader and pinger
+        in a nursery; the writer returns once the reader is done and the outbox is flushed,
+        within ``close_timeout_s`` of either side starting to close."""
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             if self._closing:
                 scope.deadline = trio.current_time() + self._settings.close_timeout_s
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                await self._reader(room)
-                self._reader_done = self._closing = True
-                self._wake.set()
-                scope.deadline = min(scope.deadline, trio.current_time() + self._settings.close_timeout_s)
+                nursery.start_soon(self._read_then_finish, room)
+                nursery.start_soon(self._pinger)
+                await self._writer()
+                nursery.cancel_scope.cancel()
+
+    async def _read_then_finish(self, room: RoomConnection) -> None:
+        await self._reader(room)
+        self._reader_done = self._closing = True
+        self._wake.set()
+        assert self._cancel_scope is not None
+        self._cancel_scope.deadline = min(
+            self._cancel_scope.deadline, trio.current_time() + self._settings.close_timeout_s
+        )
 
     async def _writer(self) -> None:
         while True:
@@ -163,6 +179,14 @@ class WsMember:
                 if self._cancel_scope is not None:
                     self._cancel_scope.cancel()
                 return
+
+    async def _pinger(self) -> None:
+        """Keep idle connections (and the proxies on their way) alive."""
+        while True:
+            await trio.sleep(self._settings.ping_interval_s)
+            if self._closing or self._state() is not ConnectionState.OPEN:
+                return
+            self._queue_control(self._ws.send(Ping(payload=b"chatnode")))
 
     def _state(self) -> ConnectionState:
         return self._ws.state
@@ -267,14 +291,10 @@ async def serve_websocket(
         async with node.join(room_id, member, since=since) as room:
             await member.run(room)
     except errors.ChatError as exc:
-        if member.close_code is None and not member_started(member):
-            return error_response(exc)
-        raise
+        if member.started:
+            raise
+        return error_response(exc)  # refused before the handshake answer went out
     return None
-
-
-def member_started(member: WsMember) -> bool:
-    return member._cancel_scope is not None
 
 
 def parse_join(request: Request) -> tuple[int, int | None]:
