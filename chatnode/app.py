@@ -13,7 +13,6 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import trio
 
@@ -51,10 +50,16 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
     async with AsyncExitStack() as stack:
         if config.embedded:
             from chatnode.adapters.memory import MemoryPresence
-            from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
+            from chatnode.adapters.sqlite import (
+                SqliteArchive,
+                SqliteBus,
+                SqliteDatabase,
+                SqliteDirectory,
+            )
 
-            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-            db = await SqliteDatabase.open(str(Path(config.data_dir) / "chatnode.sqlite3"))
+            data_dir = trio.Path(config.data_dir)
+            await data_dir.mkdir(parents=True, exist_ok=True)
+            db = await SqliteDatabase.open(str(data_dir / "chatnode.sqlite3"))
             stack.push_async_callback(db.aclose)
             yield Backends(
                 directory=SqliteDirectory(db),
@@ -78,7 +83,9 @@ class App:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         config = self.config
         settings = node_settings(config, resolve_secret(config))
         if config.insecure:
@@ -110,7 +117,9 @@ class App:
                     ports = await edge_nursery.start(edge.serve, config.host, config.port)
                     log.info(
                         "chatnode %s listening on %s:%s (%s)",
-                        settings.node_id, config.host, ports[0],
+                        settings.node_id,
+                        config.host,
+                        ports[0],
                         "embedded SQLite" if config.embedded else "cluster",
                     )
                     task_status.started(ports)

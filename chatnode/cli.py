@@ -18,17 +18,25 @@ from chatnode.config import ConfigError, load_config, markdown_table
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatnode", description="A self-hosted chat backend on Trio.")
+    parser = argparse.ArgumentParser(
+        prog="chatnode", description="A self-hosted chat backend on Trio."
+    )
     parser.add_argument("--version", action="version", version=f"chatnode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a node (embedded SQLite unless backends are configured)")
+    serve = sub.add_parser(
+        "serve", help="run a node (embedded SQLite unless backends are configured)"
+    )
     serve.add_argument("--host", help="address to listen on (CHATNODE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (CHATNODE_PORT)")
     serve.add_argument("--data-dir", help="embedded data directory (CHATNODE_DATA_DIR)")
-    serve.add_argument("--insecure", action="store_true", default=None, help="seed's open mode (CHATNODE_INSECURE)")
+    serve.add_argument(
+        "--insecure", action="store_true", default=None, help="seed's open mode (CHATNODE_INSECURE)"
+    )
 
-    sub.add_parser("migrate", help="apply database migrations (MySQL schema, Elasticsearch template)")
+    sub.add_parser(
+        "migrate", help="apply database migrations (MySQL schema, Elasticsearch template)"
+    )
 
     conf = sub.add_parser("config", help="print the effective configuration")
     conf.add_argument("--markdown", action="store_true", help="print the table of all settings")
@@ -45,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.command == "serve":
-        overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "insecure": args.insecure}
+        overrides = {
+            "host": args.host,
+            "port": args.port,
+            "data_dir": args.data_dir,
+            "insecure": args.insecure,
+        }
     try:
         config = load_config(os.environ, overrides)
     except ConfigError as exc:
@@ -61,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import attrs
 
-            shown = {k: ("***" if k == "jwt_secret" and v else v) for k, v in attrs.asdict(config).items()}
+            shown = {
+                k: ("***" if k == "jwt_secret" and v else v)
+                for k, v in attrs.asdict(config).items()
+            }
             print(json.dumps(shown, indent=2))
         return 0
     if args.command == "serve":

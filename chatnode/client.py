@@ -15,17 +15,19 @@ async def chat(base_url: str, room: int, user: str | None, token: str | None) ->
     url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
     if query:
         url += "?" + urlencode(query)
-    async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_type_lines, ws)
-            try:
-                while True:
-                    frame = json.loads(await ws.get_message())
-                    _show(frame)
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                print(f"* closed: {reason.code if reason else ''} {reason.reason if reason else ''}")
-            nursery.cancel_scope.cancel()
+    async with (
+        open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(_type_lines, ws)
+        try:
+            while True:
+                frame = json.loads(await ws.get_message())
+                _show(frame)
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            print(f"* closed: {reason.code if reason else ''} {reason.reason if reason else ''}")
+        nursery.cancel_scope.cancel()
     return 0
 
 

@@ -18,6 +18,7 @@ import attrs
 
 from chatnode.core.validation import Limits
 
+
 def _setting(default: Any, help: str) -> Any:
     return attrs.field(default=default, metadata={"help": help})
 
@@ -50,18 +51,32 @@ class ConfigError(ValueError):
 class Config:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8080, "TCP port to listen on (0 picks a free one)")
-    data_dir: str = _setting("./data", "embedded mode: where chatnode.sqlite3 and the token secret live")
-    insecure: bool = _setting(False, "seed's open mode: `?user=` joins without a token, admin calls need none")
-    node_id: str = _setting("", "this node's id in presence and the archive consumer group (default: host-pid)")
-    mysql_url: str = _setting("", "mysql://user:pass@host:port/db — directory in MySQL instead of SQLite")
+    data_dir: str = _setting(
+        "./data", "embedded mode: where chatnode.sqlite3 and the token secret live"
+    )
+    insecure: bool = _setting(
+        False, "seed's open mode: `?user=` joins without a token, admin calls need none"
+    )
+    node_id: str = _setting(
+        "", "this node's id in presence and the archive consumer group (default: host-pid)"
+    )
+    mysql_url: str = _setting(
+        "", "mysql://user:pass@host:port/db — directory in MySQL instead of SQLite"
+    )
     redis_url: str = _setting("", "redis://host:port/db — bus, presence and caches in Redis")
     elasticsearch_url: str = _setting("", "http://host:port — archive and search in Elasticsearch")
     key_prefix: str = _setting("chatnode", "prefix of every Redis key and Elasticsearch index")
-    room_log_length: int = _setting(1000, "messages per room kept in the Redis room log (older ones come from the archive)")
+    room_log_length: int = _setting(
+        1000, "messages per room kept in the Redis room log (older ones come from the archive)"
+    )
     cache_ttl_s: float = _setting(5.0, "lifetime of cached rooms lists and room users in Redis")
     mysql_pool_size: int = _setting(8, "MySQL connections (and threads) per node")
-    archive_claim_idle_s: float = _setting(30.0, "archive entries unacknowledged this long are taken over from a dead node")
-    jwt_secret: str = _setting("", "HS256 secret for tokens (embedded default: generated into data_dir)")
+    archive_claim_idle_s: float = _setting(
+        30.0, "archive entries unacknowledged this long are taken over from a dead node"
+    )
+    jwt_secret: str = _setting(
+        "", "HS256 secret for tokens (embedded default: generated into data_dir)"
+    )
     token_ttl_s: float = _setting(24 * 3600.0, "token lifetime")
     admins: str = _setting("", "comma-separated user names that get admin tokens")
     password_cost_log2: int = _setting(14, "scrypt cost (log2 N) for password hashes")
@@ -76,12 +91,18 @@ class Config:
     handshake_timeout_s: float = _setting(10.0, "time to send a whole request head")
     idle_timeout_s: float = _setting(60.0, "keep-alive HTTP connection idle limit")
     ws_ping_interval_s: float = _setting(30.0, "server ping interval on idle WebSockets")
-    send_backlog_bytes: int = _setting(1 << 20, "per-connection unsent bytes before slow-consumer disconnect")
+    send_backlog_bytes: int = _setting(
+        1 << 20, "per-connection unsent bytes before slow-consumer disconnect"
+    )
     rate_messages_per_s: float = _setting(20.0, "sustained messages per second per connection")
     rate_burst: int = _setting(40, "message burst allowed per connection")
-    presence_ttl_s: float = _setting(15.0, "node heartbeat lifetime; a dead node's presence is reaped after it")
+    presence_ttl_s: float = _setting(
+        15.0, "node heartbeat lifetime; a dead node's presence is reaped after it"
+    )
     drain_timeout_s: float = _setting(10.0, "SIGTERM: time to close clients and flush the archiver")
-    backend_timeout_s: float = _setting(5.0, "limit on one backend call (MySQL statements, Redis, ES)")
+    backend_timeout_s: float = _setting(
+        5.0, "limit on one backend call (MySQL statements, Redis, ES)"
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING, ERROR")
 
     @property
@@ -117,9 +138,7 @@ def _convert(setting: Setting, raw: object, source: str) -> Any:
             raise ValueError(raw)
         return setting.kind(raw)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: expected {setting.kind.__name__}, got {raw!r}"
-        ) from None
+        raise ConfigError(f"{source}: expected {setting.kind.__name__}, got {raw!r}") from None
 
 
 def load_config(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
@@ -158,8 +177,10 @@ def _validate(config: Config) -> None:
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
         (10 <= config.password_cost_log2 <= 20, "CHATNODE_PASSWORD_COST_LOG2 must be 10..20"),
-        (config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
-         "CHATNODE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR"),
+        (
+            config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "CHATNODE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -171,7 +192,9 @@ def _validate(config: Config) -> None:
     ):
         if url and not url.startswith(schemes):
             raise ConfigError(f"{name} must start with {' or '.join(schemes)}")
-    if not config.embedded and not (config.mysql_url and config.redis_url and config.elasticsearch_url):
+    if not config.embedded and not (
+        config.mysql_url and config.redis_url and config.elasticsearch_url
+    ):
         raise ConfigError(
             "cluster mode needs all of CHATNODE_MYSQL_URL, CHATNODE_REDIS_URL and "
             "CHATNODE_ELASTICSEARCH_URL (or none of them for the embedded default)"

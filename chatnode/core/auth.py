@@ -24,7 +24,12 @@ def hash_password(password: str, *, cost_log2: int = 14) -> str:
         password.encode(), salt=salt, n=1 << cost_log2, r=_SCRYPT_R, p=_SCRYPT_P, maxmem=1 << 26
     )
     return "$".join(
-        ["scrypt", str(cost_log2), base64.b64encode(salt).decode(), base64.b64encode(digest).decode()]
+        [
+            "scrypt",
+            str(cost_log2),
+            base64.b64encode(salt).decode(),
+            base64.b64encode(digest).decode(),
+        ]
     )
 
 
@@ -65,10 +70,14 @@ def verify_token(token: str, *, secret: str, now_s: int) -> Claims:
             options={"require": ["sub", "exp"], "verify_exp": False},
         )
     except jwt.PyJWTError:
-        raise Unauthorized("token is not valid; get one from POST /v1/tokens", code="token_invalid") from None
+        raise Unauthorized(
+            "token is not valid; get one from POST /v1/tokens", code="token_invalid"
+        ) from None
     sub, exp = payload.get("sub"), payload.get("exp")
     if not isinstance(sub, str) or not isinstance(exp, int):
         raise Unauthorized("token is not valid; get one from POST /v1/tokens", code="token_invalid")
     if exp <= now_s:
-        raise Unauthorized("token has expired; get a new one from POST /v1/tokens", code="token_expired")
+        raise Unauthorized(
+            "token has expired; get a new one from POST /v1/tokens", code="token_expired"
+        )
     return Claims(user=sub, is_admin=bool(payload.get("adm", False)), expires_at_s=exp)

@@ -93,6 +93,8 @@ class Unavailable(ChatError):
 
     code = "unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float = 1.0, code: str | None = None
+    ) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s

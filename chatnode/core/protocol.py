@@ -107,7 +107,9 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
         if not isinstance(obj, dict):
             raise BadRequest("frame must be a JSON object with a 'type'", code="invalid_frame")
         raw_id = obj.get("id")
-        if raw_id is not None and (not isinstance(raw_id, str) or len(raw_id) > MAX_CLIENT_ID_CHARS):
+        if raw_id is not None and (
+            not isinstance(raw_id, str) or len(raw_id) > MAX_CLIENT_ID_CHARS
+        ):
             raise BadRequest(
                 f"'id' must be a string of at most {MAX_CLIENT_ID_CHARS} characters",
                 code="invalid_frame",
@@ -120,7 +122,9 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
             return Ping(client_id)
         if kind == "typing":
             return Typing()
-        raise BadRequest("unknown frame type; expected 'send', 'ping' or 'typing'", code="unknown_type")
+        raise BadRequest(
+            "unknown frame type; expected 'send', 'ping' or 'typing'", code="unknown_type"
+        )
     except BadRequest as exc:
         return Rejected(exc, client_id)
 

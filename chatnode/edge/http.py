@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -65,7 +65,9 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def json(cls, status: int, value: object, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    def json(
+        cls, status: int, value: object, headers: tuple[tuple[str, str], ...] = ()
+    ) -> Response:
         return cls(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
 
 
@@ -171,7 +173,10 @@ async def _read_request(
             head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
             if head_bytes > limits.max_header_bytes:
                 await _send_error(
-                    conn, stream, 431, "headers_too_large",
+                    conn,
+                    stream,
+                    431,
+                    "headers_too_large",
                     f"request head is over the limit of {limits.max_header_bytes} bytes",
                 )
                 return None
@@ -224,7 +229,9 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, max_bytes:
             raise trio.BrokenResourceError("client closed mid-body")
 
 
-async def _respond(conn: h11.Connection, stream: trio.SocketStream, response: Response, *, close: bool) -> None:
+async def _respond(
+    conn: h11.Connection, stream: trio.SocketStream, response: Response, *, close: bool
+) -> None:
     headers = [
         ("Content-Type", response.content_type),
         ("Content-Length", str(len(response.body))),
@@ -239,7 +246,9 @@ async def _respond(conn: h11.Connection, stream: trio.SocketStream, response: Re
     await stream.send_all(data)
 
 
-async def _send_error(conn: h11.Connection, stream: trio.SocketStream, status: int, code: str, message: str) -> None:
+async def _send_error(
+    conn: h11.Connection, stream: trio.SocketStream, status: int, code: str, message: str
+) -> None:
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     response = Response(status, error_body(code, message))

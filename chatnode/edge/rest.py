@@ -83,7 +83,12 @@ class Api:
 
     async def list_rooms(self, request: Request, match: re.Match[str]) -> Response:
         await self.claims(request)
-        limit = validation.positive_int(request.query.get("limit"), "limit", default=100, maximum=self.node.settings.limits.max_page)
+        limit = validation.positive_int(
+            request.query.get("limit"),
+            "limit",
+            default=100,
+            maximum=self.node.settings.limits.max_page,
+        )
         after = validation.optional_int(request.query.get("after"), "after") or 0
         rooms = await self.node.list_rooms(after_id=after, limit=limit)
         return Response.json(
@@ -118,11 +123,18 @@ class Api:
     async def create_token(self, request: Request, match: re.Match[str]) -> Response:
         body = request.json()
         token, expires_at_s = await self.node.issue_token(body.get("name"), body.get("password"))
-        return Response.json(200, {"token": token, "token_type": "Bearer", "expires_at": expires_at_s})
+        return Response.json(
+            200, {"token": token, "token_type": "Bearer", "expires_at": expires_at_s}
+        )
 
     async def history(self, request: Request, match: re.Match[str]) -> Response:
         await self.claims(request)
-        limit = validation.positive_int(request.query.get("limit"), "limit", default=50, maximum=self.node.settings.limits.max_page)
+        limit = validation.positive_int(
+            request.query.get("limit"),
+            "limit",
+            default=50,
+            maximum=self.node.settings.limits.max_page,
+        )
         before = validation.optional_int(request.query.get("before"), "before", minimum=1)
         messages = await self.node.history(int(match["room"]), before=before, limit=limit)
         return Response.json(
@@ -138,7 +150,9 @@ class Api:
         q = request.query
         text = q.get("q", "").strip()
         if not text:
-            raise errors.BadRequest("q (the words to search for) is required", code="invalid_parameter")
+            raise errors.BadRequest(
+                "q (the words to search for) is required", code="invalid_parameter"
+            )
         query = SearchQuery(
             text=text[:500],
             room_id=validation.optional_int(q.get("chatroom"), "chatroom", minimum=1),
@@ -155,7 +169,12 @@ class Api:
     async def join_without_upgrade(self, request: Request, match: re.Match[str]) -> Response:
         return Response.json(
             426,
-            {"error": {"code": "upgrade_required", "message": "this route is a WebSocket: send Upgrade: websocket"}},
+            {
+                "error": {
+                    "code": "upgrade_required",
+                    "message": "this route is a WebSocket: send Upgrade: websocket",
+                }
+            },
             headers=(("Upgrade", "websocket"),),
         )
 
@@ -165,10 +184,15 @@ class Api:
     async def readyz(self, request: Request, match: re.Match[str]) -> Response:
         checks = await self.node.check()
         ready = all(v == "ok" for v in checks.values()) and not self.metrics.draining
-        return Response.json(200 if ready else 503, {"ready": ready, "checks": checks, "draining": self.metrics.draining})
+        return Response.json(
+            200 if ready else 503,
+            {"ready": ready, "checks": checks, "draining": self.metrics.draining},
+        )
 
     async def metrics_text(self, request: Request, match: re.Match[str]) -> Response:
-        return Response(200, self.metrics.render(self.node).encode(), content_type="text/plain; version=0.0.4")
+        return Response(
+            200, self.metrics.render(self.node).encode(), content_type="text/plain; version=0.0.4"
+        )
 
 
 def _route(method: str, pattern: str, handler: RouteHandler) -> Route:

@@ -34,7 +34,11 @@ class EdgeServer:
         self._idle = http.IdleConnections()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` (0 picks a port); ``started(ports)`` once listening."""
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)

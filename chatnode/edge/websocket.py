@@ -76,7 +76,9 @@ def check_handshake(request: Request) -> Dialect:
         if len(base64.b64decode(key, validate=True)) != 16:
             raise ValueError
     except ValueError:
-        raise errors.BadRequest("Sec-WebSocket-Key is missing or malformed", code="bad_handshake") from None
+        raise errors.BadRequest(
+            "Sec-WebSocket-Key is missing or malformed", code="bad_handshake"
+        ) from None
     offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
     return Dialect.V1 if protocol.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
 
@@ -85,8 +87,15 @@ class WsMember:
     """A joined WebSocket connection; implements ``node.hub.Member``."""
 
     def __init__(
-        self, stream: trio.SocketStream, ws: Connection, *, conn_id: str, user: str,
-        dialect: Dialect, settings: WsSettings, greeting: bytes,
+        self,
+        stream: trio.SocketStream,
+        ws: Connection,
+        *,
+        conn_id: str,
+        user: str,
+        dialect: Dialect,
+        settings: WsSettings,
+        greeting: bytes,
     ) -> None:
         self._stream = stream
         self._ws = ws
@@ -222,7 +231,9 @@ class WsMember:
                             if not self._closing:
                                 await self._on_text(room, text)
                     elif isinstance(event, BytesMessage):
-                        self.close_nowait(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text")
+                        self.close_nowait(
+                            CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
+                        )
                     elif isinstance(event, Ping):
                         self._queue_control(self._ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
@@ -230,7 +241,9 @@ class WsMember:
                             self._queue_control(self._ws.send(event.response()))
                         return
             except RemoteProtocolError as exc:
-                self.close_nowait(CloseCode.PROTOCOL_ERROR, f"WebSocket protocol error: {exc}"[:120])
+                self.close_nowait(
+                    CloseCode.PROTOCOL_ERROR, f"WebSocket protocol error: {exc}"[:120]
+                )
                 return
 
     async def _on_text(self, room: RoomConnection, text: str) -> None:
@@ -241,7 +254,9 @@ class WsMember:
             if isinstance(frame, protocol.Send):
                 message = await room.send(frame.text)
                 if self.dialect is Dialect.V1:
-                    self.send_nowait(protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message)))
+                    self.send_nowait(
+                        protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))
+                    )
             elif isinstance(frame, protocol.Ping):
                 self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
             else:
@@ -257,7 +272,9 @@ class WsMember:
             if isinstance(exc, errors.RateLimited | errors.Unavailable):
                 extra["retry_after_s"] = round(exc.retry_after_s, 3)
             self.send_nowait(
-                protocol.ws_text_frame(protocol.error_frame(exc.code, exc.message, client_id=client_id, **extra))
+                protocol.ws_text_frame(
+                    protocol.error_frame(exc.code, exc.message, client_id=client_id, **extra)
+                )
             )
         elif isinstance(exc, errors.MessageTooLarge):
             self.close_nowait(CloseCode.MESSAGE_TOO_BIG, exc.message[:120])
@@ -270,7 +287,11 @@ class WsMember:
 
 
 async def serve_websocket(
-    node: ChatNode, settings: WsSettings, request: Request, stream: trio.SocketStream, trailing: bytes
+    node: ChatNode,
+    settings: WsSettings,
+    request: Request,
+    stream: trio.SocketStream,
+    trailing: bytes,
 ) -> Response | None:
     """Handle ``GET /v1/chatrooms/{id}/join`` with an upgrade. Refusals before the handshake
     are HTTP errors; after it, close codes (docs/protocol.md)."""
@@ -279,13 +300,20 @@ async def serve_websocket(
         dialect = check_handshake(request)
         claims = await node.authenticate(request.bearer_token, user_param=request.query.get("user"))
         if not claims.user:
-            raise errors.BadRequest("join needs ?user=<name> (insecure mode) or a token", code="user_required")
+            raise errors.BadRequest(
+                "join needs ?user=<name> (insecure mode) or a token", code="user_required"
+            )
     except errors.ChatError as exc:
         return error_response(exc)
     ws = Connection(ConnectionType.SERVER, extensions=[], trailing_data=trailing)
     member = WsMember(
-        stream, ws, conn_id=node.next_conn_id(), user=claims.user, dialect=dialect,
-        settings=settings, greeting=handshake_response(request, dialect),
+        stream,
+        ws,
+        conn_id=node.next_conn_id(),
+        user=claims.user,
+        dialect=dialect,
+        settings=settings,
+        greeting=handshake_response(request, dialect),
     )
     try:
         async with node.join(room_id, member, since=since) as room:
@@ -309,7 +337,9 @@ def parse_join(request: Request) -> tuple[int, int | None]:
         try:
             since = int(since_raw)
         except ValueError:
-            raise errors.BadRequest("since must be an integer offset", code="invalid_parameter") from None
+            raise errors.BadRequest(
+                "since must be an integer offset", code="invalid_parameter"
+            ) from None
         if since < 0:
             raise errors.BadRequest("since must be >= 0", code="invalid_parameter")
     return room_id, since

@@ -22,6 +22,7 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from typing import Any, Protocol
@@ -93,7 +94,7 @@ class RoomSession:
             return
         start = self.recent[0].offset if self.recent else self.last_offset + 1
         if loaded[-1].offset + 1 != start or any(
-            b.offset != a.offset + 1 for a, b in zip(loaded, loaded[1:], strict=False)
+            b.offset != a.offset + 1 for a, b in itertools.pairwise(loaded)
         ):
             return
         room = self.cache_size - len(self.recent)
@@ -194,13 +195,20 @@ class Hub:
         older: list[ChatMessage] = []
         if first_logged > after + 1:
             older = await self._archive.read(
-                room_id, after_offset=after, up_to_offset=first_logged - 1, limit=first_logged - 1 - after
+                room_id,
+                after_offset=after,
+                up_to_offset=first_logged - 1,
+                limit=first_logged - 1 - after,
             )
         messages = older + logged
         if len(messages) != head - after:
             log.warning(
                 "room %d: history (%d, %d] incomplete: %d of %d messages found",
-                room_id, after, head, len(messages), head - after,
+                room_id,
+                after,
+                head,
+                len(messages),
+                head - after,
             )
         return messages
 
@@ -219,7 +227,9 @@ class Hub:
         if message.offset <= session.last_offset:
             return
         if message.offset > session.last_offset + 1:
-            missing = await self.load_range(session.room_id, session.last_offset, message.offset - 1)
+            missing = await self.load_range(
+                session.room_id, session.last_offset, message.offset - 1
+            )
             for m in missing:
                 self._fan_out(session, m)
         self._fan_out(session, message)

@@ -18,7 +18,9 @@ class TokenBucket:
     def take(self, now_s: float) -> float:
         """Spend one token; return 0.0 if allowed, else the seconds until one is available."""
         if self.updated_s is not None:
-            self.tokens = min(float(self.burst), self.tokens + (now_s - self.updated_s) * self.rate_per_s)
+            self.tokens = min(
+                float(self.burst), self.tokens + (now_s - self.updated_s) * self.rate_per_s
+            )
         self.updated_s = now_s
         if self.tokens >= 1.0:
             self.tokens -= 1.0

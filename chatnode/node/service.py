@@ -19,7 +19,15 @@ import trio
 
 from chatnode.core import auth, protocol, validation
 from chatnode.core.errors import Forbidden, NotFound, RateLimited, Unauthorized
-from chatnode.core.models import ChatMessage, Draft, PresenceEntry, Room, SearchHit, SearchQuery, User
+from chatnode.core.models import (
+    ChatMessage,
+    Draft,
+    PresenceEntry,
+    Room,
+    SearchHit,
+    SearchQuery,
+    User,
+)
 from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Presence
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
@@ -43,7 +51,7 @@ class NodeSettings:
     rate_messages_per_s: float
     rate_burst: int
     presence_ttl_s: float
-    limits: validation.Limits = validation.Limits()
+    limits: validation.Limits = attrs.Factory(validation.Limits)
 
 
 @attrs.frozen
@@ -131,18 +139,25 @@ class ChatNode:
         )
         return token, now_s + ttl_s
 
-    async def authenticate(self, token: str | None, *, user_param: str | None = None) -> auth.Claims:
+    async def authenticate(
+        self, token: str | None, *, user_param: str | None = None
+    ) -> auth.Claims:
         """The caller's identity: a valid token, or in insecure mode ``?user=`` of an existing
         user (or an anonymous admin when neither is given)."""
         if token:
-            claims = auth.verify_token(token, secret=self.settings.jwt_secret, now_s=int(time.time()))
+            claims = auth.verify_token(
+                token, secret=self.settings.jwt_secret, now_s=int(time.time())
+            )
             if await self.backends.directory.get_user(claims.user) is None:
                 raise Unauthorized("the token's user no longer exists", code="token_invalid")
             return claims
         if self.settings.insecure:
             if user_param:
                 if await self.backends.directory.get_user(user_param) is None:
-                    raise NotFound(f"user {user_param!r} does not exist; create it first", code="user_not_found")
+                    raise NotFound(
+                        f"user {user_param!r} does not exist; create it first",
+                        code="user_not_found",
+                    )
                 return auth.Claims(user=user_param, is_admin=True, expires_at_s=2**62)
             return auth.Claims(user="", is_admin=True, expires_at_s=2**62)
         raise Unauthorized(
@@ -215,7 +230,9 @@ class ChatNode:
                 await self.hub.detach(room_id, member)
                 try:
                     await self.backends.presence.remove(entry)
-                    await self._signal(room_id, protocol.presence_event(room_id, member.user, "leave"))
+                    await self._signal(
+                        room_id, protocol.presence_event(room_id, member.user, "leave")
+                    )
                 except Exception:
                     log.warning("presence cleanup failed for %s", entry, exc_info=True)
 
@@ -275,13 +292,19 @@ class RoomConnection:
         if dialect is protocol.Dialect.V1:
             self._member.send_nowait(
                 protocol.ws_text_frame(
-                    protocol.joined_frame(self.room_id, self._member.user, head=head, history=len(history))
+                    protocol.joined_frame(
+                        self.room_id, self._member.user, head=head, history=len(history)
+                    )
                 )
             )
         for message in history:
-            self._member.send_nowait(protocol.ws_text_frame(protocol.server_frame(message, dialect)))
+            self._member.send_nowait(
+                protocol.ws_text_frame(protocol.server_frame(message, dialect))
+            )
         if dialect is protocol.Dialect.V1:
-            self._member.send_nowait(protocol.ws_text_frame(protocol.live_frame(self.room_id, head)))
+            self._member.send_nowait(
+                protocol.ws_text_frame(protocol.live_frame(self.room_id, head))
+            )
         self._node.hub.go_live(self._session, self._seat, sent_up_to=head)
         self.head = head
 
@@ -297,5 +320,6 @@ class RoomConnection:
         return await self._node.backends.bus.publish(draft)
 
     async def typing(self) -> None:
-        await self._node._signal(self.room_id, protocol.typing_event(self.room_id, self._member.user))
-
+        await self._node._signal(
+            self.room_id, protocol.typing_event(self.room_id, self._member.user)
+        )

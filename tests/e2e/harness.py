@@ -88,8 +88,13 @@ async def api_client(node: RunningNode) -> AsyncIterator[Api]:
 
 @asynccontextmanager
 async def join(
-    node: RunningNode, room_id: int, *, token: str | None = None, user: str | None = None,
-    v1: bool = True, since: int | None = None,
+    node: RunningNode,
+    room_id: int,
+    *,
+    token: str | None = None,
+    user: str | None = None,
+    v1: bool = True,
+    since: int | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     query = []
     if token:

@@ -8,17 +8,17 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from tests.e2e.harness import (
-    Api,
     api_client,
     auth,
     join,
     messages,
     next_of_type,
-    running_node,
     node_config,
+    running_node,
     until_live,
 )
 
@@ -94,7 +94,9 @@ async def test_two_users_chat_and_a_third_gets_history_then_live(tmp_path: Path)
 
 
 async def test_join_during_traffic_sees_each_offset_once_in_order(tmp_path: Path) -> None:
-    config = node_config(str(tmp_path), rate_messages_per_s=10_000.0, rate_burst=10_000, history_on_join=1000)
+    config = node_config(
+        str(tmp_path), rate_messages_per_s=10_000.0, rate_burst=10_000, history_on_join=1000
+    )
     async with running_node(config) as node, api_client(node) as api:
         ann = await api.user_with_token("ann")
         bob = await api.user_with_token("bob")
@@ -109,7 +111,9 @@ async def test_join_during_traffic_sees_each_offset_once_in_order(tmp_path: Path
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(blast)
-                await trio.sleep(0)  # let some traffic start before bob joins (order is checked, not timing)
+                await (
+                    trio.lowlevel.checkpoint()
+                )  # let some traffic start before bob joins (order is checked, not timing)
                 async with join(node, room, token=bob) as b:
                     _, history = await until_live(b)
                     offsets = [m["offset"] for m in history]
@@ -119,7 +123,10 @@ async def test_join_during_traffic_sees_each_offset_once_in_order(tmp_path: Path
 
 
 async def test_plain_dialect_insecure_mode_is_the_seed_format(tmp_path: Path) -> None:
-    async with running_node(node_config(str(tmp_path), insecure=True)) as node, api_client(node) as api:
+    async with (
+        running_node(node_config(str(tmp_path), insecure=True)) as node,
+        api_client(node) as api,
+    ):
         c = api.client
         r = await c.post("/v1/chatrooms/users", json={"name": "ann"})  # no password in open mode
         assert r.status_code == 201
@@ -128,7 +135,10 @@ async def test_plain_dialect_insecure_mode_is_the_seed_format(tmp_path: Path) ->
         room = r.json()["id"]
         r = await c.get("/v1/chatrooms")
         assert r.status_code == 200 and r.json()["ids"] == [room]
-        async with join(node, room, user="ann", v1=False) as a, join(node, room, user="bob", v1=False) as b:
+        async with (
+            join(node, room, user="ann", v1=False) as a,
+            join(node, room, user="bob", v1=False) as b,
+        ):
             await a.send_message("hello from ann")
             for ws in (a, b):
                 frame = json.loads(await ws.get_message())
@@ -157,7 +167,7 @@ async def test_restart_keeps_users_rooms_and_history(tmp_path: Path) -> None:
         r = await api.client.get("/v1/chatrooms", headers=auth(ann))  # same token: secret persisted
         assert r.status_code == 200 and r.json()["chatrooms"][0]["name"] == "durable"
         async with join(node, room, token=ann) as a:
-            joined, history = await until_live(a)
+            _joined, history = await until_live(a)
             assert [m["message"] for m in history] == ["one", "two", "three"]
             await a.send_message(json.dumps({"type": "send", "message": "four"}))
             assert (await next_of_type(a, "ack"))["offset"] == 4
@@ -173,7 +183,11 @@ async def test_search_finds_a_message_by_a_word(tmp_path: Path) -> None:
         ann = await api.user_with_token("ann")
         room = await api.create_room(ann)
         other = await api.create_room(ann, "other")
-        for room_id, text in ((room, "the quick brown fox"), (room, "lazy dogs sleep"), (other, "a fox elsewhere")):
+        for room_id, text in (
+            (room, "the quick brown fox"),
+            (room, "lazy dogs sleep"),
+            (other, "a fox elsewhere"),
+        ):
             async with join(node, room_id, token=ann) as a:
                 await until_live(a)
                 await a.send_message(json.dumps({"type": "send", "message": text}))
@@ -181,26 +195,39 @@ async def test_search_finds_a_message_by_a_word(tmp_path: Path) -> None:
         r = await api.client.get("/v1/messages/search", params={"q": "fox"}, headers=auth(ann))
         hits = r.json()["hits"]
         assert {h["message"] for h in hits} == {"the quick brown fox", "a fox elsewhere"}
-        r = await api.client.get("/v1/messages/search", params={"q": "fox", "chatroom": room}, headers=auth(ann))
+        r = await api.client.get(
+            "/v1/messages/search", params={"q": "fox", "chatroom": room}, headers=auth(ann)
+        )
         hits = r.json()["hits"]
         assert len(hits) == 1
         assert hits[0]["chatroom"] == room and hits[0]["user"] == "ann" and hits[0]["offset"] == 1
         assert isinstance(hits[0]["timestamp"], int)
-        r = await api.client.get("/v1/messages/search", params={"q": '"AND ( NEAR'}, headers=auth(ann))
+        r = await api.client.get(
+            "/v1/messages/search", params={"q": '"AND ( NEAR'}, headers=auth(ann)
+        )
         assert r.status_code == 200
         r = await api.client.get("/v1/messages/search", headers=auth(ann))
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter"
 
 
 async def test_bad_input_gets_documented_errors_and_node_keeps_serving(tmp_path: Path) -> None:
-    async with running_node(node_config(str(tmp_path), max_message_bytes=64)) as node, api_client(node) as api:
+    async with (
+        running_node(node_config(str(tmp_path), max_message_bytes=64)) as node,
+        api_client(node) as api,
+    ):
         c = api.client
         ann = await api.user_with_token("ann")
         room = await api.create_room(ann)
 
-        r = await c.post("/v1/chatrooms/users", content=b"{not json", headers={"content-type": "application/json"})
+        r = await c.post(
+            "/v1/chatrooms/users",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-        r = await c.post("/v1/chatrooms/users", json={"name": "bad name!", "password": "password123"})
+        r = await c.post(
+            "/v1/chatrooms/users", json={"name": "bad name!", "password": "password123"}
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name"
         r = await c.post("/v1/chatrooms/users", json={"name": "short", "password": "x"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_password"
@@ -268,7 +295,9 @@ async def test_bad_input_gets_documented_errors_and_node_keeps_serving(tmp_path:
 
 
 async def test_keep_alive_serves_many_requests_on_one_connection(tmp_path: Path) -> None:
-    async with running_node(node_config(str(tmp_path))) as node:
-        async with httpx.AsyncClient(base_url=node.http_url) as client:
-            for _ in range(20):
-                assert (await client.get("/healthz")).status_code == 200
+    async with (
+        running_node(node_config(str(tmp_path))) as node,
+        httpx.AsyncClient(base_url=node.http_url) as client,
+    ):
+        for _ in range(20):
+            assert (await client.get("/healthz")).status_code == 200

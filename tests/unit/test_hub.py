@@ -138,7 +138,9 @@ async def test_messages_during_replay_are_sent_once_in_order(setup: tuple[Hub, G
     assert await ann.until(8) == list(range(1, 9))
 
 
-async def test_history_is_loaded_once_per_room_then_served_from_cache(setup: tuple[Hub, GatedBus]) -> None:
+async def test_history_is_loaded_once_per_room_then_served_from_cache(
+    setup: tuple[Hub, GatedBus],
+) -> None:
     hub, bus = setup
     await publish(bus, 10)
     bus.gate = trio.Event()

@@ -54,7 +54,12 @@ def test_parse_never_raises(text: str) -> None:
 
 def test_plain_server_frame_has_the_seed_fields_only() -> None:
     frame = json.loads(protocol.server_frame(MESSAGE, Dialect.PLAIN))
-    assert frame == {"chatroom": 7, "user": "ann", "message": "héllo", "timestamp": 1_700_000_000_000}
+    assert frame == {
+        "chatroom": 7,
+        "user": "ann",
+        "message": "héllo",
+        "timestamp": 1_700_000_000_000,
+    }
 
 
 def test_v1_server_frame_carries_the_offset() -> None:

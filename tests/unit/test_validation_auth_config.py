@@ -50,8 +50,13 @@ def test_password_hash_round_trip() -> None:
 
 
 def test_tokens_expire_and_are_signed() -> None:
-    token = auth.issue_token("ann", is_admin=False, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1000, ttl_s=60)
-    assert auth.verify_token(token, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1059).user == "ann"
+    token = auth.issue_token(
+        "ann", is_admin=False, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1000, ttl_s=60
+    )
+    assert (
+        auth.verify_token(token, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1059).user
+        == "ann"
+    )
     with pytest.raises(Unauthorized) as expired:
         auth.verify_token(token, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1060)
     assert expired.value.code == "token_expired"
@@ -62,7 +67,12 @@ def test_tokens_expire_and_are_signed() -> None:
 
 def test_config_from_environment_and_overrides() -> None:
     config = load_config({"CHATNODE_PORT": "9000", "CHATNODE_INSECURE": "yes"}, {"host": "0.0.0.0"})
-    assert (config.port, config.insecure, config.host, config.embedded) == (9000, True, "0.0.0.0", True)
+    assert (config.port, config.insecure, config.host, config.embedded) == (
+        9000,
+        True,
+        "0.0.0.0",
+        True,
+    )
 
 
 def test_config_errors_name_the_variable() -> None:
