@@ -1,9 +1,15 @@
-"""Shared test setup: every async test runs under a ``fail_after`` guard so nothing hangs."""
+"""Shared test setup: every async test runs under a ``fail_after`` guard so nothing hangs.
+
+The guard wraps the test function itself: under pytest-trio a fixture runs in its own task, so
+a ``fail_after`` in a fixture would not cover the test body.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -11,14 +17,16 @@ import trio
 TEST_TIMEOUT_S = 60
 
 
-@pytest.fixture
-async def _fail_after_guard() -> AsyncIterator[None]:
-    with trio.fail_after(TEST_TIMEOUT_S):
-        yield
+def _with_deadline(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(test)
+    async def guarded(*args: Any, **kwargs: Any) -> None:
+        with trio.fail_after(TEST_TIMEOUT_S):
+            await test(*args, **kwargs)
+
+    return guarded
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and inspect.iscoroutinefunction(function):
-            item.add_marker(pytest.mark.usefixtures("_fail_after_guard"))
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.obj = _with_deadline(item.obj)

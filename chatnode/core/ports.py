@@ -12,7 +12,7 @@ exception is a bug.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from chatnode.core.models import (
     ArchiveEntry,
@@ -29,7 +29,11 @@ from chatnode.core.models import (
 class TaskStatus(Protocol):
     """What ``trio.TaskStatus`` offers; ``core`` does not import trio."""
 
-    def started(self, value: Any = None, /) -> None: ...
+    @overload
+    def started(self) -> None: ...
+
+    @overload
+    def started(self, value: Any, /) -> None: ...
 
 
 class Closeable(Protocol):
@@ -85,7 +89,8 @@ class BusHandler(Protocol):
         """An ephemeral room event (presence, typing): not logged, no offset."""
 
     async def resubscribed(self) -> None:
-        """The bus lost and regained its subscriptions; messages may have been missed."""
+        """The bus lost and regained its subscriptions (a reconnect, or an overflowed inbox);
+        messages may have been missed: catch up with ``read_log``."""
 
 
 class Bus(Closeable, Protocol):
@@ -93,6 +98,7 @@ class Bus(Closeable, Protocol):
 
     ``publish`` is atomic: it assigns the next offset of the room, appends to the room log and
     to the archive feed, and fans out, all or nothing. Offsets are dense: 1, 2, 3, ...
+    An implementation whose room log is the archive (SQLite) has no archive feed.
     """
 
     async def publish(self, draft: Draft) -> ChatMessage: ...
@@ -148,7 +154,9 @@ class Archive(Closeable, Protocol):
         """The last ``limit`` messages with ``offset <= up_to_offset``, ascending."""
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
-        """Hits ranked best first, then newest first."""
+        """Plain words, never a query syntax; every word must match (case-insensitive);
+        filters exact, ``from_ms``/``to_ms`` inclusive. Hits best first (higher ``score``),
+        then newest first."""
 
 
 class Presence(Closeable, Protocol):
@@ -168,4 +176,5 @@ class Presence(Closeable, Protocol):
     async def heartbeat(self, node_id: str, *, ttl_ms: int) -> None: ...
 
     async def reap(self) -> int:
-        """Remove entries of nodes whose heartbeat expired; return how many were removed."""
+        """Remove entries of nodes whose heartbeat expired (or that never sent one); return
+        how many were removed."""

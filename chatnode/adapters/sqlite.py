@@ -1,0 +1,680 @@
+"""The embedded backend: Directory, Archive and Bus on one SQLite database.
+
+One :class:`SqliteDatabase` owns one ``sqlite3`` connection. The ports built on it
+(:class:`SqliteDirectory`, :class:`SqliteArchive`, :class:`SqliteBus`) share it; their
+``aclose()`` releases nothing, the code that opened the database closes it.
+
+Rules that make it correct:
+
+1. **One statement at a time, off the event loop.** Every access runs in a worker thread via
+   ``trio.to_thread.run_sync`` under a ``CapacityLimiter(1)``, so the connection is never used
+   by two threads at once and the loop never blocks. A call is not abandoned when cancelled: a
+   statement that started finishes (and its transaction commits or rolls back) before the
+   cancellation is delivered.
+2. **One call, one transaction.** A call that writes runs inside ``BEGIN IMMEDIATE`` ...
+   ``COMMIT`` in its worker function, so a check-then-write (the member limit, the next room
+   offset) is atomic against this process and against other processes on the same file.
+3. **The room log is the archive.** ``messages`` holds every published message;
+   ``SqliteBus.publish`` inserts there, ``SqliteArchive.store`` inserts there with
+   ``INSERT OR IGNORE``. A message is durable (against a process crash; with
+   ``synchronous=NORMAL`` a power loss may drop the last commits) and searchable the moment
+   ``publish`` returns, so the embedded node needs no archive feed.
+4. **One order for every bus.** All buses on one database (several "nodes" in one process) share
+   a :class:`_LocalBroker`. ``publish`` holds its FIFO lock across "insert, then hand the message
+   to every subscribed bus's inbox", so every bus sees a room's messages in offset order.
+5. **A bus never waits on a slow node.** Each serving bus has a bounded inbox drained by its own
+   ``serve`` task, which alone calls the handler. When an inbox is full the bus drops messages
+   until it has drained, then calls ``handler.resubscribed()`` -- what a Redis subscriber
+   disconnected for a full output buffer sees -- and the node catches up with ``read_log``.
+
+Errors: ``sqlite3.OperationalError`` for a busy, locked, unopenable, read-only, full or failing
+disk maps to :class:`~chatnode.core.errors.Unavailable`, as does any use after ``aclose()``.
+Other SQLite errors are bugs and propagate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import attrs
+import trio
+
+from chatnode.core import errors, ports
+from chatnode.core.models import ChatMessage, Draft, Room, SearchHit, SearchQuery, User
+
+T = TypeVar("T")
+
+# Each step moves the schema one version up; a step is never edited once released.
+# ``messages`` has its own INTEGER PRIMARY KEY because the FTS5 index refers to rows by rowid,
+# and VACUUM may renumber an implicit rowid; ``(room_id, offset)`` is its unique key.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            is_admin INTEGER NOT NULL DEFAULT 0,
+            created_at_ms INTEGER NOT NULL
+        )""",
+        """CREATE TABLE rooms (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL
+        )""",
+        """CREATE TABLE memberships (
+            room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+            user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            PRIMARY KEY (room_id, user)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX memberships_by_user ON memberships(user)",
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            room_id INTEGER NOT NULL,
+            "offset" INTEGER NOT NULL,
+            user TEXT NOT NULL,
+            text TEXT NOT NULL,
+            timestamp_ms INTEGER NOT NULL,
+            UNIQUE (room_id, "offset")
+        )""",
+        "CREATE INDEX messages_by_user ON messages(user, timestamp_ms)",
+        """CREATE VIRTUAL TABLE messages_fts USING fts5(
+            text, content='messages', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2'
+        )""",
+        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+        END""",
+        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        END""",
+        """CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+            INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+        END""",
+    ),
+)
+
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+# Primary result codes meaning "the database cannot be used right now", not "the SQL is wrong".
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+
+@contextmanager
+def _unavailable_when_down() -> Iterator[None]:
+    """Turn an OperationalError meaning "the database is down" into ``Unavailable``."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF not in _UNAVAILABLE_CODES:
+            raise
+        raise errors.Unavailable(f"the SQLite database is unavailable: {exc}") from exc
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction: the write lock is taken at BEGIN, so reads inside it are current."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to ``SCHEMA_VERSION`` in one transaction; a no-op when it is there."""
+    with _transaction(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+        )
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the database has schema version {current}, newer than this chatnode's "
+                f"{SCHEMA_VERSION}: upgrade chatnode"
+            )
+        for step in _MIGRATIONS[current:]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT OR REPLACE INTO schema_version (id, version) VALUES (1, ?)", (SCHEMA_VERSION,)
+        )
+
+
+@attrs.define(eq=False)
+class SqliteDatabase:
+    """One SQLite connection, serialized through a one-thread limiter (see the module rules).
+
+    Open with ``await SqliteDatabase.open(path)`` (``":memory:"`` for a private in-memory
+    database); the schema is created or upgraded on open. Close with ``aclose()``, or use it as
+    ``async with``. The caller that opened it owns it.
+    """
+
+    _conn: sqlite3.Connection | None
+    _limiter: trio.CapacityLimiter
+    broker: _LocalBroker = attrs.field(factory=lambda: _LocalBroker(), init=False)
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000
+    ) -> SqliteDatabase:
+        """Connect, set WAL / ``synchronous=NORMAL`` / foreign keys, migrate the schema.
+
+        Raise ``Unavailable`` if the file cannot be opened or stays locked past
+        ``busy_timeout_ms``.
+        """
+        limiter = trio.CapacityLimiter(1)
+        connect = partial(_connect, os.fspath(path), busy_timeout_ms)
+        with _unavailable_when_down():
+            conn = await trio.to_thread.run_sync(connect, limiter=limiter)
+        return cls(conn, limiter)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in the database's worker thread and return its result.
+
+        ``fn`` runs alone on the connection; it is one transaction if it opens one.
+        """
+
+        def call() -> T:
+            # Checked in the worker: a call queued behind aclose() must not touch the closed
+            # connection, and the limiter orders this check after any close.
+            if self._conn is None:
+                raise errors.Unavailable("the SQLite database is closed")
+            return fn(self._conn)
+
+        with _unavailable_when_down():
+            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def check(self) -> None:
+        """Return if the database answers a query; raise ``Unavailable`` otherwise."""
+        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def schema_version(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
+
+        return await self.run(read)
+
+    async def aclose(self) -> None:
+        """Close the connection after the statements already queued. Idempotent."""
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+    async def __aenter__(self) -> SqliteDatabase:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
+    name, password_hash, is_admin, created_at_ms = row
+    return User(name, password_hash, int(created_at_ms), bool(is_admin))
+
+
+def _room(row: sqlite3.Row | tuple[Any, ...]) -> Room:
+    room_id, name, created_at_ms = row
+    return Room(int(room_id), name, int(created_at_ms))
+
+
+@attrs.define(eq=False)
+class SqliteDirectory:
+    """``ports.Directory`` on a :class:`SqliteDatabase`.
+
+    Names compare exactly (binary collation). Room ids come from ``AUTOINCREMENT``: increasing
+    from 1 and never reused. ``add_member`` checks the member limit and inserts in one
+    transaction, so concurrent joins never overfill a room.
+    """
+
+    _db: SqliteDatabase
+
+    async def check(self) -> None:
+        await self._db.check()
+
+    async def aclose(self) -> None:
+        """Nothing to release: the database belongs to whoever opened it."""
+        await trio.lowlevel.checkpoint()
+
+    async def create_user(
+        self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
+    ) -> User:
+        def insert(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    (name, password_hash, int(is_admin), created_at_ms),
+                )
+
+        try:
+            await self._db.run(insert)
+        except sqlite3.IntegrityError as exc:
+            raise errors.Conflict(
+                f"the user name {name!r} is already taken; choose another"
+            ) from exc
+        return User(name, password_hash, created_at_ms, is_admin)
+
+    async def get_user(self, name: str) -> User | None:
+        def select(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute(
+                "SELECT name, password_hash, is_admin, created_at_ms FROM users WHERE name = ?",
+                (name,),
+            ).fetchone()
+            return None if row is None else _user(row)
+
+        return await self._db.run(select)
+
+    async def delete_all_users(self) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                conn.execute("DELETE FROM memberships")
+                return conn.execute("DELETE FROM users").rowcount
+
+        return await self._db.run(delete)
+
+    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
+        def insert(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "INSERT INTO rooms (name, created_at_ms) VALUES (?, ?)", (name, created_at_ms)
+                )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        room_id = await self._db.run(insert)
+        return Room(room_id, name, created_at_ms)
+
+    async def get_room(self, room_id: int) -> Room | None:
+        def select(conn: sqlite3.Connection) -> Room | None:
+            row = conn.execute(
+                "SELECT id, name, created_at_ms FROM rooms WHERE id = ?", (room_id,)
+            ).fetchone()
+            return None if row is None else _room(row)
+
+        return await self._db.run(select)
+
+    async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
+        def select(conn: sqlite3.Connection) -> list[Room]:
+            rows = conn.execute(
+                "SELECT id, name, created_at_ms FROM rooms WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, max(limit, 0)),
+            )
+            return [_room(row) for row in rows]
+
+        return await self._db.run(select)
+
+    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+        def insert(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                _require_room_and_user(conn, room_id, user)
+                if _is_member(conn, room_id, user):
+                    return False
+                (count,) = conn.execute(
+                    "SELECT COUNT(*) FROM memberships WHERE room_id = ?", (room_id,)
+                ).fetchone()
+                if count >= max_members:
+                    raise errors.RoomFull(
+                        f"room {room_id} is full ({max_members} members); "
+                        "try again after someone leaves"
+                    )
+                conn.execute(
+                    "INSERT INTO memberships (room_id, user) VALUES (?, ?)", (room_id, user)
+                )
+                return True
+
+        return await self._db.run(insert)
+
+    async def remove_member(self, room_id: int, user: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "DELETE FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
+                )
+            return cursor.rowcount > 0
+
+        return await self._db.run(delete)
+
+    async def list_members(self, room_id: int) -> list[str]:
+        def select(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT user FROM memberships WHERE room_id = ? ORDER BY user", (room_id,)
+            )
+            return [name for (name,) in rows]
+
+        return await self._db.run(select)
+
+
+def _require_room_and_user(conn: sqlite3.Connection, room_id: int, user: str) -> None:
+    if conn.execute("SELECT 1 FROM rooms WHERE id = ?", (room_id,)).fetchone() is None:
+        raise errors.NotFound(f"there is no room {room_id}")
+    if conn.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is None:
+        raise errors.NotFound(f"there is no user {user!r}")
+
+
+def _is_member(conn: sqlite3.Connection, room_id: int, user: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
+    ).fetchone()
+    return row is not None
+
+
+# --- messages: the room log and the archive --------------------------------------------------
+
+_MESSAGE_COLUMNS: Final = 'm.room_id, m."offset", m.user, m.text, m.timestamp_ms'
+
+# A search term is a run of letters, digits or marks: what the unicode61 tokenizer indexes.
+# Everything else (quotes, parentheses, "*", ":", "^", "-") is a separator, never FTS5 syntax.
+_TERM: Final = re.compile(r"[^\W_]+")
+
+
+def _message(row: sqlite3.Row | tuple[Any, ...]) -> ChatMessage:
+    room_id, offset, user, text, timestamp_ms = row[:5]
+    return ChatMessage(int(room_id), int(offset), user, text, int(timestamp_ms))
+
+
+def fts_match_expression(text: str) -> str | None:
+    """The FTS5 MATCH expression for a user's query: every word, each as a quoted string.
+
+    All words must match (implicit AND). Returns None when the query has no word, so the caller
+    returns no hits instead of asking SQLite. The result contains no FTS5 operator, column
+    filter or prefix star, whatever the input.
+    """
+    terms = _TERM.findall(text)
+    if not terms:
+        return None
+    return " ".join(f'"{term}"' for term in terms)
+
+
+def _read_range(
+    conn: sqlite3.Connection, room_id: int, after: int, up_to: int | None, limit: int
+) -> list[ChatMessage]:
+    rows = conn.execute(
+        f'SELECT {_MESSAGE_COLUMNS} FROM messages AS m WHERE m.room_id = ? AND m."offset" > ?'
+        ' AND (? IS NULL OR m."offset" <= ?) ORDER BY m."offset" LIMIT ?',
+        (room_id, after, up_to, up_to, max(limit, 0)),
+    )
+    return [_message(row) for row in rows]
+
+
+def _last_offset(conn: sqlite3.Connection, room_id: int) -> int:
+    (last,) = conn.execute(
+        'SELECT COALESCE(MAX("offset"), 0) FROM messages WHERE room_id = ?', (room_id,)
+    ).fetchone()
+    return int(last)
+
+
+@attrs.define(eq=False)
+class SqliteArchive:
+    """``ports.Archive`` on the ``messages`` table with an FTS5 index kept by triggers.
+
+    ``store`` is one transaction of ``INSERT OR IGNORE``: storing a message again (same room and
+    offset) changes nothing, the first stored version wins. What is stored is visible at once,
+    so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
+    diacritics folded), ranks by BM25, then newest first; the time filters are inclusive.
+    ``SearchHit.score`` is the negated BM25 value: higher is better.
+    """
+
+    _db: SqliteDatabase
+
+    async def check(self) -> None:
+        await self._db.check()
+
+    async def aclose(self) -> None:
+        """Nothing to release: the database belongs to whoever opened it."""
+        await trio.lowlevel.checkpoint()
+
+    async def refresh(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def store(self, messages: Sequence[ChatMessage]) -> None:
+        rows = [(m.room_id, m.offset, m.user, m.text, m.timestamp_ms) for m in messages]
+        if not rows:
+            await trio.lowlevel.checkpoint()
+            return
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    'INSERT OR IGNORE INTO messages (room_id, "offset", user, text, timestamp_ms)'
+                    " VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        await self._db.run(insert)
+
+    async def read(
+        self, room_id: int, *, after_offset: int, up_to_offset: int, limit: int
+    ) -> list[ChatMessage]:
+        return await self._db.run(
+            lambda conn: _read_range(conn, room_id, after_offset, up_to_offset, limit)
+        )
+
+    async def tail(self, room_id: int, *, up_to_offset: int, limit: int) -> list[ChatMessage]:
+        def select(conn: sqlite3.Connection) -> list[ChatMessage]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages AS m"
+                ' WHERE m.room_id = ? AND m."offset" <= ? ORDER BY m."offset" DESC LIMIT ?',
+                (room_id, up_to_offset, max(limit, 0)),
+            )
+            return [_message(row) for row in reversed(rows.fetchall())]
+
+        return await self._db.run(select)
+
+    async def search(self, query: SearchQuery) -> list[SearchHit]:
+        match = fts_match_expression(query.text)
+        if match is None or query.limit <= 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._db.run(partial(_search, match, query))
+
+
+def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[SearchHit]:
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS}, bm25(messages_fts) AS rank"
+        " FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid"
+        " WHERE messages_fts MATCH ?"
+        " AND (? IS NULL OR m.room_id = ?) AND (? IS NULL OR m.user = ?)"
+        " AND (? IS NULL OR m.timestamp_ms >= ?) AND (? IS NULL OR m.timestamp_ms <= ?)"
+        ' ORDER BY rank, m.timestamp_ms DESC, m.room_id, m."offset" DESC LIMIT ?',
+        (
+            match,
+            q.room_id,
+            q.room_id,
+            q.user,
+            q.user,
+            q.from_ms,
+            q.from_ms,
+            q.to_ms,
+            q.to_ms,
+            q.limit,
+        ),
+    )
+    return [SearchHit(_message(row), -float(row[5])) for row in rows]
+
+
+# --- the bus ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Signal:
+    room_id: int
+    event_json: str
+
+
+_Item = ChatMessage | _Signal
+
+
+@attrs.define(eq=False)
+class _LocalBroker:
+    """The buses serving on one database, and the lock that orders their deliveries."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    buses: dict[SqliteBus, None] = attrs.field(factory=dict)
+
+    def fan_out(self, item: _Item) -> None:
+        """Hand ``item`` to every serving bus; never waits."""
+        for bus in self.buses:
+            bus._offer(item)
+
+
+def _append(draft: Draft, conn: sqlite3.Connection) -> ChatMessage:
+    with _transaction(conn):
+        offset = _last_offset(conn, draft.room_id) + 1
+        conn.execute(
+            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
+            " VALUES (?, ?, ?, ?, ?)",
+            (draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms),
+        )
+    return ChatMessage(draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+
+
+@attrs.define(eq=False)
+class SqliteBus:
+    """``ports.Bus`` for the embedded node: the room log is the ``messages`` table.
+
+    ``publish`` assigns ``offset = last + 1`` and inserts in one transaction, then hands the
+    message to every bus serving on the same database (this one included) that is subscribed to
+    the room, all under the database's FIFO publish lock; once the insert has started the publish
+    completes even if the caller is cancelled. Each bus delivers from its own ``serve`` task, in
+    offset order, through a bounded inbox of ``inbox_size`` items (rule 5 of the module).
+
+    Subscriptions are a set: subscribing twice and unsubscribing once ends delivery. Signal
+    events are JSON round-tripped, like on a real broker, so each handler gets its own copy and a
+    non-JSON event fails at ``signal`` here too.
+    """
+
+    _db: SqliteDatabase
+    inbox_size: int = attrs.field(default=1024, kw_only=True)
+    _rooms: set[int] = attrs.field(factory=set, init=False)
+    _inbox: trio.MemorySendChannel[_Item] | None = attrs.field(default=None, init=False)
+    _overflowed: bool = attrs.field(default=False, init=False)
+
+    async def check(self) -> None:
+        await self._db.check()
+
+    async def aclose(self) -> None:
+        """Nothing to release: ``serve`` stops when its task is cancelled."""
+        await trio.lowlevel.checkpoint()
+
+    async def publish(self, draft: Draft) -> ChatMessage:
+        broker = self._db.broker
+        async with broker.lock:
+            with trio.CancelScope(shield=True):
+                message = await self._db.run(partial(_append, draft))
+            broker.fan_out(message)
+        return message
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        item = _Signal(room_id, json.dumps(event))
+        await trio.lowlevel.checkpoint()
+        self._db.broker.fan_out(item)
+
+    async def subscribe(self, room_id: int) -> None:
+        self._rooms.add(room_id)
+        await trio.lowlevel.checkpoint()
+
+    async def unsubscribe(self, room_id: int) -> None:
+        self._rooms.discard(room_id)
+        await trio.lowlevel.checkpoint()
+
+    async def last_offset(self, room_id: int) -> int:
+        return await self._db.run(lambda conn: _last_offset(conn, room_id))
+
+    async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
+        return await self._db.run(
+            lambda conn: _read_range(conn, room_id, after_offset, None, limit)
+        )
+
+    async def serve(self, handler: ports.BusHandler, *, task_status: ports.TaskStatus) -> None:
+        """Deliver to ``handler`` until cancelled; one ``serve`` per bus at a time."""
+        if self._inbox is not None:
+            raise RuntimeError("this SqliteBus is already serving")
+        send, receive = trio.open_memory_channel[_Item](self.inbox_size)
+        self._inbox, self._overflowed = send, False
+        self._db.broker.buses[self] = None
+        try:
+            task_status.started()
+            async for item in receive:
+                await self._dispatch(handler, item)
+                if self._overflowed and receive.statistics().current_buffer_used == 0:
+                    self._overflowed = False
+                    await handler.resubscribed()
+        finally:
+            self._db.broker.buses.pop(self, None)
+            self._inbox = None
+            send.close()
+            receive.close()
+
+    async def _dispatch(self, handler: ports.BusHandler, item: _Item) -> None:
+        if item.room_id not in self._rooms:
+            return  # unsubscribed while the item waited in the inbox
+        if isinstance(item, ChatMessage):
+            await handler.deliver(item)
+        else:
+            await handler.signal(item.room_id, json.loads(item.event_json))
+
+    def _offer(self, item: _Item) -> None:
+        """Queue ``item`` if subscribed; on a full inbox drop messages until drained."""
+        if self._inbox is None or self._overflowed or item.room_id not in self._rooms:
+            return
+        try:
+            self._inbox.send_nowait(item)
+        except trio.WouldBlock:
+            if isinstance(item, ChatMessage):
+                self._overflowed = True
+
+
+if TYPE_CHECKING:  # mypy proves the adapters implement their ports
+
+    def _implements_ports(db: SqliteDatabase) -> tuple[ports.Directory, ports.Archive, ports.Bus]:
+        return SqliteDirectory(db), SqliteArchive(db), SqliteBus(db)

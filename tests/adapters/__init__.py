@@ -1,0 +1,1 @@
+"""What the adapters promise beyond their port contracts (schema, errors, embedded fan-out)."""

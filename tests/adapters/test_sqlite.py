@@ -1,0 +1,262 @@
+"""The SQLite backend beyond the port contracts: schema, error mapping, the embedded bus."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatnode.adapters.sqlite import (
+    SCHEMA_VERSION,
+    SqliteArchive,
+    SqliteBus,
+    SqliteDatabase,
+    SqliteDirectory,
+    fts_match_expression,
+)
+from chatnode.core import errors
+from chatnode.core.models import ChatMessage, Draft, SearchQuery
+from tests.contracts.harness import Recorder
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[SqliteDatabase]:
+    async with await SqliteDatabase.open(":memory:") as database:
+        yield database
+
+
+# --- schema and lifecycle --------------------------------------------------------------------
+
+
+async def test_data_and_schema_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path) as first:
+        await SqliteDirectory(first).create_user("bob", "h", created_at_ms=T0)
+        await SqliteBus(first).publish(Draft(1, "bob", "kept", T0))
+
+    async with await SqliteDatabase.open(path) as second:
+        assert await second.schema_version() == SCHEMA_VERSION
+        assert await SqliteDirectory(second).get_user("bob") is not None
+        assert await SqliteBus(second).last_offset(1) == 1
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.close()
+
+    with pytest.raises(RuntimeError, match="newer"):
+        await SqliteDatabase.open(path)
+
+
+async def test_file_database_uses_wal_and_foreign_keys(tmp_path: Path) -> None:
+    async with await SqliteDatabase.open(tmp_path / "chatnode.db") as database:
+        mode = await database.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        keys = await database.run(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0])
+    assert (mode, keys) == ("wal", 1)
+
+
+async def test_an_unopenable_file_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(errors.Unavailable):
+        await SqliteDatabase.open(tmp_path / "missing-dir" / "chatnode.db")
+
+
+async def test_a_closed_database_is_unavailable(db: SqliteDatabase) -> None:
+    await db.aclose()
+    await db.aclose()
+
+    with pytest.raises(errors.Unavailable):
+        await db.check()
+    with pytest.raises(errors.Unavailable):
+        await SqliteDirectory(db).get_user("bob")
+
+
+async def test_a_locked_database_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path, busy_timeout_ms=50) as database:
+        directory = SqliteDirectory(database)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+        with pytest.raises(errors.Unavailable):
+            await directory.create_user("bob", "h", created_at_ms=T0)
+
+        other.execute("ROLLBACK")
+        other.close()
+        await directory.create_user("bob", "h", created_at_ms=T0)
+
+
+async def test_sql_errors_are_bugs_not_unavailability(db: SqliteDatabase) -> None:
+    with pytest.raises(sqlite3.OperationalError):
+        await db.run(lambda c: c.execute("SELECT nope FROM nowhere"))
+
+
+# --- the embedded room log is the archive ----------------------------------------------------
+
+
+async def test_a_published_message_is_archived_and_searchable_at_once(db: SqliteDatabase) -> None:
+    bus, archive = SqliteBus(db), SqliteArchive(db)
+
+    message = await bus.publish(Draft(1, "bob", "embedded durability", T0))
+    await archive.store([message])  # an archiver re-storing it changes nothing
+
+    assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == [message]
+    hits = await archive.search(SearchQuery("durability"))
+    assert [hit.message for hit in hits] == [message]
+
+
+async def test_offsets_continue_after_archived_messages(db: SqliteDatabase) -> None:
+    await SqliteArchive(db).store([ChatMessage(1, 41, "bob", "imported", T0)])
+
+    message = await SqliteBus(db).publish(Draft(1, "bob", "next", T0))
+
+    assert message.offset == 42
+
+
+async def test_a_publish_cancelled_before_it_starts_publishes_nothing(db: SqliteDatabase) -> None:
+    bus = SqliteBus(db)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await bus.publish(Draft(1, "bob", "never", T0))
+
+    assert await bus.last_offset(1) == 0
+
+
+# --- the embedded bus's inbox ------------------------------------------------------------------
+
+
+class GatedRecorder(Recorder):
+    """Blocks inside the first delivery until ``gate`` is set; logs calls in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+        self.calls: list[str] = []
+
+    async def deliver(self, message: ChatMessage) -> None:
+        self.calls.append(f"deliver {message.offset}")
+        self.entered.set()
+        await self.gate.wait()
+        await super().deliver(message)
+
+    async def resubscribed(self) -> None:
+        self.calls.append("resubscribed")
+        await super().resubscribed()
+
+
+async def test_a_full_inbox_drops_then_reports_resubscribed(db: SqliteDatabase) -> None:
+    bus = SqliteBus(db, inbox_size=2)
+    recorder = GatedRecorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.serve, recorder)
+        await bus.subscribe(1)
+        await bus.publish(Draft(1, "bob", "m1", T0))
+        await recorder.entered.wait()  # the serve task holds m1; the inbox is empty
+
+        for n in range(2, 6):  # m2, m3 fill the inbox; m4, m5 are dropped
+            await bus.publish(Draft(1, "bob", f"m{n}", T0))
+        recorder.gate.set()
+        await recorder.wait_until(lambda: recorder.resubscribes == 1)
+        await bus.publish(Draft(1, "bob", "m6", T0))
+        await recorder.wait_for_messages(1, 4)
+
+        assert recorder.calls == [
+            "deliver 1",
+            "deliver 2",
+            "deliver 3",
+            "resubscribed",
+            "deliver 6",
+        ]
+        assert [m.offset for m in await bus.read_log(1, after_offset=3, limit=10)] == [4, 5, 6]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bus_serves_once_at_a_time(db: SqliteDatabase) -> None:
+    bus = SqliteBus(db)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.serve, Recorder())
+        with pytest.raises(RuntimeError, match="already serving"):
+            await bus.serve(Recorder(), task_status=trio.TASK_STATUS_IGNORED)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bus_can_serve_again_after_stopping(db: SqliteDatabase) -> None:
+    bus = SqliteBus(db)
+    for attempt in range(2):
+        recorder = Recorder()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.serve, recorder)
+            await bus.subscribe(1)
+            await bus.publish(Draft(1, "bob", f"try {attempt}", T0))
+            await recorder.wait_for_messages(1, 1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_signals_must_be_json_and_each_handler_gets_its_own_copy(
+    db: SqliteDatabase,
+) -> None:
+    bus_a, bus_b = SqliteBus(db), SqliteBus(db)
+    seen_a, seen_b = Recorder(), Recorder()
+    event: dict[str, Any] = {"type": "typing", "users": ["bob"]}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus_a.serve, seen_a)
+        await nursery.start(bus_b.serve, seen_b)
+        await bus_a.subscribe(1)
+        await bus_b.subscribe(1)
+
+        with pytest.raises(TypeError):
+            await bus_a.signal(1, {"not json": object()})
+        await bus_a.signal(1, event)
+        await seen_a.wait_until(lambda: bool(seen_a.signals))
+        await seen_b.wait_until(lambda: bool(seen_b.signals))
+
+        seen_a.signals[0][1]["users"].append("mallory")
+        assert seen_b.signals == [(1, event)]
+        nursery.cancel_scope.cancel()
+
+
+# --- search query safety -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hello", '"hello"'),
+        ("Hello, World!", '"Hello" "World"'),
+        ('say "hi" AND (bye', '"say" "hi" "AND" "bye"'),
+        ("snake_case text:x", '"snake" "case" "text" "x"'),
+        ("café", '"café"'),
+        ('"', None),
+        ("  *^-:() ", None),
+        ("", None),
+    ],
+)
+def test_fts_match_expression(text: str, expected: str | None) -> None:
+    assert fts_match_expression(text) == expected
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_any_query_is_a_valid_fts5_expression(text: str) -> None:
+    expression = fts_match_expression(text)
+    if expression is None:
+        return
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(text, tokenize='unicode61')")
+        conn.execute("INSERT INTO t VALUES (?)", (text,))
+        conn.execute("SELECT rowid FROM t WHERE t MATCH ?", (expression,)).fetchall()
+    finally:
+        conn.close()

@@ -1,0 +1,215 @@
+"""The Archive contract: idempotent storage, offset ranges, and word search.
+
+Every test calls ``refresh()`` after storing, as the node does before reading: that is the
+moment stored messages must be visible. Search semantics every implementation shares: a hit
+contains every word of the query (case-insensitive), filters are exact (time bounds
+inclusive), hits come best first and, among equal scores, newest first; a query is plain words,
+never a query language, so any string is safe.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatnode.core.models import ChatMessage, SearchQuery
+from chatnode.core.ports import Archive
+
+T0 = 1_700_000_000_000
+
+
+def message(
+    room_id: int, offset: int, text: str = "", user: str = "bob", at_ms: int = 0
+) -> ChatMessage:
+    return ChatMessage(room_id, offset, user, text or f"message {offset}", at_ms or T0 + offset)
+
+
+def room_messages(room_id: int, count: int) -> list[ChatMessage]:
+    return [message(room_id, offset) for offset in range(1, count + 1)]
+
+
+async def stored(archive: Archive, messages: list[ChatMessage]) -> None:
+    await archive.store(messages)
+    await archive.refresh()
+
+
+async def keys(archive: Archive, query: SearchQuery) -> list[str]:
+    return [hit.message.key for hit in await archive.search(query)]
+
+
+async def test_store_is_idempotent(archive: Archive) -> None:
+    messages = room_messages(1, 7)
+
+    await archive.store(messages[:5])
+    await archive.store(messages[:5])
+    await archive.store(messages[2:])
+    await archive.store([])
+    await archive.refresh()
+
+    assert await archive.read(1, after_offset=0, up_to_offset=100, limit=100) == messages
+    assert len(await keys(archive, SearchQuery("message"))) == 7
+
+
+async def test_read_ranges(archive: Archive) -> None:
+    messages = room_messages(1, 10)
+    await stored(archive, messages + room_messages(2, 10))
+
+    async def read(after: int, up_to: int, limit: int) -> list[ChatMessage]:
+        return await archive.read(1, after_offset=after, up_to_offset=up_to, limit=limit)
+
+    assert await read(2, 7, 3) == messages[2:5]
+    assert await read(2, 4, 10) == messages[2:4]
+    assert await read(0, 10, 100) == messages
+    assert await read(10, 20, 5) == []
+    assert await archive.read(3, after_offset=0, up_to_offset=10, limit=10) == []
+
+
+async def test_tail_is_the_last_messages_ascending(archive: Archive) -> None:
+    messages = room_messages(1, 10)
+    await stored(archive, messages + room_messages(2, 3))
+
+    assert await archive.tail(1, up_to_offset=7, limit=3) == messages[4:7]
+    assert await archive.tail(1, up_to_offset=100, limit=100) == messages
+    assert await archive.tail(1, up_to_offset=2, limit=5) == messages[:2]
+    assert await archive.tail(1, up_to_offset=0, limit=5) == []
+    assert await archive.tail(3, up_to_offset=10, limit=5) == []
+
+
+CORPUS = [
+    message(1, 1, "I like apple pie", user="alice", at_ms=T0 + 100),
+    message(1, 2, "Apple season is here", user="bob", at_ms=T0 + 200),
+    message(1, 3, "bananas only", user="alice", at_ms=T0 + 300),
+    message(2, 1, "apple and banana smoothie", user="carol", at_ms=T0 + 400),
+    message(2, 2, "APPLE!!! pie??", user="alice", at_ms=T0 + 500),
+    message(3, 1, "rock AND roll NOT jazz", user="dave", at_ms=T0 + 600),
+]
+
+
+async def test_search_finds_a_word_case_insensitively(archive: Archive) -> None:
+    await stored(archive, CORPUS)
+
+    expected = {"1:1", "1:2", "2:1", "2:2"}
+    assert set(await keys(archive, SearchQuery("apple"))) == expected
+    assert set(await keys(archive, SearchQuery("APPLE"))) == expected
+    assert await keys(archive, SearchQuery("kiwi")) == []
+    hit = (await archive.search(SearchQuery("bananas")))[0]
+    assert hit.message == CORPUS[2]
+    assert isinstance(hit.score, float)
+
+
+async def test_search_needs_every_word(archive: Archive) -> None:
+    await stored(archive, CORPUS)
+
+    assert set(await keys(archive, SearchQuery("apple pie"))) == {"1:1", "2:2"}
+    assert await keys(archive, SearchQuery("pie smoothie")) == []
+
+
+async def test_search_filters(archive: Archive) -> None:
+    await stored(archive, CORPUS)
+
+    async def found(query: SearchQuery) -> set[str]:
+        return set(await keys(archive, query))
+
+    assert await found(SearchQuery("apple", room_id=1)) == {"1:1", "1:2"}
+    assert await found(SearchQuery("apple", room_id=3)) == set()
+    assert await found(SearchQuery("apple", user="alice")) == {"1:1", "2:2"}
+    assert await found(SearchQuery("apple", user="Alice")) == set()
+    assert await found(SearchQuery("apple", room_id=2, user="alice")) == {"2:2"}
+    assert await found(SearchQuery("apple", from_ms=T0 + 200)) == {"1:2", "2:1", "2:2"}
+    assert await found(SearchQuery("apple", to_ms=T0 + 400)) == {"1:1", "1:2", "2:1"}
+    assert await found(SearchQuery("apple", from_ms=T0 + 200, to_ms=T0 + 400)) == {"1:2", "2:1"}
+    assert await found(SearchQuery("apple", from_ms=T0 + 201, to_ms=T0 + 399)) == set()
+
+
+async def test_search_limit(archive: Archive) -> None:
+    await stored(archive, CORPUS)
+
+    assert len(await keys(archive, SearchQuery("apple", limit=2))) == 2
+    assert len(await keys(archive, SearchQuery("apple", limit=1))) == 1
+
+
+async def test_search_ranks_best_first_then_newest_first(archive: Archive) -> None:
+    short = message(1, 1, "deploy", at_ms=T0 + 1)
+    long = message(1, 2, "we will deploy after lunch once the review is finished", at_ms=T0 + 9)
+    same = [message(2, n, "standup now", at_ms=T0 + at) for n, at in ((1, 30), (2, 10), (3, 20))]
+    await stored(archive, [short, long, *same])
+
+    hits = await archive.search(SearchQuery("deploy"))
+    assert [hit.message for hit in hits] == [short, long]
+    assert hits[0].score > hits[1].score
+    assert await keys(archive, SearchQuery("standup")) == ["2:1", "2:3", "2:2"]
+
+
+async def test_search_words_that_look_like_operators(archive: Archive) -> None:
+    await stored(archive, CORPUS)
+
+    assert set(await keys(archive, SearchQuery("and"))) == {"2:1", "3:1"}
+    assert await keys(archive, SearchQuery("NOT")) == ["3:1"]
+    assert set(await keys(archive, SearchQuery('"apple'))) == {"1:1", "1:2", "2:1", "2:2"}
+    assert set(await keys(archive, SearchQuery("(pie)"))) == {"1:1", "2:2"}
+
+
+HOSTILE_QUERIES = [
+    '"',
+    '""',
+    '"""',
+    "AND (",
+    "(",
+    ")",
+    "()",
+    "*",
+    "apple*",
+    "-apple",
+    "^apple",
+    "+",
+    ":",
+    "text:apple",
+    "{text}: apple",
+    "NEAR(apple pie)",
+    "NEAR(",
+    "apple OR",
+    "OR",
+    "NOT",
+    "apple AND",
+    "'",
+    "' OR 1=1 --",
+    "\\",
+    '\\"',
+    "[",
+    "]",
+    "{",
+    "}",
+    "~",
+    "/",
+    "/.*/",
+    "apple^2",
+    "a:b:c",
+    "?",
+    "&&",
+    "||",
+    "!",
+    "",
+    " ",
+    "\t\n",
+    "🎉",
+    "\x00",
+    "\ud800",
+    "apple \udfff",
+    "é" * 300,
+    "apple " * 200,
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_QUERIES, ids=range(len(HOSTILE_QUERIES)))
+async def test_search_never_raises_on_hostile_queries(archive: Archive, text: str) -> None:
+    await stored(archive, CORPUS)
+
+    hits = await archive.search(SearchQuery(text))
+
+    assert isinstance(hits, list)
+    assert all(hit.message in CORPUS for hit in hits)
+
+
+async def test_check_answers_and_aclose_is_idempotent(archive: Archive) -> None:
+    await archive.check()
+    await archive.aclose()
+    await archive.aclose()

@@ -1,0 +1,191 @@
+"""The Directory contract: users, rooms and durable membership, for every implementation."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from chatnode.core import errors
+from chatnode.core.models import Room, User
+from chatnode.core.ports import Directory
+
+T0 = 1_700_000_000_000
+
+
+async def make_users(directory: Directory, *names: str) -> None:
+    for name in names:
+        await directory.create_user(name, f"hash-of-{name}", created_at_ms=T0)
+
+
+# --- users ---------------------------------------------------------------------------------
+
+
+async def test_create_and_get_user(directory: Directory) -> None:
+    bob = await directory.create_user("bob", "h1", created_at_ms=T0)
+    zoe = await directory.create_user("Zoë", "h2", created_at_ms=T0 + 1, is_admin=True)
+
+    assert bob == User("bob", "h1", T0, is_admin=False)
+    assert zoe == User("Zoë", "h2", T0 + 1, is_admin=True)
+    assert await directory.get_user("bob") == bob
+    assert await directory.get_user("Zoë") == zoe
+
+
+async def test_get_unknown_user_is_none(directory: Directory) -> None:
+    assert await directory.get_user("nobody") is None
+
+
+async def test_duplicate_user_name_conflicts(directory: Directory) -> None:
+    original = await directory.create_user("bob", "h1", created_at_ms=T0)
+
+    with pytest.raises(errors.Conflict):
+        await directory.create_user("bob", "h2", created_at_ms=T0 + 5, is_admin=True)
+    assert await directory.get_user("bob") == original
+
+
+async def test_user_names_compare_exactly(directory: Directory) -> None:
+    await make_users(directory, "alice", "Alice", "alicé")
+
+    assert (await directory.get_user("Alice")) is not None
+    assert (await directory.get_user("ALICE")) is None
+
+
+async def test_delete_all_users_also_deletes_memberships(directory: Directory) -> None:
+    await make_users(directory, "a", "b", "c")
+    room = await directory.create_room("lobby", created_at_ms=T0)
+    for name in ("a", "b"):
+        await directory.add_member(room.id, name, max_members=10)
+
+    assert await directory.delete_all_users() == 3
+
+    assert await directory.get_user("a") is None
+    assert await directory.list_members(room.id) == []
+    assert await directory.get_room(room.id) == room
+    assert await directory.delete_all_users() == 0
+
+
+# --- rooms ---------------------------------------------------------------------------------
+
+
+async def test_room_ids_increase_from_1(directory: Directory) -> None:
+    rooms = [await directory.create_room(name, created_at_ms=T0) for name in ("a", "b", "a")]
+
+    assert [room.id for room in rooms] == [1, 2, 3]
+    assert rooms[0] == Room(1, "a", T0)
+    assert await directory.get_room(3) == Room(3, "a", T0)
+
+
+async def test_get_unknown_room_is_none(directory: Directory) -> None:
+    await directory.create_room("a", created_at_ms=T0)
+
+    assert await directory.get_room(2) is None
+    assert await directory.get_room(0) is None
+
+
+async def test_list_rooms_pages_by_id(directory: Directory) -> None:
+    for n in range(5):
+        await directory.create_room(f"room{n}", created_at_ms=T0 + n)
+
+    async def page(after_id: int, limit: int) -> list[int]:
+        return [room.id for room in await directory.list_rooms(after_id=after_id, limit=limit)]
+
+    assert await page(0, 2) == [1, 2]
+    assert await page(2, 2) == [3, 4]
+    assert await page(4, 2) == [5]
+    assert await page(5, 2) == []
+    assert await page(0, 100) == [1, 2, 3, 4, 5]
+    assert (await directory.list_rooms(after_id=1, limit=1)) == [Room(2, "room1", T0 + 1)]
+
+
+# --- membership ----------------------------------------------------------------------------
+
+
+async def test_add_member_twice_is_false_the_second_time(directory: Directory) -> None:
+    await make_users(directory, "bob")
+    room = await directory.create_room("lobby", created_at_ms=T0)
+
+    assert await directory.add_member(room.id, "bob", max_members=10) is True
+    assert await directory.add_member(room.id, "bob", max_members=10) is False
+    assert await directory.list_members(room.id) == ["bob"]
+
+
+async def test_add_member_unknown_room_or_user_is_not_found(directory: Directory) -> None:
+    await make_users(directory, "bob")
+    room = await directory.create_room("lobby", created_at_ms=T0)
+
+    with pytest.raises(errors.NotFound):
+        await directory.add_member(room.id + 1, "bob", max_members=10)
+    with pytest.raises(errors.NotFound):
+        await directory.add_member(room.id, "nobody", max_members=10)
+    assert await directory.list_members(room.id) == []
+
+
+async def test_list_members_in_name_order(directory: Directory) -> None:
+    await make_users(directory, "carol", "alice", "Bob", "dave")
+    lobby = await directory.create_room("lobby", created_at_ms=T0)
+    other = await directory.create_room("other", created_at_ms=T0)
+    for name in ("carol", "alice", "Bob"):
+        await directory.add_member(lobby.id, name, max_members=10)
+    await directory.add_member(other.id, "dave", max_members=10)
+
+    assert await directory.list_members(lobby.id) == ["Bob", "alice", "carol"]
+    assert await directory.list_members(other.id) == ["dave"]
+    assert await directory.list_members(999) == []
+
+
+async def test_remove_member(directory: Directory) -> None:
+    await make_users(directory, "alice", "bob")
+    room = await directory.create_room("lobby", created_at_ms=T0)
+    await directory.add_member(room.id, "alice", max_members=10)
+    await directory.add_member(room.id, "bob", max_members=10)
+
+    assert await directory.remove_member(room.id, "alice") is True
+    assert await directory.remove_member(room.id, "alice") is False
+    assert await directory.remove_member(999, "bob") is False
+    assert await directory.list_members(room.id) == ["bob"]
+
+
+async def test_room_full_at_the_limit_but_members_may_rejoin(directory: Directory) -> None:
+    await make_users(directory, "a", "b", "c")
+    room = await directory.create_room("small", created_at_ms=T0)
+    assert await directory.add_member(room.id, "a", max_members=2)
+    assert await directory.add_member(room.id, "b", max_members=2)
+
+    with pytest.raises(errors.RoomFull):
+        await directory.add_member(room.id, "c", max_members=2)
+    assert await directory.add_member(room.id, "a", max_members=2) is False
+
+    await directory.remove_member(room.id, "b")
+    assert await directory.add_member(room.id, "c", max_members=2) is True
+    assert await directory.list_members(room.id) == ["a", "c"]
+
+
+async def test_concurrent_joins_never_overfill_a_room(directory: Directory) -> None:
+    names = [f"user{n:02}" for n in range(20)]
+    await make_users(directory, *names)
+    room = await directory.create_room("hot", created_at_ms=T0)
+    outcomes: list[bool | str] = []
+
+    async def join(name: str) -> None:
+        try:
+            outcomes.append(await directory.add_member(room.id, name, max_members=5))
+        except errors.RoomFull:
+            outcomes.append("full")
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(join, name)
+
+    assert outcomes.count(True) == 5
+    assert outcomes.count("full") == 15
+    members = await directory.list_members(room.id)
+    assert len(members) == 5
+    assert set(members) <= set(names)
+
+
+# --- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_check_answers_and_aclose_is_idempotent(directory: Directory) -> None:
+    await directory.check()
+    await directory.aclose()
+    await directory.aclose()
