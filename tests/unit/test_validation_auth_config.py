@@ -99,3 +99,11 @@ def test_config_file(tmp_path: object) -> None:
 def test_markdown_table_lists_every_setting() -> None:
     table = markdown_table()
     assert "`CHATNODE_REDIS_URL`" in table and "`--port`" in table
+
+
+def test_readme_configuration_table_is_current() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("<!-- config-table -->\n")[1].split("<!-- /config-table -->")[0]
+    assert table.strip() == markdown_table().strip(), "regenerate with: chatnode config --markdown"
