@@ -1,0 +1,154 @@
+"""Single-node behaviour under stress: resume, storms, slow consumers, graceful stop."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from chatnode.app import App
+from tests.e2e.harness import api_client, join, messages, next_of_type, node_config, running_node, until_live
+
+
+async def send_and_ack(ws, text: str) -> int:  # type: ignore[no-untyped-def]
+    await ws.send_message(json.dumps({"type": "send", "message": text}))
+    ack = await next_of_type(ws, "ack")
+    offset: int = ack["offset"]
+    return offset
+
+
+async def test_resume_with_since_gets_exactly_what_was_missed(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path))) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        room = await api.create_room(ann)
+        async with join(node, room, token=ann) as a:
+            await until_live(a)
+            async with join(node, room, token=bob) as b:
+                await until_live(b)
+                await send_and_ack(a, "seen by bob")
+                last_seen = (await messages(b, 1))[0]["offset"]
+            for i in range(5):
+                await send_and_ack(a, f"missed {i}")
+            async with join(node, room, token=bob, since=last_seen) as b:
+                joined, history = await until_live(b)
+                assert [m["offset"] for m in history] == [2, 3, 4, 5, 6]
+                assert joined["history"] == 5
+                await send_and_ack(a, "live again")
+                assert (await messages(b, 1))[0]["offset"] == 7
+
+
+async def test_join_storm_loads_history_once_per_room(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path))) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        room = await api.create_room(ann)
+        async with join(node, room, token=ann) as a:
+            await until_live(a)
+            for i in range(20):
+                await send_and_ack(a, f"m{i}")
+        # the room has no member now: its session (and cache) is gone
+        results: list[list[int]] = []
+
+        async def member() -> None:
+            async with join(node, room, token=ann) as ws:
+                _, history = await until_live(ws)
+                results.append([m["offset"] for m in history])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(member)
+        assert results == [list(range(1, 21))] * 50
+        metrics = (await api.client.get("/metrics")).text
+        loads = [line for line in metrics.splitlines() if line.startswith("chatnode_history_loads_total")]
+        # one load for the storm (the first join of the empty room loaded nothing: head was 0)
+        assert loads and float(loads[0].split()[-1]) <= 2, loads
+
+
+async def _raw_websocket(port: int, path: str) -> socket.socket:
+    """A client that completes the handshake and then never reads (a slow consumer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    tsock = trio.socket.from_stdlib_socket(sock)
+    await tsock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await tsock.send(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: chatnode.v1\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await tsock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_slow_consumer_is_cut_off_and_others_get_everything(tmp_path: Path) -> None:
+    config = node_config(
+        str(tmp_path), send_backlog_bytes=64 * 1024, rate_messages_per_s=1e6, rate_burst=1_000_000
+    )
+    async with running_node(config) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        room = await api.create_room(ann)
+        slow = await _raw_websocket(node.port, f"/v1/chatrooms/{room}/join?token={ann}")
+        total, text = 4000, "x" * 2000
+        async with join(node, room, token=ann) as fast, join(node, room, token=ann) as sender:
+            await until_live(fast)
+            await until_live(sender)
+
+            async def send_all() -> None:
+                for i in range(total):
+                    await sender.send_message(json.dumps({"type": "send", "message": f"{i} {text}"}))
+
+            async def drain_own_echo() -> None:
+                await messages(sender, total)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all)
+                nursery.start_soon(drain_own_echo)
+                got = await messages(fast, total)
+            assert [m["offset"] for m in got] == list(range(1, total + 1))
+        # the slow consumer was disconnected: reading now ends with EOF (or a 4001 close frame)
+        tslow = trio.socket.from_stdlib_socket(slow)
+        received = 0
+        with trio.fail_after(10):
+            while chunk := await tslow.recv(65536):
+                received += len(chunk)
+        assert received < total * len(text)
+        tslow.close()
+
+
+async def test_graceful_stop_tells_clients_to_reconnect(tmp_path: Path) -> None:
+    config = node_config(str(tmp_path))
+    app = App(config)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(app.run)
+        from tests.e2e.harness import RunningNode
+
+        node = RunningNode(app, ports[0])
+        async with api_client(node) as api:
+            ann = await api.user_with_token("ann")
+            room = await api.create_room(ann)
+            async with join(node, room, token=ann) as a:
+                await until_live(a)
+                app.request_stop()
+                try:
+                    while True:
+                        await a.get_message()
+                except ConnectionClosed as exc:
+                    assert exc.reason.code == 4000
+    # App.run returned: the listener is closed
+    try:
+        await trio.open_tcp_stream("127.0.0.1", ports[0])
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the node still accepts connections after stopping")
