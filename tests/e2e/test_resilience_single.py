@@ -12,7 +12,15 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chatnode.app import App
-from tests.e2e.harness import api_client, join, messages, next_of_type, node_config, running_node, until_live
+from tests.e2e.harness import (
+    api_client,
+    join,
+    messages,
+    next_of_type,
+    node_config,
+    running_node,
+    until_live,
+)
 
 
 async def send_and_ack(ws, text: str) -> int:  # type: ignore[no-untyped-def]
@@ -64,7 +72,9 @@ async def test_join_storm_loads_history_once_per_room(tmp_path: Path) -> None:
                 nursery.start_soon(member)
         assert results == [list(range(1, 21))] * 50
         metrics = (await api.client.get("/metrics")).text
-        loads = [line for line in metrics.splitlines() if line.startswith("chatnode_history_loads_total")]
+        loads = [
+            line for line in metrics.splitlines() if line.startswith("chatnode_history_loads_total")
+        ]
         # one load for the storm (the first join of the empty room loaded nothing: head was 0)
         assert loads and float(loads[0].split()[-1]) <= 2, loads
 
@@ -106,7 +116,9 @@ async def test_slow_consumer_is_cut_off_and_others_get_everything(tmp_path: Path
 
             async def send_all() -> None:
                 for i in range(total):
-                    await sender.send_message(json.dumps({"type": "send", "message": f"{i} {text}"}))
+                    await sender.send_message(
+                        json.dumps({"type": "send", "message": f"{i} {text}"})
+                    )
 
             async def drain_own_echo() -> None:
                 await messages(sender, total)
