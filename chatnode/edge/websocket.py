@@ -4,8 +4,10 @@ Ownership: one nursery per connection holds its writer; the reader runs in the c
 The handshake answer is the first item of the outbox, so the replay that ``ChatNode.join``
 queues follows it in order and the node never writes to a socket outside the writer.
 
-Backpressure (DESIGN.md §4.3): ``send_nowait`` appends pre-encoded frames to the outbox and
-wakes the writer; it never awaits. When the unsent bytes pass ``send_backlog_bytes`` the
+Backpressure (DESIGN.md §4.3): ``send_nowait`` never awaits. When nothing is queued and the
+writer is idle it writes the pre-encoded frame straight to the non-blocking socket (the common
+case: no task switch per delivery); whatever the kernel does not take goes to the outbox and
+wakes the writer task, which alone writes while anything is queued, so order is kept. When the unsent bytes pass ``send_backlog_bytes`` the
 member is a slow consumer: its backlog is dropped, a close frame (4001) is queued and the
 connection gets ``close_timeout_s`` to go, after which it is cut. Others in the room never wait.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import logging
 from collections import deque
 
@@ -107,6 +110,8 @@ class WsMember:
         self._outbox_bytes = len(greeting)
         self._wake = trio.Event()
         self._closing = False
+        self._writing = False
+        self._fd = stream.socket.fileno()
         self._reader_done = False
         self._cancel_scope: trio.CancelScope | None = None
         self.close_code: CloseCode | None = None
@@ -116,6 +121,19 @@ class WsMember:
     def send_nowait(self, frame: bytes) -> None:
         if self._closing:
             return
+        if not self._outbox and not self._writing:
+            # Fast path: nothing queued and the writer idle, so the socket is ours to write
+            # to right now (non-blocking). Only what the kernel does not take is queued.
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._broken()
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         if self._outbox_bytes > self._settings.send_backlog_bytes:
@@ -181,13 +199,21 @@ class WsMember:
             chunks = list(self._outbox)
             self._outbox.clear()
             self._outbox_bytes = 0
+            self._writing = True
             try:
                 await self._stream.send_all(b"".join(chunks))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._closing = True
-                if self._cancel_scope is not None:
-                    self._cancel_scope.cancel()
+                self._broken()
                 return
+            finally:
+                self._writing = False
+
+    def _broken(self) -> None:
+        """The peer is gone: stop writing and end the connection now."""
+        self._closing = True
+        self._outbox.clear()
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
 
     async def _pinger(self) -> None:
         """Keep idle connections (and the proxies on their way) alive."""
