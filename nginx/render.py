@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Render ``nginx/chatnode.conf.template`` into a complete nginx config for N chatnode nodes.
+
+Standard library only (it runs on a host with nothing but Debian's python3 and nginx)::
+
+    python3 nginx/render.py --node 127.0.0.1:8081 --node 127.0.0.1:8082 \\
+        --listen 127.0.0.1:8080 --prefix /tmp/ngx --create-dirs -o /tmp/ngx/nginx.conf
+    nginx -t -p /tmp/ngx -c /tmp/ngx/nginx.conf
+    nginx -p /tmp/ngx -c /tmp/ngx/nginx.conf -g 'daemon off;'
+
+    python3 nginx/render.py --compose -o nginx/compose/nginx.conf   # what docker-compose.yml mounts
+    python3 nginx/render.py --compose --compose-nodes 3 -o ...      # after adding a node3 service
+
+Every path nginx writes (pid file, logs, ``*_temp`` dirs) is derived from ``--prefix`` unless
+given explicitly, so a test can run its own nginx in a temporary directory. The rendered config has
+no ``daemon`` directive: pass ``-g 'daemon off;'`` to keep nginx in the foreground.
+
+Template syntax (deliberately tiny): ``{{name}}`` is replaced by a value; lines between
+``{{#name}}`` and ``{{/name}}`` are kept only when ``name`` is truthy, between ``{{^name}}`` and
+``{{/name}}`` only when it is falsy. A name the renderer does not know is an error, so the
+template and this file cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "chatnode.conf.template"
+COMPOSE_OUTPUT = HERE / "compose" / "nginx.conf"
+
+
+class RenderError(ValueError):
+    """The options or the template cannot produce a valid config; the message says which."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What varies between deployments. Paths left ``None`` are derived from ``prefix``."""
+
+    nodes: Sequence[str]
+    listen: str = "8080"
+    prefix: str = "/var/lib/chatnode-nginx"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_listen: str = "443"
+    worker_processes: str = "auto"
+    worker_connections: int = 8192
+    user: str | None = None
+    pid: str | None = None
+    error_log: str | None = None
+    access_log: str | None = None  # None: <prefix>/logs/access.log; "off": no access log
+    server_args: str = "max_fails=1 fail_timeout=10s"
+    # DNS server for node names (docker: 127.0.0.11). Set: node names are re-resolved while
+    # nginx runs (`server ... resolve`, open-source nginx >= 1.27.3), so a recreated container
+    # with a new address is followed and an absent one does not stop nginx from starting.
+    resolver: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def prefix_path(self) -> Path:
+        return Path(self.prefix)
+
+    @property
+    def pid_path(self) -> str:
+        return self.pid or str(self.prefix_path / "nginx.pid")
+
+    @property
+    def error_log_path(self) -> str:
+        return self.error_log or str(self.prefix_path / "logs" / "error.log")
+
+    @property
+    def access_log_path(self) -> str:
+        if self.access_log == "off":
+            return ""
+        return self.access_log or str(self.prefix_path / "logs" / "access.log")
+
+    @property
+    def temp_dir(self) -> str:
+        # The prefix itself, which must exist: nginx creates `<dir>/proxy_temp` and the others
+        # but not their parent. The names are the official image's (/var/cache/nginx/*_temp).
+        return str(self.prefix_path)
+
+
+_ADDRESS = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+_LISTEN = re.compile(r"^(?:(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):)?([0-9]{1,5})$")
+_SAFE_VALUE = re.compile(r"^[^\s;{}'\"#$]+$")
+
+
+def _check_port(text: str, what: str, pattern: re.Pattern[str]) -> str:
+    match = pattern.match(text)
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise RenderError(
+            f"{what} {text!r}: expected host:port (or [ipv6]:port) with a port 1..65535"
+        )
+    return text
+
+
+def _check_path(text: str, what: str) -> str:
+    if not _SAFE_VALUE.match(text):
+        raise RenderError(
+            f"{what} {text!r}: no spaces, quotes, ';', '{{', '}}', '#' or '$' allowed"
+        )
+    return text
+
+
+def validate(options: Options) -> None:
+    if not options.nodes:
+        raise RenderError("at least one node (--node host:port) is needed")
+    seen: set[str] = set()
+    for node in options.nodes:
+        _check_port(node, "node", _ADDRESS)
+        if node in seen:
+            raise RenderError(f"node {node!r} is listed twice")
+        seen.add(node)
+    _check_port(options.listen, "listen", _LISTEN)
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise RenderError("TLS needs both --tls-cert and --tls-key")
+    if options.tls_cert is not None:
+        _check_port(options.tls_listen, "tls listen", _LISTEN)
+        if options.tls_listen == options.listen:
+            raise RenderError("--tls-listen must differ from --listen")
+    if options.worker_processes != "auto" and not (
+        options.worker_processes.isdigit() and int(options.worker_processes) >= 1
+    ):
+        raise RenderError(
+            f"worker_processes {options.worker_processes!r}: expected 'auto' or a positive integer"
+        )
+    if options.worker_connections < 64:
+        raise RenderError("worker_connections must be >= 64")
+    for value, what in (
+        (options.prefix, "prefix"),
+        (options.tls_cert, "tls cert"),
+        (options.tls_key, "tls key"),
+        (options.user, "user"),
+        (options.pid, "pid"),
+        (options.error_log, "error log"),
+        (options.access_log, "access log"),
+        (options.resolver, "resolver"),
+    ):
+        if value is not None:
+            _check_path(value, what)
+
+
+def _servers(options: Options) -> str:
+    args = " resolve" if options.resolver else ""
+    args += f" {options.server_args}" if options.server_args else ""
+    return "\n".join(f"        server {node}{args};" for node in options.nodes)
+
+
+def values(options: Options) -> dict[str, str]:
+    """Template values for ``options`` (validated)."""
+    validate(options)
+    tls = options.tls_cert is not None
+    return {
+        "user": options.user or "",
+        "worker_processes": options.worker_processes,
+        # Each proxied connection uses two descriptors (client side, node side).
+        "worker_rlimit_nofile": str(2 * options.worker_connections + 64),
+        "worker_connections": str(options.worker_connections),
+        "pid": options.pid_path,
+        "error_log": options.error_log_path,
+        "access_log": options.access_log_path,
+        "temp_dir": options.temp_dir,
+        "join_servers": _servers(options),
+        "api_servers": _servers(options),
+        "listen": options.listen,
+        "resolver": options.resolver or "",
+        "tls": "1" if tls else "",
+        "tls_listen": options.tls_listen if tls else "",
+        "tls_cert": options.tls_cert or "",
+        "tls_key": options.tls_key or "",
+        **options.extra,
+    }
+
+
+_SECTION = re.compile(r"^\s*\{\{([#^/])([a-z_]+)\}\}\s*$")
+_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+
+
+def render_template(template: str, context: Mapping[str, str]) -> str:
+    """Expand sections and placeholders; unknown names and unbalanced sections are errors."""
+    out: list[str] = []
+    stack: list[tuple[str, bool]] = []  # (name, keep)
+    for number, line in enumerate(template.splitlines(), start=1):
+        section = _SECTION.match(line)
+        if section:
+            kind, name = section.groups()
+            if name not in context:
+                raise RenderError(f"template line {number}: unknown section {name!r}")
+            if kind == "/":
+                if not stack or stack[-1][0] != name:
+                    raise RenderError(f"template line {number}: {{{{/{name}}}}} closes nothing")
+                stack.pop()
+            else:
+                stack.append((name, bool(context[name]) == (kind == "#")))
+            continue
+        if not all(keep for _, keep in stack):
+            continue
+
+        def substitute(match: re.Match[str], number: int = number) -> str:
+            name = match.group(1)
+            if name not in context:
+                raise RenderError(f"template line {number}: unknown placeholder {name!r}")
+            return context[name]
+
+        expanded = _PLACEHOLDER.sub(substitute, line)
+        if "{{" in expanded:
+            raise RenderError(f"template line {number}: malformed placeholder in {line.strip()!r}")
+        out.append(expanded)
+    if stack:
+        raise RenderError(f"template: section {stack[-1][0]!r} is never closed")
+    return "\n".join(out) + "\n"
+
+
+def render(options: Options, template: str | None = None) -> str:
+    """The complete nginx config text for ``options``."""
+    text = TEMPLATE.read_text() if template is None else template
+    return render_template(text, values(options))
+
+
+def create_dirs(options: Options) -> None:
+    """Create the directories nginx expects to exist: the prefix (parent of the temp
+    directories, which nginx creates itself) and the directories of the log files."""
+    options.prefix_path.mkdir(parents=True, exist_ok=True)
+    for log in (options.error_log_path, options.access_log_path):
+        if log.startswith("/") and not log.startswith("/dev/"):
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+
+
+def compose_options(node_count: int = 2) -> Options:
+    """The docker-compose deployment: nodes ``node1``..``nodeN`` on 8080, HTTP on 80, TLS on
+    443 with the certificate mounted at /etc/nginx/certs, logs to the container's output, the
+    official image's ``nginx`` user and its /var/cache/nginx for pid and temp files, node names
+    re-resolved through Docker's DNS (127.0.0.11; needs the nginx >= 1.27.3 image)."""
+    return Options(
+        nodes=tuple(f"node{i}:8080" for i in range(1, node_count + 1)),
+        listen="80",
+        prefix="/var/cache/nginx",
+        tls_cert="/etc/nginx/certs/fullchain.pem",
+        tls_key="/etc/nginx/certs/privkey.pem",
+        tls_listen="443",
+        worker_processes="auto",
+        user="nginx",
+        error_log="stderr",
+        access_log="/dev/stdout",
+        resolver="127.0.0.11",
+    )
+
+
+def _split_nodes(raw: Iterable[str]) -> list[str]:
+    return [part.strip() for item in raw for part in item.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nginx/render.py",
+        description="Render the chatnode nginx config (nginx/chatnode.conf.template).",
+    )
+    p.add_argument(
+        "--compose",
+        action="store_true",
+        help="render the docker-compose config (node1..N on 8080; 80 and 443); other options are ignored",
+    )
+    p.add_argument(
+        "--compose-nodes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --compose: how many nodeI services docker-compose.yml has (default 2)",
+    )
+    p.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a chatnode node; repeat it or give a comma-separated list",
+    )
+    p.add_argument(
+        "--listen", default="8080", metavar="[ADDR:]PORT", help="plain HTTP listen (default 8080)"
+    )
+    p.add_argument(
+        "--prefix",
+        default="/var/lib/chatnode-nginx",
+        metavar="DIR",
+        help="directory for the pid file, logs/ and *_temp/ (default /var/lib/chatnode-nginx)",
+    )
+    p.add_argument(
+        "--tls-cert", metavar="PATH", help="certificate chain (PEM); enables the TLS listener"
+    )
+    p.add_argument("--tls-key", metavar="PATH", help="private key (PEM)")
+    p.add_argument(
+        "--tls-listen", default="443", metavar="[ADDR:]PORT", help="TLS listen (default 443)"
+    )
+    p.add_argument("--worker-processes", default="auto", help="'auto' (default) or a number")
+    p.add_argument(
+        "--worker-connections",
+        type=int,
+        default=8192,
+        help="per worker; each WebSocket uses two (default 8192)",
+    )
+    p.add_argument(
+        "--resolver",
+        metavar="ADDRESS",
+        help="DNS server: re-resolve node names while running (nginx >= 1.27.3)",
+    )
+    p.add_argument("--user", help="worker user (only meaningful when nginx starts as root)")
+    p.add_argument("--pid", metavar="PATH", help="pid file (default <prefix>/nginx.pid)")
+    p.add_argument(
+        "--error-log",
+        metavar="PATH",
+        help="error log, or 'stderr' (default <prefix>/logs/error.log)",
+    )
+    p.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="access log, or 'off' (default <prefix>/logs/access.log)",
+    )
+    p.add_argument(
+        "--create-dirs", action="store_true", help="create the prefix and log directories"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.compose:
+        options = compose_options(args.compose_nodes)
+    else:
+        options = Options(
+            nodes=tuple(_split_nodes(args.node)),
+            listen=args.listen,
+            prefix=str(Path(args.prefix).absolute()),
+            tls_cert=str(Path(args.tls_cert).absolute()) if args.tls_cert else None,
+            tls_key=str(Path(args.tls_key).absolute()) if args.tls_key else None,
+            tls_listen=args.tls_listen,
+            worker_processes=args.worker_processes,
+            worker_connections=args.worker_connections,
+            user=args.user,
+            pid=args.pid,
+            error_log=args.error_log,
+            access_log=args.access_log,
+            resolver=args.resolver,
+        )
+    try:
+        text = render(options)
+    except RenderError as exc:
+        print(f"render.py: {exc}", file=sys.stderr)
+        return 2
+    if args.create_dirs and not args.compose:
+        create_dirs(options)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
