@@ -7,6 +7,7 @@ an implementation's ``open(url)`` yields, per port:
     DIRECTORY_IMPLS   a Directory            ARCHIVE_IMPLS    an Archive
     BUS_IMPLS         NewBus: makes buses ("nodes") sharing one backend
     PRESENCE_IMPLS    PresenceRig: a Presence and an ``advance(seconds)`` for its clock
+    ARCHIVE_FEED_IMPLS  FeedRig: feeds per consumer, the bus filling them, ``advance``
 
 Add a real-service implementation with ``service_env`` set (see ``harness.py``): it is marked
 ``integration`` and gated on that environment variable (``CHATNODE_TEST_MYSQL_URL``,
@@ -16,20 +17,22 @@ index per test so runs never see each other's data.
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
 
 from chatnode.adapters.memory import MemoryPresence
 from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
-from chatnode.core.ports import Archive, Bus, Directory
+from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory
 
-from .harness import FakeClock, Impl, NewBus, PresenceRig, impl_params, open_impl
+from .harness import FakeClock, FeedRig, Impl, NewBus, PresenceRig, impl_params, open_impl
 
 TEST_DEADLINE_S = 10.0
 
@@ -78,6 +81,159 @@ def sqlite_buses(in_file: bool) -> Impl[NewBus]:
     return Impl(open_buses)
 
 
+# --- MySQL and Elasticsearch (integration: imported lazily, the client may be absent) ------
+
+
+@asynccontextmanager
+async def mysql_test_database(url: str) -> AsyncIterator[str]:
+    """A new, migrated database ``chatnode_test_<hex>`` on the server of ``url`` (whose user
+    may create it); yields its URL; dropped on exit."""
+    from chatnode.adapters.migrations import migrate_mysql
+    from chatnode.adapters.mysql import MysqlUrl, close_quietly
+
+    server = MysqlUrl.parse(url)
+    name = f"chatnode_test_{secrets.token_hex(6)}"
+    test_url = urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+    def drop() -> None:
+        conn = server.connect(connect_timeout_s=5, io_timeout_s=30, database=False)
+        try:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            close_quietly(conn)
+
+    try:
+        await migrate_mysql(test_url)
+        yield test_url
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(drop)
+
+
+@asynccontextmanager
+async def open_mysql_directory(url: str) -> AsyncIterator[Directory]:
+    from chatnode.adapters.mysql import MysqlDirectory
+
+    async with (
+        mysql_test_database(url) as test_url,
+        MysqlDirectory.from_url(test_url, pool_size=4, statement_timeout_s=5.0) as directory,
+    ):
+        yield directory
+
+
+@asynccontextmanager
+async def es_test_prefix(url: str) -> AsyncIterator[str]:
+    """A migrated archive index under a new prefix ``chatnode-test-<hex>``; yields the
+    prefix; the index and its template are deleted on exit."""
+    from chatnode.adapters.elasticsearch import es_client, messages_index
+    from chatnode.adapters.migrations import migrate_elasticsearch
+
+    prefix = f"chatnode-test-{secrets.token_hex(6)}"
+    try:
+        await migrate_elasticsearch(url, prefix)
+        yield prefix
+    finally:
+        with trio.CancelScope(shield=True):
+            es = es_client(url, request_timeout_s=30.0)
+            try:
+                index = messages_index(prefix)
+                await es.indices.delete(index=index, ignore_unavailable=True)
+                await es.options(ignore_status=404).indices.delete_index_template(name=index)
+            finally:
+                await es.close()
+
+
+@asynccontextmanager
+async def open_es_archive(url: str) -> AsyncIterator[Archive]:
+    from chatnode.adapters.elasticsearch import EsArchive
+
+    async with es_test_prefix(url) as prefix, EsArchive.from_url(url, prefix=prefix) as archive:
+        yield archive
+
+
+# --- Redis (integration: imported lazily, the client may be absent) -------------------------
+
+REDIS_TEST_TIMEOUT_S = 5.0
+
+
+@asynccontextmanager
+async def redis_test_clients(url: str, count: int = 1) -> AsyncIterator[tuple[list[Any], str]]:
+    """``count`` clients of the Redis at ``url`` (one per "node") and a new key prefix
+    ``chatnode-test-<hex>``; every key under the prefix is deleted on exit."""
+    from chatnode.adapters.redis import open_redis
+
+    prefix = f"chatnode-test-{secrets.token_hex(6)}"
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(open_redis(url, timeout_s=REDIS_TEST_TIMEOUT_S))
+            for _ in range(count)
+        ]
+        try:
+            yield clients, prefix
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(REDIS_TEST_TIMEOUT_S):
+                await delete_redis_prefix(clients[0], prefix)
+
+
+async def delete_redis_prefix(redis: Any, prefix: str) -> None:
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await redis.delete(keys[start : start + 1000])
+
+
+@asynccontextmanager
+async def open_redis_buses(url: str) -> AsyncIterator[NewBus]:
+    """Buses on one Redis and prefix, each "node" on its own client (three, in turn: a client
+    enters its task group here, in the fixture's task)."""
+    from chatnode.adapters.redis import RedisBus
+
+    async with redis_test_clients(url, count=3) as (clients, prefix):
+        made = 0
+
+        async def new_bus() -> Bus:
+            nonlocal made
+            made += 1
+            await trio.lowlevel.checkpoint()
+            return RedisBus(clients[made % len(clients)], prefix, room_log_length=100)
+
+        yield new_bus
+
+
+@asynccontextmanager
+async def open_redis_cached_directory(url: str) -> AsyncIterator[Directory]:
+    """The cache in front of an in-memory SQLite directory: it must be invisible."""
+    from chatnode.adapters.redis import RedisCachedDirectory
+
+    async with redis_test_clients(url) as (clients, prefix), sqlite_database(False) as db:
+        yield RedisCachedDirectory(SqliteDirectory(db), clients[0], prefix, ttl_s=60.0)
+
+
+@asynccontextmanager
+async def redis_presence(url: str) -> AsyncIterator[PresenceRig]:
+    from chatnode.adapters.redis import RedisPresence
+
+    async with redis_test_clients(url) as (clients, prefix):
+        presence = RedisPresence(clients[0], prefix)
+        yield PresenceRig(presence, trio.sleep)
+        await presence.aclose()
+
+
+@asynccontextmanager
+async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
+    from chatnode.adapters.redis import RedisArchiveFeed, RedisBus
+
+    claim_idle_ms = 200
+    async with redis_test_clients(url, count=2) as (clients, prefix):
+        bus = RedisBus(clients[0], prefix)
+
+        def new_feed(consumer: str) -> ArchiveFeed:
+            return RedisArchiveFeed(
+                clients[1], prefix, consumer=consumer, claim_idle_ms=claim_idle_ms
+            )
+
+        yield FeedRig(bus.publish, new_feed, claim_idle_ms, trio.sleep)
+
+
 @asynccontextmanager
 async def memory_presence(_url: str) -> AsyncIterator[PresenceRig]:
     clock = FakeClock()
@@ -89,17 +245,25 @@ async def memory_presence(_url: str) -> AsyncIterator[PresenceRig]:
 DIRECTORY_IMPLS: dict[str, Impl[Directory]] = {
     "sqlite-memory": sqlite_directory(in_file=False),
     "sqlite-file": sqlite_directory(in_file=True),
+    "mysql": Impl(open_mysql_directory, service_env="CHATNODE_TEST_MYSQL_URL"),
+    "redis-cached": Impl(open_redis_cached_directory, service_env="CHATNODE_TEST_REDIS_URL"),
 }
 ARCHIVE_IMPLS: dict[str, Impl[Archive]] = {
     "sqlite-memory": sqlite_archive(in_file=False),
     "sqlite-file": sqlite_archive(in_file=True),
+    "elasticsearch": Impl(open_es_archive, service_env="CHATNODE_TEST_ES_URL"),
 }
 BUS_IMPLS: dict[str, Impl[NewBus]] = {
     "sqlite-memory": sqlite_buses(in_file=False),
     "sqlite-file": sqlite_buses(in_file=True),
+    "redis": Impl(open_redis_buses, service_env="CHATNODE_TEST_REDIS_URL"),
 }
 PRESENCE_IMPLS: dict[str, Impl[PresenceRig]] = {
     "memory": Impl(memory_presence),
+    "redis": Impl(redis_presence, service_env="CHATNODE_TEST_REDIS_URL"),
+}
+ARCHIVE_FEED_IMPLS: dict[str, Impl[FeedRig]] = {
+    "redis": Impl(redis_feeds, service_env="CHATNODE_TEST_REDIS_URL"),
 }
 
 
@@ -124,6 +288,7 @@ _REGISTRIES: dict[str, dict[str, Any]] = {
     "archive_impl": ARCHIVE_IMPLS,
     "bus_impl": BUS_IMPLS,
     "presence_impl": PRESENCE_IMPLS,
+    "feed_impl": ARCHIVE_FEED_IMPLS,
 }
 
 
@@ -158,4 +323,10 @@ async def new_bus(bus_impl: str, deadline: None) -> AsyncIterator[NewBus]:
 @pytest.fixture
 async def presence_rig(presence_impl: str, deadline: None) -> AsyncIterator[PresenceRig]:
     async with open_impl(PRESENCE_IMPLS[presence_impl]) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def feed_rig(feed_impl: str, deadline: None) -> AsyncIterator[FeedRig]:
+    async with open_impl(ARCHIVE_FEED_IMPLS[feed_impl]) as instance:
         yield instance

@@ -1,0 +1,308 @@
+"""``chatnode migrate``: MySQL files applied once, in order, under a lock; the Elasticsearch
+template and index put idempotently; the exit code. File parsing tests need no service."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import trio
+
+pytest.importorskip("MySQLdb", reason="needs the cluster extra: pip install -e '.[cluster]'")
+pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
+
+import MySQLdb
+
+from chatnode.adapters.elasticsearch import es_client, messages_index
+from chatnode.adapters.migrations import (
+    MYSQL_DIR,
+    MigrationError,
+    messages_template,
+    migrate,
+    migrate_elasticsearch,
+    migrate_mysql,
+    mysql_migrations,
+    shipped_mysql_version,
+    split_sql,
+)
+from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
+from chatnode.config import Config
+from tests.contracts.conftest import es_test_prefix, mysql_test_database
+from tests.contracts.harness import require_service
+
+integration = pytest.mark.integration
+
+
+@pytest.fixture
+def mysql_url() -> str:
+    return require_service("CHATNODE_TEST_MYSQL_URL")
+
+
+@pytest.fixture
+def es_url() -> str:
+    return require_service("CHATNODE_TEST_ES_URL")
+
+
+@asynccontextmanager
+async def new_database_url(mysql_url: str) -> AsyncIterator[str]:
+    """The URL of a database that does not exist yet (migrate creates it); dropped on exit."""
+    name = f"chatnode_test_{secrets.token_hex(6)}"
+
+    def drop() -> None:
+        conn = MysqlUrl.parse(mysql_url).connect(
+            connect_timeout_s=5, io_timeout_s=30, database=False
+        )
+        try:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            close_quietly(conn)
+
+    try:
+        yield urlunsplit(urlsplit(mysql_url)._replace(path="/" + name))
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(drop)
+
+
+async def applied_versions(url: str) -> list[int]:
+    def select(conn: Connection) -> list[int]:
+        cursor = conn.cursor()
+        cursor.execute("SELECT version FROM schema_migrations ORDER BY version")
+        return [int(v) for (v,) in cursor.fetchall()]
+
+    async with MysqlPool.from_url(url, size=1) as pool:
+        return await pool.run(select)
+
+
+async def tables(url: str) -> set[str]:
+    def select(conn: Connection) -> set[str]:
+        cursor = conn.cursor()
+        cursor.execute("SHOW TABLES")
+        return {name for (name,) in cursor.fetchall()}
+
+    async with MysqlPool.from_url(url, size=1) as pool:
+        return await pool.run(select)
+
+
+# --- files (no service) --------------------------------------------------------------------------
+
+
+def test_split_sql_drops_comments_and_splits_at_line_ending_semicolons() -> None:
+    text = (
+        "-- a comment; with a semicolon;\n"
+        "CREATE TABLE a (x INT);\n"
+        "  -- indented comment\n"
+        "INSERT INTO a VALUES (';');  \n"
+        "CREATE TABLE b (\n  y INT\n)\n;\n\n"
+    )
+
+    assert split_sql(text) == [
+        "CREATE TABLE a (x INT)",
+        "INSERT INTO a VALUES (';')",
+        "CREATE TABLE b (\n  y INT\n)",
+    ]
+
+
+def test_the_shipped_migrations_are_numbered_from_1() -> None:
+    migrations = mysql_migrations(MYSQL_DIR)
+
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    assert shipped_mysql_version() == len(migrations)
+    assert all(m.statements for m in migrations)
+
+
+def test_badly_named_or_duplicate_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "0001_init.sql").write_text("SELECT 1;\n")
+    (tmp_path / "init.sql").write_text("SELECT 1;\n")
+    with pytest.raises(MigrationError, match="NNNN_name"):
+        mysql_migrations(tmp_path)
+
+    (tmp_path / "init.sql").unlink()
+    (tmp_path / "01_again.sql").write_text("SELECT 1;\n")
+    with pytest.raises(MigrationError, match="used by two files"):
+        mysql_migrations(tmp_path)
+
+
+def test_the_template_matches_the_prefix_and_the_seed_fields() -> None:
+    template = messages_template("acme")
+
+    assert template["index_patterns"] == ["acme-messages*"]
+    fields = template["template"]["mappings"]["properties"]
+    assert fields == {
+        "chatroom": {"type": "integer"},
+        "offset": {"type": "long"},
+        "user": {"type": "keyword"},
+        "message": {"type": "text", "analyzer": "standard"},
+        "timestamp": {"type": "date", "format": "epoch_millis"},
+    }
+    with pytest.raises(ValueError, match="lowercase"):
+        messages_template("Acme")
+
+
+# --- MySQL ---------------------------------------------------------------------------------------
+
+
+@integration
+async def test_migrate_mysql_creates_the_database_and_applies_once(mysql_url: str) -> None:
+    async with new_database_url(mysql_url) as url:
+        assert await migrate_mysql(url) == [1]
+        assert await migrate_mysql(url) == []
+
+        assert await applied_versions(url) == [1]
+        assert {"users", "rooms", "memberships", "schema_migrations"} <= await tables(url)
+        async with MysqlDirectory.from_url(url) as directory:
+            await directory.check()
+
+
+@integration
+async def test_concurrent_migrations_apply_each_file_once(mysql_url: str) -> None:
+    async with new_database_url(mysql_url) as url:
+        results: list[list[int]] = []
+
+        async def run() -> None:
+            results.append(await migrate_mysql(url))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(run)
+
+        assert sorted(results) == [[], [], [], [1]]
+        assert await applied_versions(url) == [1]
+
+
+@integration
+async def test_an_interrupted_migration_runs_again_from_its_first_statement(
+    mysql_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE IF NOT EXISTS a (x INT);\n")
+    second = tmp_path / "0002_b.sql"
+    second.write_text("CREATE TABLE IF NOT EXISTS b (y INT);\nTHIS IS NOT SQL;\n")
+
+    async with new_database_url(mysql_url) as url:
+        with pytest.raises(MySQLdb.ProgrammingError):
+            await migrate_mysql(url, directory=tmp_path)
+        assert await applied_versions(url) == [1]
+        assert {"a", "b"} <= await tables(url)  # DDL committed before the failure
+
+        second.write_text("CREATE TABLE IF NOT EXISTS b (y INT);\nCREATE TABLE c (z INT);\n")
+        assert await migrate_mysql(url, directory=tmp_path) == [2]
+        assert await applied_versions(url) == [1, 2]
+        assert {"a", "b", "c"} <= await tables(url)
+
+
+@integration
+async def test_an_unreachable_mysql_is_unavailable() -> None:
+    from chatnode.core.errors import Unavailable
+
+    with pytest.raises(Unavailable):
+        await migrate_mysql("mysql://chatnode:chatnode@127.0.0.1:1/chatnode")
+
+
+# --- Elasticsearch -------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def cleanup_prefix(es_url: str) -> AsyncIterator[str]:
+    prefix = f"chatnode-test-{secrets.token_hex(6)}"
+    try:
+        yield prefix
+    finally:
+        with trio.CancelScope(shield=True):
+            es = es_client(es_url, request_timeout_s=30)
+            try:
+                index = messages_index(prefix)
+                await es.indices.delete(index=index, ignore_unavailable=True)
+                await es.options(ignore_status=404).indices.delete_index_template(name=index)
+            finally:
+                await es.close()
+
+
+@integration
+async def test_migrate_elasticsearch_twice_and_concurrently(es_url: str) -> None:
+    async with cleanup_prefix(es_url) as prefix:
+        results: list[bool] = []
+
+        async def run() -> None:
+            results.append(await migrate_elasticsearch(es_url, prefix))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(run)
+        assert sorted(results) == [False, False, True]
+        assert await migrate_elasticsearch(es_url, prefix) is False
+
+        es = es_client(es_url)
+        try:
+            index = messages_index(prefix)
+            mapping = await es.indices.get_mapping(index=index)
+            properties = mapping[index]["mappings"]["properties"]
+            assert properties["chatroom"] == {"type": "integer"}
+            assert properties["timestamp"] == {"type": "date", "format": "epoch_millis"}
+            templates = await es.indices.get_index_template(name=index)
+            assert templates["index_templates"][0]["index_template"]["index_patterns"] == [
+                f"{prefix}-messages*"
+            ]
+        finally:
+            await es.close()
+
+
+@integration
+async def test_migrate_elasticsearch_adds_new_fields_to_an_existing_index(es_url: str) -> None:
+    async with cleanup_prefix(es_url) as prefix:
+        index = messages_index(prefix)
+        es = es_client(es_url)
+        try:
+            await es.indices.create(
+                index=index, mappings={"properties": {"chatroom": {"type": "integer"}}}
+            )
+
+            assert await migrate_elasticsearch(es_url, prefix) is False
+
+            mapping = await es.indices.get_mapping(index=index)
+            assert set(mapping[index]["mappings"]["properties"]) == {
+                "chatroom",
+                "offset",
+                "user",
+                "message",
+                "timestamp",
+            }
+        finally:
+            await es.close()
+
+
+@integration
+async def test_migrate_elasticsearch_refuses_a_conflicting_mapping(es_url: str) -> None:
+    async with cleanup_prefix(es_url) as prefix:
+        es = es_client(es_url)
+        try:
+            await es.indices.create(
+                index=messages_index(prefix),
+                mappings={"properties": {"user": {"type": "text"}}},
+            )
+        finally:
+            await es.close()
+
+        with pytest.raises(MigrationError, match="cannot update in place"):
+            await migrate_elasticsearch(es_url, prefix)
+
+
+# --- chatnode migrate ----------------------------------------------------------------------------
+
+
+@integration
+async def test_migrate_exit_codes(mysql_url: str, es_url: str) -> None:
+    async with mysql_test_database(mysql_url) as db_url, es_test_prefix(es_url) as prefix:
+        assert await migrate(Config()) == 0  # embedded: nothing to do
+        assert (
+            await migrate(Config(mysql_url=db_url, elasticsearch_url=es_url, key_prefix=prefix))
+            == 0
+        )
+        assert (
+            await migrate(Config(mysql_url="mysql://chatnode:chatnode@127.0.0.1:1/chatnode")) == 1
+        )
+        assert await migrate(Config(elasticsearch_url="http://127.0.0.1:1", key_prefix=prefix)) == 1
+        assert await migrate(Config(elasticsearch_url=es_url, key_prefix="Not-Lowercase")) == 1
