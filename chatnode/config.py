@@ -8,6 +8,7 @@ README's configuration table is generated from it (``chatnode config --markdown`
 
 from __future__ import annotations
 
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -185,6 +186,8 @@ def _validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", config.key_prefix):
+        raise ConfigError("CHATNODE_KEY_PREFIX must be lowercase letters, digits, '_' or '-'")
     for url, name, schemes in (
         (config.mysql_url, "CHATNODE_MYSQL_URL", ("mysql://",)),
         (config.redis_url, "CHATNODE_REDIS_URL", ("redis://", "rediss://")),

@@ -155,10 +155,17 @@ def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
     )
 
 
-def joined_frame(room_id: int, user: str, *, head: int, history: int) -> bytes:
-    """First v1 frame: ``head`` is the room offset the replay runs up to."""
+def joined_frame(room_id: int, user: str, *, head: int, history: int, node: str) -> bytes:
+    """First v1 frame: ``head`` is the room offset the replay runs up to; ``node`` serves it."""
     return _dumps(
-        {"type": "joined", "chatroom": room_id, "user": user, "offset": head, "history": history}
+        {
+            "type": "joined",
+            "chatroom": room_id,
+            "user": user,
+            "offset": head,
+            "history": history,
+            "node": node,
+        }
     )
 
 

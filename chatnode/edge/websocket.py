@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import logging
+import os
 from collections import deque
 
 import attrs

@@ -293,7 +293,11 @@ class RoomConnection:
             self._member.send_nowait(
                 protocol.ws_text_frame(
                     protocol.joined_frame(
-                        self.room_id, self._member.user, head=head, history=len(history)
+                        self.room_id,
+                        self._member.user,
+                        head=head,
+                        history=len(history),
+                        node=settings.node_id,
                     )
                 )
             )

@@ -1,0 +1,58 @@
+"""The cluster set of backends: MySQL directory (cached in Redis), Redis bus, presence and
+archive feed, Elasticsearch archive. Built here so ``app.py`` stays free of client libraries;
+everything opened here is closed when the context exits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from chatnode.adapters.elasticsearch import EsArchive
+from chatnode.adapters.migrations import migrate
+from chatnode.adapters.mysql import MysqlDirectory
+from chatnode.adapters.redis_bus import RedisArchiveFeed, RedisBus
+from chatnode.adapters.redis_connection import open_redis
+from chatnode.adapters.redis_directory import RedisCachedDirectory
+from chatnode.adapters.redis_presence import RedisPresence
+from chatnode.config import Config
+from chatnode.node.service import Backends
+
+__all__ = ["migrate", "open_cluster_backends"]
+
+
+@asynccontextmanager
+async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[Backends]:
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(
+            open_redis(
+                config.redis_url,
+                timeout_s=config.backend_timeout_s,
+                client_name=f"chatnode:{node_id}",
+            )
+        )
+        directory = MysqlDirectory.from_url(
+            config.mysql_url,
+            pool_size=config.mysql_pool_size,
+            statement_timeout_s=config.backend_timeout_s,
+        )
+        stack.push_async_callback(directory.aclose)
+        archive = EsArchive.from_url(
+            config.elasticsearch_url,
+            prefix=config.key_prefix,
+            request_timeout_s=config.backend_timeout_s,
+        )
+        stack.push_async_callback(archive.aclose)
+        yield Backends(
+            directory=RedisCachedDirectory(
+                directory, redis, config.key_prefix, ttl_s=config.cache_ttl_s
+            ),
+            bus=RedisBus(redis, config.key_prefix, room_log_length=config.room_log_length),
+            archive=archive,
+            presence=RedisPresence(redis, config.key_prefix),
+            feed=RedisArchiveFeed(
+                redis,
+                config.key_prefix,
+                consumer=node_id,
+                claim_idle_ms=int(config.archive_claim_idle_s * 1000),
+            ),
+        )

@@ -1,0 +1,135 @@
+"""A real cluster for tests: N ``chatnode serve`` processes on the real MySQL, Redis and
+Elasticsearch (started by scripts/services), behind nginx. Each cluster gets its own MySQL
+database and key/index prefix, removed afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from chatnode.config import Config
+from tests.cluster.harness import running_nginx, running_node_process
+
+SERVICES = ("CHATNODE_TEST_MYSQL_URL", "CHATNODE_TEST_REDIS_URL", "CHATNODE_TEST_ES_URL")
+
+
+def require_services() -> dict[str, str]:
+    missing = [name for name in SERVICES if not os.environ.get(name)]
+    if missing:
+        if os.environ.get("CI") or os.environ.get("CHATNODE_REQUIRE_SERVICES"):
+            pytest.fail(
+                f"cluster tests need {', '.join(missing)} (scripts/services up; eval $(scripts/services env))"
+            )
+        pytest.skip(f"needs {', '.join(missing)}: scripts/services up")
+    return {name: os.environ[name] for name in SERVICES}
+
+
+@attrs.define
+class Cluster:
+    env: dict[str, str]
+    node_ports: list[int]
+    nginx_port: int
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.nginx_port}"
+
+    def node_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.node_ports[i]}"
+
+
+def cluster_env(**overrides: Any) -> dict[str, str]:
+    urls = require_services()
+    prefix = f"t{secrets.token_hex(5)}"
+    mysql = urls["CHATNODE_TEST_MYSQL_URL"].rsplit("/", 1)[0] + f"/chatnode_test_{prefix}"
+    env = {
+        "CHATNODE_MYSQL_URL": mysql,
+        "CHATNODE_REDIS_URL": urls["CHATNODE_TEST_REDIS_URL"],
+        "CHATNODE_ELASTICSEARCH_URL": urls["CHATNODE_TEST_ES_URL"],
+        "CHATNODE_KEY_PREFIX": prefix,
+        "CHATNODE_JWT_SECRET": secrets.token_urlsafe(40),
+        "CHATNODE_PASSWORD_COST_LOG2": "10",
+        "CHATNODE_RATE_MESSAGES_PER_S": "100000",
+        "CHATNODE_RATE_BURST": "100000",
+        "CHATNODE_LOG_LEVEL": "INFO",
+    }
+    env.update({f"CHATNODE_{k.upper()}": str(v) for k, v in overrides.items()})
+    return env
+
+
+async def migrate_env(env: dict[str, str]) -> None:
+    from chatnode.adapters.migrations import migrate
+    from chatnode.config import load_config
+
+    config: Config = load_config(env)
+    assert await migrate(config) == 0
+
+
+async def drop_env(env: dict[str, str]) -> None:
+    """Remove the cluster's database, index and keys."""
+    import coredis
+    import MySQLdb
+    import trio
+
+    from chatnode.adapters.elasticsearch import es_client, messages_index
+    from chatnode.adapters.mysql import MysqlUrl
+
+    url = MysqlUrl.parse(env["CHATNODE_MYSQL_URL"])
+
+    def drop_db() -> None:
+        conn = MySQLdb.connect(host=url.host, port=url.port, user=url.user, password=url.password)
+        try:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+        finally:
+            conn.close()
+
+    await trio.to_thread.run_sync(drop_db)
+    prefix = env["CHATNODE_KEY_PREFIX"]
+    es = es_client(env["CHATNODE_ELASTICSEARCH_URL"])
+    try:
+        await es.indices.delete(index=messages_index(prefix), ignore_unavailable=True)
+        await es.indices.delete_index_template(name=messages_index(prefix))
+    finally:
+        await es.close()
+    redis: coredis.Redis[bytes] = coredis.Redis.from_url(env["CHATNODE_REDIS_URL"])
+    async with redis:
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(keys)
+
+
+@asynccontextmanager
+async def running_cluster(nodes: int = 2, **overrides: Any) -> AsyncIterator[Cluster]:
+    env = cluster_env(**overrides)
+    await migrate_env(env)
+    try:
+        async with AsyncExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chatnode-cluster-")))
+            ports = []
+            for i in range(nodes):
+                node_env = {
+                    **env,
+                    "CHATNODE_NODE_ID": f"node{i + 1}",
+                    "CHATNODE_DATA_DIR": str(tmp / f"node{i + 1}"),
+                }
+                (tmp / f"node{i + 1}").mkdir()
+                ports.append(await stack.enter_async_context(running_node_process(node_env)))
+            nginx_port = await stack.enter_async_context(
+                running_nginx(ports, prefix_dir=tmp / "nginx")
+            )
+            yield Cluster(env, ports, nginx_port, env["CHATNODE_KEY_PREFIX"])
+    finally:
+        await drop_env(env)
