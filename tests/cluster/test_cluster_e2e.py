@@ -52,7 +52,7 @@ async def poll(what: str, check: Any, *, timeout_s: float = 30.0) -> Any:
     """An external system (the archiver into Elasticsearch) gets there eventually: poll it,
     bounded. Nothing in chatnode signals "indexed" to a client."""
     with trio.fail_after(timeout_s):
-        while not (result := await check()):
+        while not (result := await check()):  # noqa: ASYNC110 -- Elasticsearch has no event to wait on
             await trio.sleep(0.2)
     return result
 
@@ -109,76 +109,75 @@ async def test_one_room_across_two_nodes_through_nginx(tmp_path: object) -> None
 
 
 async def test_late_joiner_gets_history_from_elasticsearch_beyond_the_room_log() -> None:
-    async with running_cluster(nodes=2, room_log_length=10, history_on_join=400) as cluster:
-        async with httpx.AsyncClient(base_url=cluster.url) as api:
-            ann = await token_for(api, "ann")
-            bob = await token_for(api, "bob")
-            auth = {"Authorization": f"Bearer {ann}"}
-            room = (await api.post("/v1/chatrooms", headers=auth)).json()["id"]
-            total = 350
-            url = f"{cluster.ws_url}/v1/chatrooms/{room}/join?token={ann}"
-            async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
-                await read_until_live(ws)
-                for i in range(total):
-                    await ws.send_message(json.dumps({"type": "send", "message": f"m{i}"}))
-                await chat_messages(ws, total)
+    async with (
+        running_cluster(nodes=2, room_log_length=10, history_on_join=400) as cluster,
+        httpx.AsyncClient(base_url=cluster.url) as api,
+    ):
+        ann = await token_for(api, "ann")
+        bob = await token_for(api, "bob")
+        auth = {"Authorization": f"Bearer {ann}"}
+        room = (await api.post("/v1/chatrooms", headers=auth)).json()["id"]
+        total = 350
+        url = f"{cluster.ws_url}/v1/chatrooms/{room}/join?token={ann}"
+        async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
+            await read_until_live(ws)
+            for i in range(total):
+                await ws.send_message(json.dumps({"type": "send", "message": f"m{i}"}))
+            await chat_messages(ws, total)
 
-            redis: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
-            async with redis:
-                first = await redis.xrange(f"{cluster.prefix}:room:{room}:log", count=1)
-            first_logged = int(first[0].identifier.split(b"-")[0])
-            assert first_logged > 1, (
-                "the room log was not trimmed: this test would not reach Elasticsearch"
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
+        async with redis:
+            first = await redis.xrange(f"{cluster.prefix}:room:{room}:log", count=1)
+        first_logged = int(first[0].identifier.split(b"-")[0])
+        assert first_logged > 1, (
+            "the room log was not trimmed: this test would not reach Elasticsearch"
+        )
+
+        async def archived() -> bool:
+            r = await api.get(
+                f"/v1/chatrooms/{room}/messages",
+                params={"before": first_logged, "limit": 1},
+                headers=auth,
             )
+            return r.status_code == 200 and len(r.json()["messages"]) == 1
 
-            async def archived() -> bool:
-                r = await api.get(
-                    f"/v1/chatrooms/{room}/messages",
-                    params={"before": first_logged, "limit": 1},
-                    headers=auth,
-                )
-                return r.status_code == 200 and len(r.json()["messages"]) == 1
+        await poll("archiver indexed the trimmed part", archived)
 
-            await poll("archiver indexed the trimmed part", archived)
-
-            url = f"{cluster.ws_url}/v1/chatrooms/{room}/join?token={bob}"
-            async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
-                joined, history = await read_until_live(ws)
-            assert joined["offset"] == total
-            assert [m["offset"] for m in history] == list(range(1, total + 1))
-            assert [m["message"] for m in history] == [f"m{i}" for i in range(total)]
+        url = f"{cluster.ws_url}/v1/chatrooms/{room}/join?token={bob}"
+        async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
+            joined, history = await read_until_live(ws)
+        assert joined["offset"] == total
+        assert [m["offset"] for m in history] == list(range(1, total + 1))
+        assert [m["message"] for m in history] == [f"m{i}" for i in range(total)]
 
 
 async def test_search_through_either_node_finds_messages_sent_through_the_other() -> None:
-    async with running_cluster(nodes=2) as cluster:
-        async with (
-            httpx.AsyncClient(base_url=cluster.node_url(0)) as node1,
-            httpx.AsyncClient(base_url=cluster.node_url(1)) as node2,
+    async with (
+        running_cluster(nodes=2) as cluster,
+        httpx.AsyncClient(base_url=cluster.node_url(0)) as node1,
+        httpx.AsyncClient(base_url=cluster.node_url(1)) as node2,
+    ):
+        token = await token_for(node1, "ann")
+        auth = {"Authorization": f"Bearer {token}"}
+        room = (await node1.post("/v1/chatrooms", headers=auth)).json()["id"]
+        for port, text in (
+            (cluster.node_ports[0], "zebra crossing on node one"),
+            (cluster.node_ports[1], "giraffe sighting on node two"),
         ):
-            token = await token_for(node1, "ann")
-            auth = {"Authorization": f"Bearer {token}"}
-            room = (await node1.post("/v1/chatrooms", headers=auth)).json()["id"]
-            for port, text in (
-                (cluster.node_ports[0], "zebra crossing on node one"),
-                (cluster.node_ports[1], "giraffe sighting on node two"),
-            ):
-                url = f"ws://127.0.0.1:{port}/v1/chatrooms/{room}/join?token={token}"
-                async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
-                    await read_until_live(ws)
-                    await ws.send_message(json.dumps({"type": "send", "message": text}))
-                    await chat_messages(ws, 1)
+            url = f"ws://127.0.0.1:{port}/v1/chatrooms/{room}/join?token={token}"
+            async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
+                await read_until_live(ws)
+                await ws.send_message(json.dumps({"type": "send", "message": text}))
+                await chat_messages(ws, 1)
 
-            async def found(client: httpx.AsyncClient, word: str) -> list[dict[str, Any]]:
-                r = await client.get("/v1/messages/search", params={"q": word}, headers=auth)
-                assert r.status_code == 200, r.text
-                hits: list[dict[str, Any]] = r.json()["hits"]
-                return hits
+        async def found(client: httpx.AsyncClient, word: str) -> list[dict[str, Any]]:
+            r = await client.get("/v1/messages/search", params={"q": word}, headers=auth)
+            assert r.status_code == 200, r.text
+            hits: list[dict[str, Any]] = r.json()["hits"]
+            return hits
 
-            zebra = await poll("zebra indexed", lambda: found(node2, "zebra"))
-            giraffe = await poll("giraffe indexed", lambda: found(node1, "giraffe"))
-            assert zebra[0]["message"] == "zebra crossing on node one" and zebra[0]["offset"] == 1
-            assert (
-                giraffe[0]["message"] == "giraffe sighting on node two"
-                and giraffe[0]["offset"] == 2
-            )
-            assert zebra[0]["chatroom"] == room and zebra[0]["user"] == "ann"
+        zebra = await poll("zebra indexed", lambda: found(node2, "zebra"))
+        giraffe = await poll("giraffe indexed", lambda: found(node1, "giraffe"))
+        assert zebra[0]["message"] == "zebra crossing on node one" and zebra[0]["offset"] == 1
+        assert giraffe[0]["message"] == "giraffe sighting on node two" and giraffe[0]["offset"] == 2
+        assert zebra[0]["chatroom"] == room and zebra[0]["user"] == "ann"
