@@ -17,7 +17,6 @@ Exit status 0 when every check passed; prints one line per check.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -40,7 +39,7 @@ async def check(name: str, fn) -> None:
         with trio.fail_after(60):
             detail = await fn()
         record(name, True, f"{detail or ''} ({time.monotonic() - t0:.2f}s)".strip())
-    except BaseException as exc:  # noqa: BLE001 - report and continue
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         traceback.print_exc()
@@ -120,15 +119,14 @@ async def redis_checks(url: str) -> None:
             received.set()
 
         client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client:
-            async with client.pubsub(
-                ignore_subscribe_messages=True,
-                pattern_handlers={f"smoke:{suffix}:p.*": handler},
-            ) as ps:
-                assert ps.subscribed
-                await client.publish(f"smoke:{suffix}:p.x", "via-pattern")
-                with trio.fail_after(5):
-                    await received.wait()
+        async with client, client.pubsub(
+            ignore_subscribe_messages=True,
+            pattern_handlers={f"smoke:{suffix}:p.*": handler},
+        ) as ps:
+            assert ps.subscribed
+            await client.publish(f"smoke:{suffix}:p.x", "via-pattern")
+            with trio.fail_after(5):
+                await received.wait()
         assert seen == ["via-pattern"], seen
         return "psubscribe with a callback handler ok"
 
