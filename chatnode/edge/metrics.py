@@ -23,6 +23,7 @@ class Metrics:
             ("chatnode_rooms_subscribed", "gauge", hub.rooms),
             ("chatnode_deliveries_total", "counter", hub.deliveries),
             ("chatnode_history_loads_total", "counter", hub.history_loads_total),
+            ("chatnode_archive_history_reads_total", "counter", hub.archive_reads),
             ("chatnode_archived_total", "counter", archiver.archived if archiver else 0),
             ("chatnode_archive_failures_total", "counter", archiver.failures if archiver else 0),
             ("chatnode_draining", "gauge", int(self.draining)),

@@ -113,6 +113,7 @@ class Hub:
         self._subscription_lock = trio.Lock()
         self.deliveries = 0
         self.history_loads_total = 0
+        self.archive_reads = 0
 
     # -- membership -----------------------------------------------------------------------
 
@@ -194,6 +195,7 @@ class Hub:
         first_logged = logged[0].offset if logged else head + 1
         older: list[ChatMessage] = []
         if first_logged > after + 1:
+            self.archive_reads += 1
             older = await self._archive.read(
                 room_id,
                 after_offset=after,

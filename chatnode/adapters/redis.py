@@ -1,0 +1,58 @@
+"""The Redis backend of a chatnode cluster: bus, archive feed, presence, directory cache.
+
+Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefix``)::
+
+    P:room:{id}:offset                    string   newest offset of the room     (redis_bus)
+    P:room:{id}:log                       stream   recent room log, ids <offset>-0
+    P:room:{id}                           channel  live room traffic and signals
+    P:archive                             stream   messages waiting for the archive, group
+                                                   "archivers"
+    P:presence:room:{id}                  hash     live connections of a room    (redis_presence)
+    P:presence:node:{node}:entries        set      a node's presence entries
+    P:presence:node:{node}:alive          string   a node's heartbeat (PX ttl)
+    P:presence:nodes                      set      nodes with entries or heartbeats
+    P:dir:...                             strings  cached rooms pages and member lists, and
+                                                   their version tokens   (redis_directory)
+
+One module per concern, each with its rules in its docstring:
+
+- :mod:`.redis_connection`: :func:`open_redis`, the client every port shares (entered by the
+  composition root), and the mapping of Redis failures to ``Unavailable``;
+- :mod:`.redis_bus`: :class:`RedisBus` (``ports.Bus``) and :class:`RedisArchiveFeed`
+  (``ports.ArchiveFeed``);
+- :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
+- :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another.
+
+Requires Redis >= 7.0 (scripts declare ``#!lua``), a single server or a Sentinel-managed
+primary, not Redis Cluster (scripts compute key names). Run it with persistence (AOF): room
+offsets live there.
+
+Wiring, in ``app.py``::
+
+    async with open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis:
+        bus = RedisBus(redis, config.key_prefix, room_log_length=config.room_log_length)
+        feed = RedisArchiveFeed(
+            redis, config.key_prefix, consumer=node_id,
+            claim_idle_ms=int(config.archive_claim_idle_s * 1000),
+        )
+        presence = RedisPresence(redis, config.key_prefix)
+        directory = RedisCachedDirectory(mysql_directory, redis, config.key_prefix,
+                                         ttl_s=config.cache_ttl_s)
+"""
+
+from __future__ import annotations
+
+from .redis_bus import RedisArchiveFeed, RedisBus
+from .redis_connection import RedisClient, open_redis, redis_failures
+from .redis_directory import RedisCachedDirectory
+from .redis_presence import RedisPresence
+
+__all__ = [
+    "RedisArchiveFeed",
+    "RedisBus",
+    "RedisCachedDirectory",
+    "RedisClient",
+    "RedisPresence",
+    "open_redis",
+    "redis_failures",
+]

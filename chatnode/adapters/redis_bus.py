@@ -1,0 +1,562 @@
+"""Room traffic through Redis: :class:`RedisBus` (``ports.Bus``) and :class:`RedisArchiveFeed`
+(``ports.ArchiveFeed``). Needs Redis >= 7.0.
+
+Keys (``P`` is the deployment's key prefix, room ids are decimal)::
+
+    P:room:{id}:offset  string   newest offset of the room (INCR)
+    P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts;
+                                 trimmed to about ``room_log_length`` entries (MAXLEN ~)
+    P:archive           stream   every message of every room until archived: fields r, o, u,
+                                 t, ts; consumer group ``archivers``; acked entries are deleted
+    P:room:{id}         channel  live traffic: ``m<offset> <json [user, text, ts]>`` for a
+                                 message, ``s<json event>`` for a signal
+
+Rules:
+
+1. **One script publishes.** ``publish`` runs one Lua script (EVALSHA, loaded again on
+   NOSCRIPT): INCR the counter, XADD the room log, XADD the archive stream, PUBLISH. Redis runs
+   scripts one at a time, so offsets are dense and the same for every node, and a room's
+   channel carries its messages in offset order. The script declares itself with ``#!lua``, so
+   Redis refuses it before its first write when it is out of memory: all or nothing. A counter
+   lost while the log survived (eviction) is rebuilt from the log's newest entry.
+2. **One pub/sub connection per bus**, owned by ``serve``. ``subscribe`` sends SUBSCRIBE on it
+   and returns once Redis acknowledged that very command: acknowledgements are counted per
+   channel, so a subscribe racing an unsubscribe of the same room cannot take the other's ack.
+3. **Reconnect, resubscribe, catch up.** When the connection is lost (Redis restart, CLIENT
+   KILL, a keepalive PING unanswered for ``keepalive_s``), ``serve`` reconnects with
+   exponential backoff, subscribes every room subscribed at that moment, and once Redis
+   acknowledged them all calls ``handler.resubscribed()``: the node reads what it missed from
+   the room logs. A handler that raises ``Unavailable`` there (or in ``deliver``: it could
+   not read a gap) drops the connection too, so ``resubscribed()`` is called again after a
+   growing backoff. A ``subscribe`` made while disconnected, or whose connection is lost
+   before the ack, raises ``Unavailable`` and leaves the room unsubscribed.
+4. **One task calls the handler**: the ``serve`` task, in arrival order, which per room is
+   offset order. Traffic of a room that is no longer subscribed is dropped.
+5. **Failures are loud.** A command that fails for a connection reason or times out raises
+   ``Unavailable`` and is not retried here. A publish whose reply was lost may still have been
+   applied: a caller that retries it can publish the message twice, under two offsets.
+
+Durability: offsets live in Redis. A Redis restarted without persistence (``appendonly yes``)
+starts every room at offset 1 again while the archive holds the old offsets. Run it with AOF.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from contextlib import aclosing, suppress
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+from coredis.commands.script import Script
+from coredis.connection import BaseConnection
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import StreamConsumerGroupError, StreamDuplicateConsumerGroupError
+from coredis.response.types import StreamEntry
+
+from chatnode.core import errors, ports
+from chatnode.core.models import ArchiveEntry, ChatMessage, Draft
+
+from .redis_connection import RedisClient, int_reply, redis_failures
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_GROUP: Final = "archivers"
+
+# KEYS: counter, room log, archive stream.
+# ARGV: log length, channel, user, text, timestamp_ms, room id, payload body (json).
+_PUBLISH_LUA: Final = """#!lua
+local offset = redis.call('INCR', KEYS[1])
+if offset == 1 then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  if newest then
+    offset = tonumber(string.match(newest[1], '^(%d+)')) + 1
+    redis.call('SET', KEYS[1], offset)
+  end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
+  'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
+redis.call('XADD', KEYS[3], '*',
+  'r', ARGV[6], 'o', offset, 'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
+redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[7])
+return offset
+"""
+
+# KEYS: archive stream. ARGV: group, ids... Acknowledge and delete, in chunks (Lua's unpack
+# has a small stack).
+_ACK_LUA: Final = """#!lua
+local acked = 0
+for first = 2, #ARGV, 1000 do
+  local last = math.min(first + 999, #ARGV)
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
+end
+return acked
+"""
+
+_SUBSCRIBE: Final = b"SUBSCRIBE"
+_UNSUBSCRIBE: Final = b"UNSUBSCRIBE"
+
+
+@attrs.frozen
+class BusKeys:
+    """The key layout of the module docstring for one prefix."""
+
+    prefix: str
+
+    def offset(self, room_id: int) -> str:
+        return f"{self.prefix}:room:{room_id}:offset"
+
+    def log(self, room_id: int) -> str:
+        return f"{self.prefix}:room:{room_id}:log"
+
+    def channel(self, room_id: int) -> bytes:
+        return f"{self.prefix}:room:{room_id}".encode()
+
+    @property
+    def archive(self) -> str:
+        return f"{self.prefix}:archive"
+
+    def room_of_channel(self, channel: bytes) -> int | None:
+        head = f"{self.prefix}:room:".encode()
+        tail = channel[len(head) :]
+        if not channel.startswith(head) or not tail.isdigit():
+            return None
+        return int(tail)
+
+
+def _body(draft: Draft) -> str:
+    return json.dumps(
+        [draft.user, draft.text, draft.timestamp_ms], ensure_ascii=False, separators=(",", ":")
+    )
+
+
+def _decode_published(room_id: int, data: bytes) -> ChatMessage:
+    """``m<offset> <json [user, text, ts]>`` -> the message."""
+    offset, body = data[1:].split(b" ", 1)
+    user, text, timestamp_ms = json.loads(body)
+    if not (isinstance(user, str) and isinstance(text, str) and isinstance(timestamp_ms, int)):
+        raise ValueError("malformed message body")
+    return ChatMessage(room_id, int(offset), user, text, timestamp_ms)
+
+
+def _offset_of(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
+def _field(entry: StreamEntry, name: bytes) -> str:
+    value = entry.field_values[name]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _logged(room_id: int, entry: StreamEntry) -> ChatMessage:
+    return ChatMessage(
+        room_id,
+        _offset_of(entry.identifier),
+        _field(entry, b"u"),
+        _field(entry, b"t"),
+        int(_field(entry, b"ts")),
+    )
+
+
+def _archived(entry: StreamEntry) -> ChatMessage:
+    return ChatMessage(
+        int(_field(entry, b"r")),
+        int(_field(entry, b"o")),
+        _field(entry, b"u"),
+        _field(entry, b"t"),
+        int(_field(entry, b"ts")),
+    )
+
+
+@attrs.define(eq=False)
+class _Acks:
+    """Commands sent for one channel on one connection, and acknowledgements received."""
+
+    sent: int = 0
+    acked: int = 0
+
+
+_Tickets = dict[bytes, tuple[_Acks, int]]
+
+
+@attrs.define(eq=False)
+class _Link:
+    """One pub/sub connection, and the acknowledgements Redis owes on it, per channel.
+
+    Redis answers every channel of a SUBSCRIBE or UNSUBSCRIBE with one ack, in command order;
+    the n-th command sent for a channel is therefore acknowledged by its n-th ack. A channel
+    with nothing in flight is forgotten; a waiter keeps its own counter object, so a later
+    command for the same channel starts a new count without disturbing it.
+    """
+
+    conn: BaseConnection
+    lost: bool = False
+    _channels: dict[bytes, _Acks] = attrs.field(factory=dict)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def send(self, command: bytes, channels: Iterable[bytes]) -> _Tickets:
+        """Queue the command; return each channel's ticket for :meth:`wait_acked`.
+
+        Raise coredis' ``ConnectionError`` if the connection is already unusable.
+        """
+        channels = list(channels)
+        if not channels:
+            return {}
+        self.conn.send_command(command, *channels)
+        tickets: _Tickets = {}
+        for channel in channels:
+            acks = self._channels.setdefault(channel, _Acks())
+            acks.sent += 1
+            tickets[channel] = (acks, acks.sent)
+        return tickets
+
+    def acknowledge(self, channel: bytes) -> None:
+        acks = self._channels.get(channel)
+        if acks is None:
+            return
+        acks.acked += 1
+        if acks.acked >= acks.sent:
+            del self._channels[channel]
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @staticmethod
+    def all_acked(tickets: _Tickets) -> bool:
+        return all(acks.acked >= ticket for acks, ticket in tickets.values())
+
+    async def wait_acked(self, tickets: _Tickets) -> None:
+        while not self.all_acked(tickets):
+            if self.lost:
+                raise errors.Unavailable("Redis: the bus lost its pub/sub connection")
+            await self._changed.wait()
+
+    def close(self) -> None:
+        self.lost = True
+        self._changed.set()
+
+
+@attrs.define(eq=False)
+class RedisBus:
+    """``ports.Bus`` on Redis (rules in the module docstring). ``serve`` once at a time.
+
+    The client belongs to the caller: ``aclose`` does not close it.
+    """
+
+    _redis: RedisClient
+    prefix: str
+    room_log_length: int = attrs.field(default=1000, kw_only=True)
+    keepalive_s: float = attrs.field(default=10.0, kw_only=True)
+    min_backoff_s: float = attrs.field(default=0.05, kw_only=True)
+    max_backoff_s: float = attrs.field(default=5.0, kw_only=True)
+    keys: BusKeys = attrs.field(init=False)
+    reconnects: int = attrs.field(default=0, init=False)
+    _rooms: set[int] = attrs.field(factory=set, init=False)
+    _link: _Link | None = attrs.field(default=None, init=False)
+    _serving: bool = attrs.field(default=False, init=False)
+    _publish_script: Script[bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.keys = BusKeys(self.prefix)
+        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
+
+    async def check(self) -> None:
+        with redis_failures("PING"):
+            await self._redis.ping()
+
+    async def aclose(self) -> None:
+        """Nothing to release: ``serve`` ends when cancelled, the client is the caller's."""
+        await trio.lowlevel.checkpoint()
+
+    # -- the log ------------------------------------------------------------------------------
+
+    async def publish(self, draft: Draft) -> ChatMessage:
+        room_id = draft.room_id
+        with redis_failures("publish"):
+            offset = await self._publish_script(
+                keys=[self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive],
+                args=[
+                    self.room_log_length,
+                    self.keys.channel(room_id),
+                    draft.user,
+                    draft.text,
+                    draft.timestamp_ms,
+                    room_id,
+                    _body(draft),
+                ],
+                callback=int_reply,
+            )
+        return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+
+    async def last_offset(self, room_id: int) -> int:
+        with redis_failures("GET offset"):
+            value = await self._redis.get(self.keys.offset(room_id))
+        return int(value) if value is not None else 0
+
+    async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
+        if limit <= 0:
+            return []
+        with redis_failures("XRANGE room log"):
+            entries = await self._redis.xrange(
+                self.keys.log(room_id), start=f"{max(0, after_offset) + 1}-0", end="+", count=limit
+            )
+        return [_logged(room_id, entry) for entry in entries]
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+        payload = b"s" + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        with redis_failures("PUBLISH signal"):
+            await self._redis.publish(self.keys.channel(room_id), payload)
+
+    async def subscribe(self, room_id: int) -> None:
+        link = self._link
+        if link is None or link.lost:
+            await trio.lowlevel.checkpoint()
+            raise errors.Unavailable("Redis: the bus is not connected (reconnecting)")
+        channel = self.keys.channel(room_id)
+        self._rooms.add(room_id)
+        try:
+            with redis_failures("SUBSCRIBE"):
+                tickets = link.send(_SUBSCRIBE, [channel])
+            await link.wait_acked(tickets)
+        except BaseException:
+            self._rooms.discard(room_id)
+            self._send_quietly(link, _UNSUBSCRIBE, channel)
+            raise
+
+    async def unsubscribe(self, room_id: int) -> None:
+        self._rooms.discard(room_id)
+        if self._link is not None:
+            self._send_quietly(self._link, _UNSUBSCRIBE, self.keys.channel(room_id))
+        await trio.lowlevel.checkpoint()
+
+    @staticmethod
+    def _send_quietly(link: _Link, command: bytes, channel: bytes) -> None:
+        """Best effort: a lost connection takes its subscriptions with it."""
+        if link.lost:
+            return
+        with suppress(RedisConnectionError):
+            link.send(command, [channel])
+
+    # -- the receiving side -------------------------------------------------------------------
+
+    async def serve(self, handler: ports.BusHandler, *, task_status: ports.TaskStatus) -> None:
+        """Receive until cancelled, reconnecting as needed (rules 2-4). ``started()`` comes
+        once the first pub/sub connection is up; until then connecting is retried."""
+        if self._serving:
+            raise RuntimeError("this RedisBus is already serving")
+        self._serving = True
+        backoff_s = self.min_backoff_s
+        first = True
+        try:
+            while True:
+                came_up = healthy = False
+                try:
+                    async with self._redis.connection_pool.acquire() as conn:
+                        link = _Link(conn)
+                        try:
+                            came_up, healthy = await self._run_link(
+                                link, handler, task_status, first
+                            )
+                        finally:
+                            link.close()
+                            if self._link is link:
+                                self._link = None
+                            conn.invalidate()  # never back into the pool: it is subscribed
+                except (RedisConnectionError, TimeoutError) as exc:
+                    log.warning("Redis bus: cannot connect (%s); retrying in %.2fs", exc, backoff_s)
+                if came_up:
+                    first = False
+                if came_up and healthy:
+                    backoff_s = self.min_backoff_s
+                await trio.sleep(backoff_s)
+                backoff_s = min(self.max_backoff_s, 2 * backoff_s)
+        finally:
+            self._serving = False
+
+    async def _run_link(
+        self, link: _Link, handler: ports.BusHandler, task_status: ports.TaskStatus, first: bool
+    ) -> tuple[bool, bool]:
+        """Subscribe every current room on ``link`` and dispatch its traffic until it is lost.
+
+        Return (came up: all rooms acknowledged, healthy: the handler did not fail). A handler
+        that raises ``Unavailable`` (it could not read what it missed) drops the link: the next
+        one calls ``resubscribed()`` again, after a growing backoff.
+        """
+        tickets = link.send(_SUBSCRIBE, [self.keys.channel(r) for r in sorted(self._rooms)])
+        self._link = link
+        up = False
+
+        async def came_up() -> None:
+            nonlocal up
+            up = True
+            if first:
+                task_status.started()
+            else:
+                self.reconnects += 1
+                log.info("Redis bus: reconnected; %d rooms resubscribed", len(tickets))
+                await handler.resubscribed()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive, link)
+            try:
+                if link.all_acked(tickets):
+                    await came_up()
+                async with aclosing(link.conn.push_messages) as pushes:
+                    async for push in pushes:
+                        kind = push[0]
+                        if kind == b"message":
+                            await self._dispatch(handler, push[1], push[2])
+                        elif kind in (b"subscribe", b"unsubscribe"):
+                            if isinstance(push[1], bytes):
+                                link.acknowledge(push[1])
+                            if not up and link.all_acked(tickets):
+                                await came_up()
+            except RedisConnectionError as exc:
+                log.warning("Redis bus: pub/sub connection lost (%s); reconnecting", exc)
+            except errors.Unavailable as exc:
+                log.warning("Redis bus: the node could not catch up (%s); reconnecting", exc)
+                return up, False
+            finally:
+                nursery.cancel_scope.cancel()
+        return up, True
+
+    async def _dispatch(self, handler: ports.BusHandler, channel: object, data: object) -> None:
+        if not isinstance(channel, bytes) or not isinstance(data, bytes):
+            return
+        room_id = self.keys.room_of_channel(channel)
+        if room_id is None or room_id not in self._rooms:
+            return  # unsubscribed while the message was on its way
+        try:
+            if data.startswith(b"m"):
+                message = _decode_published(room_id, data)
+            elif data.startswith(b"s"):
+                event = json.loads(data[1:])
+                if not isinstance(event, dict):
+                    raise ValueError("a signal event must be a JSON object")
+            else:
+                raise ValueError("unknown payload kind")
+        except (ValueError, TypeError):
+            log.warning("Redis bus: dropped a malformed payload on %r: %.80r", channel, data)
+            return
+        if data.startswith(b"m"):
+            await handler.deliver(message)
+        else:
+            await handler.signal(room_id, event)
+
+    async def _keepalive(self, link: _Link) -> None:
+        """PING every ``keepalive_s``; no answer within ``keepalive_s`` drops the connection
+        (a half-open TCP connection would otherwise look idle forever)."""
+        while True:
+            await trio.sleep(self.keepalive_s)
+            with trio.move_on_after(self.keepalive_s) as waited:
+                try:
+                    await link.conn.create_request(b"PING")
+                except RedisConnectionError:
+                    return  # lost: the reader sees it too
+                except TimeoutError:  # the client's stream timeout came first
+                    waited.cancel()
+            if waited.cancel_called:
+                log.warning("Redis bus: no PONG within %.1fs; reconnecting", self.keepalive_s)
+                link.conn.invalidate()
+                return
+
+
+@attrs.define(eq=False)
+class RedisArchiveFeed:
+    """``ports.ArchiveFeed`` on the archive stream, as consumer ``consumer`` of the group
+    ``archivers`` (created with MKSTREAM from the start of the stream on first use).
+
+    ``take`` first claims (XAUTOCLAIM) entries that some consumer took and left unacknowledged
+    for ``claim_idle_ms`` -- a node that died, or one that is very slow, so an entry may be
+    handed out twice; archiving is idempotent -- and otherwise reads new entries (XREADGROUP
+    ``>``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait). ``ack``
+    acknowledges and deletes in one script, so the stream only holds what is not archived yet.
+    An entry that cannot be decoded (not written by ``RedisBus``) is logged and acknowledged.
+    """
+
+    _redis: RedisClient
+    prefix: str
+    consumer: str = attrs.field(kw_only=True)
+    claim_idle_ms: int = attrs.field(default=30_000, kw_only=True)
+    _key: str = attrs.field(init=False)
+    _group_ready: bool = attrs.field(default=False, init=False)
+    _claim_cursor: bytes = attrs.field(default=b"0-0", init=False)
+    _ack_script: Script[bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._key = BusKeys(self.prefix).archive
+        self._ack_script = self._redis.register_script(_ACK_LUA)
+
+    async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
+        if max_count <= 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        with redis_failures("archive feed take"):
+            try:
+                return await self._take(max_count, wait_ms)
+            except StreamConsumerGroupError:  # NOGROUP: the stream was lost (Redis restart)
+                self._group_ready = False
+                return await self._take(max_count, wait_ms)
+
+    async def _take(self, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
+        if not self._group_ready:
+            with suppress(StreamDuplicateConsumerGroupError):
+                await self._redis.xgroup_create(self._key, ARCHIVE_GROUP, "0", mkstream=True)
+            self._group_ready = True
+        claimed = await self._redis.xautoclaim(
+            self._key,
+            ARCHIVE_GROUP,
+            self.consumer,
+            self.claim_idle_ms,
+            self._claim_cursor,
+            count=max_count,
+        )
+        cursor = claimed[0]
+        self._claim_cursor = cursor.encode() if isinstance(cursor, str) else cursor
+        entries: Sequence[StreamEntry] = [e for e in claimed[1] if isinstance(e, StreamEntry)]
+        if not entries:
+            read = await self._redis.xreadgroup(
+                ARCHIVE_GROUP,
+                self.consumer,
+                streams={self._key: ">"},
+                count=max_count,
+                block=wait_ms if wait_ms > 0 else None,
+            )
+            entries = next(iter(read.values()), ()) if read else ()
+        return await self._decode(entries)
+
+    async def _decode(self, entries: Sequence[StreamEntry]) -> list[ArchiveEntry]:
+        taken: list[ArchiveEntry] = []
+        malformed: list[str] = []
+        for entry in entries:
+            ack_id = entry.identifier
+            ack_id = ack_id.decode() if isinstance(ack_id, bytes) else ack_id
+            try:
+                taken.append(ArchiveEntry(ack_id, _archived(entry)))
+            except (KeyError, ValueError):
+                log.error("archive feed: dropping malformed entry %s: %r", ack_id, entry)
+                malformed.append(ack_id)
+        if malformed:
+            await self._ack_ids(malformed)
+        return taken
+
+    async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
+        with redis_failures("archive feed ack"):
+            await self._ack_ids([e.ack_id for e in entries])
+
+    async def _ack_ids(self, ids: list[str]) -> None:
+        if ids:
+            await self._ack_script(keys=[self._key], args=[ARCHIVE_GROUP, *ids], callback=int_reply)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+if TYPE_CHECKING:  # mypy proves the adapters implement their ports
+
+    def _implements_ports(redis: RedisClient) -> tuple[ports.Bus, ports.ArchiveFeed]:
+        return RedisBus(redis, "p"), RedisArchiveFeed(redis, "p", consumer="c")

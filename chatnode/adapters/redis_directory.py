@@ -1,0 +1,232 @@
+"""A Redis cache in front of any Directory: :class:`RedisCachedDirectory`.
+
+Seed 002 caches "the list of chat rooms" and "the users list of each chat room" in Redis. Keys
+(``P`` is the deployment's key prefix; ``{v}`` are version tokens)::
+
+    P:dir:rooms:version                       string  token of the rooms list
+    P:dir:rooms:{v}:{after_id}:{limit}        string  a cached ``list_rooms`` page (JSON), PX ttl
+    P:dir:members:version                     string  token of every member list
+    P:dir:room:{id}:members:version           string  token of one room's member list
+    P:dir:room:{id}:members:{v}:{v_room}      string  a cached ``list_members`` (JSON), PX ttl
+
+Rules that make it correct:
+
+1. **Versioned keys.** A read fetches the current version tokens and the cached value in one
+   script, *before* it asks the inner directory on a miss; a write changes the inner directory
+   *first* and then replaces the tokens. A page read before a write can therefore only be
+   stored under the old tokens, where no reader looks any more: a read that starts after a
+   write completed sees that write. If invalidating failed (Redis down at that moment), a
+   cached value can be up to ``ttl_s`` out of date.
+2. **Tokens are random**, not counters: a version key that vanished (eviction, restart) is
+   recreated with a fresh token, so old cached values can never be picked up again.
+3. **Writes invalidate what they change**: ``create_room`` the rooms list, ``add_member`` /
+   ``remove_member`` that changed something (or whose outcome is unknown) that room's members,
+   ``delete_all_users`` every member list.
+4. **Redis is optional.** Any Redis failure on a read falls back to the inner directory, and
+   after a failure Redis is left alone for ``retry_after_s`` so an outage does not add a
+   connection attempt to every read. The cache never raises ``Unavailable`` of its own.
+
+The inner directory belongs to the cache (``aclose`` closes it); the Redis client does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import attrs
+import trio
+from coredis.commands.script import Script
+
+from chatnode.core import errors, ports
+from chatnode.core.models import Room, User
+
+from .redis_connection import RedisClient, any_reply, is_unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# KEYS: version keys. ARGV: fresh token (for a missing version), cache key head, cache key tail.
+# Returns {cache key, cached value or false}.
+_READ_LUA: Final = """#!lua
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local token = redis.call('GET', key)
+  if not token then
+    redis.call('SET', key, ARGV[1])
+    token = ARGV[1]
+  end
+  tokens[i] = token
+end
+local cache_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
+return {cache_key, redis.call('GET', cache_key)}
+"""
+
+
+@attrs.define(eq=False)
+class RedisCachedDirectory:
+    """``ports.Directory``: ``inner`` with ``list_rooms`` and ``list_members`` cached in Redis
+    for ``ttl_s`` (rules in the module docstring)."""
+
+    inner: ports.Directory
+    _redis: RedisClient
+    prefix: str
+    ttl_s: float = attrs.field(default=5.0, kw_only=True)
+    retry_after_s: float = attrs.field(default=1.0, kw_only=True)
+    hits: int = attrs.field(default=0, init=False)
+    misses: int = attrs.field(default=0, init=False)
+    _read: Script[bytes] = attrs.field(init=False)
+    _skip_until: float = attrs.field(default=float("-inf"), init=False)
+    _failing: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._read = self._redis.register_script(_READ_LUA)
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    @property
+    def _rooms_version(self) -> str:
+        return f"{self.prefix}:dir:rooms:version"
+
+    @property
+    def _members_version(self) -> str:
+        return f"{self.prefix}:dir:members:version"
+
+    def _room_members_version(self, room_id: int) -> str:
+        return f"{self.prefix}:dir:room:{room_id}:members:version"
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
+        async def load() -> str:
+            rooms = await self.inner.list_rooms(after_id=after_id, limit=limit)
+            return json.dumps([[r.id, r.name, r.created_at_ms] for r in rooms], ensure_ascii=False)
+
+        cached = await self._cached(
+            [self._rooms_version], f"{self.prefix}:dir:rooms:", f":{after_id}:{limit}", load
+        )
+        return [Room(int(i), str(name), int(at)) for i, name, at in json.loads(cached)]
+
+    async def list_members(self, room_id: int) -> list[str]:
+        async def load() -> str:
+            return json.dumps(await self.inner.list_members(room_id), ensure_ascii=False)
+
+        cached = await self._cached(
+            [self._members_version, self._room_members_version(room_id)],
+            f"{self.prefix}:dir:room:{room_id}:members:",
+            "",
+            load,
+        )
+        return [str(name) for name in json.loads(cached)]
+
+    async def _cached(
+        self, versions: list[str], head: str, tail: str, load: Callable[[], Awaitable[str]]
+    ) -> str:
+        """The cached JSON under the current ``versions``, else ``load()``'s, stored."""
+        found = await self._redis_or_none(
+            lambda: self._read(
+                keys=versions, args=[secrets.token_hex(8), head, tail], callback=any_reply
+            )
+        )
+        if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes)):
+            self.misses += 1
+            return await load()
+        cache_key, value = found
+        if isinstance(value, bytes):
+            self.hits += 1
+            return value.decode()
+        self.misses += 1
+        loaded = await load()
+        px = max(1, int(self.ttl_s * 1000))
+        await self._redis_or_none(lambda: self._redis.set(cache_key, loaded, px=px))
+        return loaded
+
+    async def _redis_or_none(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()``, or None if Redis failed (then leave it alone for ``retry_after_s``)."""
+        if trio.current_time() < self._skip_until:
+            await trio.lowlevel.checkpoint()
+            return None
+        try:
+            result = await call()
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self._skip_until = trio.current_time() + self.retry_after_s
+            if not self._failing:
+                self._failing = True
+                log.warning("directory cache: Redis failed (%s); reading through", exc)
+            return None
+        if self._failing:
+            self._failing = False
+            log.info("directory cache: Redis is back")
+        return result
+
+    async def _invalidate(self, *version_keys: str) -> None:
+        for key in version_keys:
+            await self._redis_or_none(partial(self._redis.set, key, secrets.token_hex(8)))
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
+        try:
+            return await self.inner.create_room(name, created_at_ms=created_at_ms)
+        finally:  # an error may still have created it: invalidate either way
+            await self._invalidate(self._rooms_version)
+
+    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+        return await self._member_write(
+            room_id, lambda: self.inner.add_member(room_id, user, max_members=max_members)
+        )
+
+    async def remove_member(self, room_id: int, user: str) -> bool:
+        return await self._member_write(room_id, lambda: self.inner.remove_member(room_id, user))
+
+    async def _member_write(self, room_id: int, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Invalidate the room's members if the write changed them, or may have."""
+        try:
+            changed = await write()
+        except errors.ChatError as exc:
+            if isinstance(exc, errors.Unavailable):
+                await self._invalidate(self._room_members_version(room_id))
+            raise  # NotFound, RoomFull: nothing changed
+        if changed:
+            await self._invalidate(self._room_members_version(room_id))
+        return changed
+
+    async def delete_all_users(self) -> int:
+        try:
+            return await self.inner.delete_all_users()
+        finally:
+            await self._invalidate(self._members_version)
+
+    # -- pass-through ---------------------------------------------------------------------------
+
+    async def create_user(
+        self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
+    ) -> User:
+        return await self.inner.create_user(
+            name, password_hash, created_at_ms=created_at_ms, is_admin=is_admin
+        )
+
+    async def get_user(self, name: str) -> User | None:
+        return await self.inner.get_user(name)
+
+    async def get_room(self, room_id: int) -> Room | None:
+        return await self.inner.get_room(room_id)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+if TYPE_CHECKING:  # mypy proves the adapter implements its port
+
+    def _implements_port(inner: ports.Directory, redis: RedisClient) -> ports.Directory:
+        return RedisCachedDirectory(inner, redis, "p")
