@@ -3,7 +3,9 @@
 :func:`open_redis` makes the one ``coredis.Redis`` client a node shares between its Redis ports
 (bus, archive feed, presence, directory cache). coredis is anyio based and runs on Trio; its
 client owns a task group (the connection tasks), so it must be entered with ``async with`` by a
-task that outlives every user of the client, i.e. the composition root.
+task that outlives every user of the client, i.e. the composition root. Its pool is coredis'
+own with one leak fixed (:class:`_SlotKeepingPool`): without it, every pub/sub reconnect
+would cost the pool one of its ``max_connections`` slots for good.
 
 The client never retries by itself (``NoRetryPolicy``): a command that failed for a connection
 reason raises at once, mapped by :func:`redis_failures` to

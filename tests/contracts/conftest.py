@@ -222,7 +222,7 @@ async def redis_presence(url: str) -> AsyncIterator[PresenceRig]:
 async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
     from chatnode.adapters.redis import RedisArchiveFeed, RedisBus
 
-    claim_idle_ms = 200
+    claim_idle_ms = 400
     async with redis_test_clients(url, count=2) as (clients, prefix):
         bus = RedisBus(clients[0], prefix)
 

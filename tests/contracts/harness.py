@@ -22,8 +22,8 @@ import attrs
 import pytest
 import trio
 
-from chatnode.core.models import ChatMessage
-from chatnode.core.ports import Bus, Presence
+from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.ports import ArchiveFeed, Bus, Presence
 
 T = TypeVar("T")
 
@@ -162,3 +162,19 @@ class FakeClock:
     async def advance(self, seconds: float) -> None:
         self.now += seconds
         await trio.lowlevel.checkpoint()
+
+
+@attrs.frozen
+class FeedRig:
+    """Archive feeds on one backend, and the bus that fills them.
+
+    ``publish(draft)`` publishes through a bus of the backend (every publish lands in the feed);
+    ``new_feed(consumer)`` makes a feed reading as ``consumer`` (one per node) that takes over
+    entries left unacknowledged for ``claim_idle_ms``; ``advance(seconds)`` returns once at
+    least that much time passed for the backend (a real wait for a service: keep it short).
+    """
+
+    publish: Callable[[Draft], Awaitable[ChatMessage]]
+    new_feed: Callable[[str], ArchiveFeed]
+    claim_idle_ms: int
+    advance: Callable[[float], Awaitable[None]]

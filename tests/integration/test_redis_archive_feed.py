@@ -1,0 +1,94 @@
+"""RedisArchiveFeed against a real Redis, beyond the ArchiveFeed contract: the stream does not
+grow, the group is created once from the stream's start and again if the stream vanished, a
+foreign entry does not block the feed, failures are ``Unavailable``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from coredis.response.types import StreamPending
+
+from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, open_redis
+from chatnode.core import errors
+from chatnode.core.models import Draft
+from tests.contracts.conftest import redis_test_clients
+from tests.contracts.harness import require_service
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+
+
+def draft(room_id: int, text: str) -> Draft:
+    return Draft(room_id=room_id, user="bob", text=text, timestamp_ms=T0)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
+        yield clients[0], prefix
+
+
+async def test_acknowledged_entries_leave_the_stream(redis: tuple[RedisClient, str]) -> None:
+    client, prefix = redis
+    bus = RedisBus(client, prefix)
+    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    for n in range(5):
+        await bus.publish(draft(1, f"m{n}"))
+
+    taken = await feed.take(max_count=10, wait_ms=100)
+    await feed.ack(taken)
+
+    assert len(taken) == 5
+    assert await client.xlen(bus.keys.archive) == 0
+    pending = await client.xpending(bus.keys.archive, "archivers")
+    assert isinstance(pending, StreamPending) and pending.pending == 0
+
+
+async def test_a_feed_started_late_gets_what_was_published_before(
+    redis: tuple[RedisClient, str],
+) -> None:
+    client, prefix = redis
+    bus = RedisBus(client, prefix)
+    published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
+
+    taken = await RedisArchiveFeed(client, prefix, consumer="late").take(max_count=10, wait_ms=100)
+
+    assert [e.message for e in taken] == published
+
+
+async def test_the_group_is_created_again_when_the_stream_vanished(
+    redis: tuple[RedisClient, str],
+) -> None:
+    client, prefix = redis
+    bus = RedisBus(client, prefix)
+    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    assert await feed.take(max_count=10, wait_ms=0) == []  # creates the group
+
+    await client.delete([bus.keys.archive])  # e.g. a Redis restarted without persistence
+    message = await bus.publish(draft(1, "after"))
+
+    assert [e.message for e in await feed.take(max_count=10, wait_ms=100)] == [message]
+
+
+async def test_a_malformed_entry_is_dropped_not_handed_out(
+    redis: tuple[RedisClient, str],
+) -> None:
+    client, prefix = redis
+    bus = RedisBus(client, prefix)
+    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    await client.xadd(bus.keys.archive, {"garbage": "1"})
+    message = await bus.publish(draft(1, "real"))
+
+    taken = await feed.take(max_count=10, wait_ms=100)
+
+    assert [e.message for e in taken] == [message]
+    assert await client.xlen(bus.keys.archive) == 1  # only the real one waits for its ack
+
+
+async def test_an_unreachable_redis_is_unavailable() -> None:
+    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
+        feed = RedisArchiveFeed(client, "nowhere", consumer="n1")
+        with pytest.raises(errors.Unavailable):
+            await feed.take(max_count=10, wait_ms=0)

@@ -1,0 +1,205 @@
+"""RedisCachedDirectory against a real Redis, in front of an in-memory SQLite directory that
+counts its reads: hits, invalidation by every write, the write/read race, lost version keys,
+TTL, and reading through when Redis is down. (It also passes the Directory contract: see the
+``redis-cached`` entry of the directory registry.)"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from chatnode.adapters.redis import RedisCachedDirectory, RedisClient, open_redis
+from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory
+from chatnode.core import errors
+from chatnode.core.ports import Directory
+from tests.contracts.conftest import redis_test_clients
+from tests.contracts.harness import require_service
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+
+
+@attrs.define(eq=False)
+class CountingDirectory:
+    """Delegates to ``inner``, counting list reads; ``gate`` (if set) holds list_members
+    after it read, until the test opens it."""
+
+    inner: Directory
+    reads: dict[str, int] = attrs.field(factory=lambda: {"list_rooms": 0, "list_members": 0})
+    gate: trio.Event | None = None
+    reading: trio.Event = attrs.field(factory=trio.Event)
+
+    async def list_rooms(self, *, after_id: int, limit: int) -> list[Any]:
+        self.reads["list_rooms"] += 1
+        return await self.inner.list_rooms(after_id=after_id, limit=limit)
+
+    async def list_members(self, room_id: int) -> list[str]:
+        self.reads["list_members"] += 1
+        members = await self.inner.list_members(room_id)
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return members
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        return getattr(self.inner, name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def inner() -> AsyncIterator[CountingDirectory]:
+    async with await SqliteDatabase.open(":memory:") as db:
+        directory = SqliteDirectory(db)
+        for name in ("alice", "bob", "carol"):
+            await directory.create_user(name, "h", created_at_ms=T0)
+        yield CountingDirectory(directory)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
+        yield clients[0], prefix
+
+
+@pytest.fixture
+def cached(inner: CountingDirectory, redis: tuple[RedisClient, str]) -> RedisCachedDirectory:
+    client, prefix = redis
+    return RedisCachedDirectory(inner, client, prefix, ttl_s=60.0)  # type: ignore[arg-type]
+
+
+async def test_rooms_pages_are_cached_and_a_new_room_invalidates_them(
+    cached: RedisCachedDirectory, inner: CountingDirectory
+) -> None:
+    first = await cached.create_room("one", created_at_ms=T0)
+    assert await cached.list_rooms(after_id=0, limit=10) == [first]
+    assert await cached.list_rooms(after_id=0, limit=10) == [first]
+    assert await cached.list_rooms(after_id=0, limit=5) == [first]  # another page: own key
+    assert inner.reads["list_rooms"] == 2
+
+    second = await cached.create_room("two", created_at_ms=T0)
+
+    assert await cached.list_rooms(after_id=0, limit=10) == [first, second]
+    assert await cached.list_rooms(after_id=1, limit=10) == [second]
+    assert inner.reads["list_rooms"] == 4
+    assert cached.hits == 1
+
+
+async def test_members_are_cached_per_room_and_writes_invalidate_their_room(
+    cached: RedisCachedDirectory, inner: CountingDirectory
+) -> None:
+    r1 = await cached.create_room("one", created_at_ms=T0)
+    r2 = await cached.create_room("two", created_at_ms=T0)
+    await cached.add_member(r1.id, "bob", max_members=10)
+    await cached.add_member(r2.id, "carol", max_members=10)
+    assert await cached.list_members(r1.id) == ["bob"]
+    assert await cached.list_members(r2.id) == ["carol"]
+    reads = inner.reads["list_members"]
+
+    assert not await cached.add_member(r1.id, "bob", max_members=10)  # no change: still cached
+    assert await cached.list_members(r1.id) == ["bob"]
+    assert await cached.add_member(r1.id, "alice", max_members=10)
+    assert await cached.list_members(r1.id) == ["alice", "bob"]
+    assert await cached.list_members(r2.id) == ["carol"]  # the other room stays cached
+    assert inner.reads["list_members"] == reads + 1
+
+    assert await cached.remove_member(r1.id, "bob")
+    assert await cached.list_members(r1.id) == ["alice"]
+    assert inner.reads["list_members"] == reads + 2
+
+
+async def test_deleting_all_users_invalidates_every_member_list(
+    cached: RedisCachedDirectory,
+) -> None:
+    rooms = [await cached.create_room(f"r{n}", created_at_ms=T0) for n in range(3)]
+    for room in rooms:
+        await cached.add_member(room.id, "alice", max_members=10)
+        assert await cached.list_members(room.id) == ["alice"]
+
+    assert await cached.delete_all_users() == 3
+
+    for room in rooms:
+        assert await cached.list_members(room.id) == []
+
+
+async def test_failed_writes_do_not_invalidate(
+    cached: RedisCachedDirectory, inner: CountingDirectory
+) -> None:
+    room = await cached.create_room("one", created_at_ms=T0)
+    await cached.add_member(room.id, "alice", max_members=1)
+    assert await cached.list_members(room.id) == ["alice"]
+    reads = inner.reads["list_members"]
+
+    with pytest.raises(errors.RoomFull):
+        await cached.add_member(room.id, "bob", max_members=1)
+    with pytest.raises(errors.NotFound):
+        await cached.add_member(room.id, "nobody", max_members=10)
+
+    assert await cached.list_members(room.id) == ["alice"]
+    assert inner.reads["list_members"] == reads
+
+
+async def test_a_read_that_overlaps_a_write_never_caches_stale_data(
+    cached: RedisCachedDirectory, inner: CountingDirectory
+) -> None:
+    room = await cached.create_room("one", created_at_ms=T0)
+    inner.gate = trio.Event()
+    seen: list[list[str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def slow_reader() -> None:
+            seen.append(await cached.list_members(room.id))
+
+        nursery.start_soon(slow_reader)
+        await inner.reading.wait()  # it read [] from the directory and holds it
+        await cached.add_member(room.id, "alice", max_members=10)
+        inner.gate.set()  # now it stores [] in the cache, under the old version
+    inner.gate = None
+
+    assert seen == [[]]
+    assert await cached.list_members(room.id) == ["alice"]
+
+
+async def test_a_lost_version_key_never_revives_old_entries(
+    cached: RedisCachedDirectory, inner: CountingDirectory, redis: tuple[RedisClient, str]
+) -> None:
+    room = await cached.create_room("one", created_at_ms=T0)
+    assert await cached.list_members(room.id) == []
+    await inner.inner.add_member(room.id, "alice", max_members=10)  # behind the cache's back
+    assert await cached.list_members(room.id) == []  # cached until invalidated or expired
+
+    client, prefix = redis
+    await client.delete([f"{prefix}:dir:room:{room.id}:members:version"])
+
+    assert await cached.list_members(room.id) == ["alice"]
+
+
+async def test_entries_expire_after_the_ttl(
+    inner: CountingDirectory, redis: tuple[RedisClient, str]
+) -> None:
+    client, prefix = redis
+    cached = RedisCachedDirectory(inner, client, prefix, ttl_s=0.3)  # type: ignore[arg-type]
+    await cached.list_rooms(after_id=0, limit=10)
+    await cached.list_rooms(after_id=0, limit=10)
+    assert inner.reads["list_rooms"] == 1
+
+    await trio.sleep(0.4)  # let the TTL pass (time, not an event)
+    await cached.list_rooms(after_id=0, limit=10)
+
+    assert inner.reads["list_rooms"] == 2
+
+
+async def test_without_redis_everything_reads_through(inner: CountingDirectory) -> None:
+    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
+        cached = RedisCachedDirectory(inner, client, "nowhere")  # type: ignore[arg-type]
+        room = await cached.create_room("one", created_at_ms=T0)
+        assert await cached.add_member(room.id, "bob", max_members=10)
+
+        assert await cached.list_rooms(after_id=0, limit=10) == [room]
+        assert await cached.list_members(room.id) == ["bob"]
+        assert await cached.list_members(room.id) == ["bob"]
+        assert inner.reads == {"list_rooms": 1, "list_members": 2}
+        await cached.check()
