@@ -578,6 +578,19 @@ def _append(draft: Draft, conn: sqlite3.Connection) -> ChatMessage:
     return ChatMessage(draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms)
 
 
+async def _recover(handler: ports.BusHandler) -> None:
+    """The handler could not apply a delivery (its gap fill hit an unavailable backend):
+    retry its catch-up with backoff until it succeeds, as a Redis bus does after a reconnect."""
+    backoff_s = 0.05
+    while True:
+        await trio.sleep(backoff_s)
+        try:
+            await handler.resubscribed()
+            return
+        except errors.Unavailable:
+            backoff_s = min(2.0, backoff_s * 2)
+
+
 @attrs.define(eq=False)
 class SqliteBus:
     """``ports.Bus`` for the embedded node: the room log is the ``messages`` table.
@@ -645,7 +658,10 @@ class SqliteBus:
         try:
             task_status.started()
             async for item in receive:
-                await self._dispatch(handler, item)
+                try:
+                    await self._dispatch(handler, item)
+                except errors.Unavailable:
+                    await _recover(handler)
                 if self._overflowed and receive.statistics().current_buffer_used == 0:
                     self._overflowed = False
                     await handler.resubscribed()

@@ -79,7 +79,12 @@ class Directory(Closeable, Protocol):
 
 
 class BusHandler(Protocol):
-    """Implemented by the node; the bus never reaches into node internals."""
+    """Implemented by the node; the bus never reaches into node internals.
+
+    ``deliver`` and ``resubscribed`` may raise ``Unavailable`` (filling a gap needs the room
+    log); the bus then retries ``resubscribed`` with backoff until it succeeds, and never drops
+    the handler's catch-up.
+    """
 
     async def deliver(self, message: ChatMessage) -> None:
         """Called once per published message of each subscribed room, in offset order per
