@@ -34,7 +34,6 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -43,6 +42,7 @@ import trio
 from elastic_transport import HttpxAsyncHttpNode
 from elasticsearch import ApiError, AsyncElasticsearch
 
+from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, SearchHit, SearchQuery
 
@@ -150,7 +150,7 @@ def bulk_failures(response: dict[str, Any]) -> list[str]:
 
 
 @attrs.define(eq=False)
-class EsArchive:
+class EsArchive(ClosesOnExit):
     """``ports.Archive`` on an Elasticsearch index (see the module guarantees).
 
     Build with :meth:`from_url`; the archive owns its client and ``aclose()`` closes it.
@@ -201,17 +201,6 @@ class EsArchive:
         self._closed = True
         with trio.CancelScope(shield=True):
             await self.es.close()
-
-    async def __aenter__(self) -> EsArchive:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def store(self, messages: Sequence[ChatMessage]) -> None:
         if not messages:

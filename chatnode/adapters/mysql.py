@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -54,6 +53,7 @@ import attrs
 import MySQLdb
 import trio
 
+from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import Room, User
 
@@ -267,7 +267,7 @@ class _Idle:
 
 
 @attrs.define(eq=False)
-class MysqlPool:
+class MysqlPool(ClosesOnExit):
     """At most ``size`` MySQL connections, each used by one worker thread at a time.
 
     See the module rules. ``run(fn)`` is the only way in; the pool belongs to whoever built it
@@ -364,17 +364,6 @@ class MysqlPool:
         else:
             await trio.lowlevel.checkpoint()
 
-    async def __aenter__(self) -> MysqlPool:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     # Everything below runs in a worker thread.
 
     def _call(self, fn: Callable[[Connection], T]) -> T:
@@ -464,7 +453,7 @@ def _fetch_all(conn: Connection, sql: str, args: tuple[Any, ...]) -> list[tuple[
 
 
 @attrs.define(eq=False)
-class MysqlDirectory:
+class MysqlDirectory(ClosesOnExit):
     """``ports.Directory`` in MySQL/MariaDB (schema: ``migrations/mysql``).
 
     Names compare exactly (``utf8mb4_bin``) and sort by code point. Room ids come from
@@ -495,17 +484,6 @@ class MysqlDirectory:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
-
-    async def __aenter__(self) -> MysqlDirectory:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def create_user(
         self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False

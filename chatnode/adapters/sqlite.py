@@ -41,12 +41,12 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
 import trio
 
+from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, Room, SearchHit, SearchQuery, User
 
@@ -181,7 +181,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 @attrs.define(eq=False)
-class SqliteDatabase:
+class SqliteDatabase(ClosesOnExit):
     """One SQLite connection, serialized through a one-thread limiter (see the module rules).
 
     Open with ``await SqliteDatabase.open(path)`` (``":memory:"`` for a private in-memory
@@ -244,17 +244,6 @@ class SqliteDatabase:
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close, limiter=self._limiter)
-
-    async def __aenter__(self) -> SqliteDatabase:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
