@@ -63,6 +63,9 @@ class Backends:
     feed: ArchiveFeed | None = None
 
 
+USER_CHECK_TTL_S = 5.0
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -76,6 +79,10 @@ class ChatNode:
         )
         self.archiver = Archiver(backends.feed, backends.archive) if backends.feed else None
         self._conn_counter = 0
+        # Unknown names are checked against this hash so that a wrong name costs the same
+        # time as a wrong password (no user enumeration by timing).
+        self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
+        self._known_users: dict[str, float] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class ChatNode:
         if not isinstance(name, str) or not isinstance(password, str):
             raise Unauthorized("name and password are required", code="bad_credentials")
         user = await self.backends.directory.get_user(name)
-        stored = user.password_hash if user else auth.hash_password("x", cost_log2=10)
+        stored = user.password_hash if user else self._decoy_hash
         ok = await trio.to_thread.run_sync(auth.verify_password, password, stored)
         if user is None or not ok:
             raise Unauthorized("wrong user name or password", code="bad_credentials")
@@ -148,7 +155,7 @@ class ChatNode:
             claims = auth.verify_token(
                 token, secret=self.settings.jwt_secret, now_s=int(time.time())
             )
-            if await self.backends.directory.get_user(claims.user) is None:
+            if not await self._user_exists(claims.user):
                 raise Unauthorized("the token's user no longer exists", code="token_invalid")
             return claims
         if self.settings.insecure:
@@ -166,9 +173,23 @@ class ChatNode:
             code="token_required",
         )
 
+    async def _user_exists(self, name: str) -> bool:
+        """Whether a token's user still exists, remembered for ``USER_CHECK_TTL_S`` so that a
+        REST call costs no directory query (another node's deletion shows within that time)."""
+        now = trio.current_time()
+        if self._known_users.get(name, -1.0) > now:
+            return True
+        if await self.backends.directory.get_user(name) is None:
+            return False
+        if len(self._known_users) > 100_000:
+            self._known_users.clear()
+        self._known_users[name] = now + USER_CHECK_TTL_S
+        return True
+
     async def delete_all_users(self, claims: auth.Claims) -> int:
         if not claims.is_admin:
             raise Forbidden("only an admin may delete users", code="admin_only")
+        self._known_users.clear()
         return await self.backends.directory.delete_all_users()
 
     # -- rooms --------------------------------------------------------------------------------
