@@ -301,3 +301,26 @@ async def test_keep_alive_serves_many_requests_on_one_connection(tmp_path: Path)
     ):
         for _ in range(20):
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_room_size_and_rate_limits(tmp_path: Path) -> None:
+    config = node_config(str(tmp_path), max_room_members=2, rate_messages_per_s=1.0, rate_burst=2)
+    async with running_node(config) as node, api_client(node) as api:
+        tokens = [await api.user_with_token(name) for name in ("ann", "bob", "cid")]
+        room = await api.create_room(tokens[0])
+        async with join(node, room, token=tokens[0]) as a, join(node, room, token=tokens[1]):
+            await until_live(a)
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with join(node, room, token=tokens[2]):
+                    pass
+            assert rejected.value.status_code == 409
+            assert json.loads(rejected.value.body)["error"]["code"] == "room_full"
+            for i in range(3):
+                await a.send_message(json.dumps({"type": "send", "id": str(i), "message": "hi"}))
+            assert (await next_of_type(a, "ack"))["id"] == "0"
+            assert (await next_of_type(a, "ack"))["id"] == "1"
+            error = await next_of_type(a, "error")
+            assert error["code"] == "rate_limited" and error["id"] == "2"
+            assert error["retry_after_s"] > 0
+        async with join(node, room, token=tokens[0]) as again:  # members may always rejoin
+            await until_live(again)
