@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from chatnode.core import protocol
+from chatnode.core.errors import Unavailable
 from chatnode.core.models import ChatMessage
 from chatnode.core.ports import Archive, Bus
 from chatnode.core.protocol import CloseCode, Dialect
@@ -133,7 +134,12 @@ class Hub:
         async with self._subscription_lock:
             if self._sessions.get(room_id) is session and not session.seats:
                 del self._sessions[room_id]
-                await self._bus.unsubscribe(room_id)
+                try:
+                    await self._bus.unsubscribe(room_id)
+                except Unavailable:
+                    # Harmless: with no session the hub ignores the room's traffic, and the
+                    # next first member subscribes again.
+                    log.warning("room %d: unsubscribe failed (bus unavailable)", room_id)
 
     async def _session(self, room_id: int) -> RoomSession:
         session = self._sessions.get(room_id)
