@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return trio.run(_serve, config)
     if args.command == "migrate":
+        if config.embedded:
+            print("embedded mode: the SQLite schema is migrated when the node starts; nothing to do")
+            return 0
         from chatnode.adapters.cluster import migrate
 
         migrated: int = trio.run(migrate, config)
