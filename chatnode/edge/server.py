@@ -1,6 +1,7 @@
 """The listener: accepts connections and serves HTTP and WebSocket on them.
 
-Ownership: ``EdgeServer.serve`` owns a nursery of connection tasks. ``stop_accepting`` closes
+Ownership: ``EdgeServer.serve`` owns the write batcher's task and, inside it, a nursery of
+connection tasks. ``stop_accepting`` closes
 the listeners; ``serve`` then returns once every connection has ended. Idle keep-alive HTTP
 connections are closed as soon as draining starts; WebSockets are closed by the node.
 """
@@ -15,7 +16,7 @@ from chatnode.core.errors import ChatError
 from chatnode.edge import http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
-from chatnode.edge.websocket import WsSettings, serve_websocket
+from chatnode.edge.websocket import WriteBatcher, WsSettings, serve_websocket
 from chatnode.node.service import ChatNode
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class EdgeServer:
         self._ws_settings = ws_settings
         self._accept_scope = trio.CancelScope()
         self._idle = http.IdleConnections()
+        self.batcher = WriteBatcher()
 
     async def serve(
         self,
@@ -43,12 +45,17 @@ class EdgeServer:
         """Listen on ``host:port`` (0 picks a port); ``started(ports)`` once listening."""
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
-        async with trio.open_nursery() as connections:
-            with self._accept_scope:
-                task_status.started(ports)
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=connections)
-            for listener in listeners:
-                await listener.aclose()
+        async with trio.open_nursery() as batching:
+            await batching.start(self.batcher.run)
+            async with trio.open_nursery() as connections:
+                with self._accept_scope:
+                    task_status.started(ports)
+                    await trio.serve_listeners(
+                        self._connection, listeners, handler_nursery=connections
+                    )
+                for listener in listeners:
+                    await listener.aclose()
+            batching.cancel_scope.cancel()  # every connection ended: nothing left to flush
 
     def stop_accepting(self) -> None:
         self.metrics.draining = True
@@ -73,4 +80,6 @@ class EdgeServer:
         if not request.path.endswith("/join"):
             return await self.api.handle(request)
         self.metrics.ws_accepted += 1
-        return await serve_websocket(self.node, self._ws_settings, request, stream, trailing)
+        return await serve_websocket(
+            self.node, self._ws_settings, self.batcher, request, stream, trailing
+        )

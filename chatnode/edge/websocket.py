@@ -4,12 +4,15 @@ Ownership: one nursery per connection holds its writer; the reader runs in the c
 The handshake answer is the first item of the outbox, so the replay that ``ChatNode.join``
 queues follows it in order and the node never writes to a socket outside the writer.
 
-Backpressure (DESIGN.md §4.3): ``send_nowait`` never awaits. When nothing is queued and the
-writer is idle it writes the pre-encoded frame straight to the non-blocking socket (the common
-case: no task switch per delivery); whatever the kernel does not take goes to the outbox and
-wakes the writer task, which alone writes while anything is queued, so order is kept. When the unsent bytes pass ``send_backlog_bytes`` the
-member is a slow consumer: its backlog is dropped, a close frame (4001) is queued and the
-connection gets ``close_timeout_s`` to go, after which it is cut. Others in the room never wait.
+Backpressure (DESIGN.md §4.3): ``send_nowait`` never awaits: it appends the pre-encoded frame
+to the member's pending list and marks the member dirty in the ``WriteBatcher``, whose task
+flushes every dirty member once the producers yield, in one write per member per burst. A flush
+writes straight to the non-blocking socket when nothing is queued and the writer is idle (the
+common case: no task switch per member); whatever the kernel does not take goes to the outbox
+and wakes the member's writer task, which alone writes while anything is queued, so order is
+kept. When pending plus unsent bytes pass ``send_backlog_bytes`` the member is a slow
+consumer: its backlog is dropped, a close frame (4001) is queued and the connection gets
+``close_timeout_s`` to go, after which it is cut. Others in the room never wait.
 """
 
 from __future__ import annotations
@@ -86,6 +89,35 @@ def check_handshake(request: Request) -> Dialect:
     return Dialect.V1 if protocol.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
 
 
+class WriteBatcher:
+    """Coalesces what each member is sent during one scheduler pass into one write.
+
+    A broadcast marks members dirty (``send_nowait``); the batcher's task runs once the
+    producers yield (after a burst of messages from the bus, say) and flushes every dirty
+    member: one ``write`` per member per burst instead of one per message. Owned by the edge
+    server's nursery.
+    """
+
+    def __init__(self) -> None:
+        self._dirty: list[WsMember] = []
+        self._wake = trio.Event()
+        self.flushes = 0
+
+    def mark(self, member: WsMember) -> None:
+        self._dirty.append(member)
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            dirty, self._dirty = self._dirty, []
+            self.flushes += 1
+            for member in dirty:
+                member.flush()
+
+
 class WsMember:
     """A joined WebSocket connection; implements ``node.hub.Member``."""
 
@@ -99,8 +131,13 @@ class WsMember:
         dialect: Dialect,
         settings: WsSettings,
         greeting: bytes,
+        batcher: WriteBatcher,
     ) -> None:
         self._stream = stream
+        self._batcher = batcher
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._marked = False
         self._ws = ws
         self._settings = settings
         self.conn_id = conn_id
@@ -121,32 +158,57 @@ class WsMember:
     def send_nowait(self, frame: bytes) -> None:
         if self._closing:
             return
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        if self._pending_bytes + self._outbox_bytes > self._settings.send_backlog_bytes:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
+            return
+        if not self._marked:
+            self._marked = True
+            self._batcher.mark(self)
+
+    def flush(self) -> None:
+        """Write what ``send_nowait`` gathered since the last flush, in one write: straight to
+        the non-blocking socket when nothing is queued and the writer is idle (the common
+        case: no task switch), else to the outbox for the writer. Called by the batcher."""
+        self._marked = False
+        if self._closing or not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
         if not self._outbox and not self._writing:
-            # Fast path: nothing queued and the writer idle, so the socket is ours to write
-            # to right now (non-blocking). Only what the kernel does not take is queued.
             try:
-                sent = os.write(self._fd, frame)
+                sent = os.write(self._fd, data)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 self._broken()
                 return
-            if sent == len(frame):
+            if sent == len(data):
                 return
-            frame = frame[sent:]
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
-        if self._outbox_bytes > self._settings.send_backlog_bytes:
-            self._outbox.clear()
-            self._outbox_bytes = 0
-            self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
-            return
+            data = data[sent:]
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
         self._wake.set()
+
+    def finish(self) -> None:
+        """The connection is over: nothing more is written to its socket (whose descriptor
+        may be reused once closed)."""
+        self._closing = True
+        self._pending.clear()
 
     def close_nowait(self, code: CloseCode, reason: str) -> None:
         """Queue a close frame and give the connection ``close_timeout_s`` to finish."""
         if self._closing:
             return
+        if self._pending and code is not CloseCode.SLOW_CONSUMER:
+            self._outbox.append(b"".join(self._pending))  # what was sent before the close
+        self._pending.clear()
         self._closing = True
         self.close_code = code
         if self._ws.state is ConnectionState.OPEN:
@@ -315,6 +377,7 @@ class WsMember:
 async def serve_websocket(
     node: ChatNode,
     settings: WsSettings,
+    batcher: WriteBatcher,
     request: Request,
     stream: trio.SocketStream,
     trailing: bytes,
@@ -340,6 +403,7 @@ async def serve_websocket(
         dialect=dialect,
         settings=settings,
         greeting=handshake_response(request, dialect),
+        batcher=batcher,
     )
     try:
         async with node.join(room_id, member, since=since) as room:
@@ -348,6 +412,8 @@ async def serve_websocket(
         if member.started:
             raise
         return error_response(exc)  # refused before the handshake answer went out
+    finally:
+        member.finish()
     return None
 
 
