@@ -160,7 +160,13 @@ class WsMember:
             return
         self._pending.append(frame)
         self._pending_bytes += len(frame)
-        if self._pending_bytes + self._outbox_bytes > self._settings.send_backlog_bytes:
+        # Only once ``run`` started: before, the outbox holds the handshake answer and the
+        # join's replay, which is bounded by ``max_replay``, not by the backlog (a resume
+        # longer than the backlog must not be cut before its first byte, answer included).
+        if (
+            self.started
+            and self._pending_bytes + self._outbox_bytes > self._settings.send_backlog_bytes
+        ):
             self._pending.clear()
             self._pending_bytes = 0
             self._outbox.clear()

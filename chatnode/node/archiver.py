@@ -25,14 +25,30 @@ class Archiver:
     archive: Archive
     batch_size: int = 500
     wait_ms: int = 100
+    linger_s: float = 0.25
     max_backoff_s: float = 5.0
     archived: int = 0
     failures: int = 0
+    _stopping: bool = False
+    _running: bool = False
+    _stopped: trio.Event = attrs.Factory(trio.Event)
+    _stop_requested: trio.Event = attrs.Factory(trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Archive until cancelled, or until ``drain()`` asked it to stop after its batch."""
+        self._running = True
         task_status.started()
-        while True:
-            await self.step()
+        try:
+            while not self._stopping:
+                archived = await self.step()
+                if 0 < archived < self.batch_size and not self._stopping:
+                    # A partial batch: let the next one gather for ``linger_s``, so light
+                    # traffic costs a few bulk requests a second, not one per message.
+                    with trio.move_on_after(self.linger_s):
+                        await self._stop_requested.wait()
+        finally:
+            self._running = False
+            self._stopped.set()
 
     async def step(self) -> int:
         """Archive one batch (possibly empty); return its size. Retries until stored."""
@@ -59,6 +75,13 @@ class Archiver:
         return len(entries)
 
     async def drain(self) -> None:
-        """Archive until the feed has nothing for this node (used on graceful stop)."""
-        while await self.step():
-            pass
+        """Graceful stop: take nothing new, and return once the batch ``run`` holds is stored
+        and acknowledged. (Taking more would compete with the other nodes for their traffic
+        until the caller's deadline cancels a batch midway, leaving it unacknowledged until
+        another node claims it after ``archive_claim_idle_s``.)"""
+        self._stopping = True
+        self._stop_requested.set()
+        if self._running:
+            await self._stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()

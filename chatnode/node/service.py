@@ -83,6 +83,7 @@ class ChatNode:
         # time as a wrong password (no user enumeration by timing).
         self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
         self._known_users: dict[str, float] = {}
+        self._presence: set[PresenceEntry] = set()  # this node's live connections
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -96,16 +97,41 @@ class ChatNode:
             task_status.started()
 
     async def _presence_loop(self) -> None:
-        ttl_ms = int(self.settings.presence_ttl_s * 1000)
+        """Heartbeat and reap every ``presence_ttl_s / 3``. A heartbeat that comes after a
+        failed one, or later than ``presence_ttl_s`` after the last good one, may come after
+        another node reaped this node's entries as a dead node's (a Redis outage longer than
+        the TTL does that), so it is followed by writing every local entry again."""
+        ttl_s = self.settings.presence_ttl_s
+        last_ok: float | None = None
+        failed = False
         while True:
             try:
-                await self.backends.presence.heartbeat(self.settings.node_id, ttl_ms=ttl_ms)
+                await self.backends.presence.heartbeat(
+                    self.settings.node_id, ttl_ms=int(ttl_s * 1000)
+                )
+                now = trio.current_time()
+                if failed or (last_ok is not None and now - last_ok >= ttl_s):
+                    await self._restore_presence()
+                last_ok, failed = now, False
                 reaped = await self.backends.presence.reap()
                 if reaped:
                     log.info("reaped %d presence entries of dead nodes", reaped)
             except Exception:
+                failed = True
                 log.warning("presence heartbeat failed; retrying", exc_info=True)
-            await trio.sleep(self.settings.presence_ttl_s / 3)
+            await trio.sleep(ttl_s / 3)
+
+    async def _restore_presence(self) -> None:
+        """Write every local entry again (idempotent). An entry whose connection ended
+        meanwhile is removed again afterwards, whatever order the two writes took."""
+        entries = list(self._presence)
+        for entry in entries:
+            await self.backends.presence.add(entry)
+        for entry in entries:
+            if entry not in self._presence:
+                await self.backends.presence.remove(entry)
+        if entries:
+            log.info("presence: wrote %d local entries again after a heartbeat gap", len(entries))
 
     def next_conn_id(self) -> str:
         self._conn_counter += 1
@@ -241,12 +267,14 @@ class ChatNode:
         entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
         session, seat = await self.hub.attach(room_id, member)
         try:
+            self._presence.add(entry)
             await self.backends.presence.add(entry)
             connection = RoomConnection(self, session, seat, member)
             await connection.replay(since)
             await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
             yield connection
         finally:
+            self._presence.discard(entry)
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.hub.detach(room_id, member)
                 try:

@@ -1,13 +1,18 @@
 """A real cluster for tests: N ``chatnode serve`` processes on the real MySQL, Redis and
 Elasticsearch (started by scripts/services), behind nginx. Each cluster gets its own MySQL
-database and key/index prefix, removed afterwards."""
+database and key/index prefix, removed afterwards.
+
+``Cluster.env`` is the cluster's settings with the real service URLs (what migrations, clean-up
+and a test's own checks use); ``node_env`` / ``per_node_env`` change only what the node
+processes get (e.g. a fault-injecting proxy in front of a service), and ``Cluster.nodes`` are
+the processes (``kill()``, ``terminate()``, ``pid``) for tests that crash or stop one."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import attrs
 import pytest
 
 from chatnode.config import Config
-from tests.cluster.harness import running_nginx, running_node_process
+from tests.cluster.harness import NodeProcess, running_nginx, started_node_process
 
 SERVICES = ("CHATNODE_TEST_MYSQL_URL", "CHATNODE_TEST_REDIS_URL", "CHATNODE_TEST_ES_URL")
 
@@ -38,6 +43,8 @@ class Cluster:
     node_ports: list[int]
     nginx_port: int
     prefix: str
+    nodes: list[NodeProcess] = attrs.Factory(list)
+    tmp: Path | None = None
 
     @property
     def url(self) -> str:
@@ -112,24 +119,39 @@ async def drop_env(env: dict[str, str]) -> None:
 
 
 @asynccontextmanager
-async def running_cluster(nodes: int = 2, **overrides: Any) -> AsyncIterator[Cluster]:
+async def running_cluster(
+    nodes: int = 2,
+    *,
+    node_env: Mapping[str, str] | Callable[[dict[str, str]], Mapping[str, str]] | None = None,
+    per_node_env: Sequence[Mapping[str, str]] = (),
+    **overrides: Any,
+) -> AsyncIterator[Cluster]:
+    """``nodes`` node processes behind nginx. ``overrides`` are settings of the whole cluster
+    (``room_log_length=10`` -> ``CHATNODE_ROOM_LOG_LENGTH``); ``node_env`` (every node) and
+    ``per_node_env[i]`` (node i) are extra environment of the node processes only;
+    ``node_env`` may be a function of the cluster's settings (e.g. to point the nodes at a
+    proxy in front of the cluster's own MySQL database)."""
     env = cluster_env(**overrides)
+    extra = node_env(dict(env)) if callable(node_env) else (node_env or {})
     await migrate_env(env)
     try:
         async with AsyncExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chatnode-cluster-")))
-            ports = []
+            processes = []
             for i in range(nodes):
-                node_env = {
+                process_env = {
                     **env,
                     "CHATNODE_NODE_ID": f"node{i + 1}",
                     "CHATNODE_DATA_DIR": str(tmp / f"node{i + 1}"),
+                    **extra,
+                    **(per_node_env[i] if i < len(per_node_env) else {}),
                 }
                 (tmp / f"node{i + 1}").mkdir()
-                ports.append(await stack.enter_async_context(running_node_process(node_env)))
+                processes.append(await stack.enter_async_context(started_node_process(process_env)))
+            ports = [p.port for p in processes]
             nginx_port = await stack.enter_async_context(
                 running_nginx(ports, prefix_dir=tmp / "nginx")
             )
-            yield Cluster(env, ports, nginx_port, env["CHATNODE_KEY_PREFIX"])
+            yield Cluster(env, ports, nginx_port, env["CHATNODE_KEY_PREFIX"], processes, tmp)
     finally:
         await drop_env(env)

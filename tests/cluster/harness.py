@@ -7,6 +7,9 @@ subprocess, all on loopback.
   loopback port and yields the port once it accepts connections.
 - ``running_node_process(env)`` starts ``python -m chatnode serve`` with ``env`` on a free
   loopback port and yields the port once ``/healthz`` answers 200.
+- ``started_node_process(env)`` does the same and yields a :class:`NodeProcess` handle
+  (``.port``, ``.pid``, ``.kill()`` = SIGKILL, ``.terminate()`` = SIGTERM, ``.wait()``) for
+  tests that crash or stop a node on purpose.
 
 Guarantees: the readiness waits are bounded (``START_TIMEOUT_S``) and fail with the tail of the
 process's output when it dies or never becomes ready; on exit the process is stopped by its PID
@@ -34,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
+import attrs
 import trio
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,14 +272,49 @@ def node_env(env: Mapping[str, str]) -> dict[str, str]:
     return base
 
 
+@attrs.define(eq=False)
+class NodeProcess:
+    """A running ``chatnode serve`` process (see :func:`started_node_process`)."""
+
+    process: trio.Process
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL by PID: a crash (no drain, nothing flushed)."""
+        with suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM by PID: the node drains and exits (``CHATNODE_DRAIN_TIMEOUT_S``)."""
+        with suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self) -> int:
+        """Wait until the process exited (and reap it); its return code."""
+        return await self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log, lines)
+
+
 @asynccontextmanager
-async def running_node_process(
+async def started_node_process(
     env: Mapping[str, str], *, log_path: Path | str | None = None
-) -> AsyncIterator[int]:
+) -> AsyncIterator[NodeProcess]:
     """``python -m chatnode serve`` with ``env`` (``CHATNODE_*`` settings) on a free loopback
-    port; yields the port once ``GET /healthz`` answers 200. Output goes to ``log_path``
-    (default: ``<CHATNODE_DATA_DIR>/node.log``, else a temporary file). On exit: SIGTERM (the
-    node drains), bounded wait, SIGKILL if it is still running."""
+    port; yields its :class:`NodeProcess` once ``GET /healthz`` answers 200. Output goes to
+    ``log_path`` (default: ``<CHATNODE_DATA_DIR>/node.log``, else a temporary file). On exit:
+    SIGTERM (the node drains), bounded wait, SIGKILL if it is still running; a process the test
+    already killed or stopped is just reaped."""
     port = free_port()
     child_env = node_env(env)
     child_env["CHATNODE_HOST"] = "127.0.0.1"
@@ -302,9 +341,20 @@ async def running_node_process(
                 return status == 200
 
             await _wait_ready(process, f"chatnode node on port {port}", log, ready)
-            yield port
+            yield NodeProcess(process, port, log)
         finally:
             await _stop(process, signal.SIGTERM)
     finally:
         if cleanup is not None:
             cleanup.cleanup()
+
+
+@asynccontextmanager
+async def running_node_process(
+    env: Mapping[str, str], *, log_path: Path | str | None = None
+) -> AsyncIterator[int]:
+    """``python -m chatnode serve`` with ``env`` (``CHATNODE_*`` settings) on a free loopback
+    port; yields the port once ``GET /healthz`` answers 200 (:func:`started_node_process`,
+    for callers that need only the port)."""
+    async with started_node_process(env, log_path=log_path) as node:
+        yield node.port
