@@ -83,6 +83,11 @@ class ChatNode:
         # time as a wrong password (no user enumeration by timing).
         self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
         self._known_users: dict[str, float] = {}
+        # Rooms are never deleted or renamed, and memberships end only with their user: what
+        # this node has seen once it need not ask the directory again (a rejoin, a reconnect
+        # storm or a MySQL outage costs no directory query).
+        self._rooms: dict[int, Room] = {}
+        self._members: set[tuple[int, str]] = set()
         self._presence: set[PresenceEntry] = set()  # this node's live connections
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -216,6 +221,7 @@ class ChatNode:
         if not claims.is_admin:
             raise Forbidden("only an admin may delete users", code="admin_only")
         self._known_users.clear()
+        self._members.clear()
         return await self.backends.directory.delete_all_users()
 
     # -- rooms --------------------------------------------------------------------------------
@@ -230,10 +236,25 @@ class ChatNode:
         return await self.backends.directory.list_rooms(after_id=after_id, limit=limit)
 
     async def room(self, room_id: int) -> Room:
-        room = await self.backends.directory.get_room(room_id)
+        room = self._rooms.get(room_id)
         if room is None:
-            raise NotFound(f"chatroom {room_id} does not exist", code="room_not_found")
+            room = await self.backends.directory.get_room(room_id)
+            if room is None:
+                raise NotFound(f"chatroom {room_id} does not exist", code="room_not_found")
+            if len(self._rooms) > 100_000:
+                self._rooms.clear()
+            self._rooms[room_id] = room
         return room
+
+    async def _ensure_member(self, room_id: int, user: str) -> None:
+        if (room_id, user) in self._members:
+            return
+        await self.backends.directory.add_member(
+            room_id, user, max_members=self.settings.limits.max_room_members
+        )
+        if len(self._members) > 1_000_000:
+            self._members.clear()
+        self._members.add((room_id, user))
 
     async def room_users(self, room_id: int) -> tuple[list[str], list[str]]:
         """(members, online) of a room."""
@@ -261,9 +282,7 @@ class ChatNode:
     ) -> AsyncIterator[RoomConnection]:
         """Enter a room: replay, then live (hub Rules 3 and 5). Leaves on exit."""
         await self.room(room_id)
-        await self.backends.directory.add_member(
-            room_id, member.user, max_members=self.settings.limits.max_room_members
-        )
+        await self._ensure_member(room_id, member.user)
         entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
         session, seat = await self.hub.attach(room_id, member)
         try:

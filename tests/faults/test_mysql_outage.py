@@ -6,8 +6,8 @@ a user, get a token); live chat in rooms members already joined goes on with no 
 duplicate, in order; after the restore the same operations succeed again without restarting a
 node.
 
-What a join does meanwhile (documented in docs/faults.md): a join reads the room and adds the
-membership in MySQL, so a new join -- also a reconnecting member's -- is refused with HTTP 503
+What a join does meanwhile (documented in docs/faults.md): a join the node has not seen before
+reads the room and adds the membership in MySQL, so a new member's join is refused with HTTP 503
 before the WebSocket handshake; a client retries it (FaultClient does) and gets in once MySQL
 is back.
 """
