@@ -33,7 +33,7 @@ class EdgeServer:
         self._ws_settings = ws_settings
         self._accept_scope = trio.CancelScope()
         self._idle = http.IdleConnections()
-        self.batcher = WriteBatcher()
+        self.batcher = WriteBatcher(ping_interval_s=ws_settings.ping_interval_s)
 
     async def serve(
         self,
@@ -47,6 +47,7 @@ class EdgeServer:
         ports = [listener.socket.getsockname()[1] for listener in listeners]
         async with trio.open_nursery() as batching:
             await batching.start(self.batcher.run)
+            batching.start_soon(self.batcher.ping_forever)
             async with trio.open_nursery() as connections:
                 with self._accept_scope:
                     task_status.started(ports)

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import logging
 import os
-from collections import deque
 
 import attrs
 import trio
@@ -90,18 +89,27 @@ def check_handshake(request: Request) -> Dialect:
 
 
 class WriteBatcher:
-    """Coalesces what each member is sent during one scheduler pass into one write.
+    """Coalesces what each member is sent during one scheduler pass into one write, and pings
+    every member every ``ping_interval_s``.
 
     A broadcast marks members dirty (``send_nowait``); the batcher's task runs once the
     producers yield (after a burst of messages from the bus, say) and flushes every dirty
-    member: one ``write`` per member per burst instead of one per message. Owned by the edge
-    server's nursery.
+    member: one ``write`` per member per burst instead of one per message. Its tasks are owned
+    by the edge server's nursery; members register for the pings while they run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, ping_interval_s: float = 30.0) -> None:
         self._dirty: list[WsMember] = []
         self._wake = trio.Event()
         self.flushes = 0
+        self.ping_interval_s = ping_interval_s
+        self.members: set[WsMember] = set()
+
+    async def ping_forever(self) -> None:
+        while True:
+            await trio.sleep(self.ping_interval_s)
+            for member in list(self.members):
+                member.ping_nowait()
 
     def mark(self, member: WsMember) -> None:
         self._dirty.append(member)
@@ -143,7 +151,7 @@ class WsMember:
         self.conn_id = conn_id
         self.user = user
         self.dialect = dialect
-        self._outbox: deque[bytes] = deque([greeting])
+        self._outbox: list[bytes] = [greeting]
         self._outbox_bytes = len(greeting)
         self._wake = trio.Event()
         self._closing = False
@@ -235,27 +243,22 @@ class WsMember:
     # -- tasks ------------------------------------------------------------------------------------
 
     async def run(self, room: RoomConnection) -> None:
-        """Serve the connection until it closes. The writer runs here, the reader and pinger
-        in a nursery; the writer returns once the reader is done and the outbox is flushed,
-        within ``close_timeout_s`` of either side starting to close."""
+        """Serve the connection until it closes: the reader runs in this task, the writer in a
+        nursery; the writer returns once the reader is done and the outbox is flushed, within
+        ``close_timeout_s`` of either side starting to close. (Two tasks per connection: an
+        idle connection's memory is mostly its tasks.)"""
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             if self._closing:
                 scope.deadline = trio.current_time() + self._settings.close_timeout_s
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_then_finish, room)
-                nursery.start_soon(self._pinger)
-                await self._writer()
-                nursery.cancel_scope.cancel()
-
-    async def _read_then_finish(self, room: RoomConnection) -> None:
-        await self._reader(room)
-        self._reader_done = self._closing = True
-        self._wake.set()
-        assert self._cancel_scope is not None
-        self._cancel_scope.deadline = min(
-            self._cancel_scope.deadline, trio.current_time() + self._settings.close_timeout_s
-        )
+                nursery.start_soon(self._writer)
+                await self._reader(room)
+                self._reader_done = self._closing = True
+                self._wake.set()
+                scope.deadline = min(
+                    scope.deadline, trio.current_time() + self._settings.close_timeout_s
+                )
 
     async def _writer(self) -> None:
         while True:
@@ -264,8 +267,7 @@ class WsMember:
                     return
                 self._wake = trio.Event()
                 await self._wake.wait()
-            chunks = list(self._outbox)
-            self._outbox.clear()
+            chunks, self._outbox = self._outbox, []
             self._outbox_bytes = 0
             self._writing = True
             try:
@@ -283,12 +285,10 @@ class WsMember:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    async def _pinger(self) -> None:
-        """Keep idle connections (and the proxies on their way) alive."""
-        while True:
-            await trio.sleep(self._settings.ping_interval_s)
-            if self._closing or self._state() is not ConnectionState.OPEN:
-                return
+    def ping_nowait(self) -> None:
+        """Keep an idle connection (and the proxies on its way) alive; the edge's pinger calls
+        this for every member every ``ping_interval_s``."""
+        if not self._closing and self._state() is ConnectionState.OPEN:
             self._queue_control(self._ws.send(Ping(payload=b"chatnode")))
 
     def _state(self) -> ConnectionState:
@@ -413,12 +413,14 @@ async def serve_websocket(
     )
     try:
         async with node.join(room_id, member, since=since) as room:
+            batcher.members.add(member)
             await member.run(room)
     except errors.ChatError as exc:
         if member.started:
             raise
         return error_response(exc)  # refused before the handshake answer went out
     finally:
+        batcher.members.discard(member)
         member.finish()
     return None
 
