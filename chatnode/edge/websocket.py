@@ -247,6 +247,10 @@ class WsMember:
         nursery; the writer returns once the reader is done and the outbox is flushed, within
         ``close_timeout_s`` of either side starting to close. (Two tasks per connection: an
         idle connection's memory is mostly its tasks.)"""
+        # The handshake answer and the replay queued so far (bounded by ``max_replay``, not by
+        # the backlog) go to the writer first and do not count against the backlog.
+        self.flush()
+        self._outbox_bytes = 0
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             if self._closing:

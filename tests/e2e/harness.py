@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -136,3 +139,25 @@ async def messages(ws: WebSocketConnection, count: int) -> list[dict[str, Any]]:
         if frame.get("type", "message") == "message":
             got.append(frame)
     return got
+
+
+async def raw_websocket(port: int, path: str) -> trio.socket.SocketType:
+    """A v1 member that completes the handshake and then never reads (a slow consumer): a
+    small receive buffer so the node's backlog fills fast."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tsock = trio.socket.from_stdlib_socket(sock)
+    await tsock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await tsock.send(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: chatnode.v1\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await tsock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return tsock

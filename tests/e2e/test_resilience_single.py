@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 from pathlib import Path
 
 import trio
@@ -18,6 +15,7 @@ from tests.e2e.harness import (
     messages,
     next_of_type,
     node_config,
+    raw_websocket,
     running_node,
     until_live,
 )
@@ -79,28 +77,6 @@ async def test_join_storm_loads_history_once_per_room(tmp_path: Path) -> None:
         assert loads and float(loads[0].split()[-1]) <= 2, loads
 
 
-async def _raw_websocket(port: int, path: str) -> socket.socket:
-    """A client that completes the handshake and then never reads (a slow consumer)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    tsock = trio.socket.from_stdlib_socket(sock)
-    await tsock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await tsock.send(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: chatnode.v1\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await tsock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 async def test_slow_consumer_is_cut_off_and_others_get_everything(tmp_path: Path) -> None:
     config = node_config(
         str(tmp_path), send_backlog_bytes=64 * 1024, rate_messages_per_s=1e6, rate_burst=1_000_000
@@ -108,7 +84,7 @@ async def test_slow_consumer_is_cut_off_and_others_get_everything(tmp_path: Path
     async with running_node(config) as node, api_client(node) as api:
         ann = await api.user_with_token("ann")
         room = await api.create_room(ann)
-        slow = await _raw_websocket(node.port, f"/v1/chatrooms/{room}/join?token={ann}")
+        slow = await raw_websocket(node.port, f"/v1/chatrooms/{room}/join?token={ann}")
         total, text = 4000, "x" * 2000
         async with join(node, room, token=ann) as fast, join(node, room, token=ann) as sender:
             await until_live(fast)
@@ -129,13 +105,12 @@ async def test_slow_consumer_is_cut_off_and_others_get_everything(tmp_path: Path
                 got = await messages(fast, total)
             assert [m["offset"] for m in got] == list(range(1, total + 1))
         # the slow consumer was disconnected: reading now ends with EOF (or a 4001 close frame)
-        tslow = trio.socket.from_stdlib_socket(slow)
         received = 0
         with trio.fail_after(10):
-            while chunk := await tslow.recv(65536):
+            while chunk := await slow.recv(65536):
                 received += len(chunk)
         assert received < total * len(text)
-        tslow.close()
+        slow.close()
 
 
 async def test_graceful_stop_tells_clients_to_reconnect(tmp_path: Path) -> None:

@@ -13,10 +13,7 @@ rest -- a replay many times larger than the send backlog.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import statistics
 import struct
 import time
@@ -26,6 +23,7 @@ import pytest
 import trio
 
 from tests.cluster.cluster import running_cluster
+from tests.e2e.harness import raw_websocket
 from tests.faults.client import FaultClient
 from tests.faults.support import (
     FAULT_SETTINGS,
@@ -46,27 +44,6 @@ pytestmark = pytest.mark.integration
 BACKLOG_BYTES = 256 * 1024
 MESSAGES = 1500
 TEXT = "x" * 2000
-
-
-async def raw_websocket(port: int, path: str) -> trio.socket.SocketType:
-    """A v1 member that completes the handshake and then does not read."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    tsock = trio.socket.from_stdlib_socket(sock)
-    await tsock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await tsock.send(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: chatnode.v1\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await tsock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return tsock
 
 
 def parse_frames(data: bytes) -> tuple[list[bytes], int | None]:
