@@ -139,3 +139,36 @@ async def test_graceful_stop_tells_clients_to_reconnect(tmp_path: Path) -> None:
         pass
     else:
         raise AssertionError("the node still accepts connections after stopping")
+
+
+async def test_a_replay_larger_than_the_send_backlog_is_not_cut(tmp_path: Path) -> None:
+    config = node_config(
+        str(tmp_path),
+        send_backlog_bytes=2048,
+        history_on_join=300,
+        rate_messages_per_s=1e6,
+        rate_burst=1_000_000,
+    )
+    async with running_node(config) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        room = await api.create_room(ann)
+        async with join(node, room, token=ann) as a:
+            await until_live(a)
+            for i in range(200):
+                await a.send_message(
+                    json.dumps({"type": "send", "message": f"{i:03d} " + "y" * 100})
+                )
+            await messages(a, 200)
+
+            async def live_traffic() -> None:
+                for i in range(20):
+                    await send_and_ack(a, f"live {i}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(live_traffic)  # live messages race the replay
+                async with join(node, room, token=bob) as b:
+                    _, history = await until_live(b)
+                    offsets = [m["offset"] for m in history]
+                    offsets += [m["offset"] for m in await messages(b, 220 - len(history))]
+            assert offsets == list(range(1, 221))
