@@ -91,8 +91,8 @@ async def drop_env(env: dict[str, str]) -> None:
     import MySQLdb
     import trio
 
-    from chatnode.adapters.elasticsearch import es_client, messages_index
     from chatnode.adapters.mysql import MysqlUrl
+    from tests.es_cleanup import drop_es_prefix
 
     url = MysqlUrl.parse(env["CHATNODE_MYSQL_URL"])
 
@@ -105,12 +105,7 @@ async def drop_env(env: dict[str, str]) -> None:
 
     await trio.to_thread.run_sync(drop_db)
     prefix = env["CHATNODE_KEY_PREFIX"]
-    es = es_client(env["CHATNODE_ELASTICSEARCH_URL"])
-    try:
-        await es.indices.delete(index=messages_index(prefix), ignore_unavailable=True)
-        await es.indices.delete_index_template(name=messages_index(prefix))
-    finally:
-        await es.close()
+    await drop_es_prefix(env["CHATNODE_ELASTICSEARCH_URL"], prefix)
     redis: coredis.Redis[bytes] = coredis.Redis.from_url(env["CHATNODE_REDIS_URL"])
     async with redis:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]

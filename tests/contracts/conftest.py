@@ -125,22 +125,15 @@ async def open_mysql_directory(url: str) -> AsyncIterator[Directory]:
 async def es_test_prefix(url: str) -> AsyncIterator[str]:
     """A migrated archive index under a new prefix ``chatnode-test-<hex>``; yields the
     prefix; the index and its template are deleted on exit."""
-    from chatnode.adapters.elasticsearch import es_client, messages_index
     from chatnode.adapters.migrations import migrate_elasticsearch
+    from tests.es_cleanup import drop_es_prefix
 
     prefix = f"chatnode-test-{secrets.token_hex(6)}"
     try:
         await migrate_elasticsearch(url, prefix)
         yield prefix
     finally:
-        with trio.CancelScope(shield=True):
-            es = es_client(url, request_timeout_s=30.0)
-            try:
-                index = messages_index(prefix)
-                await es.indices.delete(index=index, ignore_unavailable=True)
-                await es.options(ignore_status=404).indices.delete_index_template(name=index)
-            finally:
-                await es.close()
+        await drop_es_prefix(url, prefix)
 
 
 @asynccontextmanager

@@ -33,6 +33,7 @@ from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, Mysql
 from chatnode.config import Config
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
 from tests.contracts.harness import require_service
+from tests.es_cleanup import drop_es_prefix
 
 integration = pytest.mark.integration
 
@@ -211,14 +212,7 @@ async def cleanup_prefix(es_url: str) -> AsyncIterator[str]:
     try:
         yield prefix
     finally:
-        with trio.CancelScope(shield=True):
-            es = es_client(es_url, request_timeout_s=30)
-            try:
-                index = messages_index(prefix)
-                await es.indices.delete(index=index, ignore_unavailable=True)
-                await es.options(ignore_status=404).indices.delete_index_template(name=index)
-            finally:
-                await es.close()
+        await drop_es_prefix(es_url, prefix)
 
 
 @integration
