@@ -341,8 +341,46 @@ def pct(values: list[float], p: float) -> float | None:
     return v[min(len(v) - 1, int(p * len(v)))]
 
 
+EXTRAS = ("archiver", "join", "search", "idle", "rest", "peers")
+
+
 def run_extras(
-    redis: Redis, mysql_url: str, es_url: str, prefix: str, mode: dict[str, Any]
+    redis: Redis,
+    mysql_url: str,
+    es_url: str,
+    prefix: str,
+    mode: dict[str, Any],
+    only: frozenset[str] = frozenset(EXTRAS),
+) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    if only & {"archiver", "join", "search"}:
+        extras.update(_history_extras(redis, mysql_url, es_url, prefix, mode, only))
+    if only & {"idle", "rest"}:
+        cluster = ChatnodeCluster(redis, mysql_url, es_url, prefix)
+        cluster.start()
+        try:
+            if "idle" in only:
+                # 5. Memory per idle connection (direct to each node).
+                log(f"extras: idle connections ({mode['idle_per_node']} per node)")
+                extras["idle"] = idle_memory(cluster, mode["idle_per_node"])
+            if "rest" in only:
+                # 6. GET /v1/chatrooms through nginx vs nginx's own return 200.
+                log("extras: REST throughput (wrk)")
+                extras["rest"] = rest_throughput(cluster, mode["rest_s"])
+        finally:
+            cluster.stop()
+    if "peers" in only:
+        extras["idle_peers"] = idle_peers(redis, mode)
+    return extras
+
+
+def _history_extras(
+    redis: Redis,
+    mysql_url: str,
+    es_url: str,
+    prefix: str,
+    mode: dict[str, Any],
+    only: frozenset[str],
 ) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     index = f"{prefix}-messages"
@@ -415,170 +453,171 @@ def run_extras(
             arch["node_cpu_us_per_doc"] = (hi[2] - lo[2]) / (hi[1] - lo[1]) * 1e6
         extras["archiver"] = arch
 
-        # ES's own bulk rate for the same documents: 2 concurrent streams of 500-document bulks
-        # (the archivers: one per node, batches of 500), into a scratch index with the same
-        # template.
-        log("extras: Elasticsearch raw bulk")
-        raw_index = f"{prefix}-messages-rawbulk"
-        es.req("DELETE", f"/{raw_index}")
-        es.req("PUT", f"/{raw_index}")
-        now_ms = int(time.time() * 1000)
+        if "archiver" in only:
+            # ES's own bulk rate for the same documents: 2 concurrent streams of 500-document bulks
+            # (the archivers: one per node, batches of 500), into a scratch index with the same
+            # template.
+            log("extras: Elasticsearch raw bulk")
+            raw_index = f"{prefix}-messages-rawbulk"
+            es.req("DELETE", f"/{raw_index}")
+            es.req("PUT", f"/{raw_index}")
+            now_ms = int(time.time() * 1000)
 
-        def bulk_worker(part: int, parts: int, result: list[float]) -> None:
-            client = EsClient(es_url)
-            for start in range(part * 500, n_hist, 500 * parts):
-                lines = []
-                for off in range(start + 1, min(n_hist, start + 500) + 1):
-                    lines.append(json.dumps({"create": {"_id": f"{room}:{off}"}}))
-                    lines.append(
-                        json.dumps(
-                            {
-                                "chatroom": room,
-                                "offset": off,
-                                "user": "seeder",
-                                "message": f"~00000 {off:09d} {off:019d} {WORDS[off % len(WORDS)]} xxxxxxxxxxxx",
-                                "timestamp": now_ms + off,
-                            }
+            def bulk_worker(part: int, parts: int, result: list[float]) -> None:
+                client = EsClient(es_url)
+                for start in range(part * 500, n_hist, 500 * parts):
+                    lines = []
+                    for off in range(start + 1, min(n_hist, start + 500) + 1):
+                        lines.append(json.dumps({"create": {"_id": f"{room}:{off}"}}))
+                        lines.append(
+                            json.dumps(
+                                {
+                                    "chatroom": room,
+                                    "offset": off,
+                                    "user": "seeder",
+                                    "message": f"~00000 {off:09d} {off:019d} {WORDS[off % len(WORDS)]} xxxxxxxxxxxx",
+                                    "timestamp": now_ms + off,
+                                }
+                            )
                         )
+                    status, body = client.req(
+                        "POST",
+                        f"/{raw_index}/_bulk?filter_path=errors",
+                        ndjson="\n".join(lines) + "\n",
                     )
-                status, body = client.req(
-                    "POST", f"/{raw_index}/_bulk?filter_path=errors", ndjson="\n".join(lines) + "\n"
+                    if status != 200 or body.get("errors"):
+                        result.append(-1)
+                        return
+                result.append(1)
+
+            results: list[float] = []
+            t = time.monotonic()
+            threads = [threading.Thread(target=bulk_worker, args=(i, 2, results)) for i in range(2)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            elapsed = time.monotonic() - t
+            es.req("DELETE", f"/{raw_index}")
+            extras["es_raw_bulk"] = {
+                "docs": n_hist,
+                "seconds": elapsed,
+                "docs_per_s": n_hist / elapsed,
+                "ok": all(x > 0 for x in results),
+            }
+            if "docs_per_s" in arch:
+                extras["archiver"]["ratio_vs_raw"] = (
+                    arch["docs_per_s"] / extras["es_raw_bulk"]["docs_per_s"]
                 )
-                if status != 200 or body.get("errors"):
-                    result.append(-1)
-                    return
-            result.append(1)
 
-        results: list[float] = []
-        t = time.monotonic()
-        threads = [threading.Thread(target=bulk_worker, args=(i, 2, results)) for i in range(2)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.monotonic() - t
-        es.req("DELETE", f"/{raw_index}")
-        extras["es_raw_bulk"] = {
-            "docs": n_hist,
-            "seconds": elapsed,
-            "docs_per_s": n_hist / elapsed,
-            "ok": all(x > 0 for x in results),
-        }
-        if "docs_per_s" in arch:
-            extras["archiver"]["ratio_vs_raw"] = (
-                arch["docs_per_s"] / extras["es_raw_bulk"]["docs_per_s"]
-            )
+        if "join" in only:
+            # 3. Join latency with 100 messages of history: from the Redis room log, then (log
+            #    emptied) from Elasticsearch.
+            log("extras: join latency")
+            base = f"ws://{HOST}:{cluster.entry_port}/v1/chatrooms/{room}/join?user="
+            urls = [base + "hist0", base + "hist1"]
+            lg = LoadGenProc()
+            try:
+                j_log = lg.call(
+                    {
+                        "cmd": "joins",
+                        "urls": urls,
+                        "count": mode["join_samples"],
+                        "expect": 100,
+                        "pause_s": 0.03,
+                    },
+                    timeout=600,
+                )
+                redis.cli("XTRIM", f"{prefix}:room:{room}:log", "MAXLEN", "0")
+                j_es = lg.call(
+                    {
+                        "cmd": "joins",
+                        "urls": urls,
+                        "count": mode["join_samples"],
+                        "expect": 100,
+                        "pause_s": 0.03,
+                    },
+                    timeout=600,
+                )
+            finally:
+                lg.close()
+            extras["join"] = {"archived_messages": n_hist, "room_log": j_log, "elasticsearch": j_es}
 
-        # 3. Join latency with 100 messages of history: from the Redis room log, then (log
-        #    emptied) from Elasticsearch.
-        log("extras: join latency")
-        base = f"ws://{HOST}:{cluster.entry_port}/v1/chatrooms/{room}/join?user="
-        urls = [base + "hist0", base + "hist1"]
-        lg = LoadGenProc()
-        try:
-            j_log = lg.call(
-                {
-                    "cmd": "joins",
-                    "urls": urls,
-                    "count": mode["join_samples"],
-                    "expect": 100,
-                    "pause_s": 0.03,
+        if "search" in only:
+            # 4. Search through the API (nginx -> node -> ES) vs the same query straight to ES.
+            log("extras: search")
+            api = Http(HOST, cluster.entry_port)
+            api_ms: list[float] = []
+            direct_ms: list[float] = []
+            es_body = lambda word: {  # noqa: E731 - the node's query (adapters/elasticsearch.py)
+                "query": {
+                    "bool": {
+                        "must": [{"match": {"message": {"query": word, "operator": "and"}}}],
+                        "filter": [{"term": {"chatroom": room}}],
+                    }
                 },
-                timeout=600,
+                "sort": [
+                    {"_score": "desc"},
+                    {"timestamp": "desc"},
+                    {"chatroom": "asc"},
+                    {"offset": "desc"},
+                ],
+                "size": 20,
+                "_source": ["chatroom", "offset", "user", "message", "timestamp"],
+                "track_scores": True,
+                "track_total_hits": False,
+            }
+            errors = 0
+            for i in range(mode["search_samples"]):
+                word = WORDS[i % len(WORDS)]
+                t = time.perf_counter()
+                status, body = api.request("GET", f"/v1/messages/search?q={word}&chatroom={room}")
+                api_ms.append((time.perf_counter() - t) * 1000)
+                if status != 200 or len(body.get("hits", [])) != 20:
+                    errors += 1
+                t = time.perf_counter()
+                status, body = es.req(
+                    "POST",
+                    f"/{index}/_search?filter_path=hits.hits._source,hits.hits._score,hits.hits.sort",
+                    es_body(word),
+                )
+                direct_ms.append((time.perf_counter() - t) * 1000)
+                if status != 200:
+                    errors += 1
+            api.close()
+            extras["search"] = {
+                "samples": len(api_ms),
+                "errors": errors,
+                "api_p50_ms": pct(api_ms, 0.5),
+                "api_p99_ms": pct(api_ms, 0.99),
+                "es_p50_ms": pct(direct_ms, 0.5),
+                "es_p99_ms": pct(direct_ms, 0.99),
+            }
+            extras["search"]["added_p50_ms"] = (
+                extras["search"]["api_p50_ms"] - extras["search"]["es_p50_ms"]
             )
-            redis.cli("XTRIM", f"{prefix}:room:{room}:log", "MAXLEN", "0")
-            j_es = lg.call(
-                {
-                    "cmd": "joins",
-                    "urls": urls,
-                    "count": mode["join_samples"],
-                    "expect": 100,
-                    "pause_s": 0.03,
-                },
-                timeout=600,
-            )
-        finally:
-            lg.close()
-        extras["join"] = {"archived_messages": n_hist, "room_log": j_log, "elasticsearch": j_es}
 
-        # 4. Search through the API (nginx -> node -> ES) vs the same query straight to ES.
-        log("extras: search")
-        api = Http(HOST, cluster.entry_port)
-        api_ms: list[float] = []
-        direct_ms: list[float] = []
-        es_body = lambda word: {  # noqa: E731 - the node's query (adapters/elasticsearch.py)
-            "query": {
-                "bool": {
-                    "must": [{"match": {"message": {"query": word, "operator": "and"}}}],
-                    "filter": [{"term": {"chatroom": room}}],
-                }
-            },
-            "sort": [
-                {"_score": "desc"},
-                {"timestamp": "desc"},
-                {"chatroom": "asc"},
-                {"offset": "desc"},
-            ],
-            "size": 20,
-            "_source": ["chatroom", "offset", "user", "message", "timestamp"],
-            "track_scores": True,
-            "track_total_hits": False,
-        }
-        errors = 0
-        for i in range(mode["search_samples"]):
-            word = WORDS[i % len(WORDS)]
-            t = time.perf_counter()
-            status, body = api.request("GET", f"/v1/messages/search?q={word}&chatroom={room}")
-            api_ms.append((time.perf_counter() - t) * 1000)
-            if status != 200 or len(body.get("hits", [])) != 20:
-                errors += 1
-            t = time.perf_counter()
-            status, body = es.req(
-                "POST",
-                f"/{index}/_search?filter_path=hits.hits._source,hits.hits._score,hits.hits.sort",
-                es_body(word),
-            )
-            direct_ms.append((time.perf_counter() - t) * 1000)
-            if status != 200:
-                errors += 1
-        api.close()
-        extras["search"] = {
-            "samples": len(api_ms),
-            "errors": errors,
-            "api_p50_ms": pct(api_ms, 0.5),
-            "api_p99_ms": pct(api_ms, 0.99),
-            "es_p50_ms": pct(direct_ms, 0.5),
-            "es_p99_ms": pct(direct_ms, 0.99),
-        }
-        extras["search"]["added_p50_ms"] = (
-            extras["search"]["api_p50_ms"] - extras["search"]["es_p50_ms"]
-        )
-
-        # 5. Memory per idle connection (direct to each node).
-        log(f"extras: idle connections ({mode['idle_per_node']} per node)")
-        extras["idle"] = idle_memory(cluster, mode["idle_per_node"])
-
-        # 6. GET /v1/chatrooms through nginx vs nginx's own return 200.
-        # (after the peers' idle memory below: the cluster keeps running meanwhile)
-        log("extras: REST throughput (wrk)")
-        extras["rest"] = rest_throughput(cluster, mode["rest_s"])
     finally:
         cluster.stop()
 
-    # The same idle-memory measurement on the peers, for context (no target).
-    extras["idle_peers"] = {}
+    return extras
+
+
+def idle_peers(redis: Redis, mode: dict[str, Any]) -> dict[str, Any]:
+    """The same idle-memory measurement on the peers, for context (no target)."""
+    result: dict[str, Any] = {}
     for peer in (WebsocketsRef(redis), ChatnodeSingle(), Libwebsockets()):
         log(f"extras: idle connections on {peer.name}")
         try:
             peer.start()
             if isinstance(peer, ChatnodeSingle):
                 peer._users([f"b0m{m}" for m in range(100)])
-            extras["idle_peers"][peer.name] = idle_memory(peer, mode["idle_per_node"])
+            result[peer.name] = idle_memory(peer, mode["idle_per_node"])
         except Exception as exc:
-            extras["idle_peers"][peer.name] = {"error": f"{type(exc).__name__}: {exc}"}
+            result[peer.name] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             peer.stop()
-    return extras
+    return result
 
 
 def idle_memory(system: System, per_node: int) -> dict[str, Any]:
@@ -1111,6 +1150,10 @@ def main() -> int:
         "websockets-ref, python-socketio, chatnode-single, libwebsockets",
     )
     parser.add_argument("--no-extras", action="store_true", help="fan-out only")
+    parser.add_argument(
+        "--extras",
+        help=f"comma list of the extras to run (default: all): {', '.join(EXTRAS)}",
+    )
     parser.add_argument("--rounds", type=int, help="override the mode's rounds")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
     parser.add_argument(
@@ -1135,8 +1178,11 @@ def main() -> int:
     mode = dict(MODES[mode_name])
     if args.rounds:
         mode["rounds"] = args.rounds
+    only = frozenset(args.extras.split(",")) if args.extras else frozenset(EXTRAS)
+    if only - set(EXTRAS):
+        raise SystemExit(f"unknown extras: {sorted(only - set(EXTRAS))}")
     wanted = (
-        args.systems.split(",")
+        [s for s in args.systems.split(",") if s != "none"]
         if args.systems
         else [
             "chatnode-cluster",
@@ -1183,7 +1229,7 @@ def main() -> int:
                 return Libwebsockets(), SINGLE_WORKLOAD
             raise SystemExit(f"unknown system {name}")
 
-        for rnd in range(mode["rounds"]):
+        for rnd in range(mode["rounds"] if wanted else 0):
             order = wanted[rnd % len(wanted) :] + wanted[: rnd % len(wanted)]
             log(f"round {rnd + 1}/{mode['rounds']}: {order}")
             for name in order:
@@ -1196,7 +1242,7 @@ def main() -> int:
                     traceback.print_exc()
         if not args.no_extras:
             try:
-                extras = run_extras(redis, args.mysql_url, args.es_url, args.prefix, mode)
+                extras = run_extras(redis, args.mysql_url, args.es_url, args.prefix, mode, only)
             except Exception as exc:
                 extras["error"] = f"{type(exc).__name__}: {exc}"
                 log(f"extras FAILED: {exc}")

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return trio.run(_serve, config)
     if args.command == "migrate":
         if config.embedded:
-            print("embedded mode: the SQLite schema is migrated when the node starts; nothing to do")
+            print(
+                "embedded mode: the SQLite schema is migrated when the node starts; nothing to do"
+            )
             return 0
         from chatnode.adapters.cluster import migrate
 

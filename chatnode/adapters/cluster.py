@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from chatnode.adapters.elasticsearch import EsArchive
 from chatnode.adapters.migrations import migrate
 from chatnode.adapters.mysql import MysqlDirectory
-from chatnode.adapters.redis_bus import RedisArchiveFeed, RedisBus
+from chatnode.adapters.redis_archive_feed import RedisArchiveFeed
+from chatnode.adapters.redis_bus import RedisBus
 from chatnode.adapters.redis_connection import open_redis
 from chatnode.adapters.redis_directory import RedisCachedDirectory
 from chatnode.adapters.redis_presence import RedisPresence

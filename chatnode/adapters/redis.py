@@ -18,8 +18,8 @@ One module per concern, each with its rules in its docstring:
 
 - :mod:`.redis_connection`: :func:`open_redis`, the client every port shares (entered by the
   composition root), and the mapping of Redis failures to ``Unavailable``;
-- :mod:`.redis_bus`: :class:`RedisBus` (``ports.Bus``) and :class:`RedisArchiveFeed`
-  (``ports.ArchiveFeed``);
+- :mod:`.redis_bus`: :class:`RedisBus` (``ports.Bus``);
+- :mod:`.redis_archive_feed`: :class:`RedisArchiveFeed` (``ports.ArchiveFeed``);
 - :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
 - :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another.
 
@@ -42,7 +42,8 @@ Wiring, in ``app.py``::
 
 from __future__ import annotations
 
-from .redis_bus import RedisArchiveFeed, RedisBus
+from .redis_archive_feed import RedisArchiveFeed
+from .redis_bus import RedisBus
 from .redis_connection import RedisClient, open_redis, redis_failures
 from .redis_directory import RedisCachedDirectory
 from .redis_presence import RedisPresence

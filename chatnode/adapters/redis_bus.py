@@ -1,5 +1,5 @@
-"""Room traffic through Redis: :class:`RedisBus` (``ports.Bus``) and :class:`RedisArchiveFeed`
-(``ports.ArchiveFeed``). Needs Redis >= 7.0.
+"""Room traffic through Redis: :class:`RedisBus` (``ports.Bus``); the archive stream it feeds
+is read by :class:`~chatnode.adapters.redis_archive_feed.RedisArchiveFeed`. Needs Redis >= 7.0.
 
 Keys (``P`` is the deployment's key prefix, room ids are decimal)::
 
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,17 +53,14 @@ import trio
 from coredis.commands.script import Script
 from coredis.connection import BaseConnection
 from coredis.exceptions import ConnectionError as RedisConnectionError
-from coredis.exceptions import StreamConsumerGroupError, StreamDuplicateConsumerGroupError
 from coredis.response.types import StreamEntry
 
 from chatnode.core import errors, ports
-from chatnode.core.models import ArchiveEntry, ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft
 
 from .redis_connection import RedisClient, int_reply, redis_failures
 
 log = logging.getLogger(__name__)
-
-ARCHIVE_GROUP: Final = "archivers"
 
 # KEYS: counter, room log, archive stream.
 # ARGV: log length, channel, user, text, timestamp_ms, room id, payload body (json).
@@ -82,18 +79,6 @@ redis.call('XADD', KEYS[3], '*',
   'r', ARGV[6], 'o', offset, 'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
 redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[7])
 return offset
-"""
-
-# KEYS: archive stream. ARGV: group, ids... Acknowledge and delete, in chunks (Lua's unpack
-# has a small stack).
-_ACK_LUA: Final = """#!lua
-local acked = 0
-for first = 2, #ARGV, 1000 do
-  local last = math.min(first + 999, #ARGV)
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
-  redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
-end
-return acked
 """
 
 _SUBSCRIBE: Final = b"SUBSCRIBE"
@@ -147,7 +132,7 @@ def _offset_of(entry_id: bytes | str) -> int:
     return int(raw.split("-", 1)[0])
 
 
-def _field(entry: StreamEntry, name: bytes) -> str:
+def stream_field(entry: StreamEntry, name: bytes) -> str:
     value = entry.field_values[name]
     return value.decode() if isinstance(value, bytes) else value
 
@@ -156,19 +141,9 @@ def _logged(room_id: int, entry: StreamEntry) -> ChatMessage:
     return ChatMessage(
         room_id,
         _offset_of(entry.identifier),
-        _field(entry, b"u"),
-        _field(entry, b"t"),
-        int(_field(entry, b"ts")),
-    )
-
-
-def _archived(entry: StreamEntry) -> ChatMessage:
-    return ChatMessage(
-        int(_field(entry, b"r")),
-        int(_field(entry, b"o")),
-        _field(entry, b"u"),
-        _field(entry, b"t"),
-        int(_field(entry, b"ts")),
+        stream_field(entry, b"u"),
+        stream_field(entry, b"t"),
+        int(stream_field(entry, b"ts")),
     )
 
 
@@ -466,97 +441,7 @@ class RedisBus:
                 return
 
 
-@attrs.define(eq=False)
-class RedisArchiveFeed:
-    """``ports.ArchiveFeed`` on the archive stream, as consumer ``consumer`` of the group
-    ``archivers`` (created with MKSTREAM from the start of the stream on first use).
-
-    ``take`` first claims (XAUTOCLAIM) entries that some consumer took and left unacknowledged
-    for ``claim_idle_ms`` -- a node that died, or one that is very slow, so an entry may be
-    handed out twice; archiving is idempotent -- and otherwise reads new entries (XREADGROUP
-    ``>``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait). ``ack``
-    acknowledges and deletes in one script, so the stream only holds what is not archived yet.
-    An entry that cannot be decoded (not written by ``RedisBus``) is logged and acknowledged.
-    """
-
-    _redis: RedisClient
-    prefix: str
-    consumer: str = attrs.field(kw_only=True)
-    claim_idle_ms: int = attrs.field(default=30_000, kw_only=True)
-    _key: str = attrs.field(init=False)
-    _group_ready: bool = attrs.field(default=False, init=False)
-    _claim_cursor: bytes = attrs.field(default=b"0-0", init=False)
-    _ack_script: Script[bytes] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._key = BusKeys(self.prefix).archive
-        self._ack_script = self._redis.register_script(_ACK_LUA)
-
-    async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
-        if max_count <= 0:
-            await trio.lowlevel.checkpoint()
-            return []
-        with redis_failures("archive feed take"):
-            try:
-                return await self._take(max_count, wait_ms)
-            except StreamConsumerGroupError:  # NOGROUP: the stream was lost (Redis restart)
-                self._group_ready = False
-                return await self._take(max_count, wait_ms)
-
-    async def _take(self, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
-        if not self._group_ready:
-            with suppress(StreamDuplicateConsumerGroupError):
-                await self._redis.xgroup_create(self._key, ARCHIVE_GROUP, "0", mkstream=True)
-            self._group_ready = True
-        claimed = await self._redis.xautoclaim(
-            self._key,
-            ARCHIVE_GROUP,
-            self.consumer,
-            self.claim_idle_ms,
-            self._claim_cursor,
-            count=max_count,
-        )
-        cursor = claimed[0]
-        self._claim_cursor = cursor.encode() if isinstance(cursor, str) else cursor
-        entries: Sequence[StreamEntry] = [e for e in claimed[1] if isinstance(e, StreamEntry)]
-        if not entries:
-            read = await self._redis.xreadgroup(
-                ARCHIVE_GROUP,
-                self.consumer,
-                streams={self._key: ">"},
-                count=max_count,
-                block=wait_ms if wait_ms > 0 else None,
-            )
-            entries = next(iter(read.values()), ()) if read else ()
-        return await self._decode(entries)
-
-    async def _decode(self, entries: Sequence[StreamEntry]) -> list[ArchiveEntry]:
-        taken: list[ArchiveEntry] = []
-        malformed: list[str] = []
-        for entry in entries:
-            ack_id = entry.identifier
-            ack_id = ack_id.decode() if isinstance(ack_id, bytes) else ack_id
-            try:
-                taken.append(ArchiveEntry(ack_id, _archived(entry)))
-            except (KeyError, ValueError):
-                log.error("archive feed: dropping malformed entry %s: %r", ack_id, entry)
-                malformed.append(ack_id)
-        if malformed:
-            await self._ack_ids(malformed)
-        return taken
-
-    async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
-        with redis_failures("archive feed ack"):
-            await self._ack_ids([e.ack_id for e in entries])
-
-    async def _ack_ids(self, ids: list[str]) -> None:
-        if ids:
-            await self._ack_script(keys=[self._key], args=[ARCHIVE_GROUP, *ids], callback=int_reply)
-        else:
-            await trio.lowlevel.checkpoint()
-
-
 if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
-    def _implements_ports(redis: RedisClient) -> tuple[ports.Bus, ports.ArchiveFeed]:
-        return RedisBus(redis, "p"), RedisArchiveFeed(redis, "p", consumer="c")
+    def _implements_ports(redis: RedisClient) -> ports.Bus:
+        return RedisBus(redis, "p")

@@ -131,7 +131,11 @@ class RedisPresence:
         field = self._entry_field(entry)
         with redis_failures("presence add"):
             await self._add(
-                keys=[self._room_key(entry.room_id), self._entries_key(entry.node_id), self._nodes_key],
+                keys=[
+                    self._room_key(entry.room_id),
+                    self._entries_key(entry.node_id),
+                    self._nodes_key,
+                ],
                 args=[field, entry.user, f"{entry.room_id} {field}", entry.node_id],
                 callback=int_reply,
             )
