@@ -15,6 +15,7 @@ from chatnode.adapters.redis_bus import RedisBus
 from chatnode.adapters.redis_connection import open_redis
 from chatnode.adapters.redis_directory import RedisCachedDirectory
 from chatnode.adapters.redis_presence import RedisPresence
+from chatnode.adapters.resp import RespClient
 from chatnode.config import Config
 from chatnode.node.service import Backends
 
@@ -31,6 +32,12 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 client_name=f"chatnode:{node_id}",
             )
         )
+        bus_client = RespClient.from_url(
+            config.redis_url,
+            timeout_s=config.backend_timeout_s,
+            client_name=f"chatnode:{node_id}",
+        )
+        stack.push_async_callback(bus_client.aclose)
         directory = MysqlDirectory.from_url(
             config.mysql_url,
             pool_size=config.mysql_pool_size,
@@ -47,7 +54,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             directory=RedisCachedDirectory(
                 directory, redis, config.key_prefix, ttl_s=config.cache_ttl_s
             ),
-            bus=RedisBus(redis, config.key_prefix, room_log_length=config.room_log_length),
+            bus=RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length),
             archive=archive,
             presence=RedisPresence(redis, config.key_prefix),
             feed=RedisArchiveFeed(

@@ -18,6 +18,8 @@ One module per concern, each with its rules in its docstring:
 
 - :mod:`.redis_connection`: :func:`open_redis`, the client every port shares (entered by the
   composition root), and the mapping of Redis failures to ``Unavailable``;
+- :mod:`.resp`: :class:`RespClient`, a lean pipelined RESP2 client (hiredis parser) for the
+  bus, whose every call is on the per-message path;
 - :mod:`.redis_bus`: :class:`RedisBus` (``ports.Bus``);
 - :mod:`.redis_archive_feed`: :class:`RedisArchiveFeed` (``ports.ArchiveFeed``);
 - :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
@@ -27,10 +29,11 @@ Requires Redis >= 7.0 (scripts declare ``#!lua``), a single server or a Sentinel
 primary, not Redis Cluster (scripts compute key names). Run it with persistence (AOF): room
 offsets live there.
 
-Wiring, in ``app.py``::
+Wiring, in ``cluster.py``::
 
     async with open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis:
-        bus = RedisBus(redis, config.key_prefix, room_log_length=config.room_log_length)
+        bus_client = RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s)
+        bus = RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length)
         feed = RedisArchiveFeed(
             redis, config.key_prefix, consumer=node_id,
             claim_idle_ms=int(config.archive_claim_idle_s * 1000),
@@ -47,6 +50,7 @@ from .redis_bus import RedisBus
 from .redis_connection import RedisClient, open_redis, redis_failures
 from .redis_directory import RedisCachedDirectory
 from .redis_presence import RedisPresence
+from .resp import RespClient
 
 __all__ = [
     "RedisArchiveFeed",
@@ -54,6 +58,7 @@ __all__ = [
     "RedisCachedDirectory",
     "RedisClient",
     "RedisPresence",
+    "RespClient",
     "open_redis",
     "redis_failures",
 ]

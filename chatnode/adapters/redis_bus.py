@@ -45,20 +45,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from contextlib import aclosing, suppress
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
-from coredis.commands.script import Script
-from coredis.connection import BaseConnection
-from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.response.types import StreamEntry
 
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .resp import Reply, RespClient, RespConnection, Script
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +77,7 @@ redis.call('XADD', KEYS[3], '*',
 redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[7])
 return offset
 """
+_PUBLISH: Final = Script(_PUBLISH_LUA)
 
 _SUBSCRIBE: Final = b"SUBSCRIBE"
 _UNSUBSCRIBE: Final = b"UNSUBSCRIBE"
@@ -137,14 +135,17 @@ def stream_field(entry: StreamEntry, name: bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _logged(room_id: int, entry: StreamEntry) -> ChatMessage:
-    return ChatMessage(
-        room_id,
-        _offset_of(entry.identifier),
-        stream_field(entry, b"u"),
-        stream_field(entry, b"t"),
-        int(stream_field(entry, b"ts")),
-    )
+def _logged(room_id: int, entry: Reply) -> ChatMessage:
+    """One XRANGE entry of a room log, ``[id, [field, value, ...]]``, as its message."""
+    match entry:
+        case [bytes(entry_id), [*pairs]] if len(pairs) % 2 == 0:
+            fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            user, text, ts = fields.get(b"u"), fields.get(b"t"), fields.get(b"ts")
+            if isinstance(user, bytes) and isinstance(text, bytes) and isinstance(ts, bytes):
+                return ChatMessage(
+                    room_id, _offset_of(entry_id), user.decode(), text.decode(), int(ts)
+                )
+    raise ValueError(f"malformed room log entry: {entry!r:.200}")
 
 
 @attrs.define(eq=False)
@@ -168,20 +169,21 @@ class _Link:
     command for the same channel starts a new count without disturbing it.
     """
 
-    conn: BaseConnection
+    conn: RespConnection
     lost: bool = False
+    pong: trio.Event = attrs.field(factory=trio.Event)
     _channels: dict[bytes, _Acks] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def send(self, command: bytes, channels: Iterable[bytes]) -> _Tickets:
         """Queue the command; return each channel's ticket for :meth:`wait_acked`.
 
-        Raise coredis' ``ConnectionError`` if the connection is already unusable.
+        Raise ``Unavailable`` if the connection is already lost.
         """
         channels = list(channels)
         if not channels:
             return {}
-        self.conn.send_command(command, *channels)
+        self.conn.send_nowait(command, *channels)
         tickets: _Tickets = {}
         for channel in channels:
             acks = self._channels.setdefault(channel, _Acks())
@@ -198,6 +200,10 @@ class _Link:
             del self._channels[channel]
         self._changed.set()
         self._changed = trio.Event()
+
+    def ponged(self) -> None:
+        self.pong.set()
+        self.pong = trio.Event()
 
     @staticmethod
     def all_acked(tickets: _Tickets) -> bool:
@@ -218,10 +224,11 @@ class _Link:
 class RedisBus:
     """``ports.Bus`` on Redis (rules in the module docstring). ``serve`` once at a time.
 
-    The client belongs to the caller: ``aclose`` does not close it.
+    The client belongs to the caller: ``aclose`` does not close it. It is
+    :class:`~chatnode.adapters.resp.RespClient`, not coredis: this is the per-message path.
     """
 
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
     room_log_length: int = attrs.field(default=1000, kw_only=True)
     keepalive_s: float = attrs.field(default=10.0, kw_only=True)
@@ -232,15 +239,12 @@ class RedisBus:
     _rooms: set[int] = attrs.field(factory=set, init=False)
     _link: _Link | None = attrs.field(default=None, init=False)
     _serving: bool = attrs.field(default=False, init=False)
-    _publish_script: Script[bytes] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.keys = BusKeys(self.prefix)
-        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
 
     async def check(self) -> None:
-        with redis_failures("PING"):
-            await self._redis.ping()
+        await self._redis.call("PING")
 
     async def aclose(self) -> None:
         """Nothing to release: ``serve`` ends when cancelled, the client is the caller's."""
@@ -250,42 +254,42 @@ class RedisBus:
 
     async def publish(self, draft: Draft) -> ChatMessage:
         room_id = draft.room_id
-        with redis_failures("publish"):
-            offset = await self._publish_script(
-                keys=[self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive],
-                args=[
-                    self.room_log_length,
-                    self.keys.channel(room_id),
-                    draft.user,
-                    draft.text,
-                    draft.timestamp_ms,
-                    room_id,
-                    _body(draft),
-                ],
-                callback=int_reply,
-            )
+        offset = await _PUBLISH.run(
+            self._redis,
+            keys=[self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive],
+            args=[
+                self.room_log_length,
+                self.keys.channel(room_id),
+                draft.user,
+                draft.text,
+                draft.timestamp_ms,
+                room_id,
+                _body(draft),
+            ],
+        )
+        if not isinstance(offset, int):
+            raise TypeError(f"the publish script returned {offset!r}")
         return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
 
     async def last_offset(self, room_id: int) -> int:
-        with redis_failures("GET offset"):
-            value = await self._redis.get(self.keys.offset(room_id))
-        return int(value) if value is not None else 0
+        value = await self._redis.call("GET", self.keys.offset(room_id))
+        return int(value) if isinstance(value, bytes) else 0
 
     async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
         if limit <= 0:
             return []
-        with redis_failures("XRANGE room log"):
-            entries = await self._redis.xrange(
-                self.keys.log(room_id), start=f"{max(0, after_offset) + 1}-0", end="+", count=limit
-            )
+        entries = await self._redis.call(
+            "XRANGE", self.keys.log(room_id), f"{max(0, after_offset) + 1}-0", "+", "COUNT", limit
+        )
+        if not isinstance(entries, list):
+            raise TypeError(f"XRANGE returned {entries!r:.200}")
         return [_logged(room_id, entry) for entry in entries]
 
     # -- fan-out ------------------------------------------------------------------------------
 
     async def signal(self, room_id: int, event: dict[str, Any]) -> None:
         payload = b"s" + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        with redis_failures("PUBLISH signal"):
-            await self._redis.publish(self.keys.channel(room_id), payload)
+        await self._redis.call("PUBLISH", self.keys.channel(room_id), payload)
 
     async def subscribe(self, room_id: int) -> None:
         link = self._link
@@ -295,8 +299,7 @@ class RedisBus:
         channel = self.keys.channel(room_id)
         self._rooms.add(room_id)
         try:
-            with redis_failures("SUBSCRIBE"):
-                tickets = link.send(_SUBSCRIBE, [channel])
+            tickets = link.send(_SUBSCRIBE, [channel])
             await link.wait_acked(tickets)
         except BaseException:
             self._rooms.discard(room_id)
@@ -314,7 +317,7 @@ class RedisBus:
         """Best effort: a lost connection takes its subscriptions with it."""
         if link.lost:
             return
-        with suppress(RedisConnectionError):
+        with suppress(errors.Unavailable):
             link.send(command, [channel])
 
     # -- the receiving side -------------------------------------------------------------------
@@ -331,19 +334,18 @@ class RedisBus:
             while True:
                 came_up = healthy = False
                 try:
-                    async with self._redis.connection_pool.acquire() as conn:
-                        link = _Link(conn)
-                        try:
-                            came_up, healthy = await self._run_link(
-                                link, handler, task_status, first
-                            )
-                        finally:
-                            link.close()
-                            if self._link is link:
-                                self._link = None
-                            conn.invalidate()  # never back into the pool: it is subscribed
-                except (RedisConnectionError, TimeoutError) as exc:
-                    log.warning("Redis bus: cannot connect (%s); retrying in %.2fs", exc, backoff_s)
+                    conn = await self._redis.connect()
+                except errors.Unavailable as exc:
+                    log.warning("Redis bus: %s; retrying in %.2fs", exc, backoff_s)
+                else:
+                    link = _Link(conn)
+                    try:
+                        came_up, healthy = await self._run_link(link, handler, task_status, first)
+                    finally:
+                        link.close()
+                        if self._link is link:
+                            self._link = None
+                        await conn.aclose()
                 if came_up:
                     first = False
                 if came_up and healthy:
@@ -377,31 +379,36 @@ class RedisBus:
                 await handler.resubscribed()
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.conn.write_forever)
             nursery.start_soon(self._keepalive, link)
             try:
                 if link.all_acked(tickets):
                     await came_up()
-                async with aclosing(link.conn.push_messages) as pushes:
-                    async for push in pushes:
-                        kind = push[0]
-                        if kind == b"message":
-                            await self._dispatch(handler, push[1], push[2])
-                        elif kind in (b"subscribe", b"unsubscribe"):
-                            if isinstance(push[1], bytes):
-                                link.acknowledge(push[1])
-                            if not up and link.all_acked(tickets):
-                                await came_up()
-            except RedisConnectionError as exc:
-                log.warning("Redis bus: pub/sub connection lost (%s); reconnecting", exc)
+                while True:
+                    try:
+                        pushes = await link.conn.receive()
+                    except errors.Unavailable as exc:
+                        log.warning("Redis bus: pub/sub connection lost (%s); reconnecting", exc)
+                        return up, True
+                    for push in pushes:
+                        match push:
+                            case [b"message", channel, bytes(data)]:
+                                await self._dispatch(handler, channel, data)
+                            case [b"subscribe" | b"unsubscribe", channel, *_]:
+                                if isinstance(channel, bytes):
+                                    link.acknowledge(channel)
+                                if not up and link.all_acked(tickets):
+                                    await came_up()
+                            case [b"pong", *_]:
+                                link.ponged()
             except errors.Unavailable as exc:
                 log.warning("Redis bus: the node could not catch up (%s); reconnecting", exc)
                 return up, False
             finally:
                 nursery.cancel_scope.cancel()
-        return up, True
 
-    async def _dispatch(self, handler: ports.BusHandler, channel: object, data: object) -> None:
-        if not isinstance(channel, bytes) or not isinstance(data, bytes):
+    async def _dispatch(self, handler: ports.BusHandler, channel: Reply, data: bytes) -> None:
+        if not isinstance(channel, bytes):
             return
         room_id = self.keys.room_of_channel(channel)
         if room_id is None or room_id not in self._rooms:
@@ -424,24 +431,24 @@ class RedisBus:
             await handler.signal(room_id, event)
 
     async def _keepalive(self, link: _Link) -> None:
-        """PING every ``keepalive_s``; no answer within ``keepalive_s`` drops the connection
+        """PING every ``keepalive_s``; no PONG within ``keepalive_s`` drops the connection
         (a half-open TCP connection would otherwise look idle forever)."""
         while True:
             await trio.sleep(self.keepalive_s)
-            with trio.move_on_after(self.keepalive_s) as waited:
-                try:
-                    await link.conn.create_request(b"PING")
-                except RedisConnectionError:
-                    return  # lost: the reader sees it too
-                except TimeoutError:  # the client's stream timeout came first
-                    waited.cancel()
-            if waited.cancel_called:
+            pong = link.pong
+            try:
+                link.conn.send_nowait("PING")
+            except errors.Unavailable:
+                return  # lost: the reader sees it too
+            with trio.move_on_after(self.keepalive_s):
+                await pong.wait()
+            if not pong.is_set():
                 log.warning("Redis bus: no PONG within %.1fs; reconnecting", self.keepalive_s)
-                link.conn.invalidate()
+                link.conn.fail(f"no PONG within {self.keepalive_s}s")
                 return
 
 
 if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
-    def _implements_ports(redis: RedisClient) -> ports.Bus:
+    def _implements_ports(redis: RespClient) -> ports.Bus:
         return RedisBus(redis, "p")

@@ -178,9 +178,10 @@ async def delete_redis_prefix(redis: Any, prefix: str) -> None:
 async def open_redis_buses(url: str) -> AsyncIterator[NewBus]:
     """Buses on one Redis and prefix, each "node" on its own client (three, in turn: a client
     enters its task group here, in the fixture's task)."""
-    from chatnode.adapters.redis import RedisBus
+    from chatnode.adapters.redis import RedisBus, RespClient
 
-    async with redis_test_clients(url, count=3) as (clients, prefix):
+    async with redis_test_clients(url) as (_, prefix):
+        clients = [RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S) for _ in range(3)]
         made = 0
 
         async def new_bus() -> Bus:
@@ -189,7 +190,11 @@ async def open_redis_buses(url: str) -> AsyncIterator[NewBus]:
             await trio.lowlevel.checkpoint()
             return RedisBus(clients[made % len(clients)], prefix, room_log_length=100)
 
-        yield new_bus
+        try:
+            yield new_bus
+        finally:
+            for client in clients:
+                await client.aclose()
 
 
 @asynccontextmanager
@@ -213,18 +218,22 @@ async def redis_presence(url: str) -> AsyncIterator[PresenceRig]:
 
 @asynccontextmanager
 async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
-    from chatnode.adapters.redis import RedisArchiveFeed, RedisBus
+    from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RespClient
 
     claim_idle_ms = 400
     async with redis_test_clients(url, count=2) as (clients, prefix):
-        bus = RedisBus(clients[0], prefix)
+        publisher = RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S)
+        bus = RedisBus(publisher, prefix)
 
         def new_feed(consumer: str) -> ArchiveFeed:
             return RedisArchiveFeed(
                 clients[1], prefix, consumer=consumer, claim_idle_ms=claim_idle_ms
             )
 
-        yield FeedRig(bus.publish, new_feed, claim_idle_ms, trio.sleep)
+        try:
+            yield FeedRig(bus.publish, new_feed, claim_idle_ms, trio.sleep)
+        finally:
+            await publisher.aclose()
 
 
 @asynccontextmanager

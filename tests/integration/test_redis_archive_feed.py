@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from coredis.response.types import StreamPending
 
-from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, open_redis
+from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient, open_redis
 from chatnode.core import errors
 from chatnode.core.models import Draft
 from tests.contracts.conftest import redis_test_clients
@@ -25,14 +25,21 @@ def draft(room_id: int, text: str) -> Draft:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
-    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
-        yield clients[0], prefix
+async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus]]:
+    """A client, the test's key prefix and a bus publishing under it."""
+    url = require_service("CHATNODE_TEST_REDIS_URL")
+    async with redis_test_clients(url) as (clients, prefix):
+        publisher = RespClient.from_url(url, timeout_s=5.0)
+        try:
+            yield clients[0], prefix, RedisBus(publisher, prefix)
+        finally:
+            await publisher.aclose()
 
 
-async def test_acknowledged_entries_leave_the_stream(redis: tuple[RedisClient, str]) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+async def test_acknowledged_entries_leave_the_stream(
+    redis: tuple[RedisClient, str, RedisBus],
+) -> None:
+    client, prefix, bus = redis
     feed = RedisArchiveFeed(client, prefix, consumer="n1")
     for n in range(5):
         await bus.publish(draft(1, f"m{n}"))
@@ -47,10 +54,9 @@ async def test_acknowledged_entries_leave_the_stream(redis: tuple[RedisClient, s
 
 
 async def test_a_feed_started_late_gets_what_was_published_before(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisClient, str, RedisBus],
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    client, prefix, bus = redis
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
 
     taken = await RedisArchiveFeed(client, prefix, consumer="late").take(max_count=10, wait_ms=100)
@@ -59,10 +65,9 @@ async def test_a_feed_started_late_gets_what_was_published_before(
 
 
 async def test_the_group_is_created_again_when_the_stream_vanished(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisClient, str, RedisBus],
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    client, prefix, bus = redis
     feed = RedisArchiveFeed(client, prefix, consumer="n1")
     assert await feed.take(max_count=10, wait_ms=0) == []  # creates the group
 
@@ -73,10 +78,9 @@ async def test_the_group_is_created_again_when_the_stream_vanished(
 
 
 async def test_a_malformed_entry_is_dropped_not_handed_out(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisClient, str, RedisBus],
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    client, prefix, bus = redis
     feed = RedisArchiveFeed(client, prefix, consumer="n1")
     await client.xadd(bus.keys.archive, {"garbage": "1"})
     message = await bus.publish(draft(1, "real"))

@@ -14,7 +14,7 @@ import coredis
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisBus, RedisClient, open_redis
+from chatnode.adapters.redis import RedisBus, RedisClient, RespClient, open_redis
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import Draft
@@ -40,26 +40,33 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[tuple[RedisClient, str]]:
-    """A client whose connections are named after the test's key prefix (so a test kills only
-    its own connections), and the prefix; its keys are deleted at the end."""
+async def redis(redis_url: str) -> AsyncIterator[tuple[RedisClient, str, RespClient]]:
+    """An admin client, the test's key prefix (its keys are deleted at the end), and a bus
+    client whose connections are named after the prefix (so a test kills only its own)."""
     async with (
         redis_test_clients(redis_url) as (_, prefix),
-        open_redis(redis_url, timeout_s=5.0, client_name=prefix) as client,
+        open_redis(redis_url, timeout_s=5.0) as client,
     ):
-        yield client, prefix
+        resp = RespClient.from_url(redis_url, timeout_s=5.0, client_name=prefix)
+        try:
+            yield client, prefix, resp
+        finally:
+            await resp.aclose()
 
 
 @pytest.fixture
 async def proxied(
-    redis_url: str, redis: tuple[RedisClient, str], nursery: trio.Nursery
-) -> AsyncIterator[tuple[TcpProxy, RedisClient]]:
-    """A proxy in front of the test server and a client connected through it."""
+    redis_url: str, nursery: trio.Nursery
+) -> AsyncIterator[tuple[TcpProxy, RespClient]]:
+    """A proxy in front of the test server and a bus client connected through it."""
     parts = urlsplit(redis_url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
     port = await nursery.start(proxy.serve)
-    async with open_redis(f"redis://127.0.0.1:{port}{parts.path}", timeout_s=2.0) as client:
+    client = RespClient.from_url(f"redis://127.0.0.1:{port}{parts.path}", timeout_s=2.0)
+    try:
         yield proxy, client
+    finally:
+        await client.aclose()
 
 
 async def kill_pubsub(redis: RedisClient, name: str) -> int:
@@ -81,10 +88,10 @@ async def subscribers(redis: RedisClient, channel: bytes) -> int:
 
 
 async def test_killed_pubsub_connection_reconnects_resubscribes_and_tells_the_node(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.5)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -125,10 +132,10 @@ class CatchUpFailsOnce(Recorder):
 
 
 async def test_a_failed_catch_up_is_retried_on_a_new_connection(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.01)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, min_backoff_s=0.01)
     recorder = CatchUpFailsOnce()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -165,10 +172,10 @@ class FakeMember:
 
 
 async def test_the_hub_fills_the_gap_of_a_reconnect_from_the_room_log(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.5)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
     async with await SqliteDatabase.open(":memory:") as db:
         hub = Hub(bus, SqliteArchive(db), cache_size=16)
         await nursery.start(bus.serve, hub)
@@ -189,29 +196,29 @@ async def test_the_hub_fills_the_gap_of_a_reconnect_from_the_room_log(
         await hub.detach(1, member)
 
 
-async def test_many_reconnects_do_not_exhaust_the_connection_pool(
-    redis_url: str, redis: tuple[RedisClient, str], nursery: trio.Nursery
+async def test_many_reconnects_leave_one_pubsub_connection(
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    admin, prefix = redis
-    async with open_redis(redis_url, client_name=prefix, max_connections=3) as client:
-        bus = RedisBus(client, prefix, min_backoff_s=0.01)
-        recorder = Recorder()
-        await nursery.start(bus.serve, recorder)
-        await bus.subscribe(1)
+    admin, prefix, resp = redis
+    bus = RedisBus(resp, prefix, min_backoff_s=0.01)
+    recorder = Recorder()
+    await nursery.start(bus.serve, recorder)
+    await bus.subscribe(1)
 
-        for n in range(1, 8):  # each kill ends a leased connection
-            assert await kill_pubsub(admin, prefix) == 1
-            await recorder.wait_until(lambda n=n: recorder.resubscribes == n)  # type: ignore[misc]
-        message = await bus.publish(draft(1, "the pool still has connections"))
+    for n in range(1, 8):  # each kill ends the pub/sub connection
+        assert await kill_pubsub(admin, prefix) == 1
+        await recorder.wait_until(lambda n=n: recorder.resubscribes == n)  # type: ignore[misc]
+    message = await bus.publish(draft(1, "still delivered"))
 
-        assert await recorder.wait_for_messages(1, 1) == [message]
+    assert await recorder.wait_for_messages(1, 1) == [message]
+    assert await kill_pubsub(admin, prefix) == 1  # exactly one: the dead ones were closed
 
 
 async def test_a_subscribe_whose_connection_dies_raises_unavailable(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.5)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -227,17 +234,19 @@ async def test_a_subscribe_whose_connection_dies_raises_unavailable(
     assert recorder.messages == [messages[1], messages[2]]  # room 2 stayed unsubscribed
 
 
-async def test_subscribe_before_serve_raises_unavailable(redis: tuple[RedisClient, str]) -> None:
-    client, prefix = redis
+async def test_subscribe_before_serve_raises_unavailable(
+    redis: tuple[RedisClient, str, RespClient],
+) -> None:
+    _, prefix, resp = redis
     with pytest.raises(errors.Unavailable):
-        await RedisBus(client, prefix).subscribe(1)
+        await RedisBus(resp, prefix).subscribe(1)
 
 
 async def test_subscribe_unsubscribe_churn_keeps_acks_straight(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
 
@@ -252,10 +261,10 @@ async def test_subscribe_unsubscribe_churn_keeps_acks_straight(
 
 
 async def test_concurrent_subscribes_of_one_room_all_return(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    _, prefix, resp = redis
+    bus = RedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
 
@@ -273,10 +282,12 @@ async def test_concurrent_subscribes_of_one_room_all_return(
 
 
 async def test_a_frozen_connection_is_dropped_by_the_keepalive(
-    proxied: tuple[TcpProxy, RedisClient], redis: tuple[RedisClient, str], nursery: trio.Nursery
+    proxied: tuple[TcpProxy, RespClient],
+    redis: tuple[RedisClient, str, RespClient],
+    nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
-    _, prefix = redis
+    _, prefix, _ = redis
     bus = RedisBus(client, prefix, keepalive_s=0.2)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
@@ -290,10 +301,12 @@ async def test_a_frozen_connection_is_dropped_by_the_keepalive(
 
 
 async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
-    proxied: tuple[TcpProxy, RedisClient], redis: tuple[RedisClient, str], nursery: trio.Nursery
+    proxied: tuple[TcpProxy, RespClient],
+    redis: tuple[RedisClient, str, RespClient],
+    nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
-    _, prefix = redis
+    _, prefix, _ = redis
     bus = RedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
@@ -320,10 +333,12 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
 
 
 async def test_serve_waits_for_redis_before_it_is_started(
-    proxied: tuple[TcpProxy, RedisClient], redis: tuple[RedisClient, str], nursery: trio.Nursery
+    proxied: tuple[TcpProxy, RespClient],
+    redis: tuple[RedisClient, str, RespClient],
+    nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
-    _, prefix = redis
+    _, prefix, _ = redis
     bus = RedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
     recorder = Recorder()
     proxy.refusing = True
@@ -343,10 +358,10 @@ async def test_serve_waits_for_redis_before_it_is_started(
 
 
 async def test_the_room_log_is_trimmed_and_read_from_its_start(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisClient, str, RespClient],
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix, room_log_length=10)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, room_log_length=10)
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(300)]
 
     kept = await bus.read_log(1, after_offset=0, limit=1000)
@@ -358,9 +373,11 @@ async def test_the_room_log_is_trimmed_and_read_from_its_start(
     assert await bus.last_offset(1) == 300
 
 
-async def test_a_lost_counter_continues_from_the_log(redis: tuple[RedisClient, str]) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+async def test_a_lost_counter_continues_from_the_log(
+    redis: tuple[RedisClient, str, RespClient],
+) -> None:
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix)
     for n in range(3):
         await bus.publish(draft(1, f"m{n}"))
 
@@ -371,9 +388,11 @@ async def test_a_lost_counter_continues_from_the_log(redis: tuple[RedisClient, s
     assert await bus.last_offset(1) == 4
 
 
-async def test_publish_writes_the_archive_stream(redis: tuple[RedisClient, str]) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+async def test_publish_writes_the_archive_stream(
+    redis: tuple[RedisClient, str, RespClient],
+) -> None:
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix)
     message = await bus.publish(Draft(7, "zoë", 'say "hi" 👋', T0))
 
     entries = await client.xrange(bus.keys.archive)
@@ -390,10 +409,10 @@ async def test_publish_writes_the_archive_stream(redis: tuple[RedisClient, str])
 
 
 async def test_foreign_payloads_on_a_room_channel_are_ignored(
-    redis: tuple[RedisClient, str], nursery: trio.Nursery
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
-    client, prefix = redis
-    bus = RedisBus(client, prefix)
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -407,14 +426,14 @@ async def test_foreign_payloads_on_a_room_channel_are_ignored(
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
-        bus = RedisBus(client, "nowhere")
-        for call in (
-            lambda: bus.publish(draft(1, "x")),
-            lambda: bus.last_offset(1),
-            lambda: bus.read_log(1, after_offset=0, limit=1),
-            lambda: bus.signal(1, {"type": "typing"}),
-            bus.check,
-        ):
-            with pytest.raises(errors.Unavailable):
-                await call()
+    client = RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0)
+    bus = RedisBus(client, "nowhere")
+    for call in (
+        lambda: bus.publish(draft(1, "x")),
+        lambda: bus.last_offset(1),
+        lambda: bus.read_log(1, after_offset=0, limit=1),
+        lambda: bus.signal(1, {"type": "typing"}),
+        bus.check,
+    ):
+        with pytest.raises(errors.Unavailable):
+            await call()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisBus, open_redis
+from chatnode.adapters.redis import RedisBus, RespClient
 from chatnode.core import errors
 from chatnode.core.models import Draft
 from tests.contracts.harness import Recorder, require_service
@@ -64,13 +64,12 @@ async def wait_for_port(port: int) -> None:
             return
 
 
-async def test_the_bus_survives_a_real_redis_restart(
-    tmp_path: Path, nursery: trio.Nursery
-) -> None:
+async def test_the_bus_survives_a_real_redis_restart(tmp_path: Path, nursery: trio.Nursery) -> None:
     require_service("CHATNODE_TEST_REDIS_URL")  # the services (and redis-server) are installed
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    async with open_redis(url, timeout_s=2.0) as client:
+    client = RespClient.from_url(url, timeout_s=2.0)
+    try:
         async with private_redis(port, tmp_path) as first_server:
             bus = RedisBus(client, "restart", min_backoff_s=0.01, max_backoff_s=0.1)
             recorder = Recorder()
@@ -92,3 +91,5 @@ async def test_the_bus_survives_a_real_redis_restart(
             assert after.offset == 2
             assert await bus.read_log(1, after_offset=0, limit=10) == [before, after]
             nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()

@@ -1,0 +1,211 @@
+"""The RESP client's rules against a scripted server on an in-memory stream: pipelining,
+replies matched in order whoever reads, error replies, a silent or broken server."""
+
+from __future__ import annotations
+
+import hiredis
+import pytest
+import trio
+import trio.testing
+
+from chatnode.adapters.resp import RedisAddress, RespConnection, RespError, check, encode
+from chatnode.core import errors
+
+
+def test_commands_are_arrays_of_bulk_strings() -> None:
+    assert encode(["SET", b"k\r\n", 42, "zoë"]) == (
+        b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n42\r\n$4\r\nzo\xc3\xab\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, db=2)),
+        ("redis://localhost", RedisAddress("localhost", 6379)),
+        (
+            "rediss://u%40x:p%3Aw@cache:7000/0",
+            RedisAddress("cache", 7000, tls=True, username="u@x", password="p:w"),
+        ),
+        ("redis://:secret@h:1?db=3", RedisAddress("h", 1, password="secret", db=3)),
+        ("unix:///run/redis.sock?db=1", RedisAddress(unix_path="/run/redis.sock", db=1)),
+    ],
+)
+def test_urls(url: str, address: RedisAddress) -> None:
+    assert RedisAddress.from_url(url) == address
+
+
+def test_not_a_redis_url() -> None:
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisAddress.from_url("http://127.0.0.1:6379")
+
+
+def test_error_replies_raise_and_not_now_replies_are_unavailable() -> None:
+    assert check(b"OK") == b"OK"
+    with pytest.raises(RespError, match="WRONGTYPE"):
+        check(RespError("WRONGTYPE Operation against a key"))
+    for reply in ("LOADING Redis is loading", "OOM command not allowed", "READONLY replica"):
+        with pytest.raises(errors.Unavailable):
+            check(RespError(reply))
+
+
+class Server:
+    """The far end of a connection: reads commands, answers when told to."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.parser = hiredis.Reader()
+        self.commands: list[list[bytes]] = []
+        self.writes = 0
+
+    async def read_commands(self, count: int) -> list[list[bytes]]:
+        while len(self.commands) < count:
+            data = await self.stream.receive_some(65536)
+            assert data, "client closed"
+            self.writes += 1
+            self.parser.feed(data)
+            while (command := self.parser.gets()) is not False:
+                self.commands.append(command)
+        return self.commands[:count]
+
+    async def answer(self, raw: bytes) -> None:
+        await self.stream.send_all(raw)
+
+
+def pair(timeout_s: float = 5.0) -> tuple[RespConnection, Server]:
+    client, server = trio.testing.memory_stream_pair()
+    return RespConnection(client, timeout_s=timeout_s, name="t"), Server(server)
+
+
+async def test_calls_of_one_scheduler_pass_leave_in_one_write_and_get_their_own_replies() -> None:
+    conn, server = pair()
+    replies: dict[int, object] = {}
+
+    async def call(n: int) -> None:
+        replies[n] = await conn.call("ECHO", n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(call, n)
+        commands = await server.read_commands(20)
+        # Echo in the order received, in two parts cut inside a reply: the parser waits.
+        answer = b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for _, arg in commands)
+        await server.answer(answer[:37])
+        await trio.testing.wait_all_tasks_blocked()
+        await server.answer(answer[37:])
+
+    assert server.writes == 1
+    assert sorted(commands) == sorted([b"ECHO", str(n).encode()] for n in range(20))
+    assert replies == {n: str(n).encode() for n in range(20)}
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others() -> None:
+    conn, server = pair()
+    got: list[object] = []
+    first = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with first:
+            await conn.call("GET", "a")
+
+    async def second() -> None:
+        got.append(await conn.call("GET", "b"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()  # "a" is sent, its caller reads
+        nursery.start_soon(second)
+        await server.read_commands(2)
+        first.cancel()  # the reader goes away before any reply
+        await trio.testing.wait_all_tasks_blocked()
+        await server.answer(b"$1\r\nA\r\n$1\r\nB\r\n")
+
+    assert got == [b"B"]
+
+
+async def test_error_replies_are_returned_to_their_caller_only() -> None:
+    conn, server = pair()
+    got: list[object] = []
+
+    async def call(*args: str) -> None:
+        got.append(await conn.call(*args))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "INCR", "x")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "PING")
+        await server.read_commands(2)
+        await server.answer(b"-WRONGTYPE not a number\r\n+PONG\r\n")
+
+    assert isinstance(got[0], RespError) and str(got[0]) == "WRONGTYPE not a number"
+    assert got[1] == b"PONG"
+
+
+async def test_a_silent_server_fails_the_call_and_the_connection() -> None:
+    conn, server = pair(timeout_s=0.05)
+    with pytest.raises(errors.Unavailable, match="no reply within"):
+        await conn.call("PING")
+    assert conn.broken
+    with pytest.raises(errors.Unavailable):
+        await conn.call("PING")  # never reused
+    assert len(await server.read_commands(1)) == 1
+
+
+async def test_a_closed_connection_fails_every_waiting_call() -> None:
+    conn, server = pair()
+    failures: list[str] = []
+
+    async def call() -> None:
+        try:
+            await conn.call("PING")
+        except errors.Unavailable as exc:
+            failures.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(call)
+        await server.read_commands(3)
+        await server.stream.aclose()
+
+    assert len(failures) == 3
+    assert conn.broken
+
+
+async def test_a_reply_nobody_asked_for_fails_the_connection() -> None:
+    conn, server = pair()
+    got: list[object] = []
+
+    async def call() -> None:
+        got.append(await conn.call("PING"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await server.read_commands(1)
+        await server.answer(b"+PONG\r\n+EXTRA\r\n")
+
+    assert got == [b"PONG"]
+    assert conn.broken
+    with pytest.raises(errors.Unavailable, match="protocol error"):
+        await conn.call("PING")
+
+
+async def test_pushes_are_received_in_batches_and_sends_are_flushed_by_the_writer() -> None:
+    conn, server = pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.write_forever)
+        conn.send_nowait("SUBSCRIBE", "a", "b")
+        assert await server.read_commands(1) == [[b"SUBSCRIBE", b"a", b"b"]]
+        await server.answer(
+            b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"
+            b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"
+            b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"
+        )
+        pushes = await conn.receive()
+        await server.stream.aclose()
+        with pytest.raises(errors.Unavailable):
+            await conn.receive()
+    assert pushes == [
+        [b"subscribe", b"a", 1],
+        [b"subscribe", b"b", 2],
+        [b"message", b"a", b"hi"],
+    ]
