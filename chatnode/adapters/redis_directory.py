@@ -25,6 +25,23 @@ Rules that make it correct:
 4. **Redis is optional.** Any Redis failure on a read falls back to the inner directory, and
    after a failure Redis is left alone for ``retry_after_s`` so an outage does not add a
    connection attempt to every read. The cache never raises ``Unavailable`` of its own.
+5. **A node-local layer in front of Redis.** What a read got from Redis is kept in the node
+   (decoded, a bounded LRU of ``local_entries``) and served without asking Redis again for
+   ``local_ttl_s`` after the read that fetched or confirmed it *started*; then the next read
+   asks Redis again and keeps the decoded value if the bytes are unchanged. Staleness bound:
+   on the node that wrote, none — a write drops the node's local entries it invalidates
+   (after it replaced the tokens), and a read that was in flight across a write does not
+   store what it got; on every other node, a read that starts more than ``local_ttl_s`` after
+   a write completed sees it. Reads that went to the inner directory because Redis failed
+   are not kept. While a read asks Redis about a due entry, the node's other reads of it wait
+   for that answer instead of asking too (a refresh is one Redis read, not one per request in
+   flight). They take it only if it is fresh by their own start time, so the bound holds for
+   them too; otherwise they ask Redis themselves.
+
+Why rule 5: ``GET /v1/chatrooms`` cost ~1.2 ms of node CPU per request with a Lua read through
+coredis and a JSON decode into 100 ``Room`` objects on every request (docs/benchmarks.md,
+profile 5); with the local layer a request asks Redis about ten times a second per page, not
+on every request.
 
 The inner directory belongs to the cache (``aclose`` closes it); the Redis client does not.
 """
@@ -34,9 +51,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import attrs
 import trio
@@ -50,6 +68,7 @@ from .redis_connection import RedisClient, any_reply, is_unavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 # KEYS: version keys. ARGV: fresh token (for a missing version), cache key head, cache key tail.
 # Returns {cache key, cached value or false}.
@@ -69,20 +88,38 @@ return {cache_key, redis.call('GET', cache_key)}
 
 
 @attrs.define(eq=False)
+class _Local(Generic[T]):
+    """A value this node got from Redis (rule 5): the bytes as Redis holds them, decoded."""
+
+    raw: bytes
+    value: tuple[T, ...]
+    fresh_until: float  # trio time
+    refreshing: trio.Event | None = None  # set when the read asking Redis again is done
+
+
+@attrs.define(eq=False)
 class RedisCachedDirectory:
     """``ports.Directory``: ``inner`` with ``list_rooms`` and ``list_members`` cached in Redis
-    for ``ttl_s`` (rules in the module docstring)."""
+    for ``ttl_s``, and in the node for ``local_ttl_s`` (rules in the module docstring)."""
 
     inner: ports.Directory
     _redis: RedisClient
     prefix: str
     ttl_s: float = attrs.field(default=5.0, kw_only=True)
+    local_ttl_s: float = attrs.field(default=0.1, kw_only=True)
+    local_entries: int = attrs.field(default=1024, kw_only=True)
     retry_after_s: float = attrs.field(default=1.0, kw_only=True)
     hits: int = attrs.field(default=0, init=False)
     misses: int = attrs.field(default=0, init=False)
+    local_hits: int = attrs.field(default=0, init=False)
     _read: Script[bytes] = attrs.field(init=False)
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
+    _local_rooms: OrderedDict[tuple[int, int], _Local[Room]] = attrs.field(
+        factory=OrderedDict, init=False
+    )
+    _local_members: OrderedDict[int, _Local[str]] = attrs.field(factory=OrderedDict, init=False)
+    _generation: int = attrs.field(default=0, init=False)  # +1 on every local invalidation
 
     def __attrs_post_init__(self) -> None:
         self._read = self._redis.register_script(_READ_LUA)
@@ -107,27 +144,82 @@ class RedisCachedDirectory:
             rooms = await self.inner.list_rooms(after_id=after_id, limit=limit)
             return json.dumps([[r.id, r.name, r.created_at_ms] for r in rooms], ensure_ascii=False)
 
-        cached = await self._cached(
-            [self._rooms_version], f"{self.prefix}:dir:rooms:", f":{after_id}:{limit}", load
+        def decode(raw: bytes) -> tuple[Room, ...]:
+            return tuple(Room(int(i), str(name), int(at)) for i, name, at in json.loads(raw))
+
+        rooms = await self._cached(
+            self._local_rooms,
+            (after_id, limit),
+            [self._rooms_version],
+            f"{self.prefix}:dir:rooms:",
+            f":{after_id}:{limit}",
+            load,
+            decode,
         )
-        return [Room(int(i), str(name), int(at)) for i, name, at in json.loads(cached)]
+        return list(rooms)
 
     async def list_members(self, room_id: int) -> list[str]:
         async def load() -> str:
             return json.dumps(await self.inner.list_members(room_id), ensure_ascii=False)
 
-        cached = await self._cached(
+        def decode(raw: bytes) -> tuple[str, ...]:
+            return tuple(str(name) for name in json.loads(raw))
+
+        members = await self._cached(
+            self._local_members,
+            room_id,
             [self._members_version, self._room_members_version(room_id)],
             f"{self.prefix}:dir:room:{room_id}:members:",
             "",
             load,
+            decode,
         )
-        return [str(name) for name in json.loads(cached)]
+        return list(members)
 
     async def _cached(
+        self,
+        local: OrderedDict[K, _Local[T]],
+        key: K,
+        versions: list[str],
+        head: str,
+        tail: str,
+        load: Callable[[], Awaitable[str]],
+        decode: Callable[[bytes], tuple[T, ...]],
+    ) -> tuple[T, ...]:
+        """The value under ``key``: this node's if fresh (rule 5), else the one cached in
+        Redis under the current ``versions``, else ``load()``'s, stored."""
+        started = trio.current_time()
+        entry = local.get(key)
+        if entry is not None and entry.refreshing is not None and started >= entry.fresh_until:
+            await entry.refreshing.wait()  # one read per entry asks Redis; the others share it
+            entry = local.get(key)
+        if entry is not None and started < entry.fresh_until:
+            local.move_to_end(key)
+            self.local_hits += 1
+            return entry.value
+        generation = self._generation
+        refreshing = trio.Event()
+        if entry is not None:
+            entry.refreshing = refreshing
+        try:
+            raw, from_redis = await self._shared(versions, head, tail, load)
+        finally:
+            refreshing.set()
+            if entry is not None:
+                entry.refreshing = None
+        value = entry.value if entry is not None and entry.raw == raw else decode(raw)
+        if from_redis and generation == self._generation:
+            local[key] = _Local(raw, value, started + self.local_ttl_s)
+            local.move_to_end(key)
+            if len(local) > self.local_entries:
+                local.popitem(last=False)
+        return value
+
+    async def _shared(
         self, versions: list[str], head: str, tail: str, load: Callable[[], Awaitable[str]]
-    ) -> str:
-        """The cached JSON under the current ``versions``, else ``load()``'s, stored."""
+    ) -> tuple[bytes, bool]:
+        """The JSON cached in Redis under the current ``versions``, else ``load()``'s, stored;
+        and whether Redis answered (False: read through to the inner directory)."""
         found = await self._redis_or_none(
             lambda: self._read(
                 keys=versions, args=[secrets.token_hex(8), head, tail], callback=any_reply
@@ -135,16 +227,16 @@ class RedisCachedDirectory:
         )
         if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes)):
             self.misses += 1
-            return await load()
+            return (await load()).encode(), False
         cache_key, value = found
         if isinstance(value, bytes):
             self.hits += 1
-            return value.decode()
+            return value, True
         self.misses += 1
-        loaded = await load()
+        loaded = (await load()).encode()
         px = max(1, int(self.ttl_s * 1000))
         await self._redis_or_none(lambda: self._redis.set(cache_key, loaded, px=px))
-        return loaded
+        return loaded, True
 
     async def _redis_or_none(self, call: Callable[[], Awaitable[T]]) -> T | None:
         """``call()``, or None if Redis failed (then leave it alone for ``retry_after_s``)."""
@@ -166,9 +258,33 @@ class RedisCachedDirectory:
             log.info("directory cache: Redis is back")
         return result
 
-    async def _invalidate(self, *version_keys: str) -> None:
-        for key in version_keys:
-            await self._redis_or_none(partial(self._redis.set, key, secrets.token_hex(8)))
+    # -- invalidation: new tokens in Redis (rule 1), then this node's entries (rule 5) --------
+    # Local entries are dropped after the new token is in place, even if setting it failed or
+    # was cancelled: a read that started before that may not keep what it got.
+
+    async def _invalidate_rooms(self) -> None:
+        try:
+            await self._new_token(self._rooms_version)
+        finally:
+            self._generation += 1
+            self._local_rooms.clear()
+
+    async def _invalidate_room_members(self, room_id: int) -> None:
+        try:
+            await self._new_token(self._room_members_version(room_id))
+        finally:
+            self._generation += 1
+            self._local_members.pop(room_id, None)
+
+    async def _invalidate_all_members(self) -> None:
+        try:
+            await self._new_token(self._members_version)
+        finally:
+            self._generation += 1
+            self._local_members.clear()
+
+    async def _new_token(self, version_key: str) -> None:
+        await self._redis_or_none(partial(self._redis.set, version_key, secrets.token_hex(8)))
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -176,7 +292,7 @@ class RedisCachedDirectory:
         try:
             return await self.inner.create_room(name, created_at_ms=created_at_ms)
         finally:  # an error may still have created it: invalidate either way
-            await self._invalidate(self._rooms_version)
+            await self._invalidate_rooms()
 
     async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
         return await self._member_write(
@@ -192,17 +308,17 @@ class RedisCachedDirectory:
             changed = await write()
         except errors.ChatError as exc:
             if isinstance(exc, errors.Unavailable):
-                await self._invalidate(self._room_members_version(room_id))
+                await self._invalidate_room_members(room_id)
             raise  # NotFound, RoomFull: nothing changed
         if changed:
-            await self._invalidate(self._room_members_version(room_id))
+            await self._invalidate_room_members(room_id)
         return changed
 
     async def delete_all_users(self) -> int:
         try:
             return await self.inner.delete_all_users()
         finally:
-            await self._invalidate(self._members_version)
+            await self._invalidate_all_members()
 
     # -- pass-through ---------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """RedisCachedDirectory against a real Redis, in front of an in-memory SQLite directory that
 counts its reads: hits, invalidation by every write, the write/read race, lost version keys,
-TTL, and reading through when Redis is down. (It also passes the Directory contract: see the
+TTL, and reading through when Redis is down; then the node-local layer (rule 5) with two
+caches on one Redis as two nodes, on trio's mock clock: a node sees its own writes at once,
+another node within ``local_ttl_s``. (It also passes the Directory contract: see the
 ``redis-cached`` entry of the directory registry.)"""
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
 
 @pytest.fixture
 def cached(inner: CountingDirectory, redis: tuple[RedisClient, str]) -> RedisCachedDirectory:
+    """The Redis layer alone (rules 1-4): no node-local layer, every read asks Redis."""
     client, prefix = redis
-    return RedisCachedDirectory(inner, client, prefix, ttl_s=60.0)  # type: ignore[arg-type]
+    return RedisCachedDirectory(inner, client, prefix, ttl_s=60.0, local_ttl_s=0.0)  # type: ignore[arg-type]
 
 
 async def test_rooms_pages_are_cached_and_a_new_room_invalidates_them(
@@ -203,3 +206,158 @@ async def test_without_redis_everything_reads_through(inner: CountingDirectory) 
         assert await cached.list_members(room.id) == ["bob"]
         assert inner.reads == {"list_rooms": 1, "list_members": 2}
         await cached.check()
+
+
+# -- rule 5: the node-local layer -------------------------------------------------------------
+
+LOCAL_TTL_S = 0.5
+
+
+@pytest.fixture
+async def nodes(
+    inner: CountingDirectory,
+) -> AsyncIterator[tuple[RedisCachedDirectory, RedisCachedDirectory]]:
+    """Two caches ("nodes") with clients of their own on one Redis, over one directory."""
+    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL"), count=2) as (
+        clients,
+        prefix,
+    ):
+        yield tuple(  # type: ignore[misc]
+            RedisCachedDirectory(
+                inner,  # type: ignore[arg-type]
+                client,
+                prefix,
+                ttl_s=60.0,
+                local_ttl_s=LOCAL_TTL_S,
+            )
+            for client in clients
+        )
+
+
+async def test_reads_within_the_local_ttl_do_not_ask_redis(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory],
+    inner: CountingDirectory,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    a, _ = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    assert await a.list_rooms(after_id=0, limit=10) == [room]
+    assert (a.hits, a.misses, a.local_hits) == (0, 1, 0)
+
+    for _ in range(3):
+        assert await a.list_rooms(after_id=0, limit=10) == [room]
+    assert (a.hits, a.misses, a.local_hits) == (0, 1, 3)
+
+    mock_clock.jump(LOCAL_TTL_S)  # the local copy is due: Redis confirms it, once
+    assert await a.list_rooms(after_id=0, limit=10) == [room]
+    assert await a.list_rooms(after_id=0, limit=10) == [room]
+    assert (a.hits, a.misses, a.local_hits) == (1, 1, 4)
+    assert inner.reads["list_rooms"] == 1
+
+
+async def test_a_node_sees_its_own_new_room_at_once_and_another_node_within_the_local_ttl(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], mock_clock: trio.testing.MockClock
+) -> None:
+    a, b = nodes
+    first = await a.create_room("one", created_at_ms=T0)
+    assert await a.list_rooms(after_id=0, limit=10) == [first]
+    assert await b.list_rooms(after_id=0, limit=10) == [first]
+
+    second = await a.create_room("two", created_at_ms=T0)
+
+    assert await a.list_rooms(after_id=0, limit=10) == [first, second]
+    assert await b.list_rooms(after_id=0, limit=10) in ([first], [first, second])
+    mock_clock.jump(LOCAL_TTL_S)  # the staleness bound of another node
+    assert await b.list_rooms(after_id=0, limit=10) == [first, second]
+
+
+async def test_member_lists_follow_the_same_bound_on_every_write(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], mock_clock: trio.testing.MockClock
+) -> None:
+    a, b = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    assert await a.list_members(room.id) == [] == await b.list_members(room.id)
+
+    assert await b.add_member(room.id, "alice", max_members=10)
+    assert await b.list_members(room.id) == ["alice"]
+    mock_clock.jump(LOCAL_TTL_S)
+    assert await a.list_members(room.id) == ["alice"]
+
+    assert await a.remove_member(room.id, "alice")
+    assert await a.list_members(room.id) == []
+    mock_clock.jump(LOCAL_TTL_S)
+    assert await b.list_members(room.id) == []
+
+    assert await a.add_member(room.id, "bob", max_members=10)
+    assert await a.list_members(room.id) == ["bob"]
+    assert await b.delete_all_users() == 3
+    assert await b.list_members(room.id) == []
+    mock_clock.jump(LOCAL_TTL_S)
+    assert await a.list_members(room.id) == []
+
+
+async def test_a_read_in_flight_across_a_write_keeps_nothing_locally(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, _ = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    inner.gate = trio.Event()
+    seen: list[list[str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def slow_reader() -> None:
+            seen.append(await a.list_members(room.id))
+
+        nursery.start_soon(slow_reader)
+        await inner.reading.wait()  # it read [] from the directory and holds it
+        await a.add_member(room.id, "alice", max_members=10)
+        inner.gate.set()
+    inner.gate = None
+
+    assert seen == [[]]
+    assert await a.list_members(room.id) == ["alice"]  # same node, no time passed
+
+
+async def test_unchanged_redis_bytes_keep_the_decoded_value(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], mock_clock: trio.testing.MockClock
+) -> None:
+    a, _ = nodes
+    await a.create_room("one", created_at_ms=T0)
+    before = await a.list_rooms(after_id=0, limit=10)
+    mock_clock.jump(LOCAL_TTL_S)
+    after = await a.list_rooms(after_id=0, limit=10)
+    assert a.hits == 1  # Redis was asked again
+    assert after == before and after is not before  # a fresh list every call ...
+    assert after[0] is before[0]  # ... of the objects decoded once
+
+
+async def test_the_local_layer_is_bounded(
+    inner: CountingDirectory, redis: tuple[RedisClient, str]
+) -> None:
+    client, prefix = redis
+    cached = RedisCachedDirectory(inner, client, prefix, local_ttl_s=60.0, local_entries=2)  # type: ignore[arg-type]
+    for limit in (1, 2, 3, 1):  # the page of limit=1 was the oldest and is gone
+        await cached.list_rooms(after_id=0, limit=limit)
+    assert cached.local_hits == 0
+    await cached.list_rooms(after_id=0, limit=3)
+    assert cached.local_hits == 1
+
+
+async def test_reads_of_a_due_entry_share_one_redis_read(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], mock_clock: trio.testing.MockClock
+) -> None:
+    a, _ = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    await a.list_rooms(after_id=0, limit=10)
+    mock_clock.jump(LOCAL_TTL_S)
+    seen: list[list[Any]] = []
+
+    async def read() -> None:
+        seen.append(await a.list_rooms(after_id=0, limit=10))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(read)
+
+    assert seen == [[room]] * 5
+    assert (a.hits, a.local_hits) == (1, 4)
