@@ -1,5 +1,9 @@
 """Passwords (scrypt, stdlib) and tokens (JWT HS256, PyJWT). CPU-bound: callers run
-``hash_password``/``verify_password`` off the event loop."""
+``hash_password``/``verify_password`` off the event loop.
+
+Tokens are checked on every REST call and join; :class:`TokenVerifier` remembers the claims of
+tokens it verified, so a client that reuses its token pays PyJWT's decode and HMAC once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import os
+from collections import OrderedDict
 
 import attrs
 import jwt
@@ -77,7 +82,43 @@ def verify_token(token: str, *, secret: str, now_s: int) -> Claims:
     if not isinstance(sub, str) or not isinstance(exp, int):
         raise Unauthorized("token is not valid; get one from POST /v1/tokens", code="token_invalid")
     if exp <= now_s:
-        raise Unauthorized(
-            "token has expired; get a new one from POST /v1/tokens", code="token_expired"
-        )
+        raise _expired()
     return Claims(user=sub, is_admin=bool(payload.get("adm", False)), expires_at_s=exp)
+
+
+class TokenVerifier:
+    """:func:`verify_token` for one secret, remembering the claims of the ``max_entries`` most
+    recently used valid tokens.
+
+    Rules: a remembered token is the exact string that was verified (a changed byte is another
+    token, verified anew); expiry is checked on every call, so a remembered token stops working
+    at its ``exp`` like any other, and is forgotten then; invalid tokens are never remembered
+    (garbage cannot fill the memory). Tokens cannot be revoked one by one: what ends a token
+    early is its user's deletion, which the caller checks apart from the token.
+    """
+
+    def __init__(self, secret: str, *, max_entries: int = 10_000) -> None:
+        self._secret = secret
+        self.max_entries = max_entries
+        self._claims: OrderedDict[str, Claims] = OrderedDict()
+
+    def verify(self, token: str, *, now_s: int) -> Claims:
+        """Raise ``Unauthorized`` (code ``token_invalid`` or ``token_expired``)."""
+        claims = self._claims.get(token)
+        if claims is None:
+            claims = verify_token(token, secret=self._secret, now_s=now_s)
+            self._claims[token] = claims
+            if len(self._claims) > self.max_entries:
+                self._claims.popitem(last=False)
+        elif claims.expires_at_s <= now_s:
+            del self._claims[token]
+            raise _expired()
+        else:
+            self._claims.move_to_end(token)
+        return claims
+
+
+def _expired() -> Unauthorized:
+    return Unauthorized(
+        "token has expired; get a new one from POST /v1/tokens", code="token_expired"
+    )

@@ -82,6 +82,7 @@ class ChatNode:
         # Unknown names are checked against this hash so that a wrong name costs the same
         # time as a wrong password (no user enumeration by timing).
         self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
+        self._tokens = auth.TokenVerifier(settings.jwt_secret)
         self._known_users: dict[str, float] = {}
         # Rooms are never deleted or renamed, and memberships end only with their user: what
         # this node has seen once it need not ask the directory again (a rejoin, a reconnect
@@ -183,9 +184,7 @@ class ChatNode:
         """The caller's identity: a valid token, or in insecure mode ``?user=`` of an existing
         user (or an anonymous admin when neither is given)."""
         if token:
-            claims = auth.verify_token(
-                token, secret=self.settings.jwt_secret, now_s=int(time.time())
-            )
+            claims = self._tokens.verify(token, now_s=int(time.time()))
             if not await self._user_exists(claims.user):
                 raise Unauthorized("the token's user no longer exists", code="token_invalid")
             return claims
