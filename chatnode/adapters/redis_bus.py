@@ -88,6 +88,10 @@ class BusKeys:
     """The key layout of the module docstring for one prefix."""
 
     prefix: str
+    _channel_head: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_channel_head", f"{self.prefix}:room:".encode())
 
     def offset(self, room_id: int) -> str:
         return f"{self.prefix}:room:{room_id}:offset"
@@ -96,14 +100,14 @@ class BusKeys:
         return f"{self.prefix}:room:{room_id}:log"
 
     def channel(self, room_id: int) -> bytes:
-        return f"{self.prefix}:room:{room_id}".encode()
+        return self._channel_head + b"%d" % room_id
 
     @property
     def archive(self) -> str:
         return f"{self.prefix}:archive"
 
     def room_of_channel(self, channel: bytes) -> int | None:
-        head = f"{self.prefix}:room:".encode()
+        head = self._channel_head
         tail = channel[len(head) :]
         if not channel.startswith(head) or not tail.isdigit():
             return None
@@ -391,24 +395,26 @@ class RedisBus:
                         log.warning("Redis bus: pub/sub connection lost (%s); reconnecting", exc)
                         return up, True
                     for push in pushes:
-                        match push:
-                            case [b"message", channel, bytes(data)]:
-                                await self._dispatch(handler, channel, data)
-                            case [b"subscribe" | b"unsubscribe", channel, *_]:
-                                if isinstance(channel, bytes):
-                                    link.acknowledge(channel)
-                                if not up and link.all_acked(tickets):
-                                    await came_up()
-                            case [b"pong", *_]:
-                                link.ponged()
+                        if not isinstance(push, list) or len(push) < 2:
+                            continue
+                        kind, channel = push[0], push[1]
+                        if kind == b"message" and len(push) == 3 and isinstance(channel, bytes):
+                            await self._dispatch(handler, channel, push[2])
+                        elif kind == b"subscribe" or kind == b"unsubscribe":
+                            if isinstance(channel, bytes):
+                                link.acknowledge(channel)
+                            if not up and link.all_acked(tickets):
+                                await came_up()
+                        elif kind == b"pong":
+                            link.ponged()
             except errors.Unavailable as exc:
                 log.warning("Redis bus: the node could not catch up (%s); reconnecting", exc)
                 return up, False
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _dispatch(self, handler: ports.BusHandler, channel: Reply, data: bytes) -> None:
-        if not isinstance(channel, bytes):
+    async def _dispatch(self, handler: ports.BusHandler, channel: bytes, data: Reply) -> None:
+        if not isinstance(data, bytes):
             return
         room_id = self.keys.room_of_channel(channel)
         if room_id is None or room_id not in self._rooms:
