@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from chatnode.core import validation
+from chatnode.core import framing, validation
 from chatnode.core.errors import BadRequest
 from chatnode.core.models import ChatMessage
 
@@ -207,19 +207,10 @@ def typing_event(room_id: int, user: str) -> dict[str, Any]:
     return {"type": "typing", "chatroom": room_id, "user": user}
 
 
-# -- WebSocket framing (RFC 6455 §5.2) ----------------------------------------------------------
-
-OPCODE_TEXT = 0x1
+# -- WebSocket framing (RFC 6455 §5.2; the rest is in ``core/framing.py``) ----------------------
 
 
 def ws_text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented server text frame. Servers never mask and chatnode negotiates
-    no extension, so these bytes are the same for every connection: encode once, write many."""
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x80 | OPCODE_TEXT, length))
-    elif length < 1 << 16:
-        header = bytes((0x80 | OPCODE_TEXT, 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | OPCODE_TEXT, 127)) + length.to_bytes(8, "big")
-    return header + payload
+    """An unmasked, unfragmented server text frame: the same bytes for every connection, so a
+    broadcast encodes it once and writes it many times."""
+    return framing.encode_frame(framing.OPCODE_TEXT, payload)
