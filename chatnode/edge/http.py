@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
@@ -101,9 +101,10 @@ class IdleConnections:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-UpgradeHandler = Callable[[Request, trio.SocketStream, bytes], Awaitable[Response | None]]
-"""Takes the request, the stream and bytes received past the request head. Returns None once
-it owns the connection (upgraded), or a Response to send instead (refused)."""
+Accepted = TypeVar("Accepted")
+UpgradeHandler = Callable[[Request, trio.SocketStream, bytes], Awaitable[Response | Accepted]]
+"""Takes the request, the stream and bytes received past the request head. Returns a Response
+to send instead (refused), or what it accepted, which ``serve_http_connection`` returns."""
 
 
 def parse_target(target: bytes) -> tuple[str, dict[str, str]]:
@@ -123,13 +124,16 @@ async def serve_http_connection(
     stream: trio.SocketStream,
     limits: Limits,
     handle: Handler,
-    upgrade: UpgradeHandler,
+    upgrade: UpgradeHandler[Accepted],
     idle: IdleConnections,
-) -> None:
+) -> Accepted | None:
     """Serve requests on one connection until it closes, times out, is upgraded or the server
-    drains while it waits for a request."""
+    drains while it waits for a request. An accepted upgrade is returned with the stream open
+    for the caller to serve and close; the request and the h11 state are gone by then (an
+    upgraded connection may live for days). Otherwise the stream is closed on return."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     timeout_s = limits.handshake_timeout_s
+    upgraded = False
     try:
         while True:
             with trio.CancelScope() as waiting:
@@ -139,24 +143,27 @@ async def serve_http_connection(
                 finally:
                     idle.discard(waiting)
             if waiting.cancelled_caught or request is None:
-                return
+                return None
             if is_websocket_upgrade(request):
-                refused = await upgrade(request, stream, conn.trailing_data[0])
-                if refused is not None:
-                    await _respond(conn, stream, refused, close=True)
-                return
+                answer = await upgrade(request, stream, conn.trailing_data[0])
+                if isinstance(answer, Response):
+                    await _respond(conn, stream, answer, close=True)
+                    return None
+                upgraded = True
+                return answer
             response = await handle(request)
             await _respond(conn, stream, response, close=False)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return None
             conn.start_next_cycle()
             timeout_s = limits.idle_timeout_s
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-        return
+        return None
     finally:
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            await stream.aclose()
+        if not upgraded:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await stream.aclose()
 
 
 async def _read_request(
@@ -256,6 +263,25 @@ async def _send_error(
         with trio.move_on_after(1):
             await _respond(conn, stream, response, close=True)
     except h11.LocalProtocolError:
+        return
+
+
+async def send_refusal(stream: trio.SocketStream, response: Response) -> None:
+    """Answer an upgraded request that was refused after all (its h11 state is gone): the
+    bytes h11 would send for ``response`` with ``Connection: close``."""
+    head = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, b'').decode()}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        *(f"{name}: {value}" for name, value in response.headers),
+        "Connection: close",
+    ]
+    try:
+        with trio.move_on_after(1):
+            await stream.send_all(
+                ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+            )
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
 
 

@@ -1,9 +1,11 @@
 """The listener: accepts connections and serves HTTP and WebSocket on them.
 
-Ownership: ``EdgeServer.serve`` owns the write batcher's task and, inside it, a nursery of
-connection tasks. ``stop_accepting`` closes
-the listeners; ``serve`` then returns once every connection has ended. Idle keep-alive HTTP
-connections are closed as soon as draining starts; WebSockets are closed by the node.
+Ownership: ``EdgeServer.serve`` owns the write batcher's tasks (its flusher, with the drain
+and cutter tasks it starts, and the pinger) and, inside them, a nursery of connection tasks:
+one task per connection, HTTP first, then the WebSocket it may be upgraded to.
+``stop_accepting`` closes the listeners; ``serve`` then returns once every connection has
+ended. Idle keep-alive HTTP connections are closed as soon as draining starts; WebSockets are
+closed by the node.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from chatnode.core.errors import ChatError
 from chatnode.edge import http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
-from chatnode.edge.websocket import WriteBatcher, WsSettings, serve_websocket
+from chatnode.edge.websocket import (
+    WriteBatcher,
+    WsMember,
+    WsSettings,
+    accept_websocket,
+    serve_websocket,
+)
 from chatnode.node.service import ChatNode
 
 log = logging.getLogger(__name__)
@@ -65,15 +73,17 @@ class EdgeServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
-            await http.serve_http_connection(
+            member = await http.serve_http_connection(
                 stream, self._http_limits, self.api.handle, self._upgrade, self._idle
             )
+            if member is not None:
+                await serve_websocket(self.node, self.batcher, member, stream)
         except Exception:
             log.exception("connection failed")
 
     async def _upgrade(
         self, request: http.Request, stream: trio.SocketStream, trailing: bytes
-    ) -> http.Response | None:
+    ) -> http.Response | WsMember:
         try:
             self.api.route(request)
         except ChatError as exc:
@@ -81,6 +91,6 @@ class EdgeServer:
         if not request.path.endswith("/join"):
             return await self.api.handle(request)
         self.metrics.ws_accepted += 1
-        return await serve_websocket(
+        return await accept_websocket(
             self.node, self._ws_settings, self.batcher, request, stream, trailing
         )

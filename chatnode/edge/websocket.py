@@ -1,36 +1,44 @@
-"""WebSocket room connections: the upgrade, the member's outbox, reader and writer.
+"""WebSocket room connections: the upgrade, the member's queue, its reader, the edge's writer.
 
-Ownership: one nursery per connection holds its writer; the reader runs in the connection task.
-The handshake answer is the first item of the outbox, so the replay that ``ChatNode.join``
-queues follows it in order and the node never writes to a socket outside the writer.
+Memory is the design constraint here: a node holds thousands of idle members, and an idle
+member costs what its objects and its task's suspended stack cost (``bench/memprofile.py``).
+So a connection is ONE task, the reader, suspended in ``wait_readable`` with a shallow stack;
+it holds no nursery, cancel scope, event or buffer while idle, and no HTTP request or h11
+state once upgraded (``accept_websocket`` runs inside the HTTP connection and returns the
+member; ``serve_websocket`` runs after it returned). Framing is ``core/framing.py``.
 
-Backpressure (DESIGN.md §4.3): ``send_nowait`` never awaits: it appends the pre-encoded frame
-to the member's pending list and marks the member dirty in the ``WriteBatcher``, whose task
-flushes every dirty member once the producers yield, in one write per member per burst. A flush
-writes straight to the non-blocking socket when nothing is queued and the writer is idle (the
-common case: no task switch per member); whatever the kernel does not take goes to the outbox
-and wakes the member's writer task, which alone writes while anything is queued, so order is
-kept. When pending plus unsent bytes pass ``send_backlog_bytes`` the member is a slow
-consumer: its backlog is dropped, a close frame (4001) is queued and the connection gets
-``close_timeout_s`` to go, after which it is cut. Others in the room never wait.
+Writes (DESIGN.md §4.3): ``send_nowait`` never awaits: it appends the pre-encoded frame to the
+member's queue and marks the member dirty in the edge's ``WriteBatcher``, whose task flushes
+every dirty member once the producers yield, in one write per member per burst, straight to
+the non-blocking socket. Only when the kernel does not take it all does the batcher start a
+drain task for that member (in the batcher's nursery) that writes the rest as the socket
+becomes writable; flushes leave the queue to it meanwhile, so order is kept. When the queued
+bytes pass ``send_backlog_bytes`` the member is a slow consumer: its queue is dropped, a close
+frame (4001) is queued and the connection gets ``close_timeout_s`` to go.
+
+Closing: whoever starts the close handshake (the node with ``close_nowait``, the client with a
+close frame, or a framing violation), the reader keeps reading until the client's close frame,
+end of file or the deadline; then the connection waits (bounded) until its queue is written
+and closes the socket. A server-side close arms a cutter task in the batcher's nursery that
+shuts the socket down at the deadline, which wakes the reader with end of file and any drain
+with a broken pipe: no per-connection cancel scope is needed for it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
+import socket
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.utilities import RemoteProtocolError
 
-from chatnode.core import errors, protocol
+from chatnode.core import errors, framing, protocol
 from chatnode.core.protocol import CloseCode, Dialect
-from chatnode.edge.http import Request, Response, error_response
+from chatnode.edge.http import Request, Response, error_response, send_refusal
 from chatnode.node.service import ChatNode, RoomConnection
 
 log = logging.getLogger(__name__)
@@ -89,19 +97,22 @@ def check_handshake(request: Request) -> Dialect:
 
 
 class WriteBatcher:
-    """Coalesces what each member is sent during one scheduler pass into one write, and pings
-    every member every ``ping_interval_s``.
+    """The edge's writer: coalesces what each member is sent during one scheduler pass into
+    one write, drains the members whose socket would block, cuts closing connections at their
+    deadline, and pings every member every ``ping_interval_s``.
 
     A broadcast marks members dirty (``send_nowait``); the batcher's task runs once the
     producers yield (after a burst of messages from the bus, say) and flushes every dirty
-    member: one ``write`` per member per burst instead of one per message. Its tasks are owned
-    by the edge server's nursery; members register for the pings while they run.
+    member: one ``write`` per member per burst instead of one per message. Its tasks, and the
+    drain and cutter tasks it starts, are owned by the edge server's nursery; members register
+    for the pings while they run.
     """
 
     def __init__(self, *, ping_interval_s: float = 30.0) -> None:
         self._dirty: list[WsMember] = []
         self._wake = trio.Event()
         self.flushes = 0
+        self.drains = 0  # drain tasks started: writes the kernel did not take whole
         self.ping_interval_s = ping_interval_s
         self.members: set[WsMember] = set()
 
@@ -109,240 +120,281 @@ class WriteBatcher:
         while True:
             await trio.sleep(self.ping_interval_s)
             for member in list(self.members):
-                member.ping_nowait()
+                member.send_nowait(framing.PING_FRAME)
 
     def mark(self, member: WsMember) -> None:
         self._dirty.append(member)
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            dirty, self._dirty = self._dirty, []
-            self.flushes += 1
-            for member in dirty:
-                member.flush()
+        async with trio.open_nursery() as helpers:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                dirty, self._dirty = self._dirty, []
+                self.flushes += 1
+                for member in dirty:
+                    member.flush(helpers)
 
 
 class WsMember:
-    """A joined WebSocket connection; implements ``node.hub.Member``."""
+    """A joined WebSocket connection; implements ``node.hub.Member``.
+
+    Its queue holds whole frames not yet handed to the kernel; ``_unsent`` is the rest of a
+    write the kernel took in part (only while a drain task runs). ``_queued_bytes`` counts
+    both; ``_credit`` is the part of them that the handshake answer and the join's replay
+    still hold, which the backlog bound does not count (a resume longer than the backlog
+    must not be cut before its first byte).
+    """
+
+    __slots__ = (
+        "_batcher",
+        "_close_deadline",
+        "_closing",
+        "_credit",
+        "_cut_armed",
+        "_draining",
+        "_fd",
+        "_finished",
+        "_frames",
+        "_marked",
+        "_queue",
+        "_queued_bytes",
+        "_sent",
+        "_settings",
+        "_started",
+        "_stream",
+        "_unsent",
+        "close_code",
+        "conn_id",
+        "dialect",
+        "room_id",
+        "since",
+        "user",
+    )
 
     def __init__(
         self,
         stream: trio.SocketStream,
-        ws: Connection,
         *,
         conn_id: str,
         user: str,
         dialect: Dialect,
+        room_id: int,
+        since: int | None,
         settings: WsSettings,
-        greeting: bytes,
         batcher: WriteBatcher,
+        greeting: bytes,
+        trailing: bytes,
     ) -> None:
-        self._stream = stream
-        self._batcher = batcher
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._marked = False
-        self._ws = ws
-        self._settings = settings
         self.conn_id = conn_id
         self.user = user
         self.dialect = dialect
-        self._outbox: list[bytes] = [greeting]
-        self._outbox_bytes = len(greeting)
-        self._wake = trio.Event()
-        self._closing = False
-        self._writing = False
-        self._fd = stream.socket.fileno()
-        self._reader_done = False
-        self._cancel_scope: trio.CancelScope | None = None
+        self.room_id = room_id
+        self.since = since
         self.close_code: CloseCode | None = None
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+        self._batcher = batcher
+        self._settings = settings
+        self._frames = framing.FrameReader(
+            max_message_bytes=settings.max_frame_bytes, data=trailing
+        )
+        self._queue: list[bytes] | None = [greeting]
+        self._queued_bytes = len(greeting)
+        self._credit = 0
+        self._unsent = b""
+        self._started = False  # nothing is written before ``run``: the join may still fail
+        self._marked = False  # in the batcher's dirty list
+        self._draining = False  # a drain task writes the queue
+        self._closing = False  # no more frames are accepted from the node
+        self._finished = False  # the socket is closed or about to be: never touch it
+        self._close_deadline: float | None = None
+        self._cut_armed = False
+        self._sent: trio.Event | None = None  # exists only while ``run`` waits for the queue
 
     # -- Member ---------------------------------------------------------------------------------
 
     def send_nowait(self, frame: bytes) -> None:
         if self._closing:
             return
-        self._pending.append(frame)
-        self._pending_bytes += len(frame)
-        # Only once ``run`` started: before, the outbox holds the handshake answer and the
-        # join's replay, which is bounded by ``max_replay``, not by the backlog (a resume
-        # longer than the backlog must not be cut before its first byte, answer included).
-        if (
-            self.started
-            and self._pending_bytes + self._outbox_bytes > self._settings.send_backlog_bytes
-        ):
-            self._pending.clear()
-            self._pending_bytes = 0
-            self._outbox.clear()
-            self._outbox_bytes = 0
+        self._queue_frame(frame)
+        if self._started and self._queued_bytes - self._credit > self._settings.send_backlog_bytes:
             self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None:
+        """Queue a close frame (after what is queued, unless the member is a slow consumer)
+        and give the connection ``close_timeout_s`` to finish."""
+        if self._closing:
             return
-        if not self._marked:
+        self._closing = True
+        self.close_code = code
+        if code is CloseCode.SLOW_CONSUMER:
+            self._queue = None
+            self._queued_bytes = len(self._unsent)
+            self._credit = 0
+        self._close_deadline = trio.current_time() + self._settings.close_timeout_s
+        self._queue_frame(framing.close_frame(int(code), reason))
+
+    @property
+    def started(self) -> bool:
+        """True once the handshake answer may have been written."""
+        return self._started
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def _queue_frame(self, frame: bytes) -> None:
+        if self._queue is None:
+            self._queue = [frame]
+        else:
+            self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        if self._started and not self._marked:
             self._marked = True
             self._batcher.mark(self)
 
-    def flush(self) -> None:
-        """Write what ``send_nowait`` gathered since the last flush, in one write: straight to
-        the non-blocking socket when nothing is queued and the writer is idle (the common
-        case: no task switch), else to the outbox for the writer. Called by the batcher."""
+    def flush(self, nursery: trio.Nursery) -> None:
+        """Write what was queued since the last flush, in one write, straight to the socket;
+        what the kernel does not take goes to a drain task started in ``nursery``. A closing
+        member also gets its cutter there. Called by the batcher."""
         self._marked = False
-        if self._closing or not self._pending:
-            return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
-        if not self._outbox and not self._writing:
+        if self._close_deadline is not None and not self._cut_armed:
+            self._cut_armed = True
+            nursery.start_soon(self._cut_at, self._close_deadline)
+        if self._queue and not self._draining and not self._finished:
+            queue, self._queue = self._queue, None
+            data = queue[0] if len(queue) == 1 else b"".join(queue)
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 self._broken()
+                self._check_sent()
                 return
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self._wake.set()
+            self._wrote(sent)
+            if sent < len(data):
+                self._unsent = data[sent:]
+                self._draining = True
+                self._batcher.drains += 1
+                nursery.start_soon(self._drain)
+        self._check_sent()
+
+    async def _drain(self) -> None:
+        """Write the queue as the socket becomes writable, until it is empty."""
+        try:
+            while not self._finished:
+                if not self._unsent:
+                    if not self._queue:
+                        break
+                    self._unsent = b"".join(self._queue)
+                    self._queue = None
+                await trio.lowlevel.wait_writable(self._fd)
+                if self._finished:
+                    break
+                try:
+                    sent = os.write(self._fd, self._unsent)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._broken()
+                    break
+                self._wrote(sent)
+                self._unsent = self._unsent[sent:]
+        except trio.ClosedResourceError:
+            pass  # the connection closed its socket
+        finally:
+            self._draining = False
+        self._check_sent()
+
+    def _wrote(self, sent: int) -> None:
+        self._queued_bytes -= sent
+        self._credit = max(0, self._credit - sent)
+
+    def _check_sent(self) -> None:
+        if self._sent is not None and not (self._queue or self._draining or self._marked):
+            self._sent.set()
+
+    async def _cut_at(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        self._cut()
+
+    def _cut(self) -> None:
+        """End the connection now: shutting the socket down wakes the reader with end of file
+        and a drain with a broken pipe; the connection task then closes it."""
+        if not self._finished:
+            with contextlib.suppress(OSError):
+                self._stream.socket.shutdown(socket.SHUT_RDWR)
+
+    def _broken(self) -> None:
+        """The peer is gone: write nothing more and end the connection now."""
+        self._closing = True
+        self._queue = None
+        self._unsent = b""
+        self._queued_bytes = self._credit = 0
+        self._cut()
 
     def finish(self) -> None:
         """The connection is over: nothing more is written to its socket (whose descriptor
         may be reused once closed)."""
-        self._closing = True
-        self._pending.clear()
+        self._finished = self._closing = True
+        self._queue = None
+        self._unsent = b""
 
-    def close_nowait(self, code: CloseCode, reason: str) -> None:
-        """Queue a close frame and give the connection ``close_timeout_s`` to finish."""
-        if self._closing:
-            return
-        if self._pending and code is not CloseCode.SLOW_CONSUMER:
-            self._outbox.append(b"".join(self._pending))  # what was sent before the close
-        self._pending.clear()
-        self._closing = True
-        self.close_code = code
-        if self._ws.state is ConnectionState.OPEN:
-            data = self._ws.send(CloseConnection(code=int(code), reason=reason))
-            self._outbox.append(data)
-            self._outbox_bytes += len(data)
-        self._wake.set()
-        if self._cancel_scope is not None:
-            self._cancel_scope.deadline = min(
-                self._cancel_scope.deadline, trio.current_time() + self._settings.close_timeout_s
-            )
-
-    @property
-    def started(self) -> bool:
-        """True once the handshake answer may have been written."""
-        return self._cancel_scope is not None
-
-    # -- tasks ------------------------------------------------------------------------------------
+    # -- the connection task ----------------------------------------------------------------
 
     async def run(self, room: RoomConnection) -> None:
-        """Serve the connection until it closes: the reader runs in this task, the writer in a
-        nursery; the writer returns once the reader is done and the outbox is flushed, within
-        ``close_timeout_s`` of either side starting to close. (Two tasks per connection: an
-        idle connection's memory is mostly its tasks.)"""
-        # The handshake answer and the replay queued so far (bounded by ``max_replay``, not by
-        # the backlog) go to the writer first and do not count against the backlog.
-        self.flush()
-        self._outbox_bytes = 0
-        with trio.CancelScope() as scope:
-            self._cancel_scope = scope
-            if self._closing:
-                scope.deadline = trio.current_time() + self._settings.close_timeout_s
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                await self._reader(room)
-                self._reader_done = self._closing = True
-                self._wake.set()
-                scope.deadline = min(
-                    scope.deadline, trio.current_time() + self._settings.close_timeout_s
-                )
-
-    async def _writer(self) -> None:
+        """Serve the connection until it closes (see the module docstring): read client
+        frames until the close handshake ends, the peer goes away or the connection is cut,
+        then wait (bounded) until the queue is written. The handshake answer and the replay
+        queued so far go out first and do not count against the backlog. (The reader loop is
+        inline: every suspended coroutine frame is memory an idle connection keeps.)"""
+        self._started = True
+        self._credit = self._queued_bytes
+        if self._close_deadline is not None:  # closed during the join: the clock starts now
+            self._close_deadline = trio.current_time() + self._settings.close_timeout_s
+        self._marked = True
+        self._batcher.mark(self)
+        frames = self._frames
         while True:
-            while not self._outbox:
-                if self._reader_done:
-                    return
-                self._wake = trio.Event()
-                await self._wake.wait()
-            chunks, self._outbox = self._outbox, []
-            self._outbox_bytes = 0
-            self._writing = True
-            try:
-                await self._stream.send_all(b"".join(chunks))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._broken()
-                return
-            finally:
-                self._writing = False
-
-    def _broken(self) -> None:
-        """The peer is gone: stop writing and end the connection now."""
+            event = frames.next_event()
+            if event is None:
+                await trio.lowlevel.wait_readable(self._fd)
+                data = self._receive()
+                if data is None:
+                    break
+                frames.receive_data(data)
+            elif isinstance(event, framing.Message):
+                if not self._closing:
+                    await self._on_text(room, event.text)
+            elif isinstance(event, framing.Ping):
+                if not self._closing:
+                    self._queue_frame(framing.pong_frame(event.payload))
+            elif isinstance(event, framing.Close):
+                if not self._closing:  # the client started the close: answer it
+                    self._closing = True
+                    self._queue_frame(framing.close_frame(event.code, event.reason))
+                break
+            else:
+                self.close_nowait(CloseCode(event.code), event.reason)
         self._closing = True
-        self._outbox.clear()
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
+        deadline = self._close_deadline
+        if deadline is None:
+            deadline = trio.current_time() + self._settings.close_timeout_s
+        with trio.move_on_at(deadline):
+            if self._queue or self._draining or self._marked:
+                self._sent = trio.Event()
+                await self._sent.wait()
 
-    def ping_nowait(self) -> None:
-        """Keep an idle connection (and the proxies on its way) alive; the edge's pinger calls
-        this for every member every ``ping_interval_s``."""
-        if not self._closing and self._state() is ConnectionState.OPEN:
-            self._queue_control(self._ws.send(Ping(payload=b"chatnode")))
-
-    def _state(self) -> ConnectionState:
-        return self._ws.state
-
-    def _queue_control(self, data: bytes) -> None:
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self._wake.set()
-
-    async def _reader(self, room: RoomConnection) -> None:
-        """Read client frames until the close handshake ends or the peer goes away."""
-        parts: list[str] = []
-        size = 0
-        while self._ws.state not in (ConnectionState.CLOSED, ConnectionState.REMOTE_CLOSING):
-            try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            try:
-                self._ws.receive_data(data)
-                for event in self._ws.events():
-                    if isinstance(event, TextMessage):
-                        size += len(event.data)
-                        if size > self._settings.max_frame_bytes:
-                            self.close_nowait(CloseCode.MESSAGE_TOO_BIG, "message too big")
-                            return
-                        parts.append(event.data)
-                        if event.message_finished:
-                            text = "".join(parts)
-                            parts, size = [], 0
-                            if not self._closing:
-                                await self._on_text(room, text)
-                    elif isinstance(event, BytesMessage):
-                        self.close_nowait(
-                            CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
-                        )
-                    elif isinstance(event, Ping):
-                        self._queue_control(self._ws.send(event.response()))
-                    elif isinstance(event, CloseConnection):
-                        if self._state() is ConnectionState.REMOTE_CLOSING:
-                            self._queue_control(self._ws.send(event.response()))
-                        return
-            except RemoteProtocolError as exc:
-                self.close_nowait(
-                    CloseCode.PROTOCOL_ERROR, f"WebSocket protocol error: {exc}"[:120]
-                )
-                return
+    def _receive(self) -> bytes | None:
+        """What the socket holds (maybe nothing); None at end of file or if the peer is gone."""
+        try:
+            return os.read(self._fd, RECEIVE_BYTES) or None
+        except BlockingIOError:
+            return b""
+        except OSError:
+            return None
 
     async def _on_text(self, room: RoomConnection, text: str) -> None:
         frame = protocol.parse_client_frame(text, self.dialect, room.limits)
@@ -384,16 +436,16 @@ class WsMember:
             self.close_nowait(CloseCode.MESSAGE_REJECTED, f"{exc.code}: {exc.message}"[:120])
 
 
-async def serve_websocket(
+async def accept_websocket(
     node: ChatNode,
     settings: WsSettings,
     batcher: WriteBatcher,
     request: Request,
     stream: trio.SocketStream,
     trailing: bytes,
-) -> Response | None:
-    """Handle ``GET /v1/chatrooms/{id}/join`` with an upgrade. Refusals before the handshake
-    are HTTP errors; after it, close codes (docs/protocol.md)."""
+) -> Response | WsMember:
+    """Check a ``GET /v1/chatrooms/{id}/join`` upgrade: an HTTP error, or the member (not yet
+    joined) that ``serve_websocket`` serves once the HTTP request is gone."""
     try:
         room_id, since = parse_join(request)
         dialect = check_handshake(request)
@@ -404,29 +456,40 @@ async def serve_websocket(
             )
     except errors.ChatError as exc:
         return error_response(exc)
-    ws = Connection(ConnectionType.SERVER, extensions=[], trailing_data=trailing)
-    member = WsMember(
+    return WsMember(
         stream,
-        ws,
         conn_id=node.next_conn_id(),
         user=claims.user,
         dialect=dialect,
+        room_id=room_id,
+        since=since,
         settings=settings,
-        greeting=handshake_response(request, dialect),
         batcher=batcher,
+        greeting=handshake_response(request, dialect),
+        trailing=trailing,
     )
+
+
+async def serve_websocket(
+    node: ChatNode, batcher: WriteBatcher, member: WsMember, stream: trio.SocketStream
+) -> None:
+    """Join the member's room and serve it until the connection ends, then close the stream.
+    A join refused before the handshake answer went out gets an HTTP error; after it, close
+    codes (docs/protocol.md)."""
     try:
-        async with node.join(room_id, member, since=since) as room:
+        async with node.join(member.room_id, member, since=member.since) as room:
             batcher.members.add(member)
             await member.run(room)
     except errors.ChatError as exc:
         if member.started:
             raise
-        return error_response(exc)  # refused before the handshake answer went out
+        await send_refusal(stream, error_response(exc))
     finally:
         batcher.members.discard(member)
         member.finish()
-    return None
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await stream.aclose()
 
 
 def parse_join(request: Request) -> tuple[int, int | None]:
