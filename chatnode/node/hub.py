@@ -60,9 +60,12 @@ class Member(Protocol):
 
 @attrs.define(eq=False)
 class Seat:
+    """A member's place in a room session. ``pending`` holds what was applied while the
+    member's replay ran (Rule 3); it is None once live, as it is for every idle member."""
+
     member: Member
     live: bool = False
-    pending: list[ChatMessage] = attrs.Factory(list)
+    pending: list[ChatMessage] | None = None
 
 
 @attrs.define(eq=False)
@@ -166,10 +169,10 @@ class Hub:
     def go_live(self, session: RoomSession, seat: Seat, *, sent_up_to: int) -> None:
         """Flush what queued during the replay and make the seat live (Rule 3). Sync: nothing
         can be applied between the flush and the switch."""
-        for message in seat.pending:
+        for message in seat.pending or ():
             if message.offset > sent_up_to:
                 seat.member.send_nowait(_frame(message, seat.member.dialect, {}))
-        seat.pending = []
+        seat.pending = None
         seat.live = True
 
     # -- history ----------------------------------------------------------------------------
@@ -252,6 +255,8 @@ class Hub:
             if seat.live:
                 seat.member.send_nowait(_frame(message, seat.member.dialect, frame_cache))
                 self.deliveries += 1
+            elif seat.pending is None:
+                seat.pending = [message]
             else:
                 seat.pending.append(message)
 
