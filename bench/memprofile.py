@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
-"""Where an idle WebSocket connection's memory goes, with tracemalloc.
+"""Where an idle WebSocket connection's memory goes.
 
 Runs with the PROJECT's interpreter (it imports chatnode):
 
-    .venv/bin/python bench/memprofile.py [--connections 1000]
+    .venv/bin/python bench/memprofile.py [--connections 1000] [--rss-only] [--rooms 10]
 
-Starts an embedded node in this process with tracemalloc on, connects ``--connections`` idle
-plain-dialect members through bench/loadgen.py (bench/.venv), and prints the Python heap growth
-per connection by allocation site, next to the RSS growth per connection.
+Starts an embedded node in this process, connects 50 warm-up members, then ``--connections``
+idle plain-dialect members (over ``--rooms`` rooms, as the benchmark does) through
+bench/loadgen.py (bench/.venv), and prints per connection:
+
+* the RSS growth (what the benchmark measures; without ``--rss-only`` tracemalloc's own
+  bookkeeping inflates it, so take the RSS figure from an ``--rss-only`` run);
+* the live objects the connections added, by type, with their ``sys.getsizeof`` (the census
+  shows what a connection is made of: tasks, coroutine frames, cancel scopes, dicts...);
+* with tracemalloc (the default): the Python heap growth by package and by allocation site.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import json
 import os
+import sys
 import tempfile
 import tracemalloc
 import urllib.request
@@ -44,7 +53,45 @@ def post(path: str, body: dict[str, object]) -> dict[str, object]:
         return json.loads(r.read())
 
 
-async def main(n: int) -> None:
+def census() -> collections.Counter[str]:
+    """Live objects by type name (gc-tracked objects and their direct referents: strings,
+    bytes and ints are not tracked by the gc themselves)."""
+    gc.collect()
+    tracked = gc.get_objects()
+    seen = {id(o) for o in tracked}
+    counts: collections.Counter[str] = collections.Counter()
+    sizes: collections.Counter[str] = collections.Counter()
+    for o in tracked:
+        name = type(o).__qualname__
+        counts[name] += 1
+        sizes[name] += sys.getsizeof(o)
+        for r in gc.get_referents(o):
+            if id(r) not in seen and not gc.is_tracked(r) and not isinstance(r, type):
+                seen.add(id(r))
+                rname = type(r).__qualname__
+                counts[rname] += 1
+                sizes[rname] += sys.getsizeof(r)
+    del tracked, seen
+    return collections.Counter({f"{k}\0{counts[k]}": v for k, v in sizes.items()})
+
+
+def print_census(before: collections.Counter[str], after: collections.Counter[str], n: int) -> None:
+    b = {k.split("\0")[0]: (int(k.split("\0")[1]), v) for k, v in before.items()}
+    a = {k.split("\0")[0]: (int(k.split("\0")[1]), v) for k, v in after.items()}
+    rows = []
+    for name, (count, size) in a.items():
+        count0, size0 = b.get(name, (0, 0))
+        if size - size0 > 0:
+            rows.append((size - size0, count - count0, name))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"live objects added (sys.getsizeof, gc census): {total / 1024 / n:.1f} KiB each")
+    for size, count, name in rows[:30]:
+        if size / n >= 16:
+            print(f"  {size / n:8.0f} B  {count / n:5.2f} objects  {name}")
+
+
+async def main(n: int, rooms: int, trace: bool) -> None:
     from chatnode.app import App
     from chatnode.config import load_config
 
@@ -64,7 +111,10 @@ async def main(n: int) -> None:
         users = [f"m{i}" for i in range(100)]
         for u in users:
             await trio.to_thread.run_sync(post, "/v1/users", {"name": u})
-        room = (await trio.to_thread.run_sync(post, "/v1/chatrooms", {"name": "mem"}))["id"]
+        room_ids = [
+            (await trio.to_thread.run_sync(post, "/v1/chatrooms", {"name": f"mem{r}"}))["id"]
+            for r in range(rooms)
+        ]
         proc = await trio.lowlevel.open_process(
             [str(HERE / ".venv" / "bin" / "python"), str(HERE / "loadgen.py")], stdin=-1, stdout=-1
         )
@@ -82,8 +132,9 @@ async def main(n: int) -> None:
         def clients(count: int) -> list[dict[str, object]]:
             return [
                 {
-                    "url": f"ws://127.0.0.1:{PORT}/v1/chatrooms/{room}/join?user={users[i % 100]}",
-                    "room": room,
+                    "url": f"ws://127.0.0.1:{PORT}/v1/chatrooms/{room_ids[i % rooms]}/join"
+                    f"?user={users[i % 100]}",
+                    "room": room_ids[i % rooms],
                     "kind": "plain",
                     "sender": False,
                 }
@@ -92,55 +143,65 @@ async def main(n: int) -> None:
 
         await call({"cmd": "connect", "clients": clients(50)})  # warm: imports, pools, caches
         await trio.sleep(1)
-        snap1, rss1 = tracemalloc.take_snapshot(), rss_kib()
-        answer = await call({"cmd": "connect", "clients": clients(n)})
+        census1 = census()
+        if trace:
+            tracemalloc.start(1)
+        snap1, rss1 = (tracemalloc.take_snapshot() if trace else None), rss_kib()
+        answer = await call({"cmd": "connect", "clients": clients(n), "concurrency": 64})
         await trio.sleep(2)
-        snap2, rss2 = tracemalloc.take_snapshot(), rss_kib()
+        snap2, rss2 = (tracemalloc.take_snapshot() if trace else None), rss_kib()
+        tracemalloc.stop()
         got = int(answer["connected"])  # type: ignore[arg-type]
-        stats = snap2.compare_to(snap1, "lineno")
-        heap = sum(s.size_diff for s in stats)
-        print(
-            f"{got} idle connections: RSS +{(rss2 - rss1) / got:.1f} KiB each, "
-            f"Python heap (tracemalloc) +{heap / 1024 / got:.1f} KiB each"
-        )
-        groups: dict[str, int] = {}
-        for s in stats:
-            f = s.traceback[0].filename
-            key = (
-                "trio"
-                if "/trio/" in f
-                else "wsproto"
-                if "/wsproto/" in f
-                else "h11"
-                if "/h11/" in f
-                else "chatnode"
-                if "/chatnode/" in f or f.startswith("chatnode")
-                else "attrs-generated (trio)"
-                if f.startswith("<attrs")
-                else os.path.basename(f)
-            )
-            groups[key] = groups.get(key, 0) + s.size_diff
-        print(
-            "by package, KiB per connection: "
-            + ", ".join(
-                f"{k} {v / 1024 / got:.1f}"
-                for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
-                if v / got >= 100
-            )
-        )
-        print("top allocation sites, bytes per connection:")
-        for s in stats[:25]:
-            frame = s.traceback[0]
-            print(
-                f"  {s.size_diff / got:8.0f}  {s.count_diff / got:5.1f} blocks  "
-                f"{frame.filename.removeprefix(os.getcwd() + '/')}:{frame.lineno}"
-            )
+        print(f"{got} idle connections: RSS +{(rss2 - rss1) / got:.1f} KiB each")
+        print_census(census1, census(), got)
+        if snap1 is not None and snap2 is not None:
+            print_heap(snap1, snap2, got)
         await call({"cmd": "close"})
         app.request_stop()
+
+
+def print_heap(snap1: tracemalloc.Snapshot, snap2: tracemalloc.Snapshot, got: int) -> None:
+    stats = snap2.compare_to(snap1, "lineno")
+    heap = sum(s.size_diff for s in stats)
+    print(f"Python heap (tracemalloc) +{heap / 1024 / got:.1f} KiB each")
+    groups: dict[str, int] = {}
+    for s in stats:
+        f = s.traceback[0].filename
+        key = (
+            "trio"
+            if "/trio/" in f
+            else "wsproto"
+            if "/wsproto/" in f
+            else "h11"
+            if "/h11/" in f
+            else "chatnode"
+            if "/chatnode/" in f or f.startswith("chatnode")
+            else "attrs-generated (trio)"
+            if f.startswith("<attrs")
+            else os.path.basename(f)
+        )
+        groups[key] = groups.get(key, 0) + s.size_diff
+    print(
+        "by package, KiB per connection: "
+        + ", ".join(
+            f"{k} {v / 1024 / got:.1f}"
+            for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
+            if v / got >= 100
+        )
+    )
+    print("top allocation sites, bytes per connection:")
+    for s in stats[:25]:
+        frame = s.traceback[0]
+        print(
+            f"  {s.size_diff / got:8.0f}  {s.count_diff / got:5.1f} blocks  "
+            f"{frame.filename.removeprefix(os.getcwd() + '/')}:{frame.lineno}"
+        )
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--connections", type=int, default=1000)
-    tracemalloc.start(1)
-    trio.run(main, p.parse_args().connections)
+    p.add_argument("--rooms", type=int, default=10)
+    p.add_argument("--rss-only", action="store_true", help="no tracemalloc: a true RSS figure")
+    args = p.parse_args()
+    trio.run(main, args.connections, args.rooms, not args.rss_only)
