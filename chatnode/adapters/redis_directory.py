@@ -26,7 +26,7 @@ Rules that make it correct:
    after a failure Redis is left alone for ``retry_after_s`` so an outage does not add a
    connection attempt to every read. The cache never raises ``Unavailable`` of its own.
 5. **A node-local layer in front of Redis.** What a read got from Redis is kept in the node
-   (decoded, a bounded LRU of ``local_entries``) and served without asking Redis again for
+   (decoded; least recently used pages evicted past ``local_bytes``) and served without asking Redis again for
    ``local_ttl_s`` after the read that fetched or confirmed it *started*; then the next read
    asks Redis again and keeps the decoded value if the bytes are unchanged. Staleness bound:
    on the node that wrote, none — a write drops the node's local entries it invalidates
@@ -87,6 +87,9 @@ return {cache_key, redis.call('GET', cache_key)}
 """
 
 
+ENTRY_OVERHEAD_BYTES: Final = 256
+
+
 @attrs.define(eq=False)
 class _Local(Generic[T]):
     """A value this node got from Redis (rule 5): the bytes as Redis holds them, decoded."""
@@ -95,6 +98,43 @@ class _Local(Generic[T]):
     value: tuple[T, ...]
     fresh_until: float  # trio time
     refreshing: trio.Event | None = None  # set when the read asking Redis again is done
+
+    @property
+    def cost(self) -> int:
+        return ENTRY_OVERHEAD_BYTES + len(self.raw)
+
+
+@attrs.define(eq=False)
+class _LocalTable(Generic[K, T]):
+    """Entries by key, least recently used first, evicted past ``max_bytes`` of raw JSON
+    (plus ``ENTRY_OVERHEAD_BYTES`` each; decoded values take about four times their JSON)."""
+
+    max_bytes: int
+    _entries: OrderedDict[K, _Local[T]] = attrs.field(factory=OrderedDict, init=False)
+    _bytes: int = attrs.field(default=0, init=False)
+
+    def get(self, key: K) -> _Local[T] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: K, entry: _Local[T]) -> None:
+        self.pop(key)
+        self._entries[key] = entry
+        self._bytes += entry.cost
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.cost
+
+    def pop(self, key: K) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.cost
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
 
 
 @attrs.define(eq=False)
@@ -107,7 +147,7 @@ class RedisCachedDirectory:
     prefix: str
     ttl_s: float = attrs.field(default=5.0, kw_only=True)
     local_ttl_s: float = attrs.field(default=0.1, kw_only=True)
-    local_entries: int = attrs.field(default=1024, kw_only=True)
+    local_bytes: int = attrs.field(default=2 << 20, kw_only=True)  # per table (rule 5)
     retry_after_s: float = attrs.field(default=1.0, kw_only=True)
     hits: int = attrs.field(default=0, init=False)
     misses: int = attrs.field(default=0, init=False)
@@ -115,14 +155,14 @@ class RedisCachedDirectory:
     _read: Script[bytes] = attrs.field(init=False)
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
-    _local_rooms: OrderedDict[tuple[int, int], _Local[Room]] = attrs.field(
-        factory=OrderedDict, init=False
-    )
-    _local_members: OrderedDict[int, _Local[str]] = attrs.field(factory=OrderedDict, init=False)
+    _local_rooms: _LocalTable[tuple[int, int], Room] = attrs.field(init=False)
+    _local_members: _LocalTable[int, str] = attrs.field(init=False)
     _generation: int = attrs.field(default=0, init=False)  # +1 on every local invalidation
 
     def __attrs_post_init__(self) -> None:
         self._read = self._redis.register_script(_READ_LUA)
+        self._local_rooms = _LocalTable(self.local_bytes)
+        self._local_members = _LocalTable(self.local_bytes)
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -178,7 +218,7 @@ class RedisCachedDirectory:
 
     async def _cached(
         self,
-        local: OrderedDict[K, _Local[T]],
+        local: _LocalTable[K, T],
         key: K,
         versions: list[str],
         head: str,
@@ -194,7 +234,6 @@ class RedisCachedDirectory:
             await entry.refreshing.wait()  # one read per entry asks Redis; the others share it
             entry = local.get(key)
         if entry is not None and started < entry.fresh_until:
-            local.move_to_end(key)
             self.local_hits += 1
             return entry.value
         generation = self._generation
@@ -209,10 +248,7 @@ class RedisCachedDirectory:
                 entry.refreshing = None
         value = entry.value if entry is not None and entry.raw == raw else decode(raw)
         if from_redis and generation == self._generation:
-            local[key] = _Local(raw, value, started + self.local_ttl_s)
-            local.move_to_end(key)
-            if len(local) > self.local_entries:
-                local.popitem(last=False)
+            local.put(key, _Local(raw, value, started + self.local_ttl_s))
         return value
 
     async def _shared(
@@ -274,7 +310,7 @@ class RedisCachedDirectory:
             await self._new_token(self._room_members_version(room_id))
         finally:
             self._generation += 1
-            self._local_members.pop(room_id, None)
+            self._local_members.pop(room_id)
 
     async def _invalidate_all_members(self) -> None:
         try:

@@ -28,6 +28,7 @@ from chatnode.node.service import ChatNode
 log = logging.getLogger(__name__)
 
 RouteHandler = Callable[["Api", Request, re.Match[str]], Awaitable[Response]]
+ENTRY_OVERHEAD_BYTES = 256
 
 
 @attrs.frozen
@@ -52,8 +53,10 @@ def message_json(message: ChatMessage) -> dict[str, object]:
 
 
 class AnswerCache:
-    """Encoded JSON answers by request key, each with the value it encodes; the newest
-    ``max_entries`` keys are kept.
+    """Encoded JSON answers by request key, each with the value it encodes; the least recently
+    used are evicted past ``max_bytes`` of answers (plus ``ENTRY_OVERHEAD_BYTES`` each: the
+    keys come from clients). The values are not counted: they are the objects the node's
+    caches hold anyway.
 
     Rule: an answer is reused only for a value equal (``==``) to the one it was encoded from,
     so it can never be out of date. The comparison is cheap when the node's cache hands back
@@ -61,9 +64,10 @@ class AnswerCache:
     for equal copies), so an entry keeps the newest value it was compared with.
     """
 
-    def __init__(self, max_entries: int = 1024) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = 4 << 20) -> None:
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[Hashable, tuple[object, bytes]] = OrderedDict()
+        self._bytes = 0
 
     def body(self, key: Hashable, value: object, encode: Callable[[], object]) -> bytes:
         """The JSON of ``encode()``, encoded now unless ``value`` equals the cached one's."""
@@ -74,10 +78,14 @@ class AnswerCache:
             self._entries.move_to_end(key)
             return entry[1]
         body = json.dumps(encode(), ensure_ascii=False).encode()
+        if entry is not None:
+            del self._entries[key]
+            self._bytes -= ENTRY_OVERHEAD_BYTES + len(entry[1])
         self._entries[key] = (value, body)
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += ENTRY_OVERHEAD_BYTES + len(body)
+        while self._bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._bytes -= ENTRY_OVERHEAD_BYTES + len(evicted)
         return body
 
 

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from chatnode.adapters.redis import RedisCachedDirectory, RedisClient, open_redis
+from chatnode.adapters.redis_directory import ENTRY_OVERHEAD_BYTES
 from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory
 from chatnode.core import errors
 from chatnode.core.ports import Directory
@@ -335,7 +336,14 @@ async def test_the_local_layer_is_bounded(
     inner: CountingDirectory, redis: tuple[RedisClient, str]
 ) -> None:
     client, prefix = redis
-    cached = RedisCachedDirectory(inner, client, prefix, local_ttl_s=60.0, local_entries=2)  # type: ignore[arg-type]
+    two_empty_pages = 2 * (ENTRY_OVERHEAD_BYTES + len(b"[]"))
+    cached = RedisCachedDirectory(
+        inner,  # type: ignore[arg-type]
+        client,
+        prefix,
+        local_ttl_s=60.0,
+        local_bytes=two_empty_pages,
+    )
     for limit in (1, 2, 3, 1):  # the page of limit=1 was the oldest and is gone
         await cached.list_rooms(after_id=0, limit=limit)
     assert cached.local_hits == 0

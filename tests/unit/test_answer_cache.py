@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 
 from chatnode.core.models import Room
-from chatnode.edge.rest import AnswerCache
+from chatnode.edge.rest import ENTRY_OVERHEAD_BYTES, AnswerCache
 
 
 def encoder(calls: list[object], value: object) -> Callable[[], object]:
@@ -35,7 +35,8 @@ def test_an_equal_value_reuses_the_answer_and_a_different_one_does_not() -> None
 
 
 def test_only_the_most_recently_used_keys_are_kept() -> None:
-    cache = AnswerCache(max_entries=2)
+    answer_bytes = len(b'{"value": "a"}')
+    cache = AnswerCache(max_bytes=2 * (ENTRY_OVERHEAD_BYTES + answer_bytes))
     calls: list[object] = []
     for key in ("a", "b", "a", "c"):  # c pushes out b
         cache.body(key, key, encoder(calls, key))
