@@ -140,11 +140,22 @@ class ArchiveFeed(Protocol):
     async def ack(self, entries: Sequence[ArchiveEntry]) -> None: ...
 
 
+class ArchiveRefused(Exception):
+    """``Archive.store`` stored every message but ``refused``, which the archive can never
+    store (each with the archive's reason): retrying would fail forever."""
+
+    def __init__(self, refused: Sequence[tuple[ChatMessage, str]]) -> None:
+        reasons = " | ".join(f"{m.key}: {reason}" for m, reason in refused[:3])
+        super().__init__(f"the archive refused {len(refused)} messages: {reasons}")
+        self.refused = list(refused)
+
+
 class Archive(Closeable, Protocol):
     """Every message of every room, searchable (SQLite FTS5, Elasticsearch)."""
 
     async def store(self, messages: Sequence[ChatMessage]) -> None:
-        """Durably store; idempotent by ``(room_id, offset)``."""
+        """Durably store; idempotent by ``(room_id, offset)``. Raises :class:`ArchiveRefused`
+        for messages the archive can never store, after storing the others."""
 
     async def refresh(self) -> None:
         """Make everything stored so far visible to ``read`` and ``search``."""

@@ -13,7 +13,7 @@ import trio
 pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
 
 import chatnode.adapters.elasticsearch as es_adapter
-from chatnode.adapters.elasticsearch import EsArchive
+from chatnode.adapters.elasticsearch import EsArchive, es_client
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, SearchQuery
 from tests.contracts.conftest import es_test_prefix
@@ -121,20 +121,18 @@ async def test_reads_more_than_10000_messages(archive: EsArchive) -> None:
 
 
 async def test_rejected_bulk_items_are_unavailable_and_a_retry_stores_them(
-    archive: EsArchive,
+    archive: EsArchive, es_url: str
 ) -> None:
     messages = room(1, 20)
     await archive.store(messages[:5])
-    await archive.es.indices.put_settings(
-        index=archive.index, settings={"index.blocks.write": True}
-    )
+    admin = es_client(es_url)
     try:
+        await admin.indices.put_settings(index=archive.index, settings={"index.blocks.write": True})
         with pytest.raises(errors.Unavailable, match="rejected 20 of 20"):
             await archive.store(messages)
     finally:
-        await archive.es.indices.put_settings(
-            index=archive.index, settings={"index.blocks.write": None}
-        )
+        await admin.indices.put_settings(index=archive.index, settings={"index.blocks.write": None})
+        await admin.close()
 
     await archive.store(messages)  # what the archiver does next
     await archive.refresh()
@@ -152,7 +150,11 @@ async def test_a_missing_index_is_unavailable_and_never_auto_created(es_url: str
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
             await archive.check()
 
-        assert not await archive.es.indices.exists(index=archive.index)
+        admin = es_client(es_url)
+        try:
+            assert not await admin.indices.exists(index=archive.index)
+        finally:
+            await admin.close()
 
 
 async def test_an_unreachable_server_is_unavailable() -> None:
