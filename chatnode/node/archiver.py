@@ -1,20 +1,36 @@
 """The archiver: moves messages from the archive feed into the archive.
 
-Guarantee: an entry is acknowledged only after the archive stored it, and storing is
-idempotent by ``(room_id, offset)``, so a crash at any point loses nothing and at worst stores a
-message twice under the same id. While the archive is down the archiver retries with backoff and
-the entries wait in the feed (another node's archiver claims them if this node dies).
+Rules:
+
+1. **Acknowledged only once stored.** An entry is acknowledged only after the archive stored
+   it, and storing is idempotent by ``(room_id, offset)``, so a crash at any point loses
+   nothing and at worst stores a message twice under the same id.
+2. **The archive down means waiting.** While ``store`` or ``ack`` raises ``Unavailable`` the
+   archiver retries that batch with backoff and the entries wait in the feed (another node's
+   archiver claims them if this node dies). A batch stored but not acknowledged is not stored
+   again, only acknowledged.
+3. **A message the archive can never store is dead-lettered.** ``ArchiveRefused`` names
+   messages that no retry would store (Elasticsearch: the document does not fit the mapping):
+   each is logged at ERROR with its full content and the archive's reason, counted in
+   ``refused``, and acknowledged with its batch, so one bad message cannot stop archiving.
+4. **Batches overlap.** While batches are being stored (at most ``max_in_flight`` at once,
+   each acknowledged when its store returned), the next one is taken from the feed, so the
+   archive never waits for the feed or for an acknowledgement while a backlog lasts: after a
+   full batch at once, after a partial one only once ``linger_s`` passed (light traffic costs
+   a few bulk requests a second, not one per message).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import attrs
 import trio
 
 from chatnode.core.errors import Unavailable
-from chatnode.core.ports import Archive, ArchiveFeed
+from chatnode.core.models import ArchiveEntry
+from chatnode.core.ports import Archive, ArchiveFeed, ArchiveRefused
 
 log = logging.getLogger(__name__)
 
@@ -27,58 +43,108 @@ class Archiver:
     wait_ms: int = 100
     linger_s: float = 0.25
     max_backoff_s: float = 5.0
+    max_in_flight: int = 2
     archived: int = 0
     failures: int = 0
+    refused: int = 0
+    """Messages dead-lettered (rule 3)."""
     _stopping: bool = False
     _running: bool = False
     _stopped: trio.Event = attrs.Factory(trio.Event)
     _stop_requested: trio.Event = attrs.Factory(trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Archive until cancelled, or until ``drain()`` asked it to stop after its batch."""
+        """Archive until cancelled, or until ``drain()`` asked it to stop (every batch taken
+        by then is stored and acknowledged first)."""
         self._running = True
         task_status.started()
+        slots = trio.Semaphore(self.max_in_flight)
         try:
-            while not self._stopping:
-                archived = await self.step()
-                if 0 < archived < self.batch_size and not self._stopping:
-                    # A partial batch: let the next one gather for ``linger_s``, so light
-                    # traffic costs a few bulk requests a second, not one per message.
-                    with trio.move_on_after(self.linger_s):
-                        await self._stop_requested.wait()
+            async with trio.open_nursery() as nursery:
+                batch: list[ArchiveEntry] = []
+                while batch or not self._stopping:
+                    if not batch:
+                        batch = await self._take()
+                        continue
+                    await slots.acquire()
+                    nursery.start_soon(self._store, batch, slots)
+                    batch = await self._take_after(len(batch))
         finally:
             self._running = False
             self._stopped.set()
 
-    async def step(self) -> int:
-        """Archive one batch (possibly empty); return its size. Retries until stored."""
+    async def _take_after(self, previous_size: int) -> list[ArchiveEntry]:
+        """The batch after one of ``previous_size`` entries (rule 4); nothing once draining."""
+        if previous_size < self.batch_size and not self._stopping:
+            with trio.move_on_after(self.linger_s):
+                await self._stop_requested.wait()
+        if self._stopping:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._take()
+
+    async def _take(self) -> list[ArchiveEntry]:
         try:
-            entries = await self.feed.take(max_count=self.batch_size, wait_ms=self.wait_ms)
-        except Unavailable:
+            return await self.feed.take(max_count=self.batch_size, wait_ms=self.wait_ms)
+        except Unavailable as exc:
             self.failures += 1
+            log.warning("archive feed unavailable (%s); retrying in 1s", exc)
             await trio.sleep(1.0)
-            return 0
-        if not entries:
-            return 0
+            return []
+
+    async def _store(self, batch: list[ArchiveEntry], slot: trio.Semaphore) -> None:
+        """Store ``batch`` and acknowledge it, retrying until both happened (rules 1-3); then
+        give ``slot`` back."""
+        try:
+            await self._store_and_ack(batch)
+        finally:
+            slot.release()
+
+    async def _store_and_ack(self, batch: list[ArchiveEntry]) -> None:
+        to_store = [entry.message for entry in batch]
+        refused = 0
         backoff_s = 0.05
         while True:
             try:
-                await self.archive.store([e.message for e in entries])
-                await self.feed.ack(entries)
+                if to_store:
+                    try:
+                        await self.archive.store(to_store)
+                    except ArchiveRefused as exc:
+                        refused = self._dead_letter(exc)
+                    to_store = []
+                await self.feed.ack(batch)
                 break
             except Unavailable as exc:
                 self.failures += 1
                 log.warning("archive unavailable (%s); retrying in %.2fs", exc, backoff_s)
                 await trio.sleep(backoff_s)
                 backoff_s = min(self.max_backoff_s, backoff_s * 2)
-        self.archived += len(entries)
-        return len(entries)
+        self.archived += len(batch) - refused
+        self.refused += refused
+
+    def _dead_letter(self, refused: ArchiveRefused) -> int:
+        for message, reason in refused.refused:
+            log.error(
+                "archive refused message %s, dropping it from the archive (%s): %s",
+                message.key,
+                reason,
+                json.dumps(
+                    {
+                        "chatroom": message.room_id,
+                        "offset": message.offset,
+                        "user": message.user,
+                        "message": message.text,
+                        "timestamp": message.timestamp_ms,
+                    }
+                ),
+            )
+        return len(refused.refused)
 
     async def drain(self) -> None:
-        """Graceful stop: take nothing new, and return once the batch ``run`` holds is stored
-        and acknowledged. (Taking more would compete with the other nodes for their traffic
-        until the caller's deadline cancels a batch midway, leaving it unacknowledged until
-        another node claims it after ``archive_claim_idle_s``.)"""
+        """Graceful stop: take nothing new, and return once the batches ``run`` holds are
+        stored and acknowledged. (Taking more would compete with the other nodes for their
+        traffic until the caller's deadline cancels a batch midway, leaving it unacknowledged
+        until another node claims it after ``archive_claim_idle_s``.)"""
         self._stopping = True
         self._stop_requested.set()
         if self._running:

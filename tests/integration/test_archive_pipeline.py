@@ -1,0 +1,115 @@
+"""The archive path against the real Redis and Elasticsearch: the feed's stream trimming when
+consumers acknowledge out of order, a message Elasticsearch can never index dead-lettered
+instead of retried forever, and two archivers catching up a backlog together.
+
+The archive stream is filled with XADD in ``RedisBus``' entry format (fields r, o, u, t, ts),
+so these tests need no bus."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
+
+from chatnode.adapters.elasticsearch import EsArchive
+from chatnode.adapters.redis import RedisArchiveFeed, RedisClient
+from chatnode.core.models import ChatMessage
+from chatnode.core.ports import ArchiveRefused
+from chatnode.node.archiver import Archiver
+from tests.contracts.conftest import es_test_prefix, redis_test_clients
+from tests.contracts.harness import require_service
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
+        yield clients[0], prefix
+
+
+@pytest.fixture
+async def archive() -> AsyncIterator[EsArchive]:
+    url = require_service("CHATNODE_TEST_ES_URL")
+    async with es_test_prefix(url) as prefix, EsArchive.from_url(url, prefix=prefix) as archive:
+        yield archive
+
+
+async def fill(redis: RedisClient, prefix: str, room_id: int, offsets: range) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for offset in offsets:
+            pipe.xadd(
+                f"{prefix}:archive",
+                {"r": room_id, "o": offset, "u": "bob", "t": f"m{offset}", "ts": T0 + offset},
+            )
+
+
+async def test_the_stream_is_trimmed_below_the_oldest_pending_entry(
+    redis: tuple[RedisClient, str],
+) -> None:
+    client, prefix = redis
+    key = f"{prefix}:archive"
+    slow, fast = (RedisArchiveFeed(client, prefix, consumer=name) for name in ("slow", "fast"))
+    await fill(client, prefix, 1, range(1, 7))
+    first = await slow.take(max_count=3, wait_ms=100)
+    second = await fast.take(max_count=3, wait_ms=100)
+
+    await fast.ack(second)  # acknowledged, but above slow's pending entries
+    assert await client.xlen(key) == 6
+
+    await slow.ack(first[:1])
+    assert await client.xlen(key) == 5
+
+    await slow.ack(first[1:])
+    await fill(client, prefix, 1, range(7, 9))  # not delivered yet: kept
+    assert await client.xlen(key) == 2
+    assert [e.message.offset for e in await fast.take(max_count=10, wait_ms=100)] == [7, 8]
+
+
+async def test_a_document_elasticsearch_cannot_index_is_refused_after_the_others(
+    archive: EsArchive,
+) -> None:
+    good = [ChatMessage(1, offset, "bob", f"m{offset}", T0 + offset) for offset in (1, 3)]
+    bad = ChatMessage(1, 2, "bob", "from the far future", 10**19)  # beyond a date's range
+
+    with pytest.raises(ArchiveRefused) as refused:
+        await archive.store([good[0], bad, good[1]])
+
+    assert [(m.key, reason.split()[:2]) for m, reason in refused.value.refused] == [
+        ("1:2", ["HTTP", "400"])
+    ]
+    await archive.refresh()
+    assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == good
+
+
+async def test_two_archivers_catch_up_a_backlog_and_dead_letter_a_bad_message(
+    redis: tuple[RedisClient, str], archive: EsArchive
+) -> None:
+    client, prefix = redis
+    await fill(client, prefix, 1, range(1, 1201))
+    async with client.pipeline(transaction=False) as pipe:  # one entry ES refuses
+        pipe.xadd(f"{prefix}:archive", {"r": 2, "o": 1, "u": "bob", "t": "x", "ts": 10**19})
+    archivers = [
+        Archiver(RedisArchiveFeed(client, prefix, consumer=f"node-{n}"), archive, batch_size=100)
+        for n in range(2)
+    ]
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for archiver in archivers:
+                await nursery.start(archiver.run)
+            while await client.xlen(f"{prefix}:archive"):  # noqa: ASYNC110 - Redis state
+                await trio.sleep(0.05)
+            for archiver in archivers:
+                await archiver.drain()
+
+    assert sum(a.archived for a in archivers) >= 1200  # a message may be stored twice
+    assert sum(a.refused for a in archivers) == 1
+    await archive.refresh()
+    stored = await archive.read(1, after_offset=0, up_to_offset=2000, limit=2000)
+    assert [m.offset for m in stored] == list(range(1, 1201))

@@ -1,0 +1,242 @@
+"""The archiver's rules (``chatnode/node/archiver.py``) against an in-memory feed and archive
+that record what happened, in order: acknowledged only once stored, waiting while the archive
+is down, dead-lettering what the archive refuses, the next batch taken while one is stored,
+and a drain that leaves nothing taken behind."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from chatnode.core.errors import Unavailable
+from chatnode.core.models import ArchiveEntry, ChatMessage
+from chatnode.core.ports import ArchiveRefused
+from chatnode.node.archiver import Archiver
+
+T0 = 1_700_000_000_000
+
+
+def entries(first: int, count: int) -> list[ArchiveEntry]:
+    return [
+        ArchiveEntry(f"{offset}-0", ChatMessage(1, offset, "bob", f"m{offset}", T0 + offset))
+        for offset in range(first, first + count)
+    ]
+
+
+@attrs.define
+class Feed:
+    """Hands out ``waiting`` in order; records takes and acks in ``events``."""
+
+    events: list[str]
+    waiting: list[ArchiveEntry] = attrs.Factory(list)
+    acked: list[str] = attrs.Factory(list)
+    takes: int = 0
+    ack_failures: int = 0
+    arrived: trio.Event = attrs.Factory(trio.Event)
+    _acked_changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def wait_acked(self, count: int) -> None:
+        while len(self.acked) < count:
+            await self._acked_changed.wait()
+            self._acked_changed = trio.Event()
+
+    async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
+        self.takes += 1
+        if not self.waiting:
+            with trio.move_on_after(wait_ms / 1000):
+                await self.arrived.wait()
+        batch, self.waiting = self.waiting[:max_count], self.waiting[max_count:]
+        self.events.append(f"take {len(batch)}")
+        await trio.lowlevel.checkpoint()
+        return batch
+
+    async def ack(self, batch: Sequence[ArchiveEntry]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.ack_failures:
+            self.ack_failures -= 1
+            raise Unavailable("redis down")
+        self.acked += [e.ack_id for e in batch]
+        self.events.append(f"ack {len(batch)}")
+        self._acked_changed.set()
+
+
+@attrs.define
+class Archive:
+    """Stores into ``stored``; fails ``failures`` times first; refuses ``refuse`` (offsets);
+    a store waits for ``gate`` when one is set."""
+
+    events: list[str]
+    stored: dict[int, ChatMessage] = attrs.Factory(dict)
+    failures: int = 0
+    refuse: frozenset[int] = frozenset()
+    gate: trio.Event | None = None
+    calls: int = 0
+
+    async def store(self, messages: Sequence[ChatMessage]) -> None:
+        self.calls += 1
+        self.events.append(f"store {len(messages)}")
+        if self.gate is not None:
+            await self.gate.wait()
+        await trio.lowlevel.checkpoint()
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("es down")
+        for m in messages:
+            if m.offset not in self.refuse:
+                self.stored.setdefault(m.offset, m)
+        refused = [
+            (m, "HTTP 400 document_parsing_exception") for m in messages if m.offset in self.refuse
+        ]
+        if refused:
+            raise ArchiveRefused(refused)
+        self.events.append(f"stored {len(messages)}")
+
+
+@attrs.define
+class Rig:
+    feed: Feed
+    archive: Archive
+    archiver: Archiver
+
+
+@pytest.fixture
+def rig() -> Rig:
+    events: list[str] = []
+    feed, archive = Feed(events), Archive(events)
+    return Rig(feed, archive, Archiver(feed, archive, batch_size=10))  # type: ignore[arg-type]
+
+
+async def archive_all(rig: Rig, count: int) -> None:
+    """Run the archiver until ``count`` entries were acknowledged, then drain it."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await rig.feed.wait_acked(count)
+        await rig.archiver.drain()
+
+
+async def test_every_entry_is_stored_then_acknowledged(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 25)
+
+    await archive_all(rig, 25)
+
+    assert sorted(rig.archive.stored) == list(range(1, 26))
+    assert rig.feed.acked == [f"{n}-0" for n in range(1, 26)]
+    assert rig.archiver.archived == 25
+    # Each batch's ack comes after the archive answered for that batch.
+    stores = [e for e in rig.feed.events if e.startswith(("stored", "ack"))]
+    assert stores == ["stored 10", "ack 10", "stored 10", "ack 10", "stored 5", "ack 5"]
+
+
+async def test_batches_are_stored_side_by_side_while_the_next_is_taken(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 30)
+    rig.archive.gate = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await trio.testing.wait_all_tasks_blocked()
+        # Two stores hang (max_in_flight); the third batch was taken and waits for a slot.
+        assert sorted(rig.feed.events) == ["store 10"] * 2 + ["take 10"] * 3
+        assert rig.feed.acked == []
+        rig.archive.gate.set()
+        await rig.feed.wait_acked(30)
+        await rig.archiver.drain()
+
+    assert sorted(rig.archive.stored) == list(range(1, 31))
+
+
+async def test_an_unavailable_archive_is_waited_for_and_nothing_is_lost(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.archive.failures = 4
+
+    await archive_all(rig, 10)
+
+    assert rig.archive.calls == 5
+    assert rig.feed.events.index("ack 10") > rig.feed.events.index("stored 10")
+    assert sorted(rig.archive.stored) == list(range(1, 11))
+    assert rig.archiver.failures == 4
+
+
+async def test_a_failed_ack_is_retried_without_storing_again(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.feed.ack_failures = 2
+
+    await archive_all(rig, 10)
+
+    assert rig.archive.calls == 1
+    assert rig.feed.acked == [f"{n}-0" for n in range(1, 11)]
+    assert rig.archiver.failures == 2
+
+
+async def test_refused_messages_are_dead_lettered_not_retried_forever(
+    rig: Rig, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.archive.refuse = frozenset({3, 7})
+
+    await archive_all(rig, 10)
+
+    assert rig.archive.calls == 1
+    assert sorted(rig.archive.stored) == [1, 2, 4, 5, 6, 8, 9, 10]
+    assert rig.feed.acked == [f"{n}-0" for n in range(1, 11)]
+    assert (rig.archiver.archived, rig.archiver.refused) == (8, 2)
+    dead = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.args[0] for r in dead] == ["1:3", "1:7"]  # type: ignore[index]
+    assert '"message": "m3"' in dead[0].getMessage()
+
+
+async def test_drain_stores_what_was_taken_and_takes_nothing_new(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.archive.gate = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await trio.testing.wait_all_tasks_blocked()  # the first store hangs at the gate
+        rig.feed.waiting += entries(11, 5)  # arrives while the batch is in flight
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await rig.archiver.drain()
+            drained.set()
+
+        nursery.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained.is_set()
+        rig.archive.gate.set()
+        await drained.wait()
+
+    # The second batch, taken (pending) when the drain began, was stored and acknowledged too.
+    taken = sum(int(e.split()[1]) for e in rig.feed.events if e.startswith("take"))
+    assert rig.feed.acked == [f"{n}-0" for n in range(1, taken + 1)]
+    assert sorted(rig.archive.stored) == list(range(1, taken + 1))
+
+
+async def test_light_traffic_lingers_between_batches(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.archiver.batch_size = 100
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        for n in range(1, 21):  # one message every 10 ms for 200 ms
+            rig.feed.waiting += entries(n, 1)
+            rig.feed.arrived.set()
+            rig.feed.arrived = trio.Event()
+            await trio.sleep(0.01)
+        await rig.feed.wait_acked(20)
+        await rig.archiver.drain()
+
+    # The first message alone, then the ones that gathered during the 250 ms linger.
+    assert rig.archive.calls == 2
