@@ -143,17 +143,20 @@ async def main(n: int, rooms: int, trace: bool) -> None:
 
         await call({"cmd": "connect", "clients": clients(50)})  # warm: imports, pools, caches
         await trio.sleep(1)
-        census1 = census()
         if trace:
             tracemalloc.start(1)
-        snap1, rss1 = (tracemalloc.take_snapshot() if trace else None), rss_kib()
+        snap1 = tracemalloc.take_snapshot() if trace else None
+        census1 = census()  # after snap1 and before rss1: both censuses count the snapshot
+        rss1 = rss_kib()
         answer = await call({"cmd": "connect", "clients": clients(n), "concurrency": 64})
         await trio.sleep(2)
-        snap2, rss2 = (tracemalloc.take_snapshot() if trace else None), rss_kib()
+        rss2 = rss_kib()
+        census2 = census()
+        snap2 = tracemalloc.take_snapshot() if trace else None
         tracemalloc.stop()
         got = int(answer["connected"])  # type: ignore[arg-type]
         print(f"{got} idle connections: RSS +{(rss2 - rss1) / got:.1f} KiB each")
-        print_census(census1, census(), got)
+        print_census(census1, census2, got)
         if snap1 is not None and snap2 is not None:
             print_heap(snap1, snap2, got)
         await call({"cmd": "close"})
