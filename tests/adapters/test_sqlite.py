@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,6 +132,48 @@ async def test_a_publish_cancelled_before_it_starts_publishes_nothing(db: Sqlite
         await bus.publish(Draft(1, "bob", "never", T0))
 
     assert await bus.last_offset(1) == 0
+
+
+# --- publish on the event loop: never waits on a lock or a checkpoint -------------------------
+
+
+async def test_a_publish_meeting_another_connections_lock_waits_in_the_worker(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path, busy_timeout_ms=10_000) as database:
+        bus = SqliteBus(database)
+        await bus.publish(Draft(1, "bob", "m1", T0))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        published: list[ChatMessage] = []
+
+        async def publish() -> None:
+            published.append(await bus.publish(Draft(1, "bob", "m2", T0)))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish)
+                # The loop runs on while the publish waits for the lock in the worker thread.
+                await trio.testing.wait_all_tasks_blocked()
+                assert published == []
+                other.execute("ROLLBACK")
+        other.close()
+
+    assert [m.offset for m in published] == [2]
+
+
+async def test_publishing_keeps_the_wal_checkpointed(tmp_path: Path) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path) as database:
+        bus = SqliteBus(database)
+        for n in range(500):  # about 3,000 WAL pages without checkpoints
+            await bus.publish(Draft(1 + n % 3, "bob", f"message {n}", T0))
+        other = sqlite3.connect(path, isolation_level=None)
+        _, wal_pages, _ = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        other.close()
+
+    assert 0 < wal_pages < 1000  # SQLite's own automatic checkpoint keeps it below 1,000
 
 
 # --- the embedded bus's inbox ------------------------------------------------------------------
