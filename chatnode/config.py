@@ -71,6 +71,9 @@ class Config:
         1000, "messages per room kept in the Redis room log (older ones come from the archive)"
     )
     cache_ttl_s: float = _setting(5.0, "lifetime of cached rooms lists and room users in Redis")
+    cache_local_ttl_s: float = _setting(
+        0.1, "how long a node reuses a cached rooms page or room users without asking Redis"
+    )
     mysql_pool_size: int = _setting(8, "MySQL connections (and threads) per node")
     archive_claim_idle_s: float = _setting(
         30.0, "archive entries unacknowledged this long are taken over from a dead node"
@@ -177,6 +180,10 @@ def _validate(config: Config) -> None:
         (config.send_backlog_bytes >= 1024, "CHATNODE_SEND_BACKLOG_BYTES must be >= 1024"),
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
+        (
+            0 <= config.cache_local_ttl_s <= config.cache_ttl_s,
+            "CHATNODE_CACHE_LOCAL_TTL_S must be 0..CHATNODE_CACHE_TTL_S",
+        ),
         (10 <= config.password_cost_log2 <= 20, "CHATNODE_PASSWORD_COST_LOG2 must be 10..20"),
         (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

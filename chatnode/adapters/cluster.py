@@ -52,7 +52,11 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
         stack.push_async_callback(archive.aclose)
         yield Backends(
             directory=RedisCachedDirectory(
-                directory, redis, config.key_prefix, ttl_s=config.cache_ttl_s
+                directory,
+                redis,
+                config.key_prefix,
+                ttl_s=config.cache_ttl_s,
+                local_ttl_s=config.cache_local_ttl_s,
             ),
             bus=RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length),
             archive=archive,

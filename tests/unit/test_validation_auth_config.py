@@ -82,6 +82,8 @@ def test_config_errors_name_the_variable() -> None:
         load_config({"CHATNODE_REDIS_URL": "redis://x"})
     with pytest.raises(ConfigError, match="CHATNODE_MYSQL_URL"):
         load_config({"CHATNODE_MYSQL_URL": "postgres://x"})
+    with pytest.raises(ConfigError, match="CHATNODE_CACHE_LOCAL_TTL_S"):
+        load_config({"CHATNODE_CACHE_TTL_S": "1", "CHATNODE_CACHE_LOCAL_TTL_S": "2"})
 
 
 def test_config_file(tmp_path: object) -> None:
