@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.adapters.sqlite import (
+    _MIGRATIONS,
     SCHEMA_VERSION,
     SqliteArchive,
     SqliteBus,
@@ -134,6 +135,59 @@ async def test_a_publish_cancelled_before_it_starts_publishes_nothing(db: Sqlite
     assert await bus.last_offset(1) == 0
 
 
+def fts_integrity_check(conn: sqlite3.Connection) -> None:
+    """Raise if the FTS5 index disagrees with the messages table."""
+    conn.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+
+
+async def test_a_version_1_database_keeps_its_index_and_indexes_new_messages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chatnode.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:  # schema 1: an FTS5 insert trigger
+        for statement in _MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO schema_version VALUES (1, 1)")
+        conn.execute(
+            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
+            " VALUES (1, 1, 'bob', 'old news', ?)",
+            (T0,),
+        )
+    conn.close()
+
+    async with await SqliteDatabase.open(path) as database:
+        new = await SqliteBus(database).publish(Draft(1, "bob", "new news", T0))
+        hits = await SqliteArchive(database).search(SearchQuery("news"))
+        await database.run(fts_integrity_check)
+
+    assert new.offset == 2
+    assert sorted(hit.message.text for hit in hits) == ["new news", "old news"]
+
+
+async def test_deleting_or_editing_messages_keeps_the_index_exact(db: SqliteDatabase) -> None:
+    bus, archive = SqliteBus(db), SqliteArchive(db)
+    for n in range(4):
+        await bus.publish(Draft(1, "bob", f"word{n} common", T0))
+    await archive.search(SearchQuery("common"))  # offsets 1-4 indexed
+    for n in range(4, 8):
+        await bus.publish(Draft(1, "bob", f"word{n} common", T0))  # offsets 5-8 waiting
+
+    def edit(conn: sqlite3.Connection) -> None:
+        conn.execute('DELETE FROM messages WHERE "offset" IN (1, 5)')
+        conn.execute("UPDATE messages SET text = 'edited common' WHERE \"offset\" IN (2, 6)")
+        conn.execute('UPDATE messages SET id = id + 100 WHERE "offset" IN (3, 7)')
+
+    await db.run(edit)
+    hits = await archive.search(SearchQuery("common", limit=20))
+    await db.run(fts_integrity_check)
+
+    assert sorted(hit.message.offset for hit in hits) == [2, 3, 4, 6, 7, 8]
+    assert [h.message.offset for h in await archive.search(SearchQuery("edited"))] == [6, 2]
+    for gone in ("word0", "word4", "word1", "word5"):  # offsets 1, 5 deleted; 2, 6 edited
+        assert await archive.search(SearchQuery(gone)) == []
+
+
 # --- publish on the event loop: never waits on a lock or a checkpoint -------------------------
 
 
@@ -163,17 +217,21 @@ async def test_a_publish_meeting_another_connections_lock_waits_in_the_worker(
     assert [m.offset for m in published] == [2]
 
 
-async def test_publishing_keeps_the_wal_checkpointed(tmp_path: Path) -> None:
+async def test_upkeep_indexes_and_checkpoints_in_batches(tmp_path: Path) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path) as database:
         bus = SqliteBus(database)
-        for n in range(500):  # about 3,000 WAL pages without checkpoints
+        for n in range(1500):  # about 6,000 WAL pages without checkpoints
             await bus.publish(Draft(1 + n % 3, "bob", f"message {n}", T0))
         other = sqlite3.connect(path, isolation_level=None)
+        (pending,) = other.execute("SELECT COUNT(*) FROM messages_fts_pending").fetchone()
         _, wal_pages, _ = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         other.close()
 
-    assert 0 < wal_pages < 1000  # SQLite's own automatic checkpoint keeps it below 1,000
+        assert 0 < pending < 500  # indexed in batches, the last batch still waiting
+        assert 0 < wal_pages < 2000  # near SQLite's own automatic checkpoint (1,000 pages)
+        hits = await SqliteArchive(database).search(SearchQuery("message", limit=2000))
+        assert len(hits) == 1500
 
 
 # --- the embedded bus's inbox ------------------------------------------------------------------
