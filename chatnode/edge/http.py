@@ -1,15 +1,26 @@
-"""HTTP/1.1 connections on h11: keep-alive, limits, timeouts, and the hand-off to WebSocket.
+"""HTTP/1.1 connections: keep-alive, limits, timeouts, and the hand-off to WebSocket.
 
 One task per connection (owned by the listener's nursery). A connection serves requests one
 after another; each request head must arrive within ``handshake_timeout_s`` and an idle
-keep-alive connection is closed after ``idle_timeout_s``. Malformed input gets a 4xx with a
-JSON error body and the connection is closed; nothing a client sends can crash the node.
+keep-alive connection is closed after ``idle_timeout_s`` (a request's body, within
+``handshake_timeout_s`` of its head). Malformed input gets a 4xx with a JSON error body and the
+connection is closed; nothing a client sends can crash the node.
+
+Requests without a body and with a plain head (``parse_simple_head``: nearly every GET) are
+parsed by hand from the connection's buffer; everything else (bodies, chunked, obs-fold, bare
+LF, absolute targets, anything malformed) is read by h11, fed the bytes already received, so
+odd input gets exactly h11's reading and h11's error status. Why not h11 for all: an h11
+parse-and-respond cycle cost ~60 us of CPU per request, the hand parse ~4 us, and the REST
+reads cost the node ~200 us in all (the benchmark's GET /v1/chatrooms through nginx). Every
+response is written by ``response_bytes`` (the bytes h11 would send) in one send.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -129,35 +140,37 @@ async def serve_http_connection(
 ) -> Accepted | None:
     """Serve requests on one connection until it closes, times out, is upgraded or the server
     drains while it waits for a request. An accepted upgrade is returned with the stream open
-    for the caller to serve and close; the request and the h11 state are gone by then (an
-    upgraded connection may live for days). Otherwise the stream is closed on return."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+    for the caller to serve and close; the request and the parser state are gone by then (an
+    upgraded connection may live for days). Otherwise the stream is closed on return.
+
+    Each request is read from ``received`` (the bytes past the previous request, so pipelined
+    requests are served in order) by the fast path when its head is simple, by h11 otherwise.
+    """
+    received = bytearray()
     timeout_s = limits.handshake_timeout_s
     upgraded = False
     try:
         while True:
-            with trio.CancelScope() as waiting:
-                idle.add(waiting)
-                try:
-                    request = await _read_request(conn, stream, limits, timeout_s)
-                finally:
-                    idle.discard(waiting)
-            if waiting.cancelled_caught or request is None:
+            read = await _read_request(stream, received, limits, timeout_s, idle)
+            if read is None:
                 return None
+            request, keep_alive = read
             if is_websocket_upgrade(request):
-                answer = await upgrade(request, stream, conn.trailing_data[0])
+                answer = await upgrade(request, stream, bytes(received))
                 if isinstance(answer, Response):
-                    await _respond(conn, stream, answer, close=True)
+                    await stream.send_all(response_bytes(answer, close=True))
                     return None
                 upgraded = True
                 return answer
             response = await handle(request)
-            await _respond(conn, stream, response, close=False)
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            head_only = request.method == "HEAD"
+            await stream.send_all(
+                response_bytes(response, close=not keep_alive, head_only=head_only)
+            )
+            if not keep_alive:
                 return None
-            conn.start_next_cycle()
             timeout_s = limits.idle_timeout_s
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
         return None
     finally:
         if not upgraded:
@@ -167,46 +180,185 @@ async def serve_http_connection(
 
 
 async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream, limits: Limits, timeout_s: float
-) -> Request | None:
-    """The next request with its body (none for an upgrade), or None if the connection is
-    done: closed by the client, timed out, or answered with an error."""
-    try:
-        with trio.fail_after(timeout_s):
-            event = await _next_event(conn, stream)
-            if isinstance(event, h11.ConnectionClosed):
+    stream: trio.SocketStream,
+    received: bytearray,
+    limits: Limits,
+    timeout_s: float,
+    idle: IdleConnections,
+) -> tuple[Request, bool] | None:
+    """The next request (taken off ``received``, which keeps the bytes past it) and whether the
+    connection stays open after its response; or None if the connection is done: closed by the
+    client, drained, timed out (the head must be complete within ``timeout_s``), or answered
+    with an error."""
+    end = received.find(b"\r\n\r\n")
+    eof = False
+    if end < 0 and not _for_h11(received, limits.max_header_bytes):
+        deadline = trio.current_time() + timeout_s
+        with trio.CancelScope(deadline=deadline) as waiting:
+            idle.add(waiting)
+            try:
+                end, eof = await _receive_head(stream, received, limits.max_header_bytes)
+            finally:
+                idle.discard(waiting)
+        if waiting.cancelled_caught:
+            if received and not idle.draining:
+                await _send_error(stream, 408, "timeout", "the request took too long to arrive")
+            return None
+        if eof and not received:
+            return None
+    else:
+        deadline = math.inf  # the head is here already: h11 sets a deadline for the body
+    if end >= 0 and end <= limits.max_header_bytes:
+        simple = parse_simple_head(bytes(received[:end]))
+        if simple is not None:
+            del received[: end + 4]
+            return simple
+    return await _read_with_h11(stream, received, eof, limits, deadline, idle)
+
+
+async def _receive_head(
+    stream: trio.SocketStream, received: bytearray, max_header_bytes: int
+) -> tuple[int, bool]:
+    """Receive into ``received`` until it holds a CRLF-terminated head; returns the head's end
+    (-1 when h11 must look: the client closed, the head is over the limit or uses bare LF line
+    ends) and whether the client closed."""
+    while True:
+        data = await stream.receive_some(MAX_RECEIVE_BYTES)
+        if not data:
+            return -1, True
+        scanned = max(0, len(received) - 3)
+        received += data
+        end = received.find(b"\r\n\r\n", scanned)
+        if end >= 0:
+            return end, False
+        if _for_h11(received, max_header_bytes):
+            return -1, False
+
+
+def _for_h11(received: bytearray, max_header_bytes: int) -> bool:
+    """Whether bytes without a CRLF-terminated head are for h11 to read or refuse: over the
+    head limit, or with a head whose lines end in bare LF."""
+    return len(received) > max_header_bytes or b"\n\n" in received or b"\n\r\n" in received
+
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_REQUEST_LINE = re.compile(rb"(%s) (/[\x21-\x7e]*) HTTP/1\.([01])" % _TOKEN)
+_HEADER_FIELD = re.compile(rb"(%s):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*" % _TOKEN)
+_SIMPLE_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+
+
+def parse_simple_head(head: bytes) -> tuple[Request, bool] | None:
+    """The request of a head (without its blank line) and whether it keeps the connection
+    alive, or None when the head is not simple: then h11 reads it, and answers it if malformed.
+
+    Simple means: a GET, HEAD, DELETE or OPTIONS request line with an origin-form target
+    (no fragment), HTTP/1.1 with one Host header or HTTP/1.0, every header line a strict
+    ``name: value`` (no obs-fold, no bare LF, no control bytes), no Transfer-Encoding and no
+    Content-Length other than a single ``0``, so no body. Everything here is what h11 would
+    read the same way; keep-alive follows h11 too (HTTP/1.0 or ``Connection: close`` closes).
+    """
+    lines = head.split(b"\r\n")
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return None
+    method, target, minor = line.groups()
+    if method not in _SIMPLE_METHODS or b"#" in target or target.startswith(b"//"):
+        return None
+    headers: dict[str, str] = {}
+    hosts = 0
+    close = minor == b"0"
+    for raw in lines[1:]:
+        field = _HEADER_FIELD.fullmatch(raw)
+        if field is None:
+            return None
+        name = field[1].decode().lower()
+        value = field[2].decode("latin-1")
+        if name == "host":
+            hosts += 1
+        elif name == "content-length":
+            if value != "0" or name in headers:
                 return None
-            assert isinstance(event, h11.Request)
-            head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if head_bytes > limits.max_header_bytes:
-                await _send_error(
-                    conn,
-                    stream,
-                    431,
-                    "headers_too_large",
-                    f"request head is over the limit of {limits.max_header_bytes} bytes",
-                )
-                return None
-            path, query = parse_target(event.target)
-            headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-            request = Request(event.method.decode(), path, query, headers)
-            if is_websocket_upgrade(request):
-                return request
-        with trio.fail_after(limits.handshake_timeout_s):
-            body = await _read_body(conn, stream, limits.max_body_bytes)
-        return attrs.evolve(request, body=body)
-    except trio.TooSlowError:
-        if conn.their_state is not h11.IDLE:
-            await _send_error(conn, stream, 408, "timeout", "the request took too long to arrive")
+        elif name == "transfer-encoding":
+            return None
+        elif name == "connection":
+            close = close or "close" in (token.strip() for token in value.lower().split(","))
+        headers[name] = value
+    if hosts > 1 or (hosts == 0 and minor == b"1"):
         return None
-    except h11.RemoteProtocolError as exc:
-        status = exc.error_status_hint
-        code = "headers_too_large" if status == 431 else "malformed_request"
-        await _send_error(conn, stream, status, code, f"malformed HTTP request: {exc}")
+    path, _, query = target.decode("latin-1").partition("?")
+    query_args = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+    return Request(method.decode(), path, query_args, headers), not close
+
+
+async def _read_with_h11(
+    stream: trio.SocketStream,
+    received: bytearray,
+    eof: bool,
+    limits: Limits,
+    deadline: float,
+    idle: IdleConnections,
+) -> tuple[Request, bool] | None:
+    """Read one request that is not simple with h11, fed the bytes already received: its body
+    must arrive within ``handshake_timeout_s`` of its head. ``received`` then holds the bytes
+    past it. Malformed input is answered with h11's error status (400, 431, 501) and None."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+    conn.receive_data(bytes(received))
+    received.clear()
+    if eof:
+        conn.receive_data(b"")
+    with trio.CancelScope(deadline=deadline) as waiting:
+        idle.add(waiting)
+        try:
+            read = await _read_h11_request(conn, stream, limits, waiting)
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            code = "headers_too_large" if status == 431 else "malformed_request"
+            await _send_error(stream, status, code, f"malformed HTTP request: {exc}")
+            return None
+        except errors.PayloadTooLarge as exc:
+            await _send_error(stream, 413, exc.code, exc.message)
+            return None
+        finally:
+            idle.discard(waiting)
+    if waiting.cancelled_caught:
+        if not idle.draining:
+            await _send_error(stream, 408, "timeout", "the request took too long to arrive")
         return None
-    except errors.PayloadTooLarge as exc:
-        await _send_error(conn, stream, 413, exc.code, exc.message)
+    if read is not None:
+        received += conn.trailing_data[0]
+    return read
+
+
+async def _read_h11_request(
+    conn: h11.Connection, stream: trio.SocketStream, limits: Limits, scope: trio.CancelScope
+) -> tuple[Request, bool] | None:
+    """The request with its body (none for an upgrade) and whether it keeps the connection
+    alive, or None if the client closed first or the head was over the limit (answered). Sets
+    ``scope``'s deadline for the body."""
+    event = await _next_event(conn, stream)
+    if isinstance(event, h11.ConnectionClosed):
         return None
+    assert isinstance(event, h11.Request)
+    head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+    if head_bytes > limits.max_header_bytes:
+        await _send_error(
+            stream,
+            431,
+            "headers_too_large",
+            f"request head is over the limit of {limits.max_header_bytes} bytes",
+        )
+        return None
+    path, query = parse_target(event.target)
+    headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+    method = event.method.decode()
+    connection = b",".join(value for name, value in event.headers if name == b"connection")
+    close = b"close" in (token.strip() for token in connection.lower().split(b","))
+    keep_alive = event.http_version >= b"1.1" and not close  # as h11 decides
+    if is_websocket_upgrade(Request(method, path, query, headers)):
+        return Request(method, path, query, headers), keep_alive
+    scope.deadline = trio.current_time() + limits.handshake_timeout_s
+    body = await _read_body(conn, stream, limits.max_body_bytes)
+    return Request(method, path, query, headers, body), keep_alive
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event:
@@ -236,51 +388,33 @@ async def _read_body(conn: h11.Connection, stream: trio.SocketStream, max_bytes:
             raise trio.BrokenResourceError("client closed mid-body")
 
 
-async def _respond(
-    conn: h11.Connection, stream: trio.SocketStream, response: Response, *, close: bool
-) -> None:
-    headers = [
-        ("Content-Type", response.content_type),
-        ("Content-Length", str(len(response.body))),
-        *response.headers,
-    ]
+def response_bytes(response: Response, *, close: bool, head_only: bool = False) -> bytes:
+    """What h11 would send for ``response``: status line, Content-Type, Content-Length, the
+    response's own headers, ``Connection: close`` when ``close``, then the body (none for an
+    answer to HEAD), in one buffer for one send."""
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        response.status,
+        _REASONS.get(response.status, b""),
+        response.content_type.encode("latin-1"),
+        len(response.body),
+    )
+    for name, value in response.headers:
+        head += b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
     if close:
-        headers.append(("Connection", "close"))
-    reason = _REASONS.get(response.status, b"")
-    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-    data += conn.send(h11.Data(data=response.body)) if response.body else b""
-    data += conn.send(h11.EndOfMessage())
-    await stream.send_all(data)
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" if head_only else head + b"\r\n" + response.body
 
 
-async def _send_error(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, code: str, message: str
-) -> None:
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    response = Response(status, error_body(code, message))
-    try:
-        with trio.move_on_after(1):
-            await _respond(conn, stream, response, close=True)
-    except h11.LocalProtocolError:
-        return
+async def _send_error(stream: trio.SocketStream, status: int, code: str, message: str) -> None:
+    await send_refusal(stream, Response(status, error_body(code, message)))
 
 
 async def send_refusal(stream: trio.SocketStream, response: Response) -> None:
-    """Answer an upgraded request that was refused after all (its h11 state is gone): the
-    bytes h11 would send for ``response`` with ``Connection: close``."""
-    head = [
-        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, b'').decode()}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        *(f"{name}: {value}" for name, value in response.headers),
-        "Connection: close",
-    ]
+    """Send ``response`` with ``Connection: close`` (within a second, if the client is still
+    there): for errors, and for an upgraded request that was refused after all."""
     try:
         with trio.move_on_after(1):
-            await stream.send_all(
-                ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
-            )
+            await stream.send_all(response_bytes(response, close=True))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
 
