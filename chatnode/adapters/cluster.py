@@ -38,6 +38,12 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             client_name=f"chatnode:{node_id}",
         )
         stack.push_async_callback(bus_client.aclose)
+        feed_client = RespClient.from_url(  # its own: XREADGROUP BLOCK holds a connection
+            config.redis_url,
+            timeout_s=config.backend_timeout_s,
+            client_name=f"chatnode:{node_id}:archiver",
+        )
+        stack.push_async_callback(feed_client.aclose)
         directory = MysqlDirectory.from_url(
             config.mysql_url,
             pool_size=config.mysql_pool_size,
@@ -62,7 +68,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             archive=archive,
             presence=RedisPresence(redis, config.key_prefix),
             feed=RedisArchiveFeed(
-                redis,
+                feed_client,
                 config.key_prefix,
                 consumer=node_id,
                 claim_idle_ms=int(config.archive_claim_idle_s * 1000),

@@ -34,8 +34,9 @@ Wiring, in ``cluster.py``::
     async with open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis:
         bus_client = RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s)
         bus = RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length)
+        feed_client = RespClient.from_url(config.redis_url)  # its own: XREADGROUP BLOCK
         feed = RedisArchiveFeed(
-            redis, config.key_prefix, consumer=node_id,
+            feed_client, config.key_prefix, consumer=node_id,
             claim_idle_ms=int(config.archive_claim_idle_s * 1000),
         )
         presence = RedisPresence(redis, config.key_prefix)

@@ -4,31 +4,28 @@
 ``P:archive`` (fields r, o, u, t, ts; see its module docstring for the key layout); the
 archivers of all nodes read it as the consumer group ``archivers``.
 
-Cost: catching up a backlog, this is on the path of every message. coredis' ``xreadgroup``
-builds a ``StreamEntry`` with an ordered dict per entry (~9 µs of node CPU per entry with
-the decoding into a ``ChatMessage``); here XAUTOCLAIM and XREADGROUP go through coredis with a
-pass-through reply callback and the field lists are decoded in place (~6 µs, most of it
-coredis' RESP parser), and ``ack`` sends the batch's ids as one argument that the script
-splits (~1 µs per entry instead of ~1.7).
+Cost: catching up a backlog, this is on the path of every message. Through coredis, reading
+an entry cost 9-14 µs of node CPU (its ``StreamEntry`` and RESP parser); here the feed has a
+:class:`~chatnode.adapters.resp.RespClient` of its own (hiredis parses, the field lists are
+decoded in place: ~4 µs), and ``ack`` sends the batch's ids as one argument that the script
+splits (~0.4 µs per entry). Its own client, because ``XREADGROUP ... BLOCK`` holds the
+connection: an ``ack`` issued meanwhile waits behind it for at most ``wait_ms``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 import trio
-from coredis.commands.script import Script
-from coredis.exceptions import StreamConsumerGroupError, StreamDuplicateConsumerGroupError
 
 from chatnode.core import ports
 from chatnode.core.models import ArchiveEntry, ChatMessage
 
 from .redis_bus import BusKeys
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .resp import Reply, RespClient, RespError, Script
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ ARCHIVE_GROUP: Final = "archivers"
 # first after the group's last delivered one. Entries are delivered in id order, so every
 # entry below that was delivered and acknowledged. XTRIM MINID drops whole stream nodes:
 # ~0.8 µs of Redis per entry, where XDEL of each id cost ~3.8 µs.
-_ACK_LUA: Final = """#!lua
+_ACK: Final = Script("""#!lua
 local function field(pairs, name)
   for i = 1, #pairs, 2 do
     if pairs[i] == name then return pairs[i + 1] end
@@ -67,36 +64,36 @@ if keep then
   redis.call('XTRIM', KEYS[1], 'MINID', keep)
 end
 return acked
-"""
+""")
 
 _FIELDS: Final = (b"r", b"o", b"u", b"t", b"ts")
 
-RawEntry = list[Any]
+RawEntry = Reply
 """A stream entry as Redis sends it: ``[id, [field, value, field, value, ...]]``."""
 
 
-def _raw(reply: Any) -> Any:
-    """Reply callback: the reply as coredis parsed it (lists, dicts, bytes), nothing built."""
-    return reply
-
-
-def _archived(fields: list[bytes]) -> ChatMessage:
-    """The message of an entry's field list; ``KeyError``/``ValueError`` if it is not one."""
-    if len(fields) == 10 and fields[0::2] == [b"r", b"o", b"u", b"t", b"ts"]:
-        room, offset, user, text, timestamp = fields[1::2]  # RedisBus' order
+def _archived(fields: list[Reply]) -> ChatMessage:
+    """The message of an entry's field list; ``KeyError``/``ValueError``/``TypeError`` if it
+    is not one."""
+    if len(fields) == 10 and fields[0::2] == list(_FIELDS):
+        values = fields[1::2]  # RedisBus' order
     else:
         named = dict(zip(fields[0::2], fields[1::2], strict=True))
-        room, offset, user, text, timestamp = (named[name] for name in _FIELDS)
+        values = [named[name] for name in _FIELDS]
+    if not all(isinstance(value, bytes) for value in values):
+        raise TypeError("a field value that is not a string")
+    room, offset, user, text, timestamp = cast(list[bytes], values)
     return ChatMessage(int(room), int(offset), user.decode(), text.decode(), int(timestamp))
 
 
-def _read_entries(reply: Any) -> list[RawEntry]:
-    """The entries of an XREADGROUP reply of one stream (RESP3 map or RESP2 array; nil)."""
-    if not reply:
+def _read_entries(reply: Reply) -> list[RawEntry]:
+    """The entries of an XREADGROUP reply of one stream: ``[[stream, entries]]`` or nil."""
+    if not isinstance(reply, list) or not reply:
         return []
-    if isinstance(reply, dict):
-        return list(next(iter(reply.values())))
-    return list(reply[0][1])
+    match reply[0]:
+        case [_, list(entries)]:
+            return entries
+    raise TypeError(f"XREADGROUP returned {reply!r:.200}")
 
 
 @attrs.define(eq=False)
@@ -117,7 +114,7 @@ class RedisArchiveFeed:
     again at most a quarter of ``claim_idle_ms`` after it became claimable.
     """
 
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
     consumer: str = attrs.field(kw_only=True)
     claim_idle_ms: int = attrs.field(default=30_000, kw_only=True)
@@ -125,32 +122,36 @@ class RedisArchiveFeed:
     _group_ready: bool = attrs.field(default=False, init=False)
     _claim_cursor: bytes = attrs.field(default=b"0-0", init=False)
     _next_claim_scan: float = attrs.field(default=float("-inf"), init=False)
-    _ack_script: Script[bytes] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._key = BusKeys(self.prefix).archive
-        self._ack_script = self._redis.register_script(_ACK_LUA)
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
         if max_count <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        with redis_failures("archive feed take"):
-            try:
-                return await self._take(max_count, wait_ms)
-            except StreamConsumerGroupError:  # NOGROUP: the stream was lost (Redis restart)
-                self._group_ready = False
-                return await self._take(max_count, wait_ms)
+        try:
+            return await self._take(max_count, wait_ms)
+        except RespError as exc:
+            if exc.prefix != b"NOGROUP":
+                raise
+            self._group_ready = False  # the stream was lost (a Redis restart)
+            return await self._take(max_count, wait_ms)
 
     async def _take(self, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
         if not self._group_ready:
-            with suppress(StreamDuplicateConsumerGroupError):
-                await self._redis.xgroup_create(self._key, ARCHIVE_GROUP, "0", mkstream=True)
+            try:
+                await self._redis.call(
+                    "XGROUP", "CREATE", self._key, ARCHIVE_GROUP, "0", "MKSTREAM"
+                )
+            except RespError as exc:
+                if exc.prefix != b"BUSYGROUP":
+                    raise
             self._group_ready = True
         entries = await self._claim(max_count)
         if not entries:
             block: list[bytes | int] = [b"BLOCK", wait_ms] if wait_ms > 0 else []
-            read = await self._redis.create_request(
+            read = await self._redis.call(
                 b"XREADGROUP",
                 b"GROUP",
                 ARCHIVE_GROUP,
@@ -161,7 +162,6 @@ class RedisArchiveFeed:
                 b"STREAMS",
                 self._key,
                 b">",
-                callback=_raw,
             )
             entries = _read_entries(read)
         return await self._decode(entries)
@@ -172,7 +172,7 @@ class RedisArchiveFeed:
         now = trio.current_time()
         if now < self._next_claim_scan:
             return []
-        claimed = await self._redis.create_request(
+        claimed = await self._redis.call(
             b"XAUTOCLAIM",
             self._key,
             ARCHIVE_GROUP,
@@ -181,9 +181,12 @@ class RedisArchiveFeed:
             self._claim_cursor,
             b"COUNT",
             max_count,
-            callback=_raw,
         )
-        self._claim_cursor, entries = claimed[0], claimed[1]
+        match claimed:
+            case [bytes(cursor), list(entries), *_]:
+                self._claim_cursor = cursor
+            case _:
+                raise TypeError(f"XAUTOCLAIM returned {claimed!r:.200}")
         if not entries and self._claim_cursor == b"0-0":
             self._next_claim_scan = now + self.claim_idle_ms / 4000
         return list(entries)
@@ -191,30 +194,32 @@ class RedisArchiveFeed:
     async def _decode(self, entries: list[RawEntry]) -> list[ArchiveEntry]:
         taken: list[ArchiveEntry] = []
         malformed: list[str] = []
-        for ack_id, fields in entries:
-            try:
-                taken.append(ArchiveEntry(ack_id.decode(), _archived(fields)))
-            except (KeyError, ValueError, TypeError):
-                log.error("archive feed: dropping malformed entry %r: %r", ack_id, fields)
-                malformed.append(ack_id.decode())
+        for entry in entries:
+            match entry:
+                case [bytes(raw_id), list(fields)]:
+                    ack_id = raw_id.decode()
+                    try:
+                        taken.append(ArchiveEntry(ack_id, _archived(fields)))
+                    except (KeyError, ValueError, TypeError, AttributeError):
+                        log.error("archive feed: dropping malformed entry %s: %r", ack_id, fields)
+                        malformed.append(ack_id)
+                case _:
+                    raise TypeError(f"a stream entry that is not [id, fields]: {entry!r:.200}")
         if malformed:
             await self._ack_ids(malformed)
         return taken
 
     async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
-        with redis_failures("archive feed ack"):
-            await self._ack_ids([e.ack_id for e in entries])
+        await self._ack_ids([e.ack_id for e in entries])
 
     async def _ack_ids(self, ids: list[str]) -> None:
         if ids:
-            await self._ack_script(
-                keys=[self._key], args=[ARCHIVE_GROUP, " ".join(ids)], callback=int_reply
-            )
+            await _ACK.run(self._redis, [self._key], [ARCHIVE_GROUP, " ".join(ids)])
         else:
             await trio.lowlevel.checkpoint()
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
-    def _implements_port(redis: RedisClient) -> ports.ArchiveFeed:
+    def _implements_port(redis: RespClient) -> ports.ArchiveFeed:
         return RedisArchiveFeed(redis, "p", consumer="c")

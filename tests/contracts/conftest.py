@@ -221,19 +221,22 @@ async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
     from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RespClient
 
     claim_idle_ms = 400
-    async with redis_test_clients(url, count=2) as (clients, prefix):
+    async with redis_test_clients(url) as (_, prefix):
         publisher = RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S)
         bus = RedisBus(publisher, prefix)
+        feed_clients: list[RespClient] = []
 
         def new_feed(consumer: str) -> ArchiveFeed:
+            feed_clients.append(RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S))
             return RedisArchiveFeed(
-                clients[1], prefix, consumer=consumer, claim_idle_ms=claim_idle_ms
+                feed_clients[-1], prefix, consumer=consumer, claim_idle_ms=claim_idle_ms
             )
 
         try:
             yield FeedRig(bus.publish, new_feed, claim_idle_ms, trio.sleep)
         finally:
-            await publisher.aclose()
+            for client in [publisher, *feed_clients]:
+                await client.aclose()
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ import trio
 pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
 
 from chatnode.adapters.elasticsearch import EsArchive
-from chatnode.adapters.redis import RedisArchiveFeed, RedisClient
+from chatnode.adapters.redis import RedisArchiveFeed, RedisClient, RespClient
 from chatnode.core.models import ChatMessage
 from chatnode.core.ports import ArchiveRefused
 from chatnode.node.archiver import Archiver
@@ -28,9 +28,17 @@ T0 = 1_700_000_000_000
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
-    async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
-        yield clients[0], prefix
+async def redis() -> AsyncIterator[tuple[RedisClient, str, list[RespClient]]]:
+    """An admin client, the test's key prefix and two clients for feeds (a feed's blocking
+    read holds its client's connection)."""
+    url = require_service("CHATNODE_TEST_REDIS_URL")
+    async with redis_test_clients(url) as (clients, prefix):
+        feeds = [RespClient.from_url(url, timeout_s=5.0) for _ in range(2)]
+        try:
+            yield clients[0], prefix, feeds
+        finally:
+            for feed in feeds:
+                await feed.aclose()
 
 
 @pytest.fixture
@@ -50,11 +58,14 @@ async def fill(redis: RedisClient, prefix: str, room_id: int, offsets: range) ->
 
 
 async def test_the_stream_is_trimmed_below_the_oldest_pending_entry(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisClient, str, list[RespClient]],
 ) -> None:
-    client, prefix = redis
+    client, prefix, feeds = redis
     key = f"{prefix}:archive"
-    slow, fast = (RedisArchiveFeed(client, prefix, consumer=name) for name in ("slow", "fast"))
+    slow, fast = (
+        RedisArchiveFeed(feed, prefix, consumer=name)
+        for feed, name in zip(feeds, ("slow", "fast"), strict=True)
+    )
     await fill(client, prefix, 1, range(1, 7))
     first = await slow.take(max_count=3, wait_ms=100)
     second = await fast.take(max_count=3, wait_ms=100)
@@ -88,15 +99,15 @@ async def test_a_document_elasticsearch_cannot_index_is_refused_after_the_others
 
 
 async def test_two_archivers_catch_up_a_backlog_and_dead_letter_a_bad_message(
-    redis: tuple[RedisClient, str], archive: EsArchive
+    redis: tuple[RedisClient, str, list[RespClient]], archive: EsArchive
 ) -> None:
-    client, prefix = redis
+    client, prefix, feeds = redis
     await fill(client, prefix, 1, range(1, 1201))
     async with client.pipeline(transaction=False) as pipe:  # one entry ES refuses
         pipe.xadd(f"{prefix}:archive", {"r": 2, "o": 1, "u": "bob", "t": "x", "ts": 10**19})
     archivers = [
-        Archiver(RedisArchiveFeed(client, prefix, consumer=f"node-{n}"), archive, batch_size=100)
-        for n in range(2)
+        Archiver(RedisArchiveFeed(feed, prefix, consumer=f"node-{n}"), archive, batch_size=100)
+        for n, feed in enumerate(feeds)
     ]
 
     with trio.fail_after(30):

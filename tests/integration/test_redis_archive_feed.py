@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from coredis.response.types import StreamPending
 
-from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient, open_redis
+from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient
 from chatnode.core import errors
 from chatnode.core.models import Draft
 from tests.contracts.conftest import redis_test_clients
@@ -25,22 +25,25 @@ def draft(room_id: int, text: str) -> Draft:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus]]:
-    """A client, the test's key prefix and a bus publishing under it."""
+async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus, RespClient]]:
+    """An admin client, the test's key prefix, a bus publishing under it and a client for
+    the feeds."""
     url = require_service("CHATNODE_TEST_REDIS_URL")
     async with redis_test_clients(url) as (clients, prefix):
         publisher = RespClient.from_url(url, timeout_s=5.0)
+        feeds = RespClient.from_url(url, timeout_s=5.0)
         try:
-            yield clients[0], prefix, RedisBus(publisher, prefix)
+            yield clients[0], prefix, RedisBus(publisher, prefix), feeds
         finally:
             await publisher.aclose()
+            await feeds.aclose()
 
 
 async def test_acknowledged_entries_leave_the_stream(
-    redis: tuple[RedisClient, str, RedisBus],
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
-    client, prefix, bus = redis
-    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
     for n in range(5):
         await bus.publish(draft(1, f"m{n}"))
 
@@ -54,21 +57,21 @@ async def test_acknowledged_entries_leave_the_stream(
 
 
 async def test_a_feed_started_late_gets_what_was_published_before(
-    redis: tuple[RedisClient, str, RedisBus],
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
-    client, prefix, bus = redis
+    _, prefix, bus, feeds = redis
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
 
-    taken = await RedisArchiveFeed(client, prefix, consumer="late").take(max_count=10, wait_ms=100)
+    taken = await RedisArchiveFeed(feeds, prefix, consumer="late").take(max_count=10, wait_ms=100)
 
     assert [e.message for e in taken] == published
 
 
 async def test_the_group_is_created_again_when_the_stream_vanished(
-    redis: tuple[RedisClient, str, RedisBus],
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
-    client, prefix, bus = redis
-    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
     assert await feed.take(max_count=10, wait_ms=0) == []  # creates the group
 
     await client.delete([bus.keys.archive])  # e.g. a Redis restarted without persistence
@@ -78,10 +81,10 @@ async def test_the_group_is_created_again_when_the_stream_vanished(
 
 
 async def test_a_malformed_entry_is_dropped_not_handed_out(
-    redis: tuple[RedisClient, str, RedisBus],
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
-    client, prefix, bus = redis
-    feed = RedisArchiveFeed(client, prefix, consumer="n1")
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
     await client.xadd(bus.keys.archive, {"garbage": "1"})
     message = await bus.publish(draft(1, "real"))
 
@@ -92,7 +95,8 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
-        feed = RedisArchiveFeed(client, "nowhere", consumer="n1")
-        with pytest.raises(errors.Unavailable):
-            await feed.take(max_count=10, wait_ms=0)
+    feed = RedisArchiveFeed(
+        RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0), "nowhere", consumer="n1"
+    )
+    with pytest.raises(errors.Unavailable):
+        await feed.take(max_count=10, wait_ms=0)
