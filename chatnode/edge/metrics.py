@@ -26,6 +26,7 @@ class Metrics:
             ("chatnode_archive_history_reads_total", "counter", hub.archive_reads),
             ("chatnode_archived_total", "counter", archiver.archived if archiver else 0),
             ("chatnode_archive_failures_total", "counter", archiver.failures if archiver else 0),
+            ("chatnode_archive_refused_total", "counter", archiver.refused if archiver else 0),
             ("chatnode_draining", "gauge", int(self.draining)),
         ]
         lines = []
