@@ -12,16 +12,23 @@ Rules that make it correct:
    started finishes (and its transaction commits or rolls back) before the cancellation is
    delivered.
 2. **The append of a message runs on the loop when it cannot wait** (``run(fn, inline=True)``).
-   The thread hop costs more than the append: in the single-node benchmark (3 rooms x 100
-   members) the node spent 25.4 us of CPU per delivery at 5k deliveries/s with the append in a
-   worker thread, 22.0 with it on the loop and 18.3 with no SQLite at all; 18.6 / 14.8 / 13.9 at
-   40k (2026-11-22; a dedicated long-lived thread instead of ``to_thread``: 16.6 at 40k). With
-   WAL and ``synchronous=NORMAL`` a commit is a write to the page cache, no fsync. What could
-   make it wait never happens on the loop: it runs there only while no worker call holds the
+   The thread hop costs more than the append. Node CPU per delivery in the single-node
+   benchmark (3 rooms x 100 members, interleaved runs of one code snapshot, 2026-11-22): at 5k
+   deliveries/s 23.4 us with the append in a ``to_thread`` worker, 20.5 with it on the loop,
+   18.6 on the loop with batched indexing (rule 3); at 40k 14.0 / 13.4 / 11.8 (the worker with
+   batched indexing: 22.8 and 13.5; an earlier run had 18.3 at 5k and 13.9 at 40k with no SQLite
+   at all, and a dedicated long-lived thread saved only a third of the hop). With WAL and
+   ``synchronous=NORMAL`` a commit is a write to the page cache, no fsync. What could make it
+   wait never happens on the loop: it runs there only while no worker call holds the
    connection and no upkeep is due; the connection's busy timeout is 0 except during worker
    calls, so a write lock held by another connection fails the attempt at once and the call is
    repeated in the worker thread (``fn`` must be one transaction for that); and checkpoints
-   (the fsyncs of WAL mode) run only in the worker thread (rule 3).
+   (the fsyncs of WAL mode) run only in the worker thread (rule 3). The page cache itself may
+   still make a write wait for the disk (a page under writeback, the file system's journal):
+   of 35,000 appends at 40k deliveries/s the median took 0.15 ms, p99 0.5 ms, p99.9 4.4 ms
+   (mostly the kernel giving the core to another process), and the longest waits for the disk
+   were 10 and 32 ms, with other programs' databases writing to the same disk. The node
+   pauses with it, as Redis does for its AOF write; a worker thread would delay only the acks.
 3. **Upkeep in the worker, in batches.** Once ``UPKEEP_AFTER_CHANGES`` rows changed since the
    last upkeep, the next call goes to the worker thread, which first indexes the messages
    waiting for the full-text index (rule 5) in one transaction, then runs a PASSIVE checkpoint.
