@@ -217,6 +217,40 @@ async def test_a_publish_meeting_another_connections_lock_waits_in_the_worker(
     assert [m.offset for m in published] == [2]
 
 
+async def test_a_publish_cancelled_while_it_waits_in_the_worker_completes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chatnode.db"
+    async with await SqliteDatabase.open(path, busy_timeout_ms=10_000) as database:
+        bus, recorder = SqliteBus(database), Recorder()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the append waits for this lock in the worker
+        published: list[ChatMessage] = []
+
+        async def publish(*, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                published.append(await bus.publish(Draft(1, "bob", "completes", T0)))
+                await trio.lowlevel.checkpoint()  # the cancellation arrives here
+                published.append(ChatMessage(0, 0, "never", "reached", 0))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bus.serve, recorder)
+                await bus.subscribe(1)
+                publisher = await nursery.start(publish)
+                await trio.testing.wait_all_tasks_blocked()
+                publisher.cancel()
+                other.execute("ROLLBACK")
+                await recorder.wait_for_messages(1, 1)
+                nursery.cancel_scope.cancel()
+        other.close()
+
+        assert [m.offset for m in published] == [1]
+        assert recorder.messages == published
+        assert await bus.last_offset(1) == 1
+
+
 async def test_upkeep_indexes_and_checkpoints_in_batches(tmp_path: Path) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path) as database:
