@@ -177,29 +177,48 @@ def _primary_code(exc: sqlite3.OperationalError) -> int | None:
     return None if code is None else int(code) & 0xFF
 
 
-@contextmanager
-def _unavailable_when_down() -> Iterator[None]:
-    """Turn an OperationalError meaning "the database is down" into ``Unavailable``."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        code = _primary_code(exc)
-        if code is not None and code not in _UNAVAILABLE_CODES:
-            raise
+def _raise_if_down(exc: sqlite3.OperationalError) -> None:
+    """Raise ``Unavailable`` if ``exc`` means "the database is down"; return otherwise."""
+    code = _primary_code(exc)
+    if code is None or code in _UNAVAILABLE_CODES:
         raise errors.Unavailable(f"the SQLite database is unavailable: {exc}") from exc
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction: the write lock is taken at BEGIN, so reads inside it are current."""
-    conn.execute("BEGIN IMMEDIATE")
+def _unavailable_when_down() -> Iterator[None]:
     try:
         yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        _raise_if_down(exc)
         raise
+
+
+class _Transaction:
+    """``with _Transaction(conn):`` a write transaction; the write lock is taken at BEGIN, so
+    reads inside it are current. A class rather than ``@contextmanager``: it is on the path of
+    every message."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
 
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -225,7 +244,7 @@ def _index_pending(conn: sqlite3.Connection) -> None:
     """Add the messages listed in ``messages_fts_pending`` to the FTS5 index, one transaction."""
     if conn.execute("SELECT 1 FROM messages_fts_pending LIMIT 1").fetchone() is None:
         return
-    with _transaction(conn):
+    with _Transaction(conn):
         conn.execute(
             "INSERT INTO messages_fts(rowid, text) SELECT m.id, m.text"
             " FROM messages_fts_pending AS p JOIN messages AS m ON m.id = p.id ORDER BY p.id"
@@ -235,7 +254,7 @@ def _index_pending(conn: sqlite3.Connection) -> None:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to ``SCHEMA_VERSION`` in one transaction; a no-op when it is there."""
-    with _transaction(conn):
+    with _Transaction(conn):
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version ("
             " id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
@@ -296,13 +315,14 @@ class SqliteDatabase(ClosesOnExit):
         that is rolled back when it fails. Done inline, the call does not yield to the
         scheduler: the caller's own awaits are its checkpoints.
         """
+        if inline and self._may_run_inline():
+            try:
+                return self._counted(fn, self._open_connection())
+            except sqlite3.OperationalError as exc:
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                    _raise_if_down(exc)
+                    raise
         with _unavailable_when_down():
-            if inline and self._may_run_inline():
-                try:
-                    return self._counted(fn, self._open_connection())
-                except sqlite3.OperationalError as exc:
-                    if _primary_code(exc) != sqlite3.SQLITE_BUSY:
-                        raise
             return await trio.to_thread.run_sync(
                 partial(self._in_worker, fn), limiter=self._limiter
             )
@@ -395,7 +415,7 @@ class SqliteDirectory:
         self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
     ) -> User:
         def insert(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with _Transaction(conn):
                 conn.execute(
                     "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
                     " VALUES (?, ?, ?, ?)",
@@ -422,7 +442,7 @@ class SqliteDirectory:
 
     async def delete_all_users(self) -> int:
         def delete(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with _Transaction(conn):
                 conn.execute("DELETE FROM memberships")
                 return conn.execute("DELETE FROM users").rowcount
 
@@ -430,7 +450,7 @@ class SqliteDirectory:
 
     async def create_room(self, name: str, *, created_at_ms: int) -> Room:
         def insert(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with _Transaction(conn):
                 cursor = conn.execute(
                     "INSERT INTO rooms (name, created_at_ms) VALUES (?, ?)", (name, created_at_ms)
                 )
@@ -461,7 +481,7 @@ class SqliteDirectory:
 
     async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
         def insert(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
+            with _Transaction(conn):
                 _require_room_and_user(conn, room_id, user)
                 if _is_member(conn, room_id, user):
                     return False
@@ -482,7 +502,7 @@ class SqliteDirectory:
 
     async def remove_member(self, room_id: int, user: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
+            with _Transaction(conn):
                 cursor = conn.execute(
                     "DELETE FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
                 )
@@ -589,7 +609,7 @@ class SqliteArchive:
             return
 
         def insert(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with _Transaction(conn):
                 conn.executemany(
                     'INSERT OR IGNORE INTO messages (room_id, "offset", user, text, timestamp_ms)'
                     " VALUES (?, ?, ?, ?, ?)",
@@ -675,7 +695,7 @@ class _LocalBroker:
 
 
 def _append(draft: Draft, conn: sqlite3.Connection) -> ChatMessage:
-    with _transaction(conn):
+    with _Transaction(conn):
         offset = _last_offset(conn, draft.room_id) + 1
         conn.execute(
             'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'

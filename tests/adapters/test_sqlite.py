@@ -82,6 +82,18 @@ async def test_a_closed_database_is_unavailable(db: SqliteDatabase) -> None:
         await db.check()
     with pytest.raises(errors.Unavailable):
         await SqliteDirectory(db).get_user("bob")
+    with pytest.raises(errors.Unavailable):
+        await SqliteBus(db).publish(Draft(1, "bob", "appended on the loop", T0))
+
+
+async def test_an_append_failing_on_the_loop_is_unavailable(db: SqliteDatabase) -> None:
+    await db.run(lambda c: c.execute("PRAGMA query_only=1"))  # every write: SQLITE_READONLY
+
+    with pytest.raises(errors.Unavailable):
+        await SqliteBus(db).publish(Draft(1, "bob", "refused", T0))
+
+    await db.run(lambda c: c.execute("PRAGMA query_only=0"))
+    assert (await SqliteBus(db).publish(Draft(1, "bob", "accepted", T0))).offset == 1
 
 
 async def test_a_locked_database_is_unavailable_then_recovers(tmp_path: Path) -> None:
