@@ -240,6 +240,8 @@ class RedisBus:
     max_backoff_s: float = attrs.field(default=5.0, kw_only=True)
     keys: BusKeys = attrs.field(init=False)
     reconnects: int = attrs.field(default=0, init=False)
+    pongs: int = attrs.field(default=0, init=False)
+    """Keepalive PINGs answered, over all connections."""
     _rooms: set[int] = attrs.field(factory=set, init=False)
     _link: _Link | None = attrs.field(default=None, init=False)
     _serving: bool = attrs.field(default=False, init=False)
@@ -395,6 +397,9 @@ class RedisBus:
                         log.warning("Redis bus: pub/sub connection lost (%s); reconnecting", exc)
                         return up, True
                     for push in pushes:
+                        if push == b"PONG":  # a PING's answer while subscribed to nothing
+                            link.ponged()
+                            continue
                         if not isinstance(push, list) or len(push) < 2:
                             continue
                         kind, channel = push[0], push[1]
@@ -448,7 +453,9 @@ class RedisBus:
                 return  # lost: the reader sees it too
             with trio.move_on_after(self.keepalive_s):
                 await pong.wait()
-            if not pong.is_set():
+            if pong.is_set():
+                self.pongs += 1
+            else:
                 log.warning("Redis bus: no PONG within %.1fs; reconnecting", self.keepalive_s)
                 link.conn.fail(f"no PONG within {self.keepalive_s}s")
                 return

@@ -300,6 +300,21 @@ async def test_a_frozen_connection_is_dropped_by_the_keepalive(
     assert await recorder.wait_for_messages(1, 1) == [message]
 
 
+async def test_the_keepalive_is_answered_with_no_room_subscribed(
+    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+) -> None:
+    _, prefix, resp = redis
+    bus = RedisBus(resp, prefix, keepalive_s=0.05)
+    recorder = Recorder()
+    await nursery.start(bus.serve, recorder)
+    await bus.subscribe(1)
+    await bus.unsubscribe(1)  # subscribed to nothing: Redis answers PING with +PONG
+
+    while bus.pongs < 3:  # noqa: ASYNC110 - a counter of the bus, no event to wait on
+        await trio.sleep(0.01)
+    assert bus.reconnects == 0  # before the fix: "no PONG", a reconnect every 2 keepalives
+
+
 async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
     proxied: tuple[TcpProxy, RespClient],
     redis: tuple[RedisClient, str, RespClient],
