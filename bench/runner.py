@@ -458,7 +458,9 @@ def _history_extras(
     cluster.start()
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (acked and acked[-1][1] >= n_hist):
+        while time.monotonic() < deadline and not (
+            len(acked) > 1 and acked[-1][1] - acked[0][1] >= n_hist
+        ):
             time.sleep(0.05)
         sampling.set()
         sampler.join()
@@ -474,6 +476,9 @@ def _history_extras(
                     return t0 + k * (t1 - t0), c0 + k * (c1 - c0)
             return None
 
+        # The group has read the earlier fan-out steps' traffic too: count from the first sample.
+        base = acked[0][1] if acked else 0
+        acked[:] = [(t, n - base, c) for t, n, c in acked]
         lo, hi = crossing(0.05), crossing(0.95)
         if lo and hi and hi[0] > lo[0]:
             arch["docs_per_s"] = 0.9 * n_hist / (hi[0] - lo[0])
@@ -543,29 +548,18 @@ def _history_extras(
             log("extras: join latency")
             base = f"ws://{HOST}:{cluster.entry_port}/v1/chatrooms/{room}/join?user="
             urls = [base + "hist0", base + "hist1"]
+            joins = {
+                "cmd": "joins",
+                "urls": urls,
+                "count": mode["join_samples"],
+                "expect": 100,
+                "pause_s": 0.03,
+            }
             lg = LoadGenProc()
             try:
-                j_log = lg.call(
-                    {
-                        "cmd": "joins",
-                        "urls": urls,
-                        "count": mode["join_samples"],
-                        "expect": 100,
-                        "pause_s": 0.03,
-                    },
-                    timeout=600,
-                )
+                j_log = lg.call(joins, timeout=600)
                 redis.cli("XTRIM", f"{prefix}:room:{room}:log", "MAXLEN", "0")
-                j_es = lg.call(
-                    {
-                        "cmd": "joins",
-                        "urls": urls,
-                        "count": mode["join_samples"],
-                        "expect": 100,
-                        "pause_s": 0.03,
-                    },
-                    timeout=600,
-                )
+                j_es = lg.call(joins, timeout=600)
             finally:
                 lg.close()
             extras["join"] = {"archived_messages": n_hist, "room_log": j_log, "elasticsearch": j_es}
@@ -1031,8 +1025,8 @@ def figures(
             "archiver indexing rate vs Elasticsearch raw bulk",
             f">= {TARGETS['archiver_ratio']}x",
             f"{a['docs_per_s']:.0f} vs {extras['es_raw_bulk']['docs_per_s']:.0f} docs/s = "
-            f"{a['ratio_vs_raw']:.2f}x",
-            a["ratio_vs_raw"] >= TARGETS["archiver_ratio"],
+            f"{a['ratio_vs_raw']:.2f}x (in ES afterwards: {a['indexed']} of {a['messages']})",
+            a["ratio_vs_raw"] >= TARGETS["archiver_ratio"] and a["indexed"] >= a["messages"],
         )
     else:
         row("archiver indexing rate vs Elasticsearch raw bulk", ">= 0.8x", "-", None)
