@@ -41,6 +41,7 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         rate_burst=config.rate_burst,
         presence_ttl_s=config.presence_ttl_s,
         limits=config.limits,
+        archive_linger_s=config.archive_linger_s,
     )
 
 

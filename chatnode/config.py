@@ -75,6 +75,9 @@ class Config:
         0.1, "how long a node reuses a cached rooms page or room users without asking Redis"
     )
     mysql_pool_size: int = _setting(8, "MySQL connections (and threads) per node")
+    archive_linger_s: float = _setting(
+        1.0, "light traffic: the archiver waits this long to fill a batch (one bulk a second)"
+    )
     archive_claim_idle_s: float = _setting(
         30.0, "archive entries unacknowledged this long are taken over from a dead node"
     )
@@ -180,6 +183,7 @@ def _validate(config: Config) -> None:
         (config.send_backlog_bytes >= 1024, "CHATNODE_SEND_BACKLOG_BYTES must be >= 1024"),
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
+        (0 <= config.archive_linger_s <= 10, "CHATNODE_ARCHIVE_LINGER_S must be 0..10"),
         (
             0 <= config.cache_local_ttl_s <= config.cache_ttl_s,
             "CHATNODE_CACHE_LOCAL_TTL_S must be 0..CHATNODE_CACHE_TTL_S",

@@ -42,6 +42,7 @@ class Archiver:
     batch_size: int = 500
     wait_ms: int = 100
     linger_s: float = 0.25
+    """After a partial batch, wait this long for more (the node's default: 1 s)."""
     max_backoff_s: float = 5.0
     max_in_flight: int = 2
     archived: int = 0

@@ -52,6 +52,7 @@ class NodeSettings:
     rate_burst: int
     presence_ttl_s: float
     limits: validation.Limits = attrs.Factory(validation.Limits)
+    archive_linger_s: float = 1.0
 
 
 @attrs.frozen
@@ -77,7 +78,11 @@ class ChatNode:
         self.hub = Hub(
             backends.bus, backends.archive, cache_size=max(256, 2 * settings.history_on_join)
         )
-        self.archiver = Archiver(backends.feed, backends.archive) if backends.feed else None
+        self.archiver = (
+            Archiver(backends.feed, backends.archive, linger_s=settings.archive_linger_s)
+            if backends.feed
+            else None
+        )
         self._conn_counter = 0
         # Unknown names are checked against this hash so that a wrong name costs the same
         # time as a wrong password (no user enumeration by timing).
