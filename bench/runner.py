@@ -1206,6 +1206,9 @@ def main() -> int:
         help=f"comma list of the extras to run (default: all): {', '.join(EXTRAS)}",
     )
     parser.add_argument("--rounds", type=int, help="override the mode's rounds")
+    parser.add_argument(
+        "--steps", help="override the mode's offered loads: comma list of deliveries/s"
+    )
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
     parser.add_argument(
         "--mysql-url",
@@ -1229,6 +1232,8 @@ def main() -> int:
     mode = dict(MODES[mode_name])
     if args.rounds:
         mode["rounds"] = args.rounds
+    if args.steps:
+        mode["steps"] = [int(x) for x in args.steps.split(",")]
     only = frozenset(args.extras.split(",")) if args.extras else frozenset(EXTRAS)
     if only - set(EXTRAS):
         raise SystemExit(f"unknown extras: {sorted(only - set(EXTRAS))}")
