@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,26 @@ PORTS = {
     "chatnode-single": (None, [18301]),
     "libwebsockets": (None, [18401]),
 }
+
+
+# How nginx reaches the processes behind it, the same for chatnode and the peers: "unix" (each
+# process also listens on a Unix socket, nginx's upstream is `server unix:...`: the same-host
+# deployment, about half the kernel cost per proxied frame) or "tcp" (loopback ports, as
+# between containers). The processes keep their TCP ports either way (health checks, idle
+# connections straight to a node).
+UPSTREAM = os.environ.get("BENCH_UPSTREAM", "unix")
+if UPSTREAM not in ("unix", "tcp"):
+    raise SystemExit(f"BENCH_UPSTREAM must be unix or tcp, not {UPSTREAM!r}")
+SOCKETS = Path(tempfile.gettempdir()) / f"chatnode-bench-{os.getuid()}"  # paths <= 107 bytes
+
+
+def upstream_addresses(name: str, ports: list[int]) -> tuple[list[str], list[str | None]]:
+    """(nginx's upstream addresses, each process's Unix socket path or None) for ``ports``."""
+    if UPSTREAM == "tcp":
+        return [f"{HOST}:{p}" for p in ports], [None for _ in ports]
+    SOCKETS.mkdir(mode=0o700, exist_ok=True)
+    paths = [str(SOCKETS / f"{name}-{i}.sock") for i in range(1, len(ports) + 1)]
+    return [f"unix:{p}" for p in paths], list(paths)
 
 
 def user_name(room_index: int, member: int) -> str:
@@ -110,10 +131,10 @@ class Nginx:
     front of a system's processes. The peers get the same config: their endpoints live on the
     join route, so nginx treats all of them alike."""
 
-    def __init__(self, name: str, listen: int, nodes: list[int]) -> None:
+    def __init__(self, name: str, listen: int, nodes: list[str]) -> None:
         self.name = name
         self.listen = listen
-        self.nodes = nodes
+        self.nodes = nodes  # upstream addresses: host:port or unix:/path
         self.prefix = WORK / f"nginx-{name}"
         self.proc: Proc | None = None
 
@@ -123,8 +144,8 @@ class Nginx:
         self.prefix.mkdir(parents=True, exist_ok=True)
         conf = self.prefix / "nginx.conf"
         argv = ["python3", str(ROOT / "nginx" / "render.py")]
-        for p in self.nodes:
-            argv += ["--node", f"{HOST}:{p}"]
+        for node in self.nodes:
+            argv += ["--node", node]
         argv += [
             "--listen",
             f"{HOST}:{self.listen}",
@@ -232,13 +253,17 @@ class Chatnode(System):
         )
         return env
 
-    def _start_node(self, i: int, port: int, env: dict[str, str]) -> Proc:
+    def _start_node(
+        self, i: int, port: int, env: dict[str, str], unix_socket: str | None = None
+    ) -> Proc:
         tag = getattr(self, "tag", "")
         env = dict(
             env,
             CHATNODE_PORT=str(port),
             CHATNODE_NODE_ID=f"{self.name}{'-' + tag if tag else ''}-n{i}",
         )
+        if unix_socket:
+            env.update(CHATNODE_UNIX_SOCKET=unix_socket, CHATNODE_UNIX_SOCKET_MODE="600")
         proc = Proc(f"{self.name}-node{i}", [CHATNODE_BIN, "serve"], env=env).start()
         return proc
 
@@ -355,7 +380,8 @@ class ChatnodeCluster(Chatnode):
         self.es_url = es_url
         self.prefix = prefix
         listen, self.node_ports = PORTS[self.name]
-        self.nginx = Nginx(self.name, listen, self.node_ports)
+        upstreams, self.unix_sockets = upstream_addresses(self.name, self.node_ports)
+        self.nginx = Nginx(self.name, listen, upstreams)
         self.secret = secrets.token_urlsafe(32)
 
     def env(self) -> dict[str, str]:
@@ -386,10 +412,12 @@ class ChatnodeCluster(Chatnode):
 
     def start(self) -> None:
         env = self.env()
-        for i, port in enumerate(self.node_ports, start=1):
+        for i, (port, unix) in enumerate(zip(self.node_ports, self.unix_sockets, strict=True), 1):
             data = WORK / f"{self.name}-node{i}"
             data.mkdir(parents=True, exist_ok=True)
-            self.procs.append(self._start_node(i, port, dict(env, CHATNODE_DATA_DIR=str(data))))
+            self.procs.append(
+                self._start_node(i, port, dict(env, CHATNODE_DATA_DIR=str(data)), unix)
+            )
         self._wait_nodes()
         assert self.nginx is not None
         self.nginx.start()
@@ -404,26 +432,23 @@ class Peer(System):
         super().__init__()
         self.redis = redis
         listen, self.node_ports = PORTS[self.name]
-        self.nginx = Nginx(self.name, listen, self.node_ports)
+        upstreams, self.unix_sockets = upstream_addresses(self.name, self.node_ports)
+        self.nginx = Nginx(self.name, listen, upstreams)
         self.nodes = len(self.node_ports)
 
     def start(self) -> None:
         assert self.redis is not None
-        for i, port in enumerate(self.node_ports, start=1):
-            proc = Proc(
-                f"{self.name}-{i}",
-                [
-                    BENCH_PY,
-                    BENCH / "peers" / self.script,
-                    "--port",
-                    port,
-                    "--redis",
-                    self.redis.url,
-                ],
-            ).start()
-            self.procs.append(proc)
-        for proc, port in zip(self.procs, self.node_ports, strict=True):
-            wait_until(lambda port=port: port_open(port), 30, proc.name, proc)
+        for i, (port, unix) in enumerate(zip(self.node_ports, self.unix_sockets, strict=True), 1):
+            argv = [BENCH_PY, BENCH / "peers" / self.script, "--port", port]
+            argv += ["--redis", self.redis.url] + (["--unix", unix] if unix else [])
+            self.procs.append(Proc(f"{self.name}-{i}", argv).start())
+        for proc, port, unix in zip(self.procs, self.node_ports, self.unix_sockets, strict=True):
+            wait_until(
+                lambda port=port, unix=unix: port_open(port) and (not unix or os.path.exists(unix)),
+                30,
+                proc.name,
+                proc,
+            )
         assert self.nginx is not None
         self.nginx.start()
 

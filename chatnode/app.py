@@ -8,6 +8,7 @@ archiver, then cancel the node's tasks and close the backends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -115,12 +116,21 @@ class App:
             async with trio.open_nursery() as node_nursery:
                 await node_nursery.start(node.run)
                 async with trio.open_nursery() as edge_nursery:
-                    ports = await edge_nursery.start(edge.serve, config.host, config.port)
+                    ports = await edge_nursery.start(
+                        functools.partial(
+                            edge.serve,
+                            config.host,
+                            config.port,
+                            unix_socket=config.unix_socket,
+                            unix_socket_mode=int(config.unix_socket_mode, 8),
+                        )
+                    )
                     log.info(
-                        "chatnode %s listening on %s:%s (%s)",
+                        "chatnode %s listening on %s:%s%s (%s)",
                         settings.node_id,
                         config.host,
                         ports[0],
+                        f" and {config.unix_socket}" if config.unix_socket else "",
                         "embedded SQLite" if config.embedded else "cluster",
                     )
                     task_status.started(ports)

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (CHATNODE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (CHATNODE_PORT)")
+    serve.add_argument(
+        "--unix-socket", help="also listen on this Unix socket path (CHATNODE_UNIX_SOCKET)"
+    )
     serve.add_argument("--data-dir", help="embedded data directory (CHATNODE_DATA_DIR)")
     serve.add_argument(
         "--insecure", action="store_true", default=None, help="seed's open mode (CHATNODE_INSECURE)"
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             "host": args.host,
             "port": args.port,
+            "unix_socket": args.unix_socket,
             "data_dir": args.data_dir,
             "insecure": args.insecure,
         }

@@ -8,6 +8,8 @@ Standard library only (it runs on a host with nothing but Debian's python3 and n
     nginx -t -p /tmp/ngx -c /tmp/ngx/nginx.conf
     nginx -p /tmp/ngx -c /tmp/ngx/nginx.conf -g 'daemon off;'
 
+    python3 nginx/render.py --node unix:/run/chatnode/node1.sock \\
+        --node unix:/run/chatnode/node2.sock -o /etc/nginx/chatnode.conf  # nodes on this host
     python3 nginx/render.py --compose -o nginx/compose/nginx.conf   # what docker-compose.yml mounts
     python3 nginx/render.py --compose --compose-nodes 3 -o ...      # after adding a node3 service
 
@@ -101,6 +103,16 @@ def _check_port(text: str, what: str, pattern: re.Pattern[str]) -> str:
     return text
 
 
+def _check_unix(node: str) -> str:
+    path = node.removeprefix("unix:")
+    if not path.startswith("/") or not _SAFE_VALUE.match(path):
+        raise RenderError(
+            f"node {node!r}: expected unix:/absolute/path (no spaces, quotes, ';', '{{', '}}',"
+            " '#' or '$')"
+        )
+    return node
+
+
 def _check_path(text: str, what: str) -> str:
     if not _SAFE_VALUE.match(text):
         raise RenderError(
@@ -111,10 +123,13 @@ def _check_path(text: str, what: str) -> str:
 
 def validate(options: Options) -> None:
     if not options.nodes:
-        raise RenderError("at least one node (--node host:port) is needed")
+        raise RenderError("at least one node (--node host:port or unix:/path) is needed")
     seen: set[str] = set()
     for node in options.nodes:
-        _check_port(node, "node", _ADDRESS)
+        if node.startswith("unix:"):
+            _check_unix(node)
+        else:
+            _check_port(node, "node", _ADDRESS)
         if node in seen:
             raise RenderError(f"node {node!r} is listed twice")
         seen.add(node)
@@ -278,8 +293,9 @@ def _parser() -> argparse.ArgumentParser:
         "--node",
         action="append",
         default=[],
-        metavar="HOST:PORT",
-        help="a chatnode node; repeat it or give a comma-separated list",
+        metavar="HOST:PORT|unix:/PATH",
+        help="a chatnode node (unix:/path: its CHATNODE_UNIX_SOCKET, nginx on the same host);"
+        " repeat it or give a comma-separated list",
     )
     p.add_argument(
         "--listen", default="8080", metavar="[ADDR:]PORT", help="plain HTTP listen (default 8080)"

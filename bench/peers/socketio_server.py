@@ -11,12 +11,15 @@ Room semantics as chatnode's plain dialect: on connect the client enters its roo
 ``message`` event with a text is stamped into ``{"chatroom", "user", "message", "timestamp"}``
 and emitted to the whole room (sender included) through the Redis manager.
 
-    python socketio_server.py --port 18201 --redis redis://127.0.0.1:16379/0
+    python socketio_server.py --port 18201 --redis redis://127.0.0.1:16379/0 \\
+        [--unix /tmp/sio-1.sock]  # also on a Unix socket (nginx on the same host), like chatnode
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -69,8 +72,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
+    parser.add_argument("--unix", help="also listen on this Unix socket path")
     args = parser.parse_args()
-    uvicorn.run(
+    config = uvicorn.Config(
         build(args.redis),
         host=args.host,
         port=args.port,
@@ -82,6 +86,15 @@ def main() -> None:
         access_log=False,
         lifespan="off",
     )
+    sockets = [config.bind_socket()]
+    if args.unix:
+        if os.path.exists(args.unix):
+            os.unlink(args.unix)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(args.unix)
+        unix.listen(config.backlog)
+        sockets.append(unix)
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,25 @@ of that room with ``websockets.broadcast()`` (encode once, write to every socket
 member). Compression off. Redis pub/sub carries the traffic between processes; publishes from
 one connection are awaited in order, so each sender's messages keep their order.
 
-    python websockets_server.py --port 18101 --redis redis://127.0.0.1:16379/0
+    python websockets_server.py --port 18101 --redis redis://127.0.0.1:16379/0 \\
+        [--unix /tmp/ws-1.sock]   # also on a Unix socket (nginx on the same host), like chatnode
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import time
+from contextlib import AsyncExitStack
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 import uvloop
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve, unix_serve
 
 CHANNEL = "bench:ws:rooms"
 rooms: dict[int, set[ServerConnection]] = {}
@@ -79,20 +84,24 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
+    parser.add_argument("--unix", help="also listen on this Unix socket path")
     args = parser.parse_args()
     bus = aioredis.from_url(args.redis)
     ready = asyncio.Event()
     relay_task = asyncio.create_task(relay(args.redis, ready))
     await ready.wait()
-    async with serve(
-        lambda ws: handler(ws, bus),
-        args.host,
-        args.port,
-        compression=None,
-        max_queue=1024,
-        server_header=None,
-    ) as server:
-        print(f"listening on {args.host}:{args.port}", flush=True)
+    options: dict[str, Any] = {"compression": None, "max_queue": 1024, "server_header": None}
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            serve(lambda ws: handler(ws, bus), args.host, args.port, **options)
+        )
+        if args.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.unix)  # left by an earlier run (nginx reaches us only here)
+            await stack.enter_async_context(
+                unix_serve(lambda ws: handler(ws, bus), args.unix, **options)
+            )
+        print(f"listening on {args.host}:{args.port} {args.unix or ''}", flush=True)
         await server.serve_forever()
     relay_task.cancel()
 

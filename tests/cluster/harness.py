@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def render_nginx_config(
-    node_ports: Sequence[int],
+    node_ports: Sequence[int | str],
     listen_port: int,
     prefix_dir: Path | str,
     *,
@@ -87,14 +87,15 @@ def render_nginx_config(
     tls_port: int | None = None,
     worker_processes: str = "1",
 ) -> Path:
-    """Write ``<prefix_dir>/nginx.conf`` for nodes on ``127.0.0.1:<port>`` and return its path.
+    """Write ``<prefix_dir>/nginx.conf`` for nodes on ``127.0.0.1:<port>`` (a ``str``: as is,
+    e.g. ``unix:/path``) and return its path.
     Everything nginx writes stays under ``prefix_dir``; the worker user is root when we are
     root (so workers can read a private temporary directory), else unset."""
     prefix = Path(prefix_dir).absolute()
     if (tls_cert is None) != (tls_port is None):
         raise ValueError("TLS needs tls_cert, tls_key and tls_port together")
     options = render_module.Options(
-        nodes=tuple(f"127.0.0.1:{p}" for p in node_ports),
+        nodes=tuple(p if isinstance(p, str) else f"127.0.0.1:{p}" for p in node_ports),
         listen=f"127.0.0.1:{listen_port}",
         prefix=str(prefix),
         tls_cert=str(tls_cert) if tls_cert is not None else None,
@@ -219,7 +220,7 @@ async def _open_logged_process(
 
 @asynccontextmanager
 async def running_nginx(
-    node_ports: Sequence[int],
+    node_ports: Sequence[int | str],
     *,
     prefix_dir: Path | str | None = None,
     tls_cert: Path | str | None = None,

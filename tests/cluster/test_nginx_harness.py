@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -252,3 +253,60 @@ async def test_node_process_failure_is_reported(tmp_path: Path) -> None:
             {"CHATNODE_DATA_DIR": str(tmp_path), "CHATNODE_LOG_LEVEL": "LOUD"}
         ):
             pass  # pragma: no cover
+
+
+async def test_nodes_on_unix_sockets_behind_nginx(tmp_path: Path) -> None:
+    """The same-host deployment: nginx reaches the nodes only through their
+    CHATNODE_UNIX_SOCKET (upstream `server unix:...`), REST and WebSocket both."""
+    sockets = Path(tempfile.mkdtemp(prefix="cn-ngx-"))  # socket paths must stay short
+    try:
+        paths = [sockets / f"node{i}.sock" for i in (1, 2)]
+        async with AsyncExitStack() as stack:
+            node_ports = [
+                await stack.enter_async_context(
+                    running_node_process(
+                        dict(
+                            node_env(tmp_path / f"node{i}", f"node{i}"),
+                            CHATNODE_UNIX_SOCKET=str(path),
+                        )
+                    )
+                )
+                for i, path in zip((1, 2), paths, strict=True)
+            ]
+            port = await stack.enter_async_context(
+                running_nginx([f"unix:{p}" for p in paths], prefix_dir=tmp_path / "nginx")
+            )
+            conf = (tmp_path / "nginx" / "nginx.conf").read_text()
+            assert (
+                f"server unix:{paths[0]} " in conf
+                and "127.0.0.1:" not in conf.split("upstream chatnode_api")[1].split("}")[0]
+            )
+
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                seen = {(await c.get("/healthz")).json()["node"] for _ in range(8)}
+                assert seen == {"node1", "node2"}
+            for node_port in node_ports:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{node_port}", timeout=10
+                ) as c:
+                    assert (
+                        await c.post("/v1/chatrooms/users", json={"name": "ann"})
+                    ).status_code == 201
+                    assert (await c.post("/v1/chatrooms", json={"name": "lobby"})).json()[
+                        "id"
+                    ] == ROOM
+
+            url = f"ws://127.0.0.1:{port}/v1/chatrooms/{ROOM}/join?user=ann"
+            async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws:
+                frame = json.loads(await ws.get_message())
+                while frame["type"] != "live":
+                    frame = json.loads(await ws.get_message())
+                await ws.send_message(
+                    json.dumps({"type": "send", "id": "u1", "message": "via unix"})
+                )
+                while frame.get("type") != "message":
+                    frame = json.loads(await ws.get_message())
+                assert (frame["user"], frame["message"]) == ("ann", "via unix")
+        assert not any(p.exists() for p in paths)  # each node removed its socket on stop
+    finally:
+        shutil.rmtree(sockets)

@@ -84,6 +84,12 @@ def test_config_errors_name_the_variable() -> None:
         load_config({"CHATNODE_MYSQL_URL": "postgres://x"})
     with pytest.raises(ConfigError, match="CHATNODE_CACHE_LOCAL_TTL_S"):
         load_config({"CHATNODE_CACHE_TTL_S": "1", "CHATNODE_CACHE_LOCAL_TTL_S": "2"})
+    with pytest.raises(ConfigError, match="CHATNODE_UNIX_SOCKET must be an absolute path"):
+        load_config({"CHATNODE_UNIX_SOCKET": "run/node.sock"})
+    for mode in ("rw", "999", "7777"):
+        with pytest.raises(ConfigError, match="CHATNODE_UNIX_SOCKET_MODE"):
+            load_config({"CHATNODE_UNIX_SOCKET_MODE": mode})
+    assert load_config({"CHATNODE_UNIX_SOCKET_MODE": "0666"}).unix_socket_mode == "0666"
 
 
 def test_config_file(tmp_path: object) -> None:
