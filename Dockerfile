@@ -26,7 +26,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libmariadb3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/chatnode --create-home \
-      --shell /usr/sbin/nologin chatnode
+      --shell /usr/sbin/nologin chatnode \
+ && install -d -o chatnode -g chatnode -m 0755 /run/chatnode
 COPY --from=build /opt/chatnode /opt/chatnode
 ENV PATH=/opt/chatnode/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -249,12 +249,13 @@ def create_dirs(options: Options) -> None:
 
 
 def compose_options(node_count: int = 2) -> Options:
-    """The docker-compose deployment: nodes ``node1``..``nodeN`` on 8080, HTTP on 80, TLS on
-    443 with the certificate mounted at /etc/nginx/certs, logs to the container's output, the
-    official image's ``nginx`` user and its /var/cache/nginx for pid and temp files, node names
-    re-resolved through Docker's DNS (127.0.0.11; needs the nginx >= 1.27.3 image)."""
+    """The docker-compose deployment: nodes ``node1``..``nodeN`` on their Unix sockets
+    ``/run/chatnode/nodeI.sock`` (the ``node-sockets`` volume nginx shares with them), HTTP on
+    80, TLS on 443 with the certificate mounted at /etc/nginx/certs, logs to the container's
+    output, the official image's ``nginx`` user and its /var/cache/nginx for pid and temp
+    files."""
     return Options(
-        nodes=tuple(f"node{i}:8080" for i in range(1, node_count + 1)),
+        nodes=tuple(f"unix:/run/chatnode/node{i}.sock" for i in range(1, node_count + 1)),
         listen="80",
         prefix="/var/cache/nginx",
         tls_cert="/etc/nginx/certs/fullchain.pem",
@@ -264,7 +265,6 @@ def compose_options(node_count: int = 2) -> Options:
         user="nginx",
         error_log="stderr",
         access_log="/dev/stdout",
-        resolver="127.0.0.11",
     )
 
 
@@ -280,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compose",
         action="store_true",
-        help="render the docker-compose config (node1..N on 8080; 80 and 443); other options are ignored",
+        help="render the docker-compose config (node1..N on /run/chatnode/nodeI.sock; 80 and 443);"
+        " other options are ignored",
     )
     p.add_argument(
         "--compose-nodes",

@@ -100,6 +100,10 @@ def test_up_resize_status_down(tmp_path: Path) -> None:
         secret = (cluster_dir / "jwt-secret").read_text()
         assert len(secret) >= 32 and (cluster_dir / "jwt-secret").stat().st_mode & 0o077 == 0
         assert {healthz_node(nginx_port) for _ in range(6)} == {"node1", "node2"}
+        # nginx reaches the nodes through their Unix sockets (same host)
+        conf = (cluster_dir / "nginx" / "nginx.conf").read_text()
+        assert f"server unix:{cluster_dir}/node2.sock " in conf, conf
+        assert (cluster_dir / "node1.sock").is_socket()
         exported = cluster("env").stdout
         assert f"CHATNODE_CLUSTER_URL='http://127.0.0.1:{nginx_port}'" in exported
         node2_pid = int((cluster_dir / "node2.pid").read_text())
@@ -117,3 +121,4 @@ def test_up_resize_status_down(tmp_path: Path) -> None:
         cluster("down", check=False)
     assert cluster("status", check=False).returncode == 3
     assert not pid_alive(nginx_pid) and not pid_alive(node1_pid)
+    assert not list(cluster_dir.glob("*.sock"))  # each node removed its socket

@@ -134,9 +134,9 @@ def test_compose_nginx_conf_is_rendered_from_the_template() -> None:
     (regenerate with `python3 nginx/render.py --compose -o nginx/compose/nginx.conf`)."""
     expected = render_module.render(render_module.compose_options())
     assert render_module.COMPOSE_OUTPUT.read_text() == expected
-    # node names follow container re-creation through Docker's DNS (nginx >= 1.27.3 image)
-    assert "resolver 127.0.0.11 " in expected
-    assert "server node2:8080 resolve " in expected
+    # nodes through the shared socket volume: a re-created container binds the same path
+    assert "server unix:/run/chatnode/node2.sock " in expected
+    assert "resolver" not in expected
 
 
 # -- through a running nginx ----------------------------------------------------------------------
