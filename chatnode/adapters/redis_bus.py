@@ -241,13 +241,20 @@ class RedisBus:
     keys: BusKeys = attrs.field(init=False)
     reconnects: int = attrs.field(default=0, init=False)
     pongs: int = attrs.field(default=0, init=False)
-    """Keepalive PINGs answered, over all connections."""
+    """Keepalive PINGs answered, over all connections (``wait_for_pongs`` waits on it)."""
+    _pong_counted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _rooms: set[int] = attrs.field(factory=set, init=False)
     _link: _Link | None = attrs.field(default=None, init=False)
     _serving: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.keys = BusKeys(self.prefix)
+
+    async def wait_for_pongs(self, count: int) -> None:
+        """Return once ``pongs`` reached ``count`` (health checks, tests)."""
+        while self.pongs < count:
+            await self._pong_counted.wait()
+        await trio.lowlevel.checkpoint()
 
     async def check(self) -> None:
         await self._redis.call("PING")
@@ -455,6 +462,8 @@ class RedisBus:
                 await pong.wait()
             if pong.is_set():
                 self.pongs += 1
+                self._pong_counted.set()
+                self._pong_counted = trio.Event()
             else:
                 log.warning("Redis bus: no PONG within %.1fs; reconnecting", self.keepalive_s)
                 link.conn.fail(f"no PONG within {self.keepalive_s}s")
