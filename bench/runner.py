@@ -62,6 +62,7 @@ from common import (
 )
 from systems import (
     HOST,
+    UPSTREAM,
     ChatnodeCluster,
     ChatnodeSingle,
     Libwebsockets,
@@ -1066,7 +1067,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Run: `bench/run --{result['mode']}` on {result['date']} ({state}); "
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}; "
         f"servers pinned to CPU {m['server_cpus']}, load generator to CPU "
-        f"{m['loadgen_cpus']}."
+        f"{m['loadgen_cpus']}; nginx reaches the processes behind it over "
+        f"{'Unix sockets' if result['settings'].get('upstream', 'tcp') == 'unix' else 'TCP'}."
     )
     lines.append("")
     lines.append("| figure | target | measured | |")
@@ -1328,6 +1330,7 @@ def main() -> int:
             "single_workload": SINGLE_WORKLOAD,
             "p99_limit_ms": P99_LIMIT_MS,
             "message_bytes": 64,
+            "upstream": UPSTREAM,
             "targets": TARGETS,
         },
         "figures": rows,
