@@ -11,7 +11,7 @@ from coredis.response.types import StreamPending
 
 from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient
 from chatnode.core import errors
-from chatnode.core.models import Draft
+from chatnode.core.models import ChatMessage, Draft
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
 
@@ -92,6 +92,30 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
 
     assert [e.message for e in taken] == [message]
     assert await client.xlen(bus.keys.archive) == 1  # only the real one waits for its ack
+
+
+async def test_entries_are_decoded_by_name_and_checked(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
+    fields = {"r": "7", "o": "3", "u": "zoë", "t": 'héllo \n"x"', "ts": str(T0)}
+    await client.xadd(bus.keys.archive, dict(reversed(fields.items())))  # another order
+    for bad in (
+        dict(fields, o="x3"),  # not a number
+        dict(fields, u=b"\xff"),  # not UTF-8
+        {k: v for k, v in fields.items() if k != "ts"},  # a field missing
+        dict({"x": "1"}, **{k: v for k, v in fields.items() if k != "r"}),  # one renamed
+        dict(fields, extra="1"),  # one more (a later writer's): still a message
+    ):
+        await client.xadd(bus.keys.archive, bad)
+
+    taken = await feed.take(max_count=10, wait_ms=100)
+
+    expected = ChatMessage(7, 3, "zoë", 'héllo \n"x"', T0)
+    assert [e.message for e in taken] == [expected, expected]
+    await feed.ack(taken)
+    assert await client.xlen(bus.keys.archive) == 0  # the dropped ones were acknowledged
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
