@@ -8,7 +8,11 @@ Guarantees:
 
 - **Idempotent store.** ``store`` sends one ``_bulk`` request of ``create`` actions with
   ``_id = "<room>:<offset>"``: storing a message again is a version conflict, which counts as
-  stored, and the first stored version wins (as in the SQLite archive). An item ES may accept
+  stored, and the first stored version wins (as in the SQLite archive). The request asks for
+  ``errors`` alone (a bulk that went through answers ``{"errors":false}``; listing every item's
+  status cost ES ~1 µs per document, 5-15 % of its bulk rate); if some item failed, the same
+  bulk is sent again asking for each item's status, which is sound because storing is
+  idempotent (an item the first request stored answers 409). An item ES may accept
   later (a write block, a full queue, a missing shard: any status but 400) fails the whole call
   with ``Unavailable``: the archiver retries the batch and acknowledges nothing ES did not
   accept. An item ES can never accept (400: the document does not fit the mapping) is
@@ -23,7 +27,7 @@ Guarantees:
 
 The archive talks to ES through :class:`~chatnode.adapters.es_http.HttpPool` (why: its module
 header, measured), with request bodies built here: the bulk body is one f-string per message
-around the C JSON string encoder, ~0.6 µs per document. Each attempt is bounded by
+around the C JSON string encoder, ~0.7 µs per document. Each attempt is bounded by
 ``request_timeout_s``; a connection failure or timeout is retried ``max_retries`` times at
 once. ``GET /`` is never called: the test distribution has no root endpoint; ``check()`` uses
 ``_cluster/health``. elasticsearch-py (:func:`es_client`) stays the admin client of
@@ -66,7 +70,9 @@ _UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REFUSED_ITEM_STATUS: Final = 400
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 _SOURCE: Final = ["chatroom", "offset", "user", "message", "timestamp"]
-_BULK_FILTER: Final = "errors,items.*.status,items.*.error.type,items.*.error.reason"
+_BULK_FILTERS: Final = ("errors", "errors,items.*.status,items.*.error.type,items.*.error.reason")
+"""A bulk is sent answering only ``errors``; if some item failed, again for every item's
+outcome (see the module guarantees)."""
 _BULK_ACCEPTED: Final = b'{"errors":false'
 _HITS_FILTER: Final = "hits.hits._source,hits.hits._score"
 _PAGED_HITS_FILTER: Final = _HITS_FILTER + ",hits.hits.sort"
@@ -146,12 +152,15 @@ def _clean(text: str) -> str:
 
 
 def bulk_body(messages: Sequence[ChatMessage]) -> bytes:
-    """The NDJSON body of a ``_bulk`` request creating one document per message."""
+    """The NDJSON body of a ``_bulk`` request creating one document per message.
+
+    The numbers are formatted without a format spec (``{n}``, not ``{n:d}``: 0.95 -> 0.7 µs
+    per document); ``ChatMessage``'s fields are plain ints."""
     text = "".join(
         [
             f'{{"create":{{"_id":"{m.room_id}:{m.offset}"}}}}\n'
-            f'{{"chatroom":{m.room_id:d},"offset":{m.offset:d},"user":{encode_basestring(m.user)},'
-            f'"message":{encode_basestring(m.text)},"timestamp":{m.timestamp_ms:d}}}\n'
+            f'{{"chatroom":{m.room_id},"offset":{m.offset},"user":{encode_basestring(m.user)},'
+            f'"message":{encode_basestring(m.text)},"timestamp":{m.timestamp_ms}}}\n'
             for m in messages
         ]
     )
@@ -182,7 +191,7 @@ class BulkOutcome:
 
 
 def bulk_outcome(response: dict[str, Any]) -> BulkOutcome:
-    """Classify the items of a ``_bulk`` response (filtered by ``_BULK_FILTER``)."""
+    """Classify the items of a ``_bulk`` response (filtered by ``_BULK_FILTERS[1]``)."""
     outcome = BulkOutcome([], [])
     if not response.get("errors"):
         return outcome
@@ -284,15 +293,17 @@ class EsArchive(ClosesOnExit):
             return
         if not self._index_seen:
             await self._require_index()
-        response = await self._request(
-            "POST",
-            f"/{self.index}/_bulk?filter_path={_BULK_FILTER}",
-            bulk_body(messages),
-            action="store messages",
-            content_type=_NDJSON,
-        )
-        if response.body.startswith(_BULK_ACCEPTED):
-            return
+        body = bulk_body(messages)
+        for filter_path in _BULK_FILTERS:
+            response = await self._request(
+                "POST",
+                f"/{self.index}/_bulk?filter_path={filter_path}",
+                body,
+                action="store messages",
+                content_type=_NDJSON,
+            )
+            if response.body.startswith(_BULK_ACCEPTED):
+                return
         outcome = bulk_outcome(json.loads(response.body))
         if outcome.retry:
             shown = " | ".join(outcome.retry[:3])
