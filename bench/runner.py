@@ -378,6 +378,29 @@ def run_extras(
     return extras
 
 
+# KEYS: the archive stream. ARGV: the id the group "archivers" was made at, the backlog's
+# length. Rewind the group to the stream's start if it delivered nothing and the stream is
+# unchanged since (else an ack's trim could have dropped backlog entries unstored); return the
+# stream's length, or an error.
+_REWIND_ARCHIVERS = """
+local length = redis.call('XLEN', KEYS[1])
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == 'archivers' then
+    if info['last-delivered-id'] ~= ARGV[1] or info['pending'] ~= 0
+        or length ~= tonumber(ARGV[2]) then
+      return redis.error_reply('archivers moved while hidden: delivered up to '
+        .. info['last-delivered-id'] .. ', ' .. info['pending'] .. ' pending, length ' .. length)
+    end
+    redis.call('XGROUP', 'SETID', KEYS[1], 'archivers', '0', 'ENTRIESREAD', '0')
+    return length
+  end
+end
+return redis.error_reply('no group archivers')
+"""
+
+
 def _history_extras(
     redis: Redis,
     mysql_url: str,
@@ -433,57 +456,87 @@ def _history_extras(
             lg.close()
     finally:
         seed.stop()
-    backlog = redis.cli("XLEN", f"{prefix}:archive")
-    extras["seed"]["archive_backlog"] = int(backlog or 0)
+    stream = f"{prefix}:archive"
+    group_of = redis_py.Redis(host=HOST, port=redis.port, decode_responses=True)
+    backlog = int(group_of.xlen(stream))
+    extras["seed"]["archive_backlog"] = backlog
 
     # 2. The real cluster: its archivers catch up the backlog; rate from 5% to 95%.
+    #    The backlog is hidden from the archivers until both nodes are up, so the figure is the
+    #    archivers' indexing alone, not mixed with the second node's start (imports, MySQL and
+    #    Redis connects, all on CPU 0): the seed's group is destroyed (its pending entries were
+    #    never stored: ES was dead) and made again at the stream's end; once both archivers
+    #    read from it (Redis 7.0 lists no consumer for a read that found nothing: their
+    #    connections' last command is XREADGROUP), one script checks that nothing was delivered
+    #    meanwhile and rewinds the group to the start (XGROUP SETID 0 ENTRIESREAD 0), so every
+    #    entry is delivered by ordinary reads. The feed's ack script trims below the oldest
+    #    entry still needed, which is only sound while delivery runs in id order from where
+    #    the stream starts: hence the check (nothing delivered, nothing added) in the rewind.
+    #    Nothing is pending after it, so the nodes keep the default claim idle (30 s; a 2 s
+    #    one made each archiver scan the pending list every 0.5 s: 0.5 us of Redis per doc).
     log("extras: archiver catch-up")
-    cluster = ChatnodeCluster(redis, mysql_url, es_url, prefix, claim_idle_s=2.0)
-    # Sampled from before the nodes start (their archivers begin while the cluster is still
-    # coming up) every 10 ms, from Redis: an entry is acknowledged only once ES accepted it,
-    # so acknowledged = the group's entries-read - pending. No forced ES refresh meanwhile.
-    group_of = redis_py.Redis(host=HOST, port=redis.port, decode_responses=True)
-    acked: list[tuple[float, int, float]] = []
-    sampling = threading.Event()
-
-    def sample_acked() -> None:
-        while not sampling.is_set():
-            for g in group_of.xinfo_groups(f"{prefix}:archive"):
-                if g["name"] == "archivers":
-                    done = int(g["entries-read"] or 0) - int(g["pending"])
-                    acked.append((time.monotonic(), done, cpu_seconds(cluster.server_pids())))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample_acked, daemon=True)
-    sampler.start()
+    group_of.xgroup_destroy(stream, "archivers")
+    group_of.xgroup_create(stream, "archivers", id="$")
+    (hidden_at,) = [
+        g["last-delivered-id"] for g in group_of.xinfo_groups(stream) if g["name"] == "archivers"
+    ]
+    cluster = ChatnodeCluster(redis, mysql_url, es_url, prefix)
     cluster.start()
     try:
+        deadline = time.monotonic() + 60
+        while sum(c["cmd"] == "xreadgroup" for c in group_of.client_list()) < cluster.nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's archivers never read the archive stream")
+            time.sleep(0.05)
+        time.sleep(0.5)  # the nodes' own start settles (the figure is the catch-up alone)
+        # Sampled every 10 ms from Redis: an entry is acknowledged only once ES accepted it,
+        # so acknowledged = the group's entries-read - pending. No forced ES refresh meanwhile.
+        acked: list[tuple[float, int, float]] = []
+        sampling = threading.Event()
+
+        def sample_acked() -> None:
+            while not sampling.is_set():
+                for g in group_of.xinfo_groups(stream):
+                    if g["name"] == "archivers":
+                        done = int(g["entries-read"] or 0) - int(g["pending"])
+                        acked.append((time.monotonic(), done, cpu_seconds(cluster.server_pids())))
+                time.sleep(0.01)
+
+        rewound = group_of.eval(_REWIND_ARCHIVERS, 1, stream, hidden_at, backlog)
+        if rewound != backlog:
+            raise RuntimeError(f"the archive stream changed while hidden: {rewound}")
+        # A rewind wakes no blocked XREADGROUP: unblocked (as if timed out) they read again at
+        # once, both nodes together instead of up to the feed's wait apart.
+        for client in group_of.client_list():
+            if client["cmd"] == "xreadgroup" and "b" in client["flags"]:
+                group_of.client_unblock(client["id"])
+        sampler = threading.Thread(target=sample_acked, daemon=True)
+        sampler.start()
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (
-            len(acked) > 1 and acked[-1][1] - acked[0][1] >= n_hist
-        ):
+        while time.monotonic() < deadline and not (acked and acked[-1][1] >= backlog):
             time.sleep(0.05)
         sampling.set()
         sampler.join()
         es.req("POST", f"/{index}/_refresh")
-        arch: dict[str, Any] = {"messages": n_hist, "indexed": es.count(index, room)}
+        arch: dict[str, Any] = {
+            "messages": n_hist,
+            "backlog": backlog,
+            "indexed": es.count(index, room),
+        }
 
         def crossing(fraction: float) -> tuple[float, float] | None:
             """(time, node CPU) when ``fraction`` of the backlog was acknowledged."""
-            goal = fraction * n_hist
+            goal = fraction * backlog
             for (t0, n0, c0), (t1, n1, c1) in itertools.pairwise(acked):
                 if n0 < goal <= n1:
                     k = (goal - n0) / (n1 - n0)
                     return t0 + k * (t1 - t0), c0 + k * (c1 - c0)
             return None
 
-        # The group has read the earlier fan-out steps' traffic too: count from the first sample.
-        base = acked[0][1] if acked else 0
-        acked[:] = [(t, n - base, c) for t, n, c in acked]
         lo, hi = crossing(0.05), crossing(0.95)
         if lo and hi and hi[0] > lo[0]:
-            arch["docs_per_s"] = 0.9 * n_hist / (hi[0] - lo[0])
-            arch["node_cpu_us_per_doc"] = (hi[1] - lo[1]) / (0.9 * n_hist) * 1e6
+            arch["docs_per_s"] = 0.9 * backlog / (hi[0] - lo[0])
+            arch["node_cpu_us_per_doc"] = (hi[1] - lo[1]) / (0.9 * backlog) * 1e6
         extras["archiver"] = arch
 
         if "archiver" in only:
