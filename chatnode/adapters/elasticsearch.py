@@ -10,9 +10,10 @@ Guarantees:
   ``_id = "<room>:<offset>"``: storing a message again is a version conflict, which counts as
   stored, and the first stored version wins (as in the SQLite archive). The request asks for
   ``errors`` alone (a bulk that went through answers ``{"errors":false}``; listing every item's
-  status cost ES ~1 µs per document, 5-15 % of its bulk rate); if some item failed, the same
-  bulk is sent again asking for each item's status, which is sound because storing is
-  idempotent (an item the first request stored answers 409). An item ES may accept
+  status cost ES ~1 µs per document, 5-15 % of its bulk rate); if some item failed (a version
+  conflict too: a batch stored again after a retry or a takeover), the same bulk is sent again
+  asking for each item's status, which is sound because storing is idempotent (an item the
+  first request stored answers 409). An item ES may accept
   later (a write block, a full queue, a missing shard: any status but 400) fails the whole call
   with ``Unavailable``: the archiver retries the batch and acknowledges nothing ES did not
   accept. An item ES can never accept (400: the document does not fit the mapping) is
