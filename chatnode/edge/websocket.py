@@ -7,10 +7,13 @@ it holds no nursery, cancel scope, event or buffer while idle, and no HTTP reque
 state once upgraded (``accept_websocket`` runs inside the HTTP connection and returns the
 member; ``serve_websocket`` runs after it returned). Framing is ``core/framing.py``.
 
-Writes (DESIGN.md §4.3): ``send_nowait`` never awaits: it appends the pre-encoded frame to the
-member's queue and marks the member dirty in the edge's ``WriteBatcher``, whose task flushes
-every dirty member once the producers yield, in one write per member per burst, straight to
-the non-blocking socket. Only when the kernel does not take it all does the batcher start a
+Writes (DESIGN.md §4.3): ``send_nowait`` never awaits. A member with nothing waiting to be
+written gets the pre-encoded frame written at once, straight to the non-blocking socket (the
+common case: one write per delivery, no second pass over the members). Otherwise (a queue,
+the kernel did not take it all, or the connection not started yet) the frame is appended to
+the member's queue and the member marked dirty in the edge's ``WriteBatcher``, whose task
+flushes every dirty member once the producers yield, in one write per member per burst.
+Only when the kernel does not take it all does the batcher start a
 drain task for that member (in the batcher's nursery) that writes the rest as the socket
 becomes writable; flushes leave the queue to it meanwhile, so order is kept. When the queued
 bytes pass ``send_backlog_bytes`` the member is a slow consumer: its queue is dropped, a close
@@ -101,9 +104,10 @@ class WriteBatcher:
     one write, drains the members whose socket would block, cuts closing connections at their
     deadline, and pings every member every ``ping_interval_s``.
 
-    A broadcast marks members dirty (``send_nowait``); the batcher's task runs once the
-    producers yield (after a burst of messages from the bus, say) and flushes every dirty
-    member: one ``write`` per member per burst instead of one per message. Its tasks, and the
+    A member with something queued is marked dirty (``send_nowait``; one with nothing queued
+    is written at once); the batcher's task runs once the producers yield (after a burst of
+    messages from the bus, say) and flushes every dirty member: one ``write`` per member per
+    burst instead of one per message. Its tasks, and the
     drain and cutter tasks it starts, are owned by the edge server's nursery; members register
     for the pings while they run.
     """
@@ -219,6 +223,19 @@ class WsMember:
     def send_nowait(self, frame: bytes) -> None:
         if self._closing:
             return
+        if self._queue is None and self._started and not (self._marked or self._draining):
+            # Nothing of this member waits to be written, so the frame goes to the kernel now
+            # (order is kept); only what it does not take is queued for the batcher.
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._broken()
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         self._queue_frame(frame)
         if self._started and self._queued_bytes - self._credit > self._settings.send_backlog_bytes:
             self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
