@@ -226,14 +226,8 @@ class WsMember:
         if self._queue is None and self._started and not (self._marked or self._draining):
             # Nothing of this member waits to be written, so the frame goes to the kernel now
             # (order is kept); only what it does not take is queued for the batcher.
-            try:
-                sent = os.write(self._fd, frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._broken()
-                return
-            if sent == len(frame):
+            sent = self._write(frame)
+            if sent is None or sent == len(frame):
                 return
             frame = frame[sent:]
         self._queue_frame(frame)
@@ -282,12 +276,8 @@ class WsMember:
         if self._queue and not self._draining and not self._finished:
             queue, self._queue = self._queue, None
             data = queue[0] if len(queue) == 1 else b"".join(queue)
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._broken()
+            sent = self._write(data)
+            if sent is None:
                 self._check_sent()
                 return
             self._wrote(sent)
@@ -297,6 +287,17 @@ class WsMember:
                 self._batcher.drains += 1
                 nursery.start_soon(self._drain)
         self._check_sent()
+
+    def _write(self, data: bytes) -> int | None:
+        """Hand ``data`` to the kernel: the bytes it took (0 if the socket would block), or
+        None if the peer is gone (the member is then broken)."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._broken()
+            return None
 
     async def _drain(self) -> None:
         """Write the queue as the socket becomes writable, until it is empty."""
