@@ -1,17 +1,20 @@
 """The archive stream as ``ports.ArchiveFeed``: :class:`RedisArchiveFeed`.
 
 :class:`~chatnode.adapters.redis_bus.RedisBus` appends every published message to
-``P:archive`` (fields r, o, u, t, ts; see its module docstring for the key layout); the
-archivers of all nodes read it as the consumer group ``archivers``.
+``P:archive`` as one field, ``d``, the message's archive document (``ChatMessage.document``;
+see the bus's module docstring for the key layout); the archivers of all nodes read it as the
+consumer group ``archivers``. Entries an older chatnode wrote (fields r, o, u, t, ts) are
+read too, encoded into documents here.
 
 Cost: catching up a backlog, this is on the path of every message. Through coredis, reading
 an entry cost 9-14 µs of node CPU (its ``StreamEntry`` and RESP parser); here the feed has a
-:class:`~chatnode.adapters.resp.RespClient` of its own (hiredis parses: ~0.7 µs an entry), the
-field list is unpacked at once into the message (~2.4 µs an entry, most of it the attrs
-constructors of ``ChatMessage`` and ``ArchiveEntry``; a ``match`` per entry and a generator
-checking every value cost 5-6 µs), and ``ack`` sends the batch's ids as one argument that the script splits (~0.4 µs
-per entry). Its own client, because ``XREADGROUP ... BLOCK`` holds the connection: an ``ack``
-issued meanwhile waits behind it for at most ``wait_ms``.
+:class:`~chatnode.adapters.resp.RespClient` of its own (hiredis parses: ~0.4 µs an entry of one
+field), an entry becomes an ``ArchiveEntry`` tuple of its id and document (~0.4 µs; decoding
+the five fields of the older layout into a message cost ~2.4 µs), and ``ack`` sends XACK with
+the batch's ids, then runs the trim script (Redis: XACK ~0.46 µs per id; sending the ids to a
+script as one argument to split cost ~0.66 µs per id more). Its own client, because
+``XREADGROUP ... BLOCK`` holds the connection: an ``ack`` issued meanwhile waits behind it
+for at most ``wait_ms``.
 """
 
 from __future__ import annotations
@@ -33,24 +36,16 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_GROUP: Final = "archivers"
 
-# KEYS: archive stream. ARGV: group, the ids separated by spaces. Acknowledge, then trim the
-# stream below its oldest entry still needed: the oldest pending one, or (nothing pending) the
-# first after the group's last delivered one. Entries are delivered in id order, so every
-# entry below that was delivered and acknowledged. XTRIM MINID drops whole stream nodes:
-# ~0.8 µs of Redis per entry, where XDEL of each id cost ~3.8 µs.
-_ACK: Final = Script("""#!lua
+# KEYS: archive stream. ARGV: group. Trim the stream below its oldest entry still needed: the
+# oldest pending one, or (nothing pending) the first after the group's last delivered one.
+# Entries are delivered in id order, so every entry below that was delivered and acknowledged.
+# XTRIM MINID drops whole stream nodes: ~0.05 µs of Redis per entry, where XDEL of each id
+# cost ~3.8 µs. One script, so what it reads is what it trims by; run after each XACK.
+_TRIM: Final = Script("""#!lua
 local function field(pairs, name)
   for i = 1, #pairs, 2 do
     if pairs[i] == name then return pairs[i + 1] end
   end
-end
-local ids = {}
-for id in string.gmatch(ARGV[2], '%S+') do
-  ids[#ids + 1] = id
-end
-local acked = 0
-for first = 1, #ids, 1000 do
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, first, math.min(first + 999, #ids)))
 end
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
 local keep = pending[2]
@@ -65,34 +60,34 @@ end
 if keep then
   redis.call('XTRIM', KEYS[1], 'MINID', keep)
 end
-return acked
+return 0
 """)
 
-_FIELDS: Final = (b"r", b"o", b"u", b"t", b"ts")
+_DOCUMENT: Final = b"d"
+_OLD_FIELDS: Final = (b"r", b"o", b"u", b"t", b"ts")
 
 RawEntry = Reply
 """A stream entry as Redis sends it: ``[id, [field, value, field, value, ...]]``."""
 
 
-def _archived(fields: list[Reply]) -> ChatMessage:
-    """The message of an entry's field list; ``KeyError``/``ValueError``/``TypeError``/
-    ``AttributeError`` if it is not one.
+def _document(fields: Reply) -> bytes:
+    """The archive document of an entry's field list; ``KeyError``/``ValueError``/
+    ``TypeError``/``AttributeError`` if it holds none.
 
-    On every archived message's path: RedisBus' five fields in its order are unpacked at once
-    (any other layout goes through a dict), and ``int``/``bytes.decode`` check the values."""
+    On every archived message's path: ``[b"d", document]`` is taken as it is (the archive
+    refuses a document that is not one); the older layout (r, o, u, t, ts, in any order) is
+    decoded and encoded."""
+    if type(fields) is list and len(fields) == 2 and fields[0] == _DOCUMENT:
+        document = fields[1]
+        if type(document) is bytes:
+            return document
+    if type(fields) is not list:
+        raise TypeError(f"stream fields that are not a list: {fields!r:.200}")
     values = cast(list[bytes], fields)  # checked by int() and decode()
-    if len(values) == 10:
-        r, room, o, offset, u, user, t, text, ts, timestamp = values
-        if (r, o, u, t, ts) != _FIELDS:
-            room, offset, user, text, timestamp = _named(values)
-    else:
-        room, offset, user, text, timestamp = _named(values)
-    return ChatMessage(int(room), int(offset), user.decode(), text.decode(), int(timestamp))
-
-
-def _named(fields: list[bytes]) -> list[bytes]:
-    named = dict(zip(fields[0::2], fields[1::2], strict=True))
-    return [named[name] for name in _FIELDS]
+    named = dict(zip(values[0::2], values[1::2], strict=True))
+    room, offset, user, text, timestamp = (named[name] for name in _OLD_FIELDS)
+    message = ChatMessage(int(room), int(offset), user.decode(), text.decode(), int(timestamp))
+    return message.document
 
 
 def _read_entries(reply: Reply) -> list[RawEntry]:
@@ -114,7 +109,7 @@ class RedisArchiveFeed:
     for ``claim_idle_ms`` -- a node that died, or one that is very slow, so an entry may be
     handed out twice; archiving is idempotent -- and otherwise reads new entries (XREADGROUP
     ``>``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait). ``ack``
-    acknowledges and trims in one script, so the stream only holds what is not archived yet.
+    acknowledges, then trims with one script, so the stream only holds what is not archived yet.
     An entry that cannot be decoded (not written by ``RedisBus``) is logged and acknowledged.
 
     The claim scan walks the whole pending list (~3 ms of Redis per call with four batches in
@@ -211,7 +206,7 @@ class RedisArchiveFeed:
                 raise TypeError(f"a stream entry that is not [id, fields]: {entry!r:.200}")
             ack_id = raw_id.decode()
             try:
-                taken.append(ArchiveEntry(ack_id, _archived(fields)))
+                taken.append(ArchiveEntry(ack_id, _document(fields)))
             except (KeyError, ValueError, TypeError, AttributeError):
                 log.error("archive feed: dropping malformed entry %s: %r", ack_id, fields)
                 malformed.append(ack_id)
@@ -224,7 +219,8 @@ class RedisArchiveFeed:
 
     async def _ack_ids(self, ids: list[str]) -> None:
         if ids:
-            await _ACK.run(self._redis, [self._key], [ARCHIVE_GROUP, " ".join(ids)])
+            await self._redis.call(b"XACK", self._key, ARCHIVE_GROUP, *ids)
+            await _TRIM.run(self._redis, [self._key], [ARCHIVE_GROUP])
         else:
             await trio.lowlevel.checkpoint()
 

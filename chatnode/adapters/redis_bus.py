@@ -6,8 +6,9 @@ Keys (``P`` is the deployment's key prefix, room ids are decimal)::
     P:room:{id}:offset  string   newest offset of the room (INCR)
     P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts;
                                  trimmed to about ``room_log_length`` entries (MAXLEN ~)
-    P:archive           stream   every message of every room until archived: fields r, o, u,
-                                 t, ts; consumer group ``archivers``; acked entries are deleted
+    P:archive           stream   every message of every room until archived: field d, its
+                                 archive document (``ChatMessage.document``); consumer group
+                                 ``archivers``; acked entries are deleted
     P:room:{id}         channel  live traffic: ``m<offset> <json [user, text, ts]>`` for a
                                  message, ``s<json event>`` for a signal
 
@@ -16,7 +17,9 @@ Rules:
 1. **One script publishes.** ``publish`` runs one Lua script (EVALSHA, loaded again on
    NOSCRIPT): INCR the counter, XADD the room log, XADD the archive stream, PUBLISH. Redis runs
    scripts one at a time, so offsets are dense and the same for every node, and a room's
-   channel carries its messages in offset order. The script declares itself with ``#!lua``, so
+   channel carries its messages in offset order. The archive entry is the message's archive
+   document, completed by the script: the node sends its head and tail, the offset goes
+   between. The script declares itself with ``#!lua``, so
    Redis refuses it before its first write when it is out of memory: all or nothing. A counter
    lost while the log survived (eviction) is rebuilt from the log's newest entry.
 2. **One pub/sub connection per bus**, owned by ``serve``. ``subscribe`` sends SUBSCRIBE on it
@@ -53,14 +56,15 @@ import trio
 from coredis.response.types import StreamEntry
 
 from chatnode.core import errors, ports
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
 
 from .resp import Reply, RespClient, RespConnection, Script
 
 log = logging.getLogger(__name__)
 
 # KEYS: counter, room log, archive stream.
-# ARGV: log length, channel, user, text, timestamp_ms, room id, payload body (json).
+# ARGV: log length, channel, user, text, timestamp_ms, payload body (json), archive document's
+# head and tail.
 _PUBLISH_LUA: Final = """#!lua
 local offset = redis.call('INCR', KEYS[1])
 if offset == 1 then
@@ -72,9 +76,8 @@ if offset == 1 then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
   'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
-redis.call('XADD', KEYS[3], '*',
-  'r', ARGV[6], 'o', offset, 'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
-redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[7])
+redis.call('XADD', KEYS[3], '*', 'd', ARGV[7] .. offset .. ARGV[8])
+redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[6])
 return offset
 """
 _PUBLISH: Final = Script(_PUBLISH_LUA)
@@ -276,8 +279,9 @@ class RedisBus:
                 draft.user,
                 draft.text,
                 draft.timestamp_ms,
-                room_id,
                 _body(draft),
+                document_head(room_id),
+                document_tail(draft.user, draft.text, draft.timestamp_ms),
             ],
         )
         if not isinstance(offset, int):

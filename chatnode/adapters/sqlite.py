@@ -583,8 +583,9 @@ def _last_offset(conn: sqlite3.Connection, room_id: int) -> int:
 class SqliteArchive:
     """``ports.Archive`` on the ``messages`` table with an FTS5 index kept by triggers.
 
-    ``store`` is one transaction of ``INSERT OR IGNORE``: storing a message again (same room and
-    offset) changes nothing, the first stored version wins. What is stored is visible at once,
+    ``store`` decodes the documents (``ChatMessage.from_document``; one that is not a message
+    document is refused) and inserts them in one transaction of ``INSERT OR IGNORE``: storing a
+    message again (same room and offset) changes nothing, the first stored version wins. What is stored is visible at once,
     so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
     diacritics folded), ranks by BM25, then newest first; the time filters are inclusive.
     ``SearchHit.score`` is the negated BM25 value: higher is better.
@@ -602,11 +603,16 @@ class SqliteArchive:
     async def refresh(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def store(self, messages: Sequence[ChatMessage]) -> None:
-        rows = [(m.room_id, m.offset, m.user, m.text, m.timestamp_ms) for m in messages]
-        if not rows:
-            await trio.lowlevel.checkpoint()
-            return
+    async def store(self, documents: Sequence[bytes]) -> None:
+        rows: list[tuple[int, int, str, str, int]] = []
+        refused: list[tuple[bytes, str]] = []
+        for document in documents:
+            try:
+                m = ChatMessage.from_document(document)
+            except ValueError as exc:
+                refused.append((document, str(exc)))
+            else:
+                rows.append((m.room_id, m.offset, m.user, m.text, m.timestamp_ms))
 
         def insert(conn: sqlite3.Connection) -> None:
             with _Transaction(conn):
@@ -616,7 +622,12 @@ class SqliteArchive:
                     rows,
                 )
 
-        await self._db.run(insert)
+        if rows:
+            await self._db.run(insert)
+        else:
+            await trio.lowlevel.checkpoint()
+        if refused:
+            raise ports.ArchiveRefused(refused)
 
     async def read(
         self, room_id: int, *, after_offset: int, up_to_offset: int, limit: int

@@ -141,11 +141,11 @@ class ArchiveFeed(Protocol):
 
 
 class ArchiveRefused(Exception):
-    """``Archive.store`` stored every message but ``refused``, which the archive can never
+    """``Archive.store`` stored every document but ``refused``, which the archive can never
     store (each with the archive's reason): retrying would fail forever."""
 
-    def __init__(self, refused: Sequence[tuple[ChatMessage, str]]) -> None:
-        reasons = " | ".join(f"{m.key}: {reason}" for m, reason in refused[:3])
+    def __init__(self, refused: Sequence[tuple[bytes, str]]) -> None:
+        reasons = " | ".join(f"{document[:40]!r}: {reason}" for document, reason in refused[:3])
         super().__init__(f"the archive refused {len(refused)} messages: {reasons}")
         self.refused = list(refused)
 
@@ -153,9 +153,12 @@ class ArchiveRefused(Exception):
 class Archive(Closeable, Protocol):
     """Every message of every room, searchable (SQLite FTS5, Elasticsearch)."""
 
-    async def store(self, messages: Sequence[ChatMessage]) -> None:
-        """Durably store; idempotent by ``(room_id, offset)``. Raises :class:`ArchiveRefused`
-        for messages the archive can never store, after storing the others."""
+    async def store(self, documents: Sequence[bytes]) -> None:
+        """Durably store messages given as their archive documents (``ChatMessage.document``;
+        the archiver hands them over as the feed holds them, never decoded); idempotent by
+        ``(room_id, offset)``. Raises :class:`ArchiveRefused` for documents the archive can
+        never store (one that is not a message document, or that the archive's mapping
+        refuses), after storing the others."""
 
     async def refresh(self) -> None:
         """Make everything stored so far visible to ``read`` and ``search``."""

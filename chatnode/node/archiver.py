@@ -11,25 +11,28 @@ Rules:
    again, only acknowledged.
 3. **A message the archive can never store is dead-lettered.** ``ArchiveRefused`` names
    messages that no retry would store (Elasticsearch: the document does not fit the mapping):
-   each is logged at ERROR with its full content and the archive's reason, counted in
+   each is logged at ERROR with its full document and the archive's reason, counted in
    ``refused``, and acknowledged with its batch, so one bad message cannot stop archiving.
 4. **Batches overlap.** While batches are being stored (at most ``max_in_flight`` at once,
    each acknowledged when its store returned), the next one is taken from the feed, so the
    archive never waits for the feed or for an acknowledgement while a backlog lasts: after a
    full batch at once, after a partial one only once ``linger_s`` passed (light traffic costs
    a few bulk requests a second, not one per message).
+5. **Messages pass through as documents.** The feed hands out each message as its archive
+   document (``ChatMessage.document``, made when it was published) and the archive takes them
+   so: nothing on this path decodes or re-encodes a message (it cost the node ~3 µs of its
+   ~7 µs per message while catching up a backlog).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import attrs
 import trio
 
 from chatnode.core.errors import Unavailable
-from chatnode.core.models import ArchiveEntry
+from chatnode.core.models import ArchiveEntry, document_key
 from chatnode.core.ports import Archive, ArchiveFeed, ArchiveRefused
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,7 @@ class Archiver:
             slot.release()
 
     async def _store_and_ack(self, batch: list[ArchiveEntry]) -> None:
-        to_store = [entry.message for entry in batch]
+        to_store = [entry.document for entry in batch]
         refused = 0
         backoff_s = 0.05
         while True:
@@ -124,20 +127,16 @@ class Archiver:
         self.refused += refused
 
     def _dead_letter(self, refused: ArchiveRefused) -> int:
-        for message, reason in refused.refused:
+        for document, reason in refused.refused:
+            try:
+                key = document_key(document).decode()
+            except ValueError:
+                key = "(not a message document)"
             log.error(
                 "archive refused message %s, dropping it from the archive (%s): %s",
-                message.key,
+                key,
                 reason,
-                json.dumps(
-                    {
-                        "chatroom": message.room_id,
-                        "offset": message.offset,
-                        "user": message.user,
-                        "message": message.text,
-                        "timestamp": message.timestamp_ms,
-                    }
-                ),
+                document.decode(errors="backslashreplace"),
             )
         return len(refused.refused)
 

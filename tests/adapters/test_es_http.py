@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
+from unittest.mock import ANY
 
 import attrs
 import h11
 import pytest
 import trio
 
-from chatnode.adapters.elasticsearch import bulk_body, bulk_outcome
+from chatnode.adapters.elasticsearch import bulk_body, bulk_outcome, usable
 from chatnode.adapters.es_http import HttpPool, HttpUnreachable
 from chatnode.core.models import ChatMessage
 
@@ -184,7 +185,7 @@ def test_bulk_body_is_one_create_and_one_document_per_message() -> None:
         ChatMessage(3, 2, "b\ud800b", "lone \udfff surrogate", 1_700_000_000_002),
     ]
 
-    lines = bulk_body(messages).decode().split("\n")
+    lines = bulk_body([m.document for m in messages]).decode().split("\n")
 
     assert lines[-1] == ""
     assert [json.loads(line) for line in lines[:-1]] == [
@@ -205,6 +206,29 @@ def test_bulk_body_is_one_create_and_one_document_per_message() -> None:
             "timestamp": 1_700_000_000_002,
         },
     ]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"chatroom":3,"offset":1,"user":"a","message":"x\ny","timestamp":1}',  # a raw newline
+        b'{"offset":1,"chatroom":3,"user":"a","message":"x","timestamp":1}',  # another order
+        b'{"chatroom":3,"offset":0,"user":"a","message":"x","timestamp":1}',  # offset 0
+        b'{"chatroom":-3,"offset":1,"user":"a","message":"x","timestamp":1}',
+        b"garbage",
+        b"",
+    ],
+)
+def test_a_document_bulk_body_cannot_frame_is_sorted_out(document: bytes) -> None:
+    good = ChatMessage(3, 2, "ann", "fine", 1_700_000_000_001).document
+
+    with pytest.raises(ValueError):
+        bulk_body([good, document])
+
+    assert usable([document, good, document]) == (
+        [good],
+        [(document, ANY), (document, ANY)],
+    )
 
 
 def test_bulk_outcome_sorts_item_failures() -> None:

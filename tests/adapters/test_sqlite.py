@@ -24,7 +24,7 @@ from chatnode.adapters.sqlite import (
 )
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft, SearchQuery
-from tests.contracts.harness import Recorder
+from tests.contracts.harness import Recorder, documents
 
 T0 = 1_700_000_000_000
 
@@ -123,7 +123,7 @@ async def test_a_published_message_is_archived_and_searchable_at_once(db: Sqlite
     bus, archive = SqliteBus(db), SqliteArchive(db)
 
     message = await bus.publish(Draft(1, "bob", "embedded durability", T0))
-    await archive.store([message])  # an archiver re-storing it changes nothing
+    await archive.store(documents([message]))  # an archiver re-storing it changes nothing
 
     assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == [message]
     hits = await archive.search(SearchQuery("durability"))
@@ -131,7 +131,7 @@ async def test_a_published_message_is_archived_and_searchable_at_once(db: Sqlite
 
 
 async def test_offsets_continue_after_archived_messages(db: SqliteDatabase) -> None:
-    await SqliteArchive(db).store([ChatMessage(1, 41, "bob", "imported", T0)])
+    await SqliteArchive(db).store(documents([ChatMessage(1, 41, "bob", "imported", T0)]))
 
     message = await SqliteBus(db).publish(Draft(1, "bob", "next", T0))
 

@@ -14,7 +14,7 @@ of its own (unique name per test), dropped on exit. Such a parameter is marked
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +44,11 @@ class Impl(Generic[T]):
 
     open: Callable[[str], AbstractAsyncContextManager[T]]
     service_env: str | None = None
+
+
+def documents(messages: Iterable[ChatMessage]) -> list[bytes]:
+    """The messages as ``Archive.store`` takes them: their archive documents."""
+    return [m.document for m in messages]
 
 
 def services_required(environ: Mapping[str, str] = os.environ) -> bool:

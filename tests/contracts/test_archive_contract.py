@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 from chatnode.core.models import ChatMessage, SearchQuery
-from chatnode.core.ports import Archive
+from chatnode.core.ports import Archive, ArchiveRefused
+
+from .harness import documents
 
 T0 = 1_700_000_000_000
 
@@ -28,7 +30,7 @@ def room_messages(room_id: int, count: int) -> list[ChatMessage]:
 
 
 async def stored(archive: Archive, messages: list[ChatMessage]) -> None:
-    await archive.store(messages)
+    await archive.store(documents(messages))
     await archive.refresh()
 
 
@@ -39,14 +41,32 @@ async def keys(archive: Archive, query: SearchQuery) -> list[str]:
 async def test_store_is_idempotent(archive: Archive) -> None:
     messages = room_messages(1, 7)
 
-    await archive.store(messages[:5])
-    await archive.store(messages[:5])
-    await archive.store(messages[2:])
-    await archive.store([])
+    await archive.store(documents(messages[:5]))
+    await archive.store(documents(messages[:5]))
+    await archive.store(documents(messages[2:]))
+    await archive.store(documents([]))
     await archive.refresh()
 
     assert await archive.read(1, after_offset=0, up_to_offset=100, limit=100) == messages
     assert len(await keys(archive, SearchQuery("message"))) == 7
+
+
+async def test_a_document_that_is_not_a_message_is_refused_after_the_others(
+    archive: Archive,
+) -> None:
+    messages = room_messages(1, 3)
+    bad = [
+        b"garbage",
+        b'{"chatroom":1,"offset":9,"user":"a","message":"x\ny","timestamp":1}',  # a raw newline
+        b'{"chatroom":1,"offset":8,"user":"a"',  # cut short
+    ]
+
+    with pytest.raises(ArchiveRefused) as refused:
+        await archive.store([messages[0].document, *bad[:2], *documents(messages[1:]), bad[2]])
+    await archive.refresh()
+
+    assert [document for document, _ in refused.value.refused] == bad
+    assert await archive.read(1, after_offset=0, up_to_offset=100, limit=100) == messages
 
 
 async def test_read_ranges(archive: Archive) -> None:

@@ -17,7 +17,7 @@ from chatnode.adapters.elasticsearch import EsArchive, es_client
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, SearchQuery
 from tests.contracts.conftest import es_test_prefix
-from tests.contracts.harness import require_service
+from tests.contracts.harness import documents, require_service
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def keys(messages: list[ChatMessage]) -> list[str]:
 async def test_store_2000_messages_then_read_tail_and_search(archive: EsArchive) -> None:
     lobby, other = room(1, 1500), room(2, 500)
 
-    await archive.store(lobby + other)  # one bulk request
+    await archive.store(documents(lobby + other))  # one bulk request
     await archive.refresh()
 
     assert await archive.read(1, after_offset=0, up_to_offset=1500, limit=5000) == lobby
@@ -80,10 +80,12 @@ async def test_store_2000_messages_then_read_tail_and_search(archive: EsArchive)
 
 async def test_storing_again_changes_nothing(archive: EsArchive) -> None:
     messages = room(1, 300)
-    await archive.store(messages)
+    await archive.store(documents(messages))
     edited = [ChatMessage(m.room_id, m.offset, m.user, "edited", m.timestamp_ms) for m in messages]
 
-    await archive.store(edited + room(1, 10, first=301))  # conflicts are "already stored"
+    await archive.store(
+        documents(edited + room(1, 10, first=301))
+    )  # conflicts are "already stored"
     await archive.refresh()
 
     assert await archive.read(1, after_offset=0, up_to_offset=1000, limit=1000) == messages + room(
@@ -96,7 +98,7 @@ async def test_reads_and_searches_page_past_the_window(
     archive: EsArchive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     messages = room(1, 250)
-    await archive.store(messages)
+    await archive.store(documents(messages))
     await archive.refresh()
     unpaged_search = await archive.search(SearchQuery("message", limit=40))
 
@@ -111,7 +113,7 @@ async def test_reads_and_searches_page_past_the_window(
 async def test_reads_more_than_10000_messages(archive: EsArchive) -> None:
     messages = room(1, 10_500)
     for start in range(0, len(messages), 3500):
-        await archive.store(messages[start : start + 3500])
+        await archive.store(documents(messages[start : start + 3500]))
     await archive.refresh()
 
     got = await archive.read(1, after_offset=0, up_to_offset=20_000, limit=20_000)
@@ -124,17 +126,17 @@ async def test_rejected_bulk_items_are_unavailable_and_a_retry_stores_them(
     archive: EsArchive, es_url: str
 ) -> None:
     messages = room(1, 20)
-    await archive.store(messages[:5])
+    await archive.store(documents(messages[:5]))
     admin = es_client(es_url)
     try:
         await admin.indices.put_settings(index=archive.index, settings={"index.blocks.write": True})
         with pytest.raises(errors.Unavailable, match="rejected 20 of 20"):
-            await archive.store(messages)
+            await archive.store(documents(messages))
     finally:
         await admin.indices.put_settings(index=archive.index, settings={"index.blocks.write": None})
         await admin.close()
 
-    await archive.store(messages)  # what the archiver does next
+    await archive.store(documents(messages))  # what the archiver does next
     await archive.refresh()
     assert await archive.read(1, after_offset=0, up_to_offset=20, limit=100) == messages
 
@@ -142,7 +144,7 @@ async def test_rejected_bulk_items_are_unavailable_and_a_retry_stores_them(
 async def test_a_missing_index_is_unavailable_and_never_auto_created(es_url: str) -> None:
     async with EsArchive.from_url(es_url, prefix="chatnode-test-never-migrated") as archive:
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
-            await archive.store(room(1, 3))
+            await archive.store(documents(room(1, 3)))
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
             await archive.read(1, after_offset=0, up_to_offset=10, limit=10)
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
@@ -162,7 +164,7 @@ async def test_an_unreachable_server_is_unavailable() -> None:
         with pytest.raises(errors.Unavailable):
             await archive.check()
         with pytest.raises(errors.Unavailable):
-            await archive.store(room(1, 3))
+            await archive.store(documents(room(1, 3)))
         with pytest.raises(errors.Unavailable):
             await archive.tail(1, up_to_offset=10, limit=10)
         with pytest.raises(errors.Unavailable):

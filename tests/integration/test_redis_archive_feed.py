@@ -94,12 +94,12 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
     assert await client.xlen(bus.keys.archive) == 1  # only the real one waits for its ack
 
 
-async def test_entries_are_decoded_by_name_and_checked(
+async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
-    fields = {"r": "7", "o": "3", "u": "zoë", "t": 'héllo \n"x"', "ts": str(T0)}
+    fields = {"r": "7", "o": "3", "u": "zoë", "t": 'héllo \n"x"', "ts": str(T0)}  # before d
     await client.xadd(bus.keys.archive, dict(reversed(fields.items())))  # another order
     for bad in (
         dict(fields, o="x3"),  # not a number

@@ -6,6 +6,7 @@ test server, never by restarting the shared server. Each test uses its own key p
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -413,12 +414,13 @@ async def test_publish_writes_the_archive_stream(
     entries = await client.xrange(bus.keys.archive)
 
     assert len(entries) == 1
-    assert dict(entries[0].field_values) == {
-        b"r": b"7",
-        b"o": b"1",
-        b"u": "zoë".encode(),
-        b"t": 'say "hi" 👋'.encode(),
-        b"ts": str(T0).encode(),
+    assert dict(entries[0].field_values) == {b"d": message.document}
+    assert json.loads(message.document) == {
+        "chatroom": 7,
+        "offset": 1,
+        "user": "zoë",
+        "message": 'say "hi" 👋',
+        "timestamp": T0,
     }
     assert await bus.read_log(7, after_offset=0, limit=1) == [message]
 

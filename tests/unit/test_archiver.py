@@ -22,7 +22,9 @@ T0 = 1_700_000_000_000
 
 def entries(first: int, count: int) -> list[ArchiveEntry]:
     return [
-        ArchiveEntry(f"{offset}-0", ChatMessage(1, offset, "bob", f"m{offset}", T0 + offset))
+        ArchiveEntry(
+            f"{offset}-0", ChatMessage(1, offset, "bob", f"m{offset}", T0 + offset).document
+        )
         for offset in range(first, first + count)
     ]
 
@@ -76,7 +78,8 @@ class Archive:
     gate: trio.Event | None = None
     calls: int = 0
 
-    async def store(self, messages: Sequence[ChatMessage]) -> None:
+    async def store(self, documents: Sequence[bytes]) -> None:
+        messages = [ChatMessage.from_document(document) for document in documents]
         self.calls += 1
         self.events.append(f"store {len(messages)}")
         if self.gate is not None:
@@ -89,7 +92,9 @@ class Archive:
             if m.offset not in self.refuse:
                 self.stored.setdefault(m.offset, m)
         refused = [
-            (m, "HTTP 400 document_parsing_exception") for m in messages if m.offset in self.refuse
+            (m.document, "HTTP 400 document_parsing_exception")
+            for m in messages
+            if m.offset in self.refuse
         ]
         if refused:
             raise ArchiveRefused(refused)
@@ -193,7 +198,7 @@ async def test_refused_messages_are_dead_lettered_not_retried_forever(
     assert (rig.archiver.archived, rig.archiver.refused) == (8, 2)
     dead = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.args[0] for r in dead] == ["1:3", "1:7"]  # type: ignore[index]
-    assert '"message": "m3"' in dead[0].getMessage()
+    assert '"offset":3,"user":"bob","message":"m3"' in dead[0].getMessage()
 
 
 async def test_drain_stores_what_was_taken_and_takes_nothing_new(
