@@ -4,6 +4,7 @@ flags once into a ``Config`` and hands it to ``app.py``."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -105,13 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between collections of the youngest generation (Python's default: 700).
+
+A node's transient containers come in bursts: a 500-entry archive batch is ~1,500 lists from
+the Redis reply, a fan-out or a join builds its own. At 700 a burst outlives several young
+collections and is promoted to the older generations, whose collections then walk it again,
+and with it the node's whole heap. Catching up an archive backlog (without Elasticsearch:
+``bench/`` docs/benchmarks.md) the collector took ~1.0-1.3 µs of the node's ~3.5 µs per
+message; with this threshold, and the objects of the started node frozen out of the
+collector's walks (``gc.freeze()``), the node spent what it spends with the collector off.
+Reference cycles are still collected, only after more allocations."""
+
+
 async def _serve(config: Any) -> int:
     from chatnode.app import App
 
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     app = App(config)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, app)
-        await app.run()
+        async with trio.open_nursery() as running:
+            await running.start(app.run)
+            gc.freeze()  # modules, backends, caches: alive for the life of the process
         nursery.cancel_scope.cancel()
     return 0
 
