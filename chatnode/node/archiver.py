@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 class Archiver:
     feed: ArchiveFeed
     archive: Archive
-    batch_size: int = 500
+    batch_size: int = 1000
+    """Messages per bulk request. Catching up a backlog (bench/, archiver-only runs) the
+    node spent ~4.3 µs per message with 500, ~3.2 with 1,000 and ~2.6 with 2,000 (each
+    batch costs ~0.4 ms of node CPU whatever its size); Redis ~2.3, ~2.0, ~1.9."""
     wait_ms: int = 100
     linger_s: float = 0.25
     """After a partial batch, wait this long for more (the node's default: 1 s)."""
