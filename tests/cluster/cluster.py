@@ -86,13 +86,27 @@ async def migrate_env(env: dict[str, str]) -> None:
 
 
 async def drop_env(env: dict[str, str]) -> None:
-    """Remove the cluster's database, index and keys."""
-    import coredis
+    """Remove the cluster's database, index and keys: each of them even when another could
+    not be (a test's own Redis may be gone already), and even when the test was cancelled
+    (shielded, bounded by 60 s), so no index or template is left in the shared services."""
+    import trio
+
+    failures: list[BaseException] = []
+    with trio.CancelScope(shield=True), trio.fail_after(60):
+        for drop in (_drop_database, _drop_index, _drop_keys):
+            try:
+                await drop(env)
+            except Exception as exc:
+                failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+async def _drop_database(env: dict[str, str]) -> None:
     import MySQLdb
     import trio
 
     from chatnode.adapters.mysql import MysqlUrl
-    from tests.es_cleanup import drop_es_prefix
 
     url = MysqlUrl.parse(env["CHATNODE_MYSQL_URL"])
 
@@ -104,8 +118,18 @@ async def drop_env(env: dict[str, str]) -> None:
             conn.close()
 
     await trio.to_thread.run_sync(drop_db)
+
+
+async def _drop_index(env: dict[str, str]) -> None:
+    from tests.es_cleanup import drop_es_prefix
+
+    await drop_es_prefix(env["CHATNODE_ELASTICSEARCH_URL"], env["CHATNODE_KEY_PREFIX"])
+
+
+async def _drop_keys(env: dict[str, str]) -> None:
+    import coredis
+
     prefix = env["CHATNODE_KEY_PREFIX"]
-    await drop_es_prefix(env["CHATNODE_ELASTICSEARCH_URL"], prefix)
     redis: coredis.Redis[bytes] = coredis.Redis.from_url(env["CHATNODE_REDIS_URL"])
     async with redis:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
