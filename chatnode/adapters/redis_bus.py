@@ -9,17 +9,17 @@ Keys (``P`` is the deployment's key prefix, room ids are decimal)::
     P:archive           stream   every message of every room until archived: field d, its
                                  archive document (``ChatMessage.document``); consumer group
                                  ``archivers``; acked entries are deleted
-    P:room:{id}         channel  live traffic: ``m<offset> <json [user, text, ts]>`` for a
-                                 message, ``s<json event>`` for a signal
+    P:room:{id}         channel  live traffic: ``m<archive document>`` for a message (the
+                                 bytes of the archive entry), ``s<json event>`` for a signal
 
 Rules:
 
 1. **One script publishes.** ``publish`` runs one Lua script (EVALSHA, loaded again on
    NOSCRIPT): INCR the counter, XADD the room log, XADD the archive stream, PUBLISH. Redis runs
    scripts one at a time, so offsets are dense and the same for every node, and a room's
-   channel carries its messages in offset order. The archive entry is the message's archive
-   document, completed by the script: the node sends its head and tail, the offset goes
-   between. The script declares itself with ``#!lua``, so
+   channel carries its messages in offset order. The archive entry and the published payload
+   are the message's archive document, completed by the script: the node sends its head and
+   tail, the offset goes between (one encoding of a message, made once). The script declares itself with ``#!lua``, so
    Redis refuses it before its first write when it is out of memory: all or nothing. A counter
    lost while the log survived (eviction) is rebuilt from the log's newest entry.
 2. **One pub/sub connection per bus**, owned by ``serve``. ``subscribe`` sends SUBSCRIBE on it
@@ -63,8 +63,7 @@ from .resp import Reply, RespClient, RespConnection, Script
 log = logging.getLogger(__name__)
 
 # KEYS: counter, room log, archive stream.
-# ARGV: log length, channel, user, text, timestamp_ms, payload body (json), archive document's
-# head and tail.
+# ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail.
 _PUBLISH_LUA: Final = """#!lua
 local offset = redis.call('INCR', KEYS[1])
 if offset == 1 then
@@ -76,8 +75,9 @@ if offset == 1 then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
   'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[7] .. offset .. ARGV[8])
-redis.call('PUBLISH', ARGV[2], 'm' .. offset .. ' ' .. ARGV[6])
+local document = ARGV[6] .. offset .. ARGV[7]
+redis.call('XADD', KEYS[3], '*', 'd', document)
+redis.call('PUBLISH', ARGV[2], 'm' .. document)
 return offset
 """
 _PUBLISH: Final = Script(_PUBLISH_LUA)
@@ -115,21 +115,6 @@ class BusKeys:
         if not channel.startswith(head) or not tail.isdigit():
             return None
         return int(tail)
-
-
-def _body(draft: Draft) -> str:
-    return json.dumps(
-        [draft.user, draft.text, draft.timestamp_ms], ensure_ascii=False, separators=(",", ":")
-    )
-
-
-def _decode_published(room_id: int, data: bytes) -> ChatMessage:
-    """``m<offset> <json [user, text, ts]>`` -> the message."""
-    offset, body = data[1:].split(b" ", 1)
-    user, text, timestamp_ms = json.loads(body)
-    if not (isinstance(user, str) and isinstance(text, str) and isinstance(timestamp_ms, int)):
-        raise ValueError("malformed message body")
-    return ChatMessage(room_id, int(offset), user, text, timestamp_ms)
 
 
 def _offset_of(entry_id: bytes | str) -> int:
@@ -279,7 +264,6 @@ class RedisBus:
                 draft.user,
                 draft.text,
                 draft.timestamp_ms,
-                _body(draft),
                 document_head(room_id),
                 document_tail(draft.user, draft.text, draft.timestamp_ms),
             ],
@@ -437,7 +421,9 @@ class RedisBus:
             return  # unsubscribed while the message was on its way
         try:
             if data.startswith(b"m"):
-                message = _decode_published(room_id, data)
+                message = ChatMessage.from_document(data[1:])
+                if message.room_id != room_id:
+                    raise ValueError("a message of another room")
             elif data.startswith(b"s"):
                 event = json.loads(data[1:])
                 if not isinstance(event, dict):

@@ -18,7 +18,7 @@ import trio
 from chatnode.adapters.redis import RedisBus, RedisClient, RespClient, open_redis
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
-from chatnode.core.models import Draft
+from chatnode.core.models import ChatMessage, Draft
 from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
 from tests.contracts.conftest import redis_test_clients
@@ -434,7 +434,8 @@ async def test_foreign_payloads_on_a_room_channel_are_ignored(
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
 
-    for junk in (b"", b"hello", b"m1", b"mx {}", b"m1 5", b"m1 {}", b"s[1]", b"s{", b"\xff"):
+    other_room = b"m" + ChatMessage(2, 1, "bob", "not this room's", T0).document
+    for junk in (b"", b"hello", b"m1", b"m{}", b"m1 {}", other_room, b"s[1]", b"s{", b"\xff"):
         await client.publish(bus.keys.channel(1), junk)
     message = await bus.publish(draft(1, "real"))
 
