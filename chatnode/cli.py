@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between collections of the youngest generation (Python's default: 700).
 
-A node's transient containers come in bursts: a 500-entry archive batch is ~1,500 lists from
-the Redis reply, a fan-out or a join builds its own. At 700 a burst outlives several young
+A node's transient containers come in bursts: a 1,000-entry archive batch is ~2,000 lists
+from the Redis reply (each entry and its fields), a fan-out or a join builds its own. At 700 a burst outlives several young
 collections and is promoted to the older generations, whose collections then walk it again,
 and with it the node's whole heap. Catching up an archive backlog (without Elasticsearch:
 ``bench/`` docs/benchmarks.md) the collector took ~1.0-1.3 µs of the node's ~3.5 µs per

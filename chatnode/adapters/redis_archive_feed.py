@@ -8,9 +8,10 @@ read too, encoded into documents here.
 
 Cost: catching up a backlog, this is on the path of every message. Through coredis, reading
 an entry cost 9-14 µs of node CPU (its ``StreamEntry`` and RESP parser); here the feed has a
-:class:`~chatnode.adapters.resp.RespClient` of its own (hiredis parses: ~0.4 µs an entry of one
-field), an entry becomes an ``ArchiveEntry`` tuple of its id and document (~0.4 µs; decoding
-the five fields of the older layout into a message cost ~2.4 µs), and ``ack`` sends XACK with
+:class:`~chatnode.adapters.resp.RespClient` of its own: hiredis's parse, the entry's check and
+its ``ArchiveEntry`` tuple of id and document take ~0.5 µs an entry together (a 500-entry
+reply, the collector frozen; decoding the five fields of the older layout into a message cost
+~2.4 µs more), and ``ack`` sends XACK with
 the batch's ids, then runs the trim script (Redis: XACK ~0.46 µs per id; sending the ids to a
 script as one argument to split cost ~0.66 µs per id more). Its own client, because
 ``XREADGROUP ... BLOCK`` holds the connection: an ``ack`` issued meanwhile waits behind it

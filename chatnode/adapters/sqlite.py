@@ -585,8 +585,8 @@ class SqliteArchive:
 
     ``store`` decodes the documents (``ChatMessage.from_document``; one that is not a message
     document is refused) and inserts them in one transaction of ``INSERT OR IGNORE``: storing a
-    message again (same room and offset) changes nothing, the first stored version wins. What is stored is visible at once,
-    so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
+    message again (same room and offset) changes nothing, the first stored version wins. What
+    is stored is visible at once, so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
     diacritics folded), ranks by BM25, then newest first; the time filters are inclusive.
     ``SearchHit.score`` is the negated BM25 value: higher is better.
     """
