@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -35,6 +36,15 @@ from chatnode.node.archiver import Archiver
 SEED_CHUNK = 5000
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` from /proc (0 without one)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class CountingFeed:
     """The feed, with an event set once ``goal`` entries were acknowledged."""
 
@@ -49,6 +59,9 @@ class CountingFeed:
         self.acked += len(entries)
         if self.acked >= self.goal:
             self.done.set()
+
+    async def release(self) -> None:
+        await self.feed.release()
 
 
 class NullArchive:
@@ -88,14 +101,16 @@ async def main(args: argparse.Namespace) -> None:
             elif args.gc == "off":
                 gc.disable()
             started, cpu = time.perf_counter(), time.process_time()
+            es_cpu = process_cpu_s(args.es_pid)
             async with trio.open_nursery() as nursery:
                 await nursery.start(archiver.run)
                 await feed.done.wait()
                 seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+                es_cpu = process_cpu_s(args.es_pid) - es_cpu
                 await archiver.drain()
             gc.enable()
     finally:
-        await redis.call("DEL", stream)
+        await redis.call("DEL", stream, f"{stream}:lease")
         await redis.aclose()
         es = es_client(args.es_url)
         try:
@@ -109,6 +124,7 @@ async def main(args: argparse.Namespace) -> None:
         f"this process: {cpu / args.messages * 1e6:.2f} µs of CPU per message "
         f"(batch {args.batch}, collector {args.gc}, "
         f"{'null archive' if args.null_archive else 'Elasticsearch'})"
+        + (f"; pid {args.es_pid}: {es_cpu / args.messages * 1e6:.2f} µs" if args.es_pid else "")
     )
 
 
@@ -120,4 +136,5 @@ if __name__ == "__main__":
     parser.add_argument("--null-archive", action="store_true")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:63791/0")
     parser.add_argument("--es-url", default="http://127.0.0.1:19200")
+    parser.add_argument("--es-pid", type=int, help="report this process's CPU per message too")
     trio.run(main, parser.parse_args())

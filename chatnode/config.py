@@ -87,7 +87,8 @@ class Config:
         1.0, "light traffic: the archiver waits this long to fill a batch (one bulk a second)"
     )
     archive_claim_idle_s: float = _setting(
-        30.0, "archive entries unacknowledged this long are taken over from a dead node"
+        10.0,
+        "one node archives at a time: another takes over this long after it stopped (its lease)",
     )
     jwt_secret: str = _setting(
         "", "HS256 secret for tokens (embedded default: generated into data_dir)"

@@ -38,7 +38,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             client_name=f"chatnode:{node_id}",
         )
         stack.push_async_callback(bus_client.aclose)
-        feed_client = RespClient.from_url(  # its own: XREADGROUP BLOCK holds a connection
+        feed_client = RespClient.from_url(  # its own: XREAD BLOCK holds a connection
             config.redis_url,
             timeout_s=config.backend_timeout_s,
             client_name=f"chatnode:{node_id}:archiver",
@@ -71,6 +71,6 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 feed_client,
                 config.key_prefix,
                 consumer=node_id,
-                claim_idle_ms=int(config.archive_claim_idle_s * 1000),
+                lease_ms=int(config.archive_claim_idle_s * 1000),
             ),
         )

@@ -5,8 +5,8 @@ Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefi
     P:room:{id}:offset                    string   newest offset of the room     (redis_bus)
     P:room:{id}:log                       stream   recent room log, ids <offset>-0
     P:room:{id}                           channel  live room traffic and signals
-    P:archive                             stream   messages waiting for the archive, group
-                                                   "archivers"
+    P:archive                             stream   messages waiting for the archive
+    P:archive:lease                       string   the node reading it (redis_archive_feed)
     P:presence:room:{id}                  hash     live connections of a room    (redis_presence)
     P:presence:node:{node}:entries        set      a node's presence entries
     P:presence:node:{node}:alive          string   a node's heartbeat (PX ttl)
@@ -34,10 +34,10 @@ Wiring, in ``cluster.py``::
     async with open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis:
         bus_client = RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s)
         bus = RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length)
-        feed_client = RespClient.from_url(config.redis_url)  # its own: XREADGROUP BLOCK
+        feed_client = RespClient.from_url(config.redis_url)  # its own: XREAD BLOCK
         feed = RedisArchiveFeed(
             feed_client, config.key_prefix, consumer=node_id,
-            claim_idle_ms=int(config.archive_claim_idle_s * 1000),
+            lease_ms=int(config.archive_claim_idle_s * 1000),
         )
         presence = RedisPresence(redis, config.key_prefix)
         directory = RedisCachedDirectory(mysql_directory, redis, config.key_prefix,

@@ -2,20 +2,37 @@
 
 :class:`~chatnode.adapters.redis_bus.RedisBus` appends every published message to
 ``P:archive`` as one field, ``d``, the message's archive document (``ChatMessage.document``;
-see the bus's module docstring for the key layout); the archivers of all nodes read it as the
-consumer group ``archivers``. Entries an older chatnode wrote (fields r, o, u, t, ts) are
-read too, encoded into documents here.
+see the bus's module docstring for the key layout). Entries an older chatnode wrote (fields
+r, o, u, t, ts) are read too, encoded into documents here.
 
-Cost: catching up a backlog, this is on the path of every message. Through coredis, reading
-an entry cost 9-14 µs of node CPU (its ``StreamEntry`` and RESP parser); here the feed has a
-:class:`~chatnode.adapters.resp.RespClient` of its own: hiredis's parse, the entry's check and
-its ``ArchiveEntry`` tuple of id and document take ~0.5 µs an entry together (a 500-entry
-reply, the collector frozen; decoding the five fields of the older layout into a message cost
-~2.4 µs more), and ``ack`` sends XACK with
-the batch's ids, then runs the trim script (Redis: XACK ~0.46 µs per id; sending the ids to a
-script as one argument to split cost ~0.66 µs per id more). Its own client, because
-``XREADGROUP ... BLOCK`` holds the connection: an ``ack`` issued meanwhile waits behind it
-for at most ``wait_ms``.
+Rules:
+
+1. **The stream is the queue.** An entry stays in ``P:archive`` until it is archived: the
+   reader trims the stream (XTRIM MINID) below the oldest entry it handed out and has not
+   seen acknowledged, so whatever is in the stream is not known to be archived.
+2. **One reader at a time, under a lease.** The node holding ``P:archive:lease`` (its
+   consumer name, expiring after ``lease_ms``, renewed every third of it by ``take`` and
+   ``ack``) reads the stream with plain XREAD from a cursor kept in the node; the others
+   wait. A reader that acquires the lease starts from the stream's first entry, so it hands
+   out again what a dead reader took and never acknowledged (archiving is idempotent). A
+   reader that stalled past its lease goes on until its next renewal: the same entries are
+   then handed out twice, never none.
+3. **Graceful stop releases the lease** (``release``), so another node reads on at once.
+
+Why not a consumer group: every node reading its share through XREADGROUP made Redis keep a
+pending list entry per message (XREADGROUP ~1.2 µs per entry of Redis CPU, XACK ~0.3 µs more,
+and the node encoding every id into the XACK), where XREAD costs ~0.3 µs and the trim ~0.02
+(``INFO commandstats``, 100,000 entries in 1,000-entry reads). While a backlog is caught up
+that path runs beside Elasticsearch on the same cores, so its cost is Elasticsearch's loss;
+and one node keeps Elasticsearch as busy as two did (the archiver keeps several bulks in
+flight). The price: after a takeover, entries acknowledged after an older unacknowledged one
+are handed out again too (at most the bulks in flight; stored twice under the same id).
+
+Cost per entry in the node: hiredis's parse, the entry's check and its ``ArchiveEntry`` tuple
+of id and document (~0.5 µs, a 1,000-entry reply, the collector frozen; decoding the five
+fields of the older layout into a message costs ~2.4 µs more); an ``ack`` of a whole batch is
+one XTRIM. Its own client, because ``XREAD ... BLOCK`` holds the connection: an ``ack``
+issued meanwhile waits behind it for at most ``wait_ms``.
 """
 
 from __future__ import annotations
@@ -31,42 +48,31 @@ from chatnode.core import ports
 from chatnode.core.models import ArchiveEntry, ChatMessage
 
 from .redis_bus import BusKeys
-from .resp import Reply, RespClient, RespError, Script
+from .resp import Reply, RespClient, Script
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_GROUP: Final = "archivers"
+# KEYS: lease. ARGV: consumer, lease ms. Take the lease if nobody holds it, or renew ours.
+# Returns 1 if we held it already (renewed), 2 if we took it, 0 if another consumer holds it.
+_LEASE: Final = Script("""#!lua
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if holder then return 1 end
+return 2
+""")
 
-# KEYS: archive stream. ARGV: group. Trim the stream below its oldest entry still needed: the
-# oldest pending one, or (nothing pending) the first after the group's last delivered one.
-# Entries are delivered in id order, so every entry below that was delivered and acknowledged.
-# XTRIM MINID drops whole stream nodes: ~0.05 µs of Redis per entry, where XDEL of each id
-# cost ~3.8 µs. One script, so what it reads is what it trims by; run after each XACK.
-_TRIM: Final = Script("""#!lua
-local function field(pairs, name)
-  for i = 1, #pairs, 2 do
-    if pairs[i] == name then return pairs[i + 1] end
-  end
-end
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
-local keep = pending[2]
-if pending[1] == 0 then
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    if field(group, 'name') == ARGV[1] then
-      local ms, seq = string.match(field(group, 'last-delivered-id'), '^(%d+)-(%d+)$')
-      keep = ms .. '-' .. (tonumber(seq) + 1)
-    end
-  end
-end
-if keep then
-  redis.call('XTRIM', KEYS[1], 'MINID', keep)
-end
+# KEYS: lease. ARGV: consumer. Give the lease up if it is ours.
+_RELEASE: Final = Script("""#!lua
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """)
 
 _DOCUMENT: Final = b"d"
 _OLD_FIELDS: Final = (b"r", b"o", b"u", b"t", b"ts")
+_START: Final = b"0-0"
 
+StreamId = tuple[int, int]
 RawEntry = Reply
 """A stream entry as Redis sends it: ``[id, [field, value, field, value, ...]]``."""
 
@@ -92,113 +98,100 @@ def _document(fields: Reply) -> bytes:
 
 
 def _read_entries(reply: Reply) -> list[RawEntry]:
-    """The entries of an XREADGROUP reply of one stream: ``[[stream, entries]]`` or nil."""
+    """The entries of an XREAD reply of one stream: ``[[stream, entries]]`` or nil."""
     if not isinstance(reply, list) or not reply:
         return []
     match reply[0]:
         case [_, list(entries)]:
             return entries
-    raise TypeError(f"XREADGROUP returned {reply!r:.200}")
+    raise TypeError(f"XREAD returned {reply!r:.200}")
+
+
+def _stream_id(raw: str | bytes) -> StreamId:
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq)
+
+
+@attrs.define(eq=False)
+class _Taken:
+    """The entries one ``take`` handed out, in stream order; the first ``acked`` of them are
+    acknowledged, and ``later`` holds the ids acknowledged after an unacknowledged one."""
+
+    entries: list[ArchiveEntry]
+    acked: int = 0
+    later: set[str] = attrs.Factory(set)
+
+    @property
+    def done(self) -> bool:
+        return self.acked >= len(self.entries)
+
+    def acknowledge(self, ids: set[str]) -> None:
+        self.later.update(e.ack_id for e in self.entries[self.acked :] if e.ack_id in ids)
+        while self.acked < len(self.entries) and self.entries[self.acked].ack_id in self.later:
+            self.acked += 1
 
 
 @attrs.define(eq=False)
 class RedisArchiveFeed:
-    """``ports.ArchiveFeed`` on the archive stream, as consumer ``consumer`` of the group
-    ``archivers`` (created with MKSTREAM from the start of the stream on first use).
+    """``ports.ArchiveFeed`` on the archive stream, reading as ``consumer`` while it holds the
+    lease (module docstring, rules 1-3).
 
-    ``take`` first claims (XAUTOCLAIM) entries that some consumer took and left unacknowledged
-    for ``claim_idle_ms`` -- a node that died, or one that is very slow, so an entry may be
-    handed out twice; archiving is idempotent -- and otherwise reads new entries (XREADGROUP
-    ``>``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait). ``ack``
-    acknowledges, then trims with one script, so the stream only holds what is not archived yet.
-    An entry that cannot be decoded (not written by ``RedisBus``) is logged and acknowledged.
-
-    The claim scan walks the whole pending list (~3 ms of Redis per call with four batches in
-    flight, more than reading and acknowledging the batch together), so after a scan that
-    found nothing the next one waits ``claim_idle_ms / 4``: an abandoned entry is handed out
-    again at most a quarter of ``claim_idle_ms`` after it became claimable.
+    ``take`` reads the entries after its cursor (XREAD), waiting up to ``wait_ms`` for some
+    (``wait_ms=0``: do not wait); without the lease it waits ``wait_ms`` and returns nothing.
+    ``ack`` trims the stream below the oldest entry handed out and not acknowledged (or below
+    the cursor's next entry when none is left), when that moved. An entry that cannot be
+    decoded (not written by ``RedisBus``) is logged and left behind with its neighbours.
     """
 
     _redis: RespClient
     prefix: str
     consumer: str = attrs.field(kw_only=True)
-    claim_idle_ms: int = attrs.field(default=30_000, kw_only=True)
+    lease_ms: int = attrs.field(default=10_000, kw_only=True)
     _key: str = attrs.field(init=False)
-    _group_ready: bool = attrs.field(default=False, init=False)
-    _claim_cursor: bytes = attrs.field(default=b"0-0", init=False)
-    _next_claim_scan: float = attrs.field(default=float("-inf"), init=False)
+    _lease_key: str = attrs.field(init=False)
+    _holding: bool = attrs.field(default=False, init=False)
+    _renew_at: float = attrs.field(default=float("-inf"), init=False)
+    _cursor: bytes = attrs.field(default=_START, init=False)
+    _taken: list[_Taken] = attrs.Factory(list)
+    _trimmed_below: StreamId = attrs.field(default=(0, 0), init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._key = BusKeys(self.prefix).archive
+        keys = BusKeys(self.prefix)
+        self._key = keys.archive
+        self._lease_key = keys.archive_lease
+
+    @property
+    def reading(self) -> bool:
+        """Whether this feed held the lease when it last looked."""
+        return self._holding
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
         if max_count <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        try:
-            return await self._take(max_count, wait_ms)
-        except RespError as exc:
-            if exc.prefix != b"NOGROUP":
-                raise
-            self._group_ready = False  # the stream was lost (a Redis restart)
-            return await self._take(max_count, wait_ms)
-
-    async def _take(self, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
-        if not self._group_ready:
-            try:
-                await self._redis.call(
-                    "XGROUP", "CREATE", self._key, ARCHIVE_GROUP, "0", "MKSTREAM"
-                )
-            except RespError as exc:
-                if exc.prefix != b"BUSYGROUP":
-                    raise
-            self._group_ready = True
-        entries = await self._claim(max_count)
-        if not entries:
-            block: list[bytes | int] = [b"BLOCK", wait_ms] if wait_ms > 0 else []
-            read = await self._redis.call(
-                b"XREADGROUP",
-                b"GROUP",
-                ARCHIVE_GROUP,
-                self.consumer,
-                b"COUNT",
-                max_count,
-                *block,
-                b"STREAMS",
-                self._key,
-                b">",
-            )
-            entries = _read_entries(read)
-        return await self._decode(entries)
-
-    async def _claim(self, max_count: int) -> list[RawEntry]:
-        """Entries idle for ``claim_idle_ms``, now this consumer's; nothing without a scan
-        while a scan that found nothing is recent (see the class docstring)."""
-        now = trio.current_time()
-        if now < self._next_claim_scan:
+        if not await self._lease():
+            if wait_ms > 0:
+                await trio.sleep(wait_ms / 1000)
+            else:
+                await trio.lowlevel.checkpoint()
             return []
-        claimed = await self._redis.call(
-            b"XAUTOCLAIM",
-            self._key,
-            ARCHIVE_GROUP,
-            self.consumer,
-            self.claim_idle_ms,
-            self._claim_cursor,
-            b"COUNT",
-            max_count,
+        block: list[bytes | int] = [b"BLOCK", wait_ms] if wait_ms > 0 else []
+        read = await self._redis.call(
+            b"XREAD", b"COUNT", max_count, *block, b"STREAMS", self._key, self._cursor
         )
-        match claimed:
-            case [bytes(cursor), list(entries), *_]:
-                self._claim_cursor = cursor
-            case _:
-                raise TypeError(f"XAUTOCLAIM returned {claimed!r:.200}")
-        if not entries and self._claim_cursor == b"0-0":
-            self._next_claim_scan = now + self.claim_idle_ms / 4000
-        return list(entries)
+        entries = _read_entries(read)
+        if not entries:
+            return []
+        taken = self._decode(entries)
+        self._taken.append(_Taken(taken))
+        if not taken:  # only entries that were not messages: nothing will acknowledge them
+            await self._trim()
+        return taken
 
-    async def _decode(self, entries: list[RawEntry]) -> list[ArchiveEntry]:
+    def _decode(self, entries: list[RawEntry]) -> list[ArchiveEntry]:
+        """The entries' documents, the cursor moved past them; malformed ones logged."""
         taken: list[ArchiveEntry] = []
-        malformed: list[str] = []
+        raw_id: Reply = None
         for entry in entries:
             if type(entry) is not list or len(entry) != 2:
                 raise TypeError(f"a stream entry that is not [id, fields]: {entry!r:.200}")
@@ -210,18 +203,61 @@ class RedisArchiveFeed:
                 taken.append(ArchiveEntry(ack_id, _document(fields)))
             except (KeyError, ValueError, TypeError, AttributeError):
                 log.error("archive feed: dropping malformed entry %s: %r", ack_id, fields)
-                malformed.append(ack_id)
-        if malformed:
-            await self._ack_ids(malformed)
+        assert type(raw_id) is bytes  # entries is not empty
+        self._cursor = raw_id
         return taken
 
     async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
-        await self._ack_ids([e.ack_id for e in entries])
+        if not entries:
+            await trio.lowlevel.checkpoint()
+            return
+        for taken in self._taken:
+            if entries is taken.entries:  # the archiver acknowledges what it took, whole
+                taken.acked = len(entries)
+                break
+        else:
+            ids = {e.ack_id for e in entries}
+            for taken in self._taken:
+                taken.acknowledge(ids)
+        await self._trim()
+        await self._lease()
 
-    async def _ack_ids(self, ids: list[str]) -> None:
-        if ids:
-            await self._redis.call(b"XACK", self._key, ARCHIVE_GROUP, *ids)
-            await _TRIM.run(self._redis, [self._key], [ARCHIVE_GROUP])
+    async def _trim(self) -> None:
+        """Trim the stream below the oldest entry handed out and not acknowledged, or below
+        the cursor's next entry: everything under it since this feed took the lease was
+        handed out and acknowledged or was not a message, and what was under the stream's
+        first entry then had been archived already."""
+        self._taken = [taken for taken in self._taken if not taken.done]
+        if self._taken:
+            keep = min(_stream_id(t.entries[t.acked].ack_id) for t in self._taken)
+        else:
+            ms, seq = _stream_id(self._cursor)
+            keep = (ms, seq + 1)
+        if keep > self._trimmed_below:
+            await self._redis.call(b"XTRIM", self._key, b"MINID", b"%d-%d" % keep)
+            self._trimmed_below = keep
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _lease(self) -> bool:
+        """Whether this feed holds the lease; taken or renewed at most every third of it."""
+        now = trio.current_time()
+        if self._holding and now < self._renew_at:
+            return True
+        held = await _LEASE.run(self._redis, [self._lease_key], [self.consumer, self.lease_ms])
+        if held == 2 or (held == 1 and not self._holding):
+            log.info("archive feed: %s reads the archive stream", self.consumer)
+            self._cursor = _START  # rule 2: from the first entry not archived
+        elif held == 0 and self._holding:
+            log.warning("archive feed: %s lost the lease to another node", self.consumer)
+        self._holding = held in (1, 2)
+        self._renew_at = now + self.lease_ms / 3000
+        return self._holding
+
+    async def release(self) -> None:
+        if self._holding:
+            self._holding = False
+            await _RELEASE.run(self._redis, [self._lease_key], [self.consumer])
         else:
             await trio.lowlevel.checkpoint()
 

@@ -7,8 +7,9 @@ Keys (``P`` is the deployment's key prefix, room ids are decimal)::
     P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts;
                                  trimmed to about ``room_log_length`` entries (MAXLEN ~)
     P:archive           stream   every message of every room until archived: field d, its
-                                 archive document (``ChatMessage.document``); consumer group
-                                 ``archivers``; acked entries are deleted
+                                 archive document (``ChatMessage.document``); trimmed by the
+                                 archive feed once archived
+    P:archive:lease     string   the node reading the archive stream (expires)
     P:room:{id}         channel  live traffic: ``m<archive document>`` for a message (the
                                  bytes of the archive entry), ``s<json event>`` for a signal
 
@@ -108,6 +109,10 @@ class BusKeys:
     @property
     def archive(self) -> str:
         return f"{self.prefix}:archive"
+
+    @property
+    def archive_lease(self) -> str:
+        return f"{self.prefix}:archive:lease"
 
     def room_of_channel(self, channel: bytes) -> int | None:
         head = self._channel_head

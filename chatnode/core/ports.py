@@ -129,15 +129,22 @@ class Bus(Closeable, Protocol):
 
 
 class ArchiveFeed(Protocol):
-    """The durable queue of messages waiting to be archived (Redis stream consumer group).
+    """The durable queue of messages waiting to be archived (the Redis archive stream).
 
-    Every published message is handed out until acknowledged; entries a dead consumer took and
-    never acknowledged are handed out again after ``claim_idle_ms``.
+    Every published message is handed out until acknowledged, to one consumer at a time: a
+    consumer takes nothing while another reads. When the reading consumer died (nothing
+    heard from it for ``claim_idle_ms``) or released the feed, another one reads on and is
+    handed every entry not acknowledged -- and possibly some acknowledged after an older one
+    that was not: archiving is idempotent.
     """
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]: ...
 
     async def ack(self, entries: Sequence[ArchiveEntry]) -> None: ...
+
+    async def release(self) -> None:
+        """Stop reading, so another consumer reads on at once (graceful stop: call it once
+        everything taken was acknowledged)."""
 
 
 class ArchiveRefused(Exception):

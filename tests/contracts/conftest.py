@@ -229,7 +229,7 @@ async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
         def new_feed(consumer: str) -> ArchiveFeed:
             feed_clients.append(RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S))
             return RedisArchiveFeed(
-                feed_clients[-1], prefix, consumer=consumer, claim_idle_ms=claim_idle_ms
+                feed_clients[-1], prefix, consumer=consumer, lease_ms=claim_idle_ms
             )
 
         try:

@@ -325,14 +325,17 @@ async def redis_client(cluster: Cluster) -> AsyncIterator[coredis.Redis[bytes]]:
         yield client
 
 
-async def pending_archive_entries(cluster: Cluster) -> dict[str, int]:
-    """Archive feed entries taken but not acknowledged, per consumer (node id)."""
+async def archive_reader(cluster: Cluster) -> str | None:
+    """The node reading the archive stream (holding its lease), if any."""
     async with redis_client(cluster) as redis:
-        summary = await redis.xpending(f"{cluster.prefix}:archive", "archivers")
-    return {
-        (k.decode() if isinstance(k, bytes) else str(k)): int(v)
-        for k, v in (summary.consumers or {}).items()
-    }
+        holder = await redis.get(f"{cluster.prefix}:archive:lease")
+    return holder.decode() if holder is not None else None
+
+
+async def archive_backlog(cluster: Cluster) -> int:
+    """Messages in the archive stream: not archived yet (or not yet trimmed)."""
+    async with redis_client(cluster) as redis:
+        return await redis.xlen(f"{cluster.prefix}:archive")
 
 
 async def presence_entries(cluster: Cluster, room: int) -> list[list[str]]:

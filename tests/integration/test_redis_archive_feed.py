@@ -1,13 +1,13 @@
 """RedisArchiveFeed against a real Redis, beyond the ArchiveFeed contract: the stream does not
-grow, the group is created once from the stream's start and again if the stream vanished, a
-foreign entry does not block the feed, failures are ``Unavailable``."""
+grow, the lease names its reader and expires, a stream that vanished is read again, a foreign
+entry does not block the feed, failures are ``Unavailable``."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 import pytest
-from coredis.response.types import StreamPending
+import trio
 
 from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient
 from chatnode.core import errors
@@ -52,8 +52,68 @@ async def test_acknowledged_entries_leave_the_stream(
 
     assert len(taken) == 5
     assert await client.xlen(bus.keys.archive) == 0
-    pending = await client.xpending(bus.keys.archive, "archivers")
-    assert isinstance(pending, StreamPending) and pending.pending == 0
+
+
+async def test_out_of_order_acks_trim_only_below_the_oldest_unacknowledged(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
+    for n in range(6):
+        await bus.publish(draft(1, f"m{n}"))
+    first = await feed.take(max_count=2, wait_ms=100)
+    second = await feed.take(max_count=2, wait_ms=100)
+    third = await feed.take(max_count=2, wait_ms=100)
+
+    await feed.ack(second)
+    await feed.ack(third)
+    assert await client.xlen(bus.keys.archive) == 6  # the first still waits for the archive
+    await feed.ack(first[1:])
+    await feed.ack(first[:1])
+    assert await client.xlen(bus.keys.archive) == 0
+
+
+async def test_the_lease_names_the_reader_and_is_released(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=5000)
+    assert await feed.take(max_count=10, wait_ms=0) == []
+
+    assert await client.get(bus.keys.archive_lease) == b"n1"
+    assert 0 < await client.pttl(bus.keys.archive_lease) <= 5000
+    await feed.release()
+    assert await client.get(bus.keys.archive_lease) is None
+    assert not feed.reading
+
+
+async def test_a_reader_that_lost_its_lease_stops_reading(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
+    assert await feed.take(max_count=10, wait_ms=0) == []
+    await client.set(bus.keys.archive_lease, "n2", px=5000)  # n1 stalled; n2 took over
+    await bus.publish(draft(1, "for n2"))
+
+    await trio.sleep(0.1)  # a third of the lease: n1 renews at its next take
+    assert await feed.take(max_count=10, wait_ms=0) == []
+    assert not feed.reading
+    await feed.release()  # not ours: left alone
+    assert await client.get(bus.keys.archive_lease) == b"n2"
+
+
+async def test_a_node_restarted_under_the_same_name_reads_at_once(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    _, prefix, bus, feeds = redis
+    before = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)
+    message = await bus.publish(draft(1, "taken, never acknowledged"))
+    assert [e.message for e in await before.take(max_count=10, wait_ms=100)] == [message]
+
+    again = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)  # kill -9, start
+
+    assert [e.message for e in await again.take(max_count=10, wait_ms=100)] == [message]
 
 
 async def test_a_feed_started_late_gets_what_was_published_before(
@@ -67,15 +127,20 @@ async def test_a_feed_started_late_gets_what_was_published_before(
     assert [e.message for e in taken] == published
 
 
-async def test_the_group_is_created_again_when_the_stream_vanished(
+async def test_a_stream_that_vanished_is_read_again(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
-    assert await feed.take(max_count=10, wait_ms=0) == []  # creates the group
+    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
+    await bus.publish(draft(1, "before"))
+    assert len(await feed.take(max_count=10, wait_ms=0)) == 1
 
-    await client.delete([bus.keys.archive])  # e.g. a Redis restarted without persistence
+    # A Redis restarted without persistence: the stream and the lease are gone. The next
+    # renewal takes the lease again and reads from the start (an entry made in the same
+    # millisecond as the last one read has no later id).
+    await client.delete([bus.keys.archive, bus.keys.archive_lease])
     message = await bus.publish(draft(1, "after"))
+    await trio.sleep(0.1)  # a third of the lease
 
     assert [e.message for e in await feed.take(max_count=10, wait_ms=100)] == [message]
 
@@ -91,7 +156,8 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
     taken = await feed.take(max_count=10, wait_ms=100)
 
     assert [e.message for e in taken] == [message]
-    assert await client.xlen(bus.keys.archive) == 1  # only the real one waits for its ack
+    await feed.ack(taken)
+    assert await client.xlen(bus.keys.archive) == 0  # the garbage went with its neighbour
 
 
 async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(

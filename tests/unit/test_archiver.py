@@ -38,6 +38,7 @@ class Feed:
     acked: list[str] = attrs.Factory(list)
     takes: int = 0
     ack_failures: int = 0
+    released: bool = False
     arrived: trio.Event = attrs.Factory(trio.Event)
     _acked_changed: trio.Event = attrs.Factory(trio.Event)
 
@@ -64,6 +65,10 @@ class Feed:
         self.acked += [e.ack_id for e in batch]
         self.events.append(f"ack {len(batch)}")
         self._acked_changed.set()
+
+    async def release(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.released = True
 
 
 @attrs.define
@@ -112,7 +117,8 @@ class Rig:
 def rig() -> Rig:
     events: list[str] = []
     feed, archive = Feed(events), Archive(events)
-    return Rig(feed, archive, Archiver(feed, archive, batch_size=10))  # type: ignore[arg-type]
+    archiver = Archiver(feed, archive, batch_size=10, max_in_flight=2)  # type: ignore[arg-type]
+    return Rig(feed, archive, archiver)
 
 
 async def archive_all(rig: Rig, count: int) -> None:
@@ -219,9 +225,10 @@ async def test_drain_stores_what_was_taken_and_takes_nothing_new(
 
         nursery.start_soon(drain)
         await trio.testing.wait_all_tasks_blocked()
-        assert not drained.is_set()
+        assert not drained.is_set() and not rig.feed.released
         rig.archive.gate.set()
         await drained.wait()
+        assert rig.feed.released  # once every batch was acknowledged: another node reads on
 
     # The second batch, taken (pending) when the drain began, was stored and acknowledged too.
     taken = sum(int(e.split()[1]) for e in rig.feed.events if e.startswith("take"))
