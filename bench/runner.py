@@ -342,6 +342,24 @@ class EsClient:
         return int(body.get("count", 0)) if status == 200 else -1
 
 
+def index_work(es: EsClient, index: str) -> dict[str, Any]:
+    """Where Elasticsearch's time went for ``index`` (its totals, from ``_stats``): indexing
+    threads, refreshes, merges, flushes; to tell why a run cost ES more CPU per document."""
+    status, body = es.req("GET", f"/{index}/_stats/indexing,refresh,merge,flush")
+    if status != 200:
+        return {}
+    total = body.get("_all", {}).get("primaries", {})
+    return {
+        "index_ms": total.get("indexing", {}).get("index_time_in_millis", 0),
+        "docs": total.get("indexing", {}).get("index_total", 0),
+        "refreshes": total.get("refresh", {}).get("total", 0),
+        "refresh_ms": total.get("refresh", {}).get("total_time_in_millis", 0),
+        "merges": total.get("merges", {}).get("total", 0),
+        "merge_ms": total.get("merges", {}).get("total_time_in_millis", 0),
+        "flush_ms": total.get("flush", {}).get("total_time_in_millis", 0),
+    }
+
+
 def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -448,24 +466,25 @@ def _history_extras(
     backlog = int(group_of.xlen(stream))
     extras["seed"]["archive_backlog"] = backlog
     # The backlog as the bus wrote it (one document per entry), kept to fill each round; the
-    # seed's stream (its pending entries were never stored: ES was dead) is deleted, so the
-    # cluster's archivers start on an empty stream.
+    # seed's stream (never stored: ES was dead) and the lease its reader held are deleted, so
+    # the cluster's archivers start on an empty stream.
     documents = [fields[b"d"] for _, fields in raw_redis.xrange(stream)]
-    raw_redis.delete(stream)
+    raw_redis.delete(stream, f"{stream}:lease")
 
-    # 2. The real cluster's archivers catch up the backlog, in rounds; a round's rate runs
-    #    from 5 % to 95 % acknowledged. Each round's backlog is built in a scratch stream with
-    #    a fresh group "archivers" at its start, then RENAMEd onto the archive stream at once
-    #    (and the archivers' blocked reads released with CLIENT UNBLOCK), so both archivers
-    #    start together on a whole backlog, after both nodes are up and settled, and every
-    #    entry is delivered by ordinary reads. Nothing is pending before a round, so the nodes
-    #    keep the default claim idle (30 s; a 2 s one made each archiver scan the pending list
-    #    every 0.5 s: 0.5 us of Redis per doc). Each round indexes into a fresh index.
-    # ES's own bulk rate for the same documents, in the archivers' shape: as many concurrent
-    # streams of ARCHIVER_BATCH-document bulks as the archivers keep in flight (2 nodes x 2),
-    # into a scratch index with the same template, before the first round and after each
-    # (ES's rate moves with its own background work and the machine's other users: a round
-    # is compared with the mean of the raw runs before and after it). The bodies are built
+    # 2. The real cluster's archiver catches up the backlog, in rounds; a round's rate runs
+    #    from 5 % to 95 % archived (gone from the stream: the feed trims it below the oldest
+    #    entry not acknowledged). Each round's backlog is built in a scratch stream, then
+    #    RENAMEd onto the archive stream at once (and the reading node's blocked XREAD
+    #    released with CLIENT UNBLOCK), so the archiver starts on a whole backlog, after both
+    #    nodes are up and settled. One node reads the stream at a time (its lease); the other
+    #    waits. Each round indexes into a fresh index.
+    # ES's own bulk rate for the same documents, in the archiver's shape: as many concurrent
+    # streams of ARCHIVER_BATCH-document bulks as the archiver keeps in flight (4; up to
+    # 2026-12-07 two nodes read with 2 each),
+    # into a scratch index with the same template, right before each round (after its fill)
+    # and once after the last (ES's rate moves with its own background work and the
+    # machine's other users: a round is compared with the mean of the raw runs before and
+    # after it). The bodies are built
     # before the clock starts, so the figure is Elasticsearch's rate, not this Python
     # client's. Up to 2026-12-07 the reference used 2 streams, which left ES ~25 % of the
     # machine idle (82-123k docs/s with 4 streams against 74-89k with 2, same run); the
@@ -515,40 +534,56 @@ def _history_extras(
             th.start()
         for th in threads:
             th.join()
+        unrefreshed = time.monotonic() - t
+        # Until the documents are searchable: a run shorter than the index's refresh interval
+        # was deleted before any refresh wrote its segment (~4 us of ES CPU per document, the
+        # refresh_ms of es_index_work), work that the archiver's catch-up, 1.5 s long, pays
+        # within its window. Up to 2026-12-07 the raw rate was taken without it.
+        es.req("POST", f"/{raw_index}/_refresh")
         elapsed = time.monotonic() - t
         d_es, d_all = cpu_seconds(backend_pids()) - c_es, machine_busy_s() - c_all
+        work = index_work(es, raw_index)
         es.req("DELETE", f"/{raw_index}")
         return {
             "docs": n_hist,
             "streams": streams,
             "seconds": elapsed,
             "docs_per_s": n_hist / elapsed,
+            "docs_per_s_unrefreshed": n_hist / unrefreshed,
             "es_cpu_us_per_doc": d_es / n_hist * 1e6,
             "machine_busy": d_all / elapsed / os.cpu_count(),
+            "es_index_work": work,
             "ok": len(results) == streams and all(x > 0 for x in results),
         }
 
     cluster = ChatnodeCluster(redis, mysql_url, es_url, prefix)
     es.req("DELETE", f"/{index}")
     cluster.migrate()
-    in_flight = cluster.nodes * 2  # Archiver.max_in_flight
+    in_flight = 4  # Archiver.max_in_flight, of the one node reading
     raw_runs: list[dict[str, Any]] = []
-    if "archiver" in only:
-        log(f"extras: Elasticsearch raw bulk, {in_flight} streams")
-        raw_runs.append(raw_bulk(in_flight))
+
+    def raw_run() -> None:
+        if "archiver" in only:
+            log(f"extras: Elasticsearch raw bulk, {in_flight} streams")
+            raw_runs.append(raw_bulk(in_flight))
+
     cluster.start()
     try:
         deadline = time.monotonic() + 60
-        while sum(c["cmd"] == "xreadgroup" for c in group_of.client_list()) < cluster.nodes:
+        while not any(c["cmd"] == "xread" for c in group_of.client_list()):
             if time.monotonic() > deadline:
-                raise RuntimeError("the cluster's archivers never read the archive stream")
+                raise RuntimeError("the cluster's archiver never read the archive stream")
             time.sleep(0.05)
         # The pids are listed once: listing a process tree reads every /proc/<pid>/stat
         # (~2.5 ms), which every 10 ms took a quarter of a core from ES (before 2026-12-07).
         node_pids, redis_pids, es_pids = cluster.server_pids(), redis.pids(), backend_pids()
 
         def catch_up() -> dict[str, Any]:
-            """One round: the backlog onto the archive stream at once; until all acked."""
+            """One round: the backlog onto the archive stream at once; until all acked. ES's
+            raw run goes between the fill and the catch-up, so the catch-up starts on an ES as
+            warm as the raw runs do (each follows a catch-up or a raw run): ES idle for the
+            fill's few seconds indexed the next 100,000 documents at 17-25 us of CPU each,
+            against 16-20 right after other bulks (/tmp runs of 4 streams, 2026-12-07)."""
             scratch = f"{stream}:next"
             raw_redis.delete(scratch)
             for first in range(0, len(documents), 5000):
@@ -556,38 +591,39 @@ def _history_extras(
                 for document in documents[first : first + 5000]:
                     pipe.xadd(scratch, {"d": document})
                 pipe.execute()
-            raw_redis.xgroup_create(scratch, "archivers", id="0")
             es.req("DELETE", f"/{index}")
             es.req("PUT", f"/{index}")  # the template (chatnode migrate) gives its mapping
-            time.sleep(0.5)  # the fill's and the index's work settles (the figure is the catch-up)
-            # (time, acknowledged, CPU seconds of the nodes, Redis, ES + MariaDB, whole machine),
-            # sampled every 10 ms from Redis: an entry is acknowledged only once ES accepted
-            # it, so acknowledged = the group's entries-read - pending. No ES refresh meanwhile.
+            if "archiver" in only:
+                raw_run()  # also lets the fill's and the new index's work settle
+            else:
+                time.sleep(0.5)  # the fill's and the index's work settles
+            # (time, archived, CPU seconds of the nodes, Redis, ES + MariaDB, whole machine),
+            # sampled every 10 ms from Redis: an entry leaves the stream only once ES accepted
+            # it and every older one, so archived = backlog - XLEN (it trails by the bulks
+            # stored out of order, at most 3,000 entries). No ES refresh meanwhile.
             acked: list[tuple[float, int, float, float, float, float]] = []
             sampling = threading.Event()
 
             def sample_acked() -> None:
                 while not sampling.is_set():
-                    for g in group_of.xinfo_groups(stream):
-                        if g["name"] == "archivers":
-                            done = int(g["entries-read"] or 0) - int(g["pending"])
-                            acked.append(
-                                (
-                                    time.monotonic(),
-                                    done,
-                                    cpu_seconds(node_pids),
-                                    cpu_seconds(redis_pids),
-                                    cpu_seconds(es_pids),
-                                    machine_busy_s(),
-                                )
-                            )
+                    done = backlog - int(group_of.xlen(stream))
+                    acked.append(
+                        (
+                            time.monotonic(),
+                            done,
+                            cpu_seconds(node_pids),
+                            cpu_seconds(redis_pids),
+                            cpu_seconds(es_pids),
+                            machine_busy_s(),
+                        )
+                    )
                     time.sleep(0.01)
 
             raw_redis.rename(scratch, stream)
-            # A RENAME wakes no blocked XREADGROUP: released (as if timed out) they read again
-            # at once, both nodes together instead of up to the feed's wait apart.
+            # A RENAME wakes no blocked XREAD: released (as if timed out), the reader reads
+            # again at once instead of up to the feed's wait later.
             for client in group_of.client_list():
-                if client["cmd"] == "xreadgroup" and "b" in client["flags"]:
+                if client["cmd"] == "xread" and "b" in client["flags"]:
                     group_of.client_unblock(client["id"])
             sampler = threading.Thread(target=sample_acked, daemon=True)
             sampler.start()
@@ -598,6 +634,7 @@ def _history_extras(
             sampler.join()
             es.req("POST", f"/{index}/_refresh")
             arch: dict[str, Any] = {"backlog": backlog, "indexed": es.count(index, room)}
+            arch["es_index_work"] = index_work(es, index)
 
             def crossing(fraction: float) -> list[float] | None:
                 """(time, then each CPU of a sample) when ``fraction`` of the backlog was
@@ -625,13 +662,15 @@ def _history_extras(
         for n in range(mode["archiver_rounds"] if "archiver" in only else 1):
             log(f"extras: archiver catch-up, round {n + 1}")
             rounds.append(catch_up())
-            if "archiver" in only:
-                log(f"extras: Elasticsearch raw bulk, {in_flight} streams")
-                raw_runs.append(raw_bulk(in_flight))
-                if "docs_per_s" in rounds[-1]:
-                    around = (raw_runs[-2]["docs_per_s"] + raw_runs[-1]["docs_per_s"]) / 2
-                    rounds[-1]["raw_docs_per_s"] = around
-                    rounds[-1]["ratio_vs_raw"] = rounds[-1]["docs_per_s"] / around
+        raw_run()
+        if "archiver" in only:
+            for n, one in enumerate(rounds):  # each against the raw runs before and after it
+                if "docs_per_s" in one:
+                    around = (raw_runs[n]["docs_per_s"] + raw_runs[n + 1]["docs_per_s"]) / 2
+                    one["raw_docs_per_s"] = around
+                    one["ratio_vs_raw"] = one["docs_per_s"] / around
+                    unrefreshed = sum(raw_runs[k]["docs_per_s_unrefreshed"] for k in (n, n + 1))
+                    one["ratio_vs_raw_unrefreshed"] = one["docs_per_s"] / (unrefreshed / 2)
         arch = {"messages": n_hist, "backlog": backlog, "rounds": rounds}
         arch["indexed"] = min(r["indexed"] for r in rounds)
         ratios = [r["ratio_vs_raw"] for r in rounds if "ratio_vs_raw" in r]
