@@ -88,7 +88,8 @@ class Config:
     )
     archive_claim_idle_s: float = _setting(
         10.0,
-        "one node archives at a time: another takes over this long after it stopped (its lease)",
+        "one node archives at a time: another takes over this long after it stopped or"
+        " could not archive a batch (its lease)",
     )
     jwt_secret: str = _setting(
         "", "HS256 secret for tokens (embedded default: generated into data_dir)"

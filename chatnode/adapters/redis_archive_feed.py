@@ -17,7 +17,11 @@ Rules:
    out again what a dead reader took and never acknowledged (archiving is idempotent). A
    reader that stalled past its lease goes on until its next renewal: the same entries are
    then handed out twice, never none.
-3. **Graceful stop releases the lease** (``release``), so another node reads on at once.
+3. **A reader that cannot archive hands over.** Once the oldest batch it handed out has
+   waited ``lease_ms`` for its acknowledgement (its Elasticsearch is unreachable, say), it
+   releases the lease and takes nothing until that batch is acknowledged: another node reads
+   on, from the stream's first entry.
+4. **Graceful stop releases the lease** (``release``), so another node reads on at once.
 
 Why not a consumer group: every node reading its share through XREADGROUP made Redis keep a
 pending list entry per message (XREADGROUP ~1.2 µs per entry of Redis CPU, XACK ~0.3 µs more,
@@ -52,13 +56,18 @@ from .resp import Reply, RespClient, Script
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease. ARGV: consumer, lease ms. Take the lease if nobody holds it, or renew ours.
-# Returns 1 if we held it already (renewed), 2 if we took it, 0 if another consumer holds it.
+# KEYS: lease, archive stream. ARGV: consumer, lease ms. Take the lease if nobody holds it,
+# or renew ours. Returns 1 if we held it already (renewed), 2 if we took it, 0 if another
+# consumer holds it. Taking it drops the consumer group of chatnode before 2026-12-07, if the
+# stream still has one (its pending list would only hold ids, never read again).
 _LEASE: Final = Script("""#!lua
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if holder then return 1 end
+if redis.call('TYPE', KEYS[2])['ok'] == 'stream' then
+  redis.call('XGROUP', 'DESTROY', KEYS[2], 'archivers')
+end
 return 2
 """)
 
@@ -118,6 +127,7 @@ class _Taken:
     acknowledged, and ``later`` holds the ids acknowledged after an unacknowledged one."""
 
     entries: list[ArchiveEntry]
+    taken_at: float
     acked: int = 0
     later: set[str] = attrs.Factory(set)
 
@@ -183,7 +193,7 @@ class RedisArchiveFeed:
         if not entries:
             return []
         taken = self._decode(entries)
-        self._taken.append(_Taken(taken))
+        self._taken.append(_Taken(taken, trio.current_time()))
         if not taken:  # only entries that were not messages: nothing will acknowledge them
             await self._trim()
         return taken
@@ -240,11 +250,24 @@ class RedisArchiveFeed:
             await trio.lowlevel.checkpoint()
 
     async def _lease(self) -> bool:
-        """Whether this feed holds the lease; taken or renewed at most every third of it."""
+        """Whether this feed holds the lease; taken or renewed at most every third of it, and
+        given up while a batch waits for its acknowledgement too long (rule 3)."""
         now = trio.current_time()
+        if self._taken and now - self._taken[0].taken_at > self.lease_ms / 1000:
+            if self._holding:
+                log.warning(
+                    "archive feed: %s hands the archive stream over: a batch taken %.1fs ago "
+                    "is not archived yet",
+                    self.consumer,
+                    now - self._taken[0].taken_at,
+                )
+                await self.release()
+            return False
         if self._holding and now < self._renew_at:
             return True
-        held = await _LEASE.run(self._redis, [self._lease_key], [self.consumer, self.lease_ms])
+        held = await _LEASE.run(
+            self._redis, [self._lease_key, self._key], [self.consumer, self.lease_ms]
+        )
         if held == 2 or (held == 1 and not self._holding):
             log.info("archive feed: %s reads the archive stream", self.consumer)
             self._cursor = _START  # rule 2: from the first entry not archived

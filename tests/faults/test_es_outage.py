@@ -82,7 +82,9 @@ async def test_elasticsearch_outage_chat_goes_on_archive_catches_up() -> None:
                 assert r.headers["Retry-After"].isdigit(), r.headers
                 assert r.json()["error"]["code"] == "unavailable"
                 assert await es_offsets(cluster, room) == set(range(1, before + 1))
-                with trio.fail_after(10):  # every node's archiver met the outage and waits
+                # every node's archiver met the outage and waits: the reading node hands the
+                # archive stream over when a batch waited archive_claim_idle_s, the next too
+                with trio.fail_after(10):
                     for port in cluster.node_ports:
                         while not await node_metric(port, "chatnode_archive_failures_total"):  # noqa: ASYNC110
                             await trio.sleep(0.1)

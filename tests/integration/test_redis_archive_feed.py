@@ -103,6 +103,40 @@ async def test_a_reader_that_lost_its_lease_stops_reading(
     assert await client.get(bus.keys.archive_lease) == b"n2"
 
 
+async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    stuck = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
+    other = RedisArchiveFeed(feeds, prefix, consumer="n2", lease_ms=300)
+    message = await bus.publish(draft(1, "its Elasticsearch is down"))
+    taken = await stuck.take(max_count=10, wait_ms=100)
+    assert await other.take(max_count=10, wait_ms=0) == []
+
+    await trio.sleep(0.4)  # the batch waited longer than the lease
+    assert await stuck.take(max_count=10, wait_ms=0) == []  # released, takes nothing
+    assert await client.get(bus.keys.archive_lease) is None
+    assert [e.message for e in await other.take(max_count=10, wait_ms=100)] == [message]
+
+    await stuck.ack(taken)  # stored at last: it may read again once the lease is free
+    assert await stuck.take(max_count=10, wait_ms=0) == []
+    assert not stuck.reading
+
+
+async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    _, prefix, bus, feeds = redis
+    message = await bus.publish(draft(1, "taken by an old node, never acknowledged"))
+    await feeds.call("XGROUP", "CREATE", bus.keys.archive, "archivers", "0")
+    await feeds.call("XREADGROUP", "GROUP", "archivers", "old", "STREAMS", bus.keys.archive, ">")
+
+    taken = await RedisArchiveFeed(feeds, prefix, consumer="n1").take(max_count=10, wait_ms=0)
+
+    assert [e.message for e in taken] == [message]
+    assert await feeds.call("XINFO", "GROUPS", bus.keys.archive) == []
+
+
 async def test_a_node_restarted_under_the_same_name_reads_at_once(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
