@@ -67,7 +67,7 @@ class Config:
         False, "seed's open mode: `?user=` joins without a token, admin calls need none"
     )
     node_id: str = _setting(
-        "", "this node's id in presence and the archive consumer group (default: host-pid)"
+        "", "this node's id in presence and the archive stream's lease (default: host-pid)"
     )
     mysql_url: str = _setting(
         "", "mysql://user:pass@host:port/db — directory in MySQL instead of SQLite"
