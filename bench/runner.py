@@ -401,6 +401,10 @@ def run_extras(
 
 
 ARCHIVER_BATCH = 1000
+ARCHIVER_COPIES = 3
+"""The archiver's backlog is the history room's documents and copies of them under other
+room ids (from COPY_ROOM_BASE): 300,000 in full mode (see the catch-up's comment)."""
+COPY_ROOM_BASE = 2_000_000_000
 """chatnode's ``Archiver.batch_size``: the documents of one bulk request, ours and the raw
 reference's."""
 
@@ -463,13 +467,25 @@ def _history_extras(
     stream = f"{prefix}:archive"
     group_of = redis_py.Redis(host=HOST, port=redis.port, decode_responses=True)
     raw_redis = redis_py.Redis(host=HOST, port=redis.port)
-    backlog = int(group_of.xlen(stream))
-    extras["seed"]["archive_backlog"] = backlog
+    extras["seed"]["archive_backlog"] = int(group_of.xlen(stream))
     # The backlog as the bus wrote it (one document per entry), kept to fill each round; the
     # seed's stream (never stored: ES was dead) and the lease its reader held are deleted, so
     # the cluster's archivers start on an empty stream.
     documents = [fields[b"d"] for _, fields in raw_redis.xrange(stream)]
     raw_redis.delete(stream, f"{stream}:lease")
+    # Archiver runs catch up the documents and copies of them under other room ids: a round
+    # of 100,000 documents lasted 1.3-1.6 s, about one refresh interval of the index (1 s),
+    # so its figure was mostly its edges (ES indexed a raw run of 100,000 at 111-120k docs/s
+    # with no refresh at all, of 300,000 at 92-99k/s, and made 300,000 searchable at 88-93k/s,
+    # 2026-12-07). With 300,000 both sides run several intervals.
+    copies = ARCHIVER_COPIES if "archiver" in only else 1
+    head = b'{"chatroom":%d,' % room
+    backlog_docs = [
+        document if k == 0 else document.replace(head, b'{"chatroom":%d,' % (COPY_ROOM_BASE + k), 1)
+        for k in range(copies)
+        for document in documents
+    ]
+    backlog = len(backlog_docs)
 
     # 2. The real cluster's archiver catches up the backlog, in rounds; a round's rate runs
     #    from 5 % to 95 % archived (gone from the stream: the feed trims it below the oldest
@@ -489,27 +505,22 @@ def _history_extras(
     # client's. Up to 2026-12-07 the reference used 2 streams, which left ES ~25 % of the
     # machine idle (82-123k docs/s with 4 streams against 74-89k with 2, same run); the
     # 2-stream rate is still recorded (es_raw_bulk_2_streams).
-    now_ms = int(time.time() * 1000)
+    key_of = re.compile(rb'\{"chatroom":([0-9]+),"offset":([0-9]+),')
 
-    def bulk(start: int) -> bytes:
-        lines = []
-        for off in range(start + 1, min(n_hist, start + ARCHIVER_BATCH) + 1):
-            lines.append(json.dumps({"create": {"_id": f"{room}:{off}"}}))
-            lines.append(
-                json.dumps(
-                    {
-                        "chatroom": room,
-                        "offset": off,
-                        "user": "seeder",
-                        "message": f"~00000 {off:09d} {off:019d} {WORDS[off % len(WORDS)]} xxxxxxxxxxxx",
-                        "timestamp": now_ms + off,
-                    }
-                )
-            )
-        return ("\n".join(lines) + "\n").encode()
+    def bulk(batch: list[bytes]) -> bytes:
+        """The bulk body of ``batch`` as the archiver's ES adapter makes it."""
+        parts = []
+        for document in batch:
+            key = key_of.match(document)
+            assert key is not None, document[:80]
+            parts.append(b'{"create":{"_id":"%b:%b"}}\n%b\n' % (key[1], key[2], document))
+        return b"".join(parts)
 
-    starts = list(range(0, n_hist, ARCHIVER_BATCH))
-    bodies = [bulk(start) for start in starts]
+    # The very documents the archiver indexes, in its batches.
+    bodies = [
+        bulk(backlog_docs[first : first + ARCHIVER_BATCH])
+        for first in range(0, backlog, ARCHIVER_BATCH)
+    ]
 
     def raw_bulk(streams: int) -> dict[str, Any]:
         raw_index = f"{prefix}-messages-rawbulk"
@@ -519,7 +530,7 @@ def _history_extras(
 
         def worker(part: int, parts: int) -> None:
             client = EsClient(es_url)
-            for i in range(part, len(starts), parts):
+            for i in range(part, len(bodies), parts):
                 status, body = client.req(
                     "POST", f"/{raw_index}/_bulk?filter_path=errors", ndjson=bodies[i]
                 )
@@ -545,12 +556,12 @@ def _history_extras(
         work = index_work(es, raw_index)
         es.req("DELETE", f"/{raw_index}")
         return {
-            "docs": n_hist,
+            "docs": backlog,
             "streams": streams,
             "seconds": elapsed,
-            "docs_per_s": n_hist / elapsed,
-            "docs_per_s_unrefreshed": n_hist / unrefreshed,
-            "es_cpu_us_per_doc": d_es / n_hist * 1e6,
+            "docs_per_s": backlog / elapsed,
+            "docs_per_s_unrefreshed": backlog / unrefreshed,
+            "es_cpu_us_per_doc": d_es / backlog * 1e6,
             "machine_busy": d_all / elapsed / os.cpu_count(),
             "es_index_work": work,
             "ok": len(results) == streams and all(x > 0 for x in results),
@@ -586,9 +597,9 @@ def _history_extras(
             against 16-20 right after other bulks (/tmp runs of 4 streams, 2026-12-07)."""
             scratch = f"{stream}:next"
             raw_redis.delete(scratch)
-            for first in range(0, len(documents), 5000):
+            for first in range(0, backlog, 5000):
                 pipe = raw_redis.pipeline(transaction=False)
-                for document in documents[first : first + 5000]:
+                for document in backlog_docs[first : first + 5000]:
                     pipe.xadd(scratch, {"d": document})
                 pipe.execute()
             es.req("DELETE", f"/{index}")
@@ -637,7 +648,9 @@ def _history_extras(
             es.req("POST", f"/{index}/_refresh")
             refresh_s = time.monotonic() - refresh_started
             ended = cpus()
-            arch: dict[str, Any] = {"backlog": backlog, "indexed": es.count(index, room)}
+            es.req("POST", f"/{index}/_refresh")
+            _, counted = es.req("GET", f"/{index}/_count")
+            arch: dict[str, Any] = {"backlog": backlog, "indexed": int(counted.get("count", -1))}
             arch["es_index_work"] = index_work(es, index)
             # The whole round, like a raw run: from the RENAME until every document was
             # acknowledged (the first sample that saw it) and then searchable (a refresh).
@@ -692,7 +705,18 @@ def _history_extras(
                         one["window_ratio_vs_raw_unrefreshed"] = one["window_docs_per_s"] / (
                             unrefreshed / 2
                         )
-        arch = {"messages": n_hist, "backlog": backlog, "rounds": rounds}
+        if copies > 1:
+            # Join and search read the history room in an index that holds it alone, as
+            # before (the copies were the archiver's work only): the last round's documents
+            # of that room, loaded again the raw way.
+            es.req("DELETE", f"/{index}")
+            es.req("PUT", f"/{index}")
+            for body in bodies[: (len(documents) + ARCHIVER_BATCH - 1) // ARCHIVER_BATCH]:
+                status, answer = es.req("POST", f"/{index}/_bulk?filter_path=errors", ndjson=body)
+                if status != 200 or answer.get("errors"):
+                    raise RuntimeError(f"reloading the history room failed: {answer}")
+            es.req("POST", f"/{index}/_refresh")
+        arch = {"messages": backlog, "backlog": backlog, "rounds": rounds}
         arch["indexed"] = min(r["indexed"] for r in rounds)
         ratios = [r["ratio_vs_raw"] for r in rounds if "ratio_vs_raw" in r]
         if ratios and len(ratios) == len(rounds):
@@ -703,10 +727,10 @@ def _history_extras(
         if "archiver" in only:
             seconds = sum(r["seconds"] for r in raw_runs)
             extras["es_raw_bulk"] = {
-                "docs": n_hist * len(raw_runs),
+                "docs": backlog * len(raw_runs),
                 "streams": in_flight,
                 "seconds": seconds,
-                "docs_per_s": n_hist * len(raw_runs) / seconds,
+                "docs_per_s": backlog * len(raw_runs) / seconds,
                 "ok": all(r["ok"] for r in raw_runs),
                 "runs": raw_runs,
             }
