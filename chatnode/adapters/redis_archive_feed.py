@@ -13,7 +13,7 @@ Rules:
 2. **One reader at a time, under a lease.** The node holding ``P:archive:lease`` (its
    consumer name, expiring after ``lease_ms``, renewed every third of it by ``take`` and
    ``ack``) reads the stream with plain XREAD from a cursor kept in the node; the others
-   wait. A reader that acquires the lease starts from the stream's first entry, so it hands
+   wait, asking for the lease every tenth of it. A reader that acquires the lease starts from the stream's first entry, so it hands
    out again what a dead reader took and never acknowledged (archiving is idempotent). A
    reader that stalled past its lease goes on until its next renewal: the same entries are
    then handed out twice, never none.
@@ -161,6 +161,7 @@ class RedisArchiveFeed:
     _lease_key: str = attrs.field(init=False)
     _holding: bool = attrs.field(default=False, init=False)
     _renew_at: float = attrs.field(default=float("-inf"), init=False)
+    _ask_at: float = attrs.field(default=float("-inf"), init=False)
     _cursor: bytes = attrs.field(default=_START, init=False)
     _taken: list[_Taken] = attrs.Factory(list)
     _trimmed_below: StreamId = attrs.field(default=(0, 0), init=False)
@@ -265,6 +266,8 @@ class RedisArchiveFeed:
             return False
         if self._holding and now < self._renew_at:
             return True
+        if not self._holding and now < self._ask_at:
+            return False
         held = await _LEASE.run(
             self._redis, [self._lease_key, self._key], [self.consumer, self.lease_ms]
         )
@@ -275,6 +278,7 @@ class RedisArchiveFeed:
             log.warning("archive feed: %s lost the lease to another node", self.consumer)
         self._holding = held in (1, 2)
         self._renew_at = now + self.lease_ms / 3000
+        self._ask_at = now + self.lease_ms / 10_000
         return self._holding
 
     async def release(self) -> None:

@@ -123,6 +123,27 @@ async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
     assert not stuck.reading
 
 
+async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    _, prefix, _bus, feeds = redis
+    calls: list[object] = []
+
+    class Counting:
+        async def call(self, *args: object) -> object:
+            calls.append(args[0])
+            return await feeds.call(*args)  # type: ignore[arg-type]
+
+    reader = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)
+    waiting = RedisArchiveFeed(Counting(), prefix, consumer="n2", lease_ms=60_000)  # type: ignore[arg-type]
+    assert await reader.take(max_count=10, wait_ms=0) == []
+
+    for _ in range(5):  # the archiver's loop: a take every wait_ms
+        assert await waiting.take(max_count=10, wait_ms=1) == []
+
+    assert len(calls) == 1  # one EVALSHA of the lease script; the next is due 6 s later
+
+
 async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
