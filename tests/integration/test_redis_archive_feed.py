@@ -24,6 +24,18 @@ def draft(room_id: int, text: str) -> Draft:
     return Draft(room_id=room_id, user="bob", text=text, timestamp_ms=T0)
 
 
+async def publish_some(bus: RedisBus, count: int) -> None:
+    for n in range(count):
+        await bus.publish(draft(1, f"m{n}"))
+
+
+async def reading(feed: RedisArchiveFeed) -> RedisArchiveFeed:
+    """``feed``, once it took the lease of an empty stream."""
+    assert await feed.take(max_count=10, wait_ms=0) == []
+    assert feed.reading
+    return feed
+
+
 @pytest.fixture
 async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus, RespClient]]:
     """An admin client, the test's key prefix, a bus publishing under it and a client for
@@ -39,28 +51,12 @@ async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus, RespClient]
             await feeds.aclose()
 
 
-async def test_acknowledged_entries_leave_the_stream(
+async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowledged(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
-    for n in range(5):
-        await bus.publish(draft(1, f"m{n}"))
-
-    taken = await feed.take(max_count=10, wait_ms=100)
-    await feed.ack(taken)
-
-    assert len(taken) == 5
-    assert await client.xlen(bus.keys.archive) == 0
-
-
-async def test_out_of_order_acks_trim_only_below_the_oldest_unacknowledged(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
-) -> None:
-    client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
-    for n in range(6):
-        await bus.publish(draft(1, f"m{n}"))
+    await publish_some(bus, 6)
     first = await feed.take(max_count=2, wait_ms=100)
     second = await feed.take(max_count=2, wait_ms=100)
     third = await feed.take(max_count=2, wait_ms=100)
@@ -77,8 +73,7 @@ async def test_the_lease_names_the_reader_and_is_released(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=5000)
-    assert await feed.take(max_count=10, wait_ms=0) == []
+    feed = await reading(RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=5000))
 
     assert await client.get(bus.keys.archive_lease) == b"n1"
     assert 0 < await client.pttl(bus.keys.archive_lease) <= 5000
@@ -91,8 +86,7 @@ async def test_a_reader_that_lost_its_lease_stops_reading(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
-    assert await feed.take(max_count=10, wait_ms=0) == []
+    feed = await reading(RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300))
     await client.set(bus.keys.archive_lease, "n2", px=5000)  # n1 stalled; n2 took over
     await bus.publish(draft(1, "for n2"))
 
