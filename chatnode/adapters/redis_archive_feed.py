@@ -147,7 +147,8 @@ class RedisArchiveFeed:
     lease (module docstring, rules 1-3).
 
     ``take`` reads the entries after its cursor (XREAD), waiting up to ``wait_ms`` for some
-    (``wait_ms=0``: do not wait); without the lease it waits ``wait_ms`` and returns nothing.
+    (``wait_ms=0``: do not wait; Redis is asked to block for less than half the client's
+    timeout, the rest of the wait is a sleep); without the lease it waits ``wait_ms`` and returns nothing.
     ``ack`` trims the stream below the oldest entry handed out and not acknowledged (or below
     the cursor's next entry when none is left), when that moved. An entry that cannot be
     decoded (not written by ``RedisBus``) is logged and left behind with its neighbours.
@@ -186,12 +187,17 @@ class RedisArchiveFeed:
             else:
                 await trio.lowlevel.checkpoint()
             return []
-        block: list[bytes | int] = [b"BLOCK", wait_ms] if wait_ms > 0 else []
+        # The reply must come within the client's timeout (a later one closes the connection);
+        # Redis answers a timed-out block up to 100 ms late (its idle event loop runs at hz 10).
+        block_ms = min(wait_ms, max(0, int(self._redis.timeout_s * 500) - 100))
+        block: list[bytes | int] = [b"BLOCK", block_ms] if block_ms > 0 else []
         read = await self._redis.call(
             b"XREAD", b"COUNT", max_count, *block, b"STREAMS", self._key, self._cursor
         )
         entries = _read_entries(read)
         if not entries:
+            if block_ms < wait_ms:  # the rest of the wait, so that idle reads stay rare
+                await trio.sleep((wait_ms - block_ms) / 1000)
             return []
         taken = self._decode(entries)
         self._taken.append(_Taken(taken, trio.current_time()))

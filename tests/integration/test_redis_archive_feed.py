@@ -82,6 +82,20 @@ async def test_the_lease_names_the_reader_and_is_released(
     assert not feed.reading
 
 
+async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    _, prefix, _bus, _ = redis
+    client = RespClient.from_url(require_service("CHATNODE_TEST_REDIS_URL"), timeout_s=0.5)
+    try:
+        feed = RedisArchiveFeed(client, prefix, consumer="n1")
+        # XREAD BLOCK 600 would outlive the client's 0.5 s reply timeout: Unavailable
+        assert await feed.take(max_count=10, wait_ms=600) == []
+        assert await feed.take(max_count=10, wait_ms=600) == []
+    finally:
+        await client.aclose()
+
+
 async def test_a_reader_that_lost_its_lease_stops_reading(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
