@@ -11,8 +11,10 @@ feed) keep coredis: their calls are rare.
 Rules:
 
 1. **Pipelined.** A :class:`RespConnection` is one connection. A caller appends its encoded
-   command to the send buffer and a reply slot to a FIFO; the commands queued in one scheduler
-   pass leave in one write.
+   command to the send buffer and a reply slot to a FIFO. On a socket the command is written
+   at once, without a scheduler pass (the caller's checkpoint is its wait for the reply);
+   while a write waits for the socket, the commands queued meanwhile join it. (Other streams,
+   TLS: the commands of one scheduler pass leave in one write.)
 2. **No reader task.** Replies come back in command order. The first caller waiting for a
    reply reads for everyone, filling slots in order, until its own reply is in; then it hands
    the reading over to the callers still waiting.
@@ -32,6 +34,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -113,6 +116,10 @@ class RespConnection:
 
     def __init__(self, stream: trio.abc.Stream, *, timeout_s: float, name: str) -> None:
         self._stream = stream
+        # A plain socket is read and written by its descriptor: through trio's socket
+        # wrappers a publish cost two scheduler passes before its write and a failed read
+        # (an exception) before its reply, and every pub/sub read a failed read too.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._timeout_s = timeout_s
         self.name = name
         self._parser = hiredis.Reader(replyError=RespError)
@@ -142,7 +149,21 @@ class RespConnection:
 
     async def _flush(self) -> None:
         if self._sending:
-            return  # the sender of this pass takes our bytes with it
+            return  # the write under way takes our bytes with it
+        if self._fd is not None and self.failure is None:
+            # Write now (rule 1); only what the socket does not take waits below.
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.fail(f"connection lost while writing ({exc!r})")
+                return
+            if sent == len(data):
+                return
+            self._out.append(data[sent:])
         self._sending = True
         try:
             # Let the other callers of this scheduler pass queue their commands (rule 1).
@@ -223,20 +244,36 @@ class RespConnection:
         replies: list[Reply] = []
         while not replies and self.failure is None:
             try:
-                data = await self._stream.receive_some(_RECEIVE_BYTES)
+                data = await self._read()
+            except BlockingIOError:
+                continue
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.fail(f"connection lost ({exc!r})")
+                break
+            if self.failure is not None:
                 break
             if not data:
                 self.fail("connection closed by Redis")
                 break
-            self._parser.feed(bytes(data))
+            self._parser.feed(data)
             try:
                 while (reply := self._parser.gets()) is not False:
                     replies.append(reply)
             except hiredis.ProtocolError as exc:
                 self.fail(f"protocol error ({exc})")
         return replies
+
+    async def _read(self) -> bytes:
+        """The next bytes from Redis (empty at end of file). On a socket: wait until it is
+        readable, then read (a reply is seldom there at once; waiting first spares a failed
+        read, and the wait is the checkpoint); may raise ``BlockingIOError``."""
+        fd = self._fd
+        if fd is None:
+            return bytes(await self._stream.receive_some(_RECEIVE_BYTES))
+        await trio.lowlevel.wait_readable(fd)
+        if self.failure is not None:  # failed while this task was being woken: fd is closed
+            return b""
+        return os.read(fd, _RECEIVE_BYTES)
 
     def fail(self, why: str) -> None:
         """Drop the connection (rule 3): waiting callers get ``Unavailable``."""

@@ -1,5 +1,6 @@
-"""The RESP client's rules against a scripted server on an in-memory stream: pipelining,
-replies matched in order whoever reads, error replies, a silent or broken server."""
+"""The RESP client's rules against a scripted server, on an in-memory stream and on a real
+socket pair (read and written by descriptor): pipelining, replies matched in order whoever
+reads, error replies, a silent or broken server."""
 
 from __future__ import annotations
 
@@ -72,13 +73,22 @@ class Server:
         await self.stream.send_all(raw)
 
 
-def pair(timeout_s: float = 5.0) -> tuple[RespConnection, Server]:
-    client, server = trio.testing.memory_stream_pair()
+TRANSPORTS = ["memory", "socket"]
+
+
+def pair(transport: str, timeout_s: float = 5.0) -> tuple[RespConnection, Server]:
+    client: trio.abc.Stream
+    server: trio.abc.Stream
+    if transport == "memory":
+        client, server = trio.testing.memory_stream_pair()
+    else:
+        a, b = trio.socket.socketpair()
+        client, server = trio.SocketStream(a), trio.SocketStream(b)
     return RespConnection(client, timeout_s=timeout_s, name="t"), Server(server)
 
 
 async def test_calls_of_one_scheduler_pass_leave_in_one_write_and_get_their_own_replies() -> None:
-    conn, server = pair()
+    conn, server = pair("memory")
     replies: dict[int, object] = {}
 
     async def call(n: int) -> None:
@@ -99,8 +109,67 @@ async def test_calls_of_one_scheduler_pass_leave_in_one_write_and_get_their_own_
     assert replies == {n: str(n).encode() for n in range(20)}
 
 
-async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others() -> None:
-    conn, server = pair()
+async def test_on_a_socket_calls_are_written_at_once_and_get_their_own_replies() -> None:
+    conn, server = pair("socket")
+    replies: dict[int, object] = {}
+    passes = 0
+
+    async def call(n: int) -> None:
+        replies[n] = await conn.call("ECHO", n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(call, n)
+        commands = await server.read_commands(20)
+        answer = b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for _, arg in commands)
+        await server.answer(answer[:37])
+        await trio.testing.wait_all_tasks_blocked()
+        await server.answer(answer[37:])
+
+    assert sorted(commands) == sorted([b"ECHO", str(n).encode()] for n in range(20))
+    assert replies == {n: str(n).encode() for n in range(20)}
+
+    # The write itself is no scheduler pass: the command is out before the caller yields.
+    class Counter(trio.abc.Instrument):
+        def before_run_loop(self) -> None: ...
+
+        def after_io_wait(self, timeout: float) -> None:
+            nonlocal passes
+            passes += 1
+
+    async def answer_one() -> None:
+        await server.read_commands(21)
+        await server.answer(b"+PONG\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_one)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(Counter())
+        assert await conn.call("PING") == b"PONG"
+    assert passes <= 3  # write, server reads and answers, client reads: no pass to write
+
+
+async def test_a_write_the_socket_does_not_take_whole_is_finished_in_order() -> None:
+    conn, server = pair("socket")
+    big = b"x" * 4_000_000  # more than the socket buffers hold
+    got: dict[str, object] = {}
+
+    async def call(*args: str | bytes) -> None:
+        got[str(args[0])] = await conn.call(*args)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "SET", "k", big)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "GET", "k")  # queued behind the unfinished write
+        commands = await server.read_commands(2)
+        await server.answer(b"+OK\r\n$1\r\nv\r\n")
+    assert commands == [[b"SET", b"k", big], [b"GET", b"k"]]
+    assert got == {"SET": b"OK", "GET": b"v"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(transport: str) -> None:
+    conn, server = pair(transport)
     got: list[object] = []
     first = trio.CancelScope()
 
@@ -123,8 +192,9 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others() -> 
     assert got == [b"B"]
 
 
-async def test_error_replies_are_returned_to_their_caller_only() -> None:
-    conn, server = pair()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_error_replies_are_returned_to_their_caller_only(transport: str) -> None:
+    conn, server = pair(transport)
     got: list[object] = []
 
     async def call(*args: str) -> None:
@@ -141,8 +211,9 @@ async def test_error_replies_are_returned_to_their_caller_only() -> None:
     assert got[1] == b"PONG"
 
 
-async def test_a_silent_server_fails_the_call_and_the_connection() -> None:
-    conn, server = pair(timeout_s=0.05)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_silent_server_fails_the_call_and_the_connection(transport: str) -> None:
+    conn, server = pair(transport, timeout_s=0.05)
     with pytest.raises(errors.Unavailable, match="no reply within"):
         await conn.call("PING")
     assert conn.broken
@@ -151,8 +222,9 @@ async def test_a_silent_server_fails_the_call_and_the_connection() -> None:
     assert len(await server.read_commands(1)) == 1
 
 
-async def test_a_closed_connection_fails_every_waiting_call() -> None:
-    conn, server = pair()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_closed_connection_fails_every_waiting_call(transport: str) -> None:
+    conn, server = pair(transport)
     failures: list[str] = []
 
     async def call() -> None:
@@ -171,8 +243,9 @@ async def test_a_closed_connection_fails_every_waiting_call() -> None:
     assert conn.broken
 
 
-async def test_a_reply_nobody_asked_for_fails_the_connection() -> None:
-    conn, server = pair()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_reply_nobody_asked_for_fails_the_connection(transport: str) -> None:
+    conn, server = pair(transport)
     got: list[object] = []
 
     async def call() -> None:
@@ -189,8 +262,11 @@ async def test_a_reply_nobody_asked_for_fails_the_connection() -> None:
         await conn.call("PING")
 
 
-async def test_pushes_are_received_in_batches_and_sends_are_flushed_by_the_writer() -> None:
-    conn, server = pair()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_pushes_are_received_in_batches_and_sends_are_flushed_by_the_writer(
+    transport: str,
+) -> None:
+    conn, server = pair(transport)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.write_forever)
         conn.send_nowait("SUBSCRIBE", "a", "b")
