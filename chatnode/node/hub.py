@@ -250,15 +250,21 @@ class Hub:
             return
         session.last_offset = message.offset
         session.recent.append(message)
-        frame_cache: dict[Dialect, bytes] = {}
-        for seat in session.seats.values():
+        frames: dict[Dialect, bytes] = {}
+        delivered = 0
+        for seat in session.seats.values():  # the loop of every delivery: kept inline
             if seat.live:
-                seat.member.send_nowait(_frame(message, seat.member.dialect, frame_cache))
-                self.deliveries += 1
+                member = seat.member
+                frame = frames.get(member.dialect)
+                if frame is None:
+                    frame = _frame(message, member.dialect, frames)
+                member.send_nowait(frame)
+                delivered += 1
             elif seat.pending is None:
                 seat.pending = [message]
             else:
                 seat.pending.append(message)
+        self.deliveries += delivered
 
     async def signal(self, room_id: int, event: dict[str, Any]) -> None:
         session = self._sessions.get(room_id)
