@@ -38,12 +38,18 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             client_name=f"chatnode:{node_id}",
         )
         stack.push_async_callback(bus_client.aclose)
-        feed_client = RespClient.from_url(  # its own: XREAD BLOCK holds a connection
+        feed_client = RespClient.from_url(
             config.redis_url,
             timeout_s=config.backend_timeout_s,
             client_name=f"chatnode:{node_id}:archiver",
         )
         stack.push_async_callback(feed_client.aclose)
+        feed_reads = RespClient.from_url(  # its own: XREAD BLOCK holds a connection
+            config.redis_url,
+            timeout_s=config.backend_timeout_s,
+            client_name=f"chatnode:{node_id}:archive-reads",
+        )
+        stack.push_async_callback(feed_reads.aclose)
         directory = MysqlDirectory.from_url(
             config.mysql_url,
             pool_size=config.mysql_pool_size,
@@ -72,5 +78,6 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 config.key_prefix,
                 consumer=node_id,
                 lease_ms=int(config.archive_claim_idle_s * 1000),
+                reads=feed_reads,
             ),
         )

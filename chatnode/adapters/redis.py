@@ -34,10 +34,11 @@ Wiring, in ``cluster.py``::
     async with open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis:
         bus_client = RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s)
         bus = RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length)
-        feed_client = RespClient.from_url(config.redis_url)  # its own: XREAD BLOCK
+        feed_client = RespClient.from_url(config.redis_url)
+        feed_reads = RespClient.from_url(config.redis_url)  # its own: XREAD BLOCK
         feed = RedisArchiveFeed(
             feed_client, config.key_prefix, consumer=node_id,
-            lease_ms=int(config.archive_claim_idle_s * 1000),
+            lease_ms=int(config.archive_claim_idle_s * 1000), reads=feed_reads,
         )
         presence = RedisPresence(redis, config.key_prefix)
         directory = RedisCachedDirectory(mysql_directory, redis, config.key_prefix,

@@ -35,8 +35,10 @@ are handed out again too (at most the bulks in flight; stored twice under the sa
 Cost per entry in the node: hiredis's parse, the entry's check and its ``ArchiveEntry`` tuple
 of id and document (~0.5 µs, a 1,000-entry reply, the collector frozen; decoding the five
 fields of the older layout into a message costs ~2.4 µs more); an ``ack`` of a whole batch is
-one XTRIM. Its own client, because ``XREAD ... BLOCK`` holds the connection: an ``ack``
-issued meanwhile waits behind it for at most ``wait_ms``.
+one XTRIM. The feed has clients of its own, and its blocking reads a connection of their own
+(``reads``): ``XREAD ... BLOCK`` holds its connection, and an ``ack`` issued meanwhile on it
+waited behind the read for up to ``wait_ms`` (the archiver's 1 s): the last acknowledgements
+of a backlog, and the stream's trim, came up to a second late.
 """
 
 from __future__ import annotations
@@ -146,9 +148,10 @@ class RedisArchiveFeed:
     """``ports.ArchiveFeed`` on the archive stream, reading as ``consumer`` while it holds the
     lease (module docstring, rules 1-3).
 
-    ``take`` reads the entries after its cursor (XREAD), waiting up to ``wait_ms`` for some
-    (``wait_ms=0``: do not wait; Redis is asked to block for less than half the client's
-    timeout, the rest of the wait is a sleep); without the lease it waits ``wait_ms`` and returns nothing.
+    ``take`` reads the entries after its cursor (XREAD, on ``reads`` when given, else on the
+    feed's client), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait; Redis is
+    asked to block for less than half the reading client's timeout, the rest of the wait is a
+    sleep); without the lease it waits ``wait_ms`` and returns nothing.
     ``ack`` trims the stream below the oldest entry handed out and not acknowledged (or below
     the cursor's next entry when none is left), when that moved. An entry that cannot be
     decoded (not written by ``RedisBus``) is logged and left behind with its neighbours.
@@ -158,6 +161,8 @@ class RedisArchiveFeed:
     prefix: str
     consumer: str = attrs.field(kw_only=True)
     lease_ms: int = attrs.field(default=10_000, kw_only=True)
+    reads: RespClient | None = attrs.field(default=None, kw_only=True)
+    """The client of the blocking reads (module docstring); the caller's, like ``_redis``."""
     _key: str = attrs.field(init=False)
     _lease_key: str = attrs.field(init=False)
     _holding: bool = attrs.field(default=False, init=False)
@@ -189,9 +194,10 @@ class RedisArchiveFeed:
             return []
         # The reply must come within the client's timeout (a later one closes the connection);
         # Redis answers a timed-out block up to 100 ms late (its idle event loop runs at hz 10).
-        block_ms = min(wait_ms, max(0, int(self._redis.timeout_s * 500) - 100))
+        reads = self._redis if self.reads is None else self.reads
+        block_ms = min(wait_ms, max(0, int(reads.timeout_s * 500) - 100))
         block: list[bytes | int] = [b"BLOCK", block_ms] if block_ms > 0 else []
-        read = await self._redis.call(
+        read = await reads.call(
             b"XREAD", b"COUNT", max_count, *block, b"STREAMS", self._key, self._cursor
         )
         entries = _read_entries(read)

@@ -43,14 +43,16 @@ class Archiver:
     feed: ArchiveFeed
     archive: Archive
     batch_size: int = 1000
-    """Messages per bulk request. Catching up a backlog (bench/, archiver-only runs) the
-    node spent ~4.3 µs per message with 500, ~3.2 with 1,000 and ~2.6 with 2,000 (each
-    batch costs ~0.4 ms of node CPU whatever its size); Redis ~2.3, ~2.0, ~1.9."""
+    """Messages per bulk request. Catching up a backlog (bench/, archiver-only runs, when the
+    feed still read through a consumer group) the node spent ~4.3 µs per message with 500,
+    ~3.2 with 1,000 and ~2.6 with 2,000 (each batch costs ~0.4 ms of node CPU whatever its
+    size); Redis ~2.3, ~2.0, ~1.9. (With the lease's plain XREAD, 1,000: node 2.6-3.2 µs,
+    Redis 0.56-0.7.)"""
     wait_ms: int = 1000
     """How long a take waits for traffic. Idle, the archiver's loop wakes once per wait: at
     100 ms that was ~18 of an idle node's ~24 wakeups a second (``strace -c``), CPU a loaded
-    node pays too. An acknowledgement issued while the feed's read waits queues behind it,
-    so a drain may take up to this much longer."""
+    node pays too. A drain waits for a take under way, so it may take up to this much
+    longer."""
     linger_s: float = 0.25
     """After a partial batch, wait this long for more (the node's default: 1 s)."""
     max_backoff_s: float = 5.0

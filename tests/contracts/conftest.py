@@ -227,9 +227,12 @@ async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
         feed_clients: list[RespClient] = []
 
         def new_feed(consumer: str) -> ArchiveFeed:
-            feed_clients.append(RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S))
+            commands, reads = (
+                RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S) for _ in range(2)
+            )
+            feed_clients.extend([commands, reads])
             return RedisArchiveFeed(
-                feed_clients[-1], prefix, consumer=consumer, lease_ms=claim_idle_ms
+                commands, prefix, consumer=consumer, lease_ms=claim_idle_ms, reads=reads
             )
 
         try:

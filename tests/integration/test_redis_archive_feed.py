@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
 from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient
 from chatnode.core import errors
@@ -67,6 +68,31 @@ async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowle
     await feed.ack(first[1:])
     await feed.ack(first[:1])
     assert await client.xlen(bus.keys.archive) == 0
+
+
+async def test_an_ack_does_not_wait_behind_a_blocked_read(
+    redis: tuple[RedisClient, str, RedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    reads = RespClient(feeds.address, timeout_s=5.0)
+    feed = await reading(RedisArchiveFeed(feeds, prefix, consumer="n1", reads=reads))
+    try:
+        await publish_some(bus, 3)
+        batch = await feed.take(max_count=10, wait_ms=100)
+        assert len(batch) == 3
+        async with trio.open_nursery() as nursery:
+
+            async def read_on() -> None:
+                assert await feed.take(max_count=10, wait_ms=2000) == []
+
+            nursery.start_soon(read_on)
+            await trio.testing.wait_all_tasks_blocked()  # the XREAD ... BLOCK 2000 is sent
+            with trio.fail_after(1):
+                await feed.ack(batch)
+                assert await client.xlen(bus.keys.archive) == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        await reads.aclose()
 
 
 async def test_the_lease_names_the_reader_and_is_released(
