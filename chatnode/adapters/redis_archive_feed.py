@@ -148,8 +148,7 @@ class RedisArchiveFeed:
     """``ports.ArchiveFeed`` on the archive stream, reading as ``consumer`` while it holds the
     lease (module docstring, rules 1-3).
 
-    ``take`` reads the entries after its cursor (XREAD, on ``reads`` when given, else on the
-    feed's client), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait; Redis is
+    ``take`` reads the entries after its cursor (XREAD, on ``reads``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait; Redis is
     asked to block for less than half the reading client's timeout, the rest of the wait is a
     sleep); without the lease it waits ``wait_ms`` and returns nothing.
     ``ack`` trims the stream below the oldest entry handed out and not acknowledged (or below
@@ -161,8 +160,9 @@ class RedisArchiveFeed:
     prefix: str
     consumer: str = attrs.field(kw_only=True)
     lease_ms: int = attrs.field(default=10_000, kw_only=True)
-    reads: RespClient | None = attrs.field(default=None, kw_only=True)
-    """The client of the blocking reads (module docstring); the caller's, like ``_redis``."""
+    reads: RespClient = attrs.field(kw_only=True)
+    """The client of the blocking reads: another connection than ``_redis``'s (module
+    docstring); the caller's, like ``_redis``. Only a test may pass the same client."""
     _key: str = attrs.field(init=False)
     _lease_key: str = attrs.field(init=False)
     _holding: bool = attrs.field(default=False, init=False)
@@ -194,7 +194,7 @@ class RedisArchiveFeed:
             return []
         # The reply must come within the client's timeout (a later one closes the connection);
         # Redis answers a timed-out block up to 100 ms late (its idle event loop runs at hz 10).
-        reads = self._redis if self.reads is None else self.reads
+        reads = self.reads
         block_ms = min(wait_ms, max(0, int(reads.timeout_s * 500) - 100))
         block: list[bytes | int] = [b"BLOCK", block_ms] if block_ms > 0 else []
         read = await reads.call(
@@ -304,4 +304,4 @@ class RedisArchiveFeed:
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
     def _implements_port(redis: RespClient) -> ports.ArchiveFeed:
-        return RedisArchiveFeed(redis, "p", consumer="c")
+        return RedisArchiveFeed(redis, "p", reads=redis, consumer="c")

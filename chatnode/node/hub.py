@@ -171,7 +171,7 @@ class Hub:
         can be applied between the flush and the switch."""
         for message in seat.pending or ():
             if message.offset > sent_up_to:
-                seat.member.send_nowait(_frame(message, seat.member.dialect, {}))
+                seat.member.send_nowait(_frame(message, seat.member.dialect))
         seat.pending = None
         seat.live = True
 
@@ -256,8 +256,8 @@ class Hub:
             if seat.live:
                 member = seat.member
                 frame = frames.get(member.dialect)
-                if frame is None:
-                    frame = _frame(message, member.dialect, frames)
+                if frame is None:  # encoded once per dialect (Rule 4)
+                    frame = frames[member.dialect] = _frame(message, member.dialect)
                 member.send_nowait(frame)
                 delivered += 1
             elif seat.pending is None:
@@ -301,8 +301,5 @@ class Hub:
         return len(self._sessions)
 
 
-def _frame(message: ChatMessage, dialect: Dialect, cache: dict[Dialect, bytes]) -> bytes:
-    frame = cache.get(dialect)
-    if frame is None:
-        frame = cache[dialect] = protocol.ws_text_frame(protocol.server_frame(message, dialect))
-    return frame
+def _frame(message: ChatMessage, dialect: Dialect) -> bytes:
+    return protocol.ws_text_frame(protocol.server_frame(message, dialect))

@@ -87,7 +87,7 @@ async def test_two_archivers_catch_up_a_backlog_and_dead_letter_bad_messages(
     # first one released the feed when it was drained.
     archivers = [
         Archiver(
-            RedisArchiveFeed(feed, prefix, consumer=f"node-{n}", lease_ms=60_000),
+            RedisArchiveFeed(feed, prefix, reads=feed, consumer=f"node-{n}", lease_ms=60_000),
             archive,
             batch_size=100,
         )

@@ -56,7 +56,7 @@ async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowle
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
     await publish_some(bus, 6)
     first = await feed.take(max_count=2, wait_ms=100)
     second = await feed.take(max_count=2, wait_ms=100)
@@ -99,7 +99,7 @@ async def test_the_lease_names_the_reader_and_is_released(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = await reading(RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=5000))
+    feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=5000))
 
     assert await client.get(bus.keys.archive_lease) == b"n1"
     assert 0 < await client.pttl(bus.keys.archive_lease) <= 5000
@@ -114,7 +114,7 @@ async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
     _, prefix, _bus, _ = redis
     client = RespClient.from_url(require_service("CHATNODE_TEST_REDIS_URL"), timeout_s=0.5)
     try:
-        feed = RedisArchiveFeed(client, prefix, consumer="n1")
+        feed = RedisArchiveFeed(client, prefix, reads=client, consumer="n1")
         # XREAD BLOCK 600 would outlive the client's 0.5 s reply timeout: Unavailable
         assert await feed.take(max_count=10, wait_ms=600) == []
         assert await feed.take(max_count=10, wait_ms=600) == []
@@ -126,7 +126,7 @@ async def test_a_reader_that_lost_its_lease_stops_reading(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = await reading(RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300))
+    feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300))
     await client.set(bus.keys.archive_lease, "n2", px=5000)  # n1 stalled; n2 took over
     await bus.publish(draft(1, "for n2"))
 
@@ -141,8 +141,8 @@ async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    stuck = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
-    other = RedisArchiveFeed(feeds, prefix, consumer="n2", lease_ms=300)
+    stuck = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
+    other = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n2", lease_ms=300)
     message = await bus.publish(draft(1, "its Elasticsearch is down"))
     taken = await stuck.take(max_count=10, wait_ms=100)
     assert await other.take(max_count=10, wait_ms=0) == []
@@ -168,8 +168,15 @@ async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
             calls.append(args[0])
             return await feeds.call(*args)  # type: ignore[arg-type]
 
-    reader = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)
-    waiting = RedisArchiveFeed(Counting(), prefix, consumer="n2", lease_ms=60_000)  # type: ignore[arg-type]
+    reader = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
+    counting = Counting()
+    waiting = RedisArchiveFeed(
+        counting,  # type: ignore[arg-type]
+        prefix,
+        reads=counting,  # type: ignore[arg-type]
+        consumer="n2",
+        lease_ms=60_000,
+    )
     assert await reader.take(max_count=10, wait_ms=0) == []
 
     for _ in range(5):  # the archiver's loop: a take every wait_ms
@@ -186,7 +193,9 @@ async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
     await feeds.call("XGROUP", "CREATE", bus.keys.archive, "archivers", "0")
     await feeds.call("XREADGROUP", "GROUP", "archivers", "old", "STREAMS", bus.keys.archive, ">")
 
-    taken = await RedisArchiveFeed(feeds, prefix, consumer="n1").take(max_count=10, wait_ms=0)
+    taken = await RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1").take(
+        max_count=10, wait_ms=0
+    )
 
     assert [e.message for e in taken] == [message]
     assert await feeds.call("XINFO", "GROUPS", bus.keys.archive) == []
@@ -196,11 +205,13 @@ async def test_a_node_restarted_under_the_same_name_reads_at_once(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
-    before = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)
+    before = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
     message = await bus.publish(draft(1, "taken, never acknowledged"))
     assert [e.message for e in await before.take(max_count=10, wait_ms=100)] == [message]
 
-    again = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=60_000)  # kill -9, start
+    again = RedisArchiveFeed(
+        feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000
+    )  # kill -9, start
 
     assert [e.message for e in await again.take(max_count=10, wait_ms=100)] == [message]
 
@@ -211,7 +222,9 @@ async def test_a_feed_started_late_gets_what_was_published_before(
     _, prefix, bus, feeds = redis
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
 
-    taken = await RedisArchiveFeed(feeds, prefix, consumer="late").take(max_count=10, wait_ms=100)
+    taken = await RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="late").take(
+        max_count=10, wait_ms=100
+    )
 
     assert [e.message for e in taken] == published
 
@@ -220,7 +233,7 @@ async def test_a_stream_that_vanished_is_read_again(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1", lease_ms=300)
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
     await bus.publish(draft(1, "before"))
     assert len(await feed.take(max_count=10, wait_ms=0)) == 1
 
@@ -238,7 +251,7 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
     await client.xadd(bus.keys.archive, {"garbage": "1"})
     message = await bus.publish(draft(1, "real"))
 
@@ -253,7 +266,7 @@ async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(
     redis: tuple[RedisClient, str, RedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
-    feed = RedisArchiveFeed(feeds, prefix, consumer="n1")
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
     fields = {"r": "7", "o": "3", "u": "zoë", "t": 'héllo \n"x"', "ts": str(T0)}  # before d
     await client.xadd(bus.keys.archive, dict(reversed(fields.items())))  # another order
     for bad in (
@@ -274,8 +287,7 @@ async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
-    feed = RedisArchiveFeed(
-        RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0), "nowhere", consumer="n1"
-    )
+    nowhere = RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0)
+    feed = RedisArchiveFeed(nowhere, "nowhere", reads=nowhere, consumer="n1")
     with pytest.raises(errors.Unavailable):
         await feed.take(max_count=10, wait_ms=0)
