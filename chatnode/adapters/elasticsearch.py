@@ -372,6 +372,11 @@ class EsArchive(ClosesOnExit):
         hits = await self._scan(query, [{"offset": "desc"}], limit, "read history")
         return [_message(hit["_source"]) for hit in reversed(hits)]
 
+    async def last_offset(self, room_id: int) -> int:
+        query = {"term": {"chatroom": room_id}}
+        hits = await self._scan(query, [{"offset": "desc"}], 1, "read the newest offset")
+        return int(hits[0]["_source"]["offset"]) if hits else 0
+
     async def search(self, query: SearchQuery) -> list[SearchHit]:
         if query.limit <= 0 or not query.text.strip():
             await trio.lowlevel.checkpoint()

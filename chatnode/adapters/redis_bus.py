@@ -3,26 +3,30 @@ is read by :class:`~chatnode.adapters.redis_archive_feed.RedisArchiveFeed`. Need
 
 Keys (``P`` is the deployment's key prefix, room ids are decimal)::
 
-    P:room:{id}:offset  string   newest offset of the room (INCR)
+    P:room:{id}:offset  string   newest offset of the room
     P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts;
                                  trimmed to about ``room_log_length`` entries (MAXLEN ~)
+    P:room:{id}:sent:{user}:{client id}
+                        string   ``<offset>:<timestamp>`` of a send with a client id (EX the
+                                 dedup window)
     P:archive           stream   every message of every room until archived: field d, its
                                  archive document (``ChatMessage.document``); trimmed by the
                                  archive feed once archived
     P:archive:lease     string   the node reading the archive stream (expires)
+    P:incarnation       string   epoch ms when this Redis began holding the deployment's data
     P:room:{id}         channel  live traffic: ``m<archive document>`` for a message (the
                                  bytes of the archive entry), ``s<json event>`` for a signal
 
 Rules:
 
 1. **One script publishes.** ``publish`` runs one Lua script (EVALSHA, loaded again on
-   NOSCRIPT): INCR the counter, XADD the room log, XADD the archive stream, PUBLISH. Redis runs
+   NOSCRIPT): next offset, XADD the room log, XADD the archive stream, PUBLISH. Redis runs
    scripts one at a time, so offsets are dense and the same for every node, and a room's
    channel carries its messages in offset order. The archive entry and the published payload
    are the message's archive document, completed by the script: the node sends its head and
-   tail, the offset goes between (one encoding of a message, made once). The script declares itself with ``#!lua``, so
-   Redis refuses it before its first write when it is out of memory: all or nothing. A counter
-   lost while the log survived (eviction) is rebuilt from the log's newest entry.
+   tail, the offset goes between (one encoding of a message, made once). The script declares
+   itself with ``#!lua``, so Redis refuses it before its first write when it is out of
+   memory: all or nothing.
 2. **One pub/sub connection per bus**, owned by ``serve``. ``subscribe`` sends SUBSCRIBE on it
    and returns once Redis acknowledged that very command: acknowledgements are counted per
    channel, so a subscribe racing an unsubscribe of the same room cannot take the other's ack.
@@ -30,61 +34,159 @@ Rules:
    KILL, a keepalive PING unanswered for ``keepalive_s``), ``serve`` reconnects with
    exponential backoff, subscribes every room subscribed at that moment, and once Redis
    acknowledged them all calls ``handler.resubscribed()``: the node reads what it missed from
-   the room logs. A handler that raises ``Unavailable`` there (or in ``deliver``: it could
-   not read a gap) drops the connection too, so ``resubscribed()`` is called again after a
-   growing backoff. A ``subscribe`` made while disconnected, or whose connection is lost
-   before the ack, raises ``Unavailable`` and leaves the room unsubscribed.
+   the room logs, and gives back what Redis lost (rule 6). A handler that raises
+   ``Unavailable`` there (or in ``deliver``: it could not read a gap) drops the connection
+   too, so ``resubscribed()`` is called again after a growing backoff. A ``subscribe`` made
+   while disconnected, or whose connection is lost before the ack, raises ``Unavailable`` and
+   leaves the room unsubscribed.
 4. **One task calls the handler**: the ``serve`` task, in arrival order, which per room is
    offset order. Traffic of a room that is no longer subscribed is dropped.
 5. **Failures are loud.** A command that fails for a connection reason or times out raises
    ``Unavailable`` and is not retried here. A publish whose reply was lost may still have been
-   applied: a caller that retries it can publish the message twice, under two offsets.
+   applied: a caller retries it with the same client id (rule 8).
+6. **Offsets are never reused.** Redis may lose data: restarted without persistence, an AOF
+   that lost its last second with the machine, a failover to a replica that lagged. The bus
+   remembers the newest offset it saw of every subscribed room (published or delivered) and
+   each publish passes it as a floor: the script continues above ``max(counter, floor)``. A
+   counter that is missing is rebuilt from the room log's newest entry, else from the floor;
+   with neither (this node never saw the room) the script refuses (``OffsetUnknown``) and the
+   node restores the room from the archive (``restore(seed=True)``), which waits until
+   ``settle_s`` after Redis lost its data (``P:incarnation``), time for the nodes that saw
+   the room to reconnect and restore it first (``restore``: counter and the room log's
+   missing tail, from their caches).
+7. **Every message is kept until archived.** A message in the archive stream exists only in
+   Redis until the archiver stored it, so the bus keeps each message it published (its
+   document, the stream id the script returned, and the serial of the connection that
+   answered) until the stream has moved past it: every ``archive_check_s`` the bus reads the
+   stream's first entry on its command connection and forgets the messages with a smaller id
+   (the stream is trimmed only below archived entries). Ids are compared only with a read on
+   the same connection: a restart or a failover ends connections, so a message kept under
+   an older connection is written to the archive stream again (a new entry; the archive
+   stores a message once per room and offset), and its room's counter restored. At most
+   ``keep_bytes`` of documents are kept (oldest dropped first, counted in ``unprotected``):
+   beyond that an archive outage's messages are as durable as Redis alone.
+8. **Idempotent send.** A draft with a client id sets ``P:room:{id}:sent:{user}:{client id}``
+   in the publish script; a draft finding that key is not published again, the earlier
+   offset and timestamp come back.
 
-Durability: offsets live in Redis. A Redis restarted without persistence (``appendonly yes``)
-starts every room at offset 1 again while the archive holds the old offsets. Run it with AOF.
+Durability: with the recommended Redis settings (``appendonly yes``, ``appendfsync always``,
+``maxmemory-policy noeviction``) Redis loses nothing a node acknowledged; rules 6 and 7 make a
+Redis that does lose data lose none of the messages the nodes that published or delivered
+them still hold (docs/faults.md: what is measured, and the window left).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import attrs
 import trio
-from coredis.response.types import StreamEntry
 
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
 
-from .resp import Reply, RespClient, RespConnection, Script
+from .resp import Reply, RespClient, RespConnection, RespError, Script
 
 log = logging.getLogger(__name__)
 
-# KEYS: counter, room log, archive stream.
-# ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail.
+# KEYS: counter, room log, archive stream[, sent key].
+# ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail,
+# floor (the newest offset the node saw; -1: none), dedup window s.
+# Returns {offset, archive entry id}, or {0, "offset:timestamp"} for a client id already sent.
 _PUBLISH_LUA: Final = """#!lua
-local offset = redis.call('INCR', KEYS[1])
-if offset == 1 then
-  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-  if newest then
-    offset = tonumber(string.match(newest[1], '^(%d+)')) + 1
-    redis.call('SET', KEYS[1], offset)
-  end
+if KEYS[4] then
+  local sent = redis.call('GET', KEYS[4])
+  if sent then return {0, sent} end
 end
+local current = redis.call('GET', KEYS[1])
+if current then
+  current = tonumber(current)
+else
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  current = newest and tonumber(string.match(newest[1], '^(%d+)')) or -1
+end
+local floor = tonumber(ARGV[8])
+if floor > current then current = floor end
+if current < 0 then return redis.error_reply('NOOFFSET the room offset is unknown') end
+local offset = current + 1
+redis.call('SET', KEYS[1], offset)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
   'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
 local document = ARGV[6] .. offset .. ARGV[7]
-redis.call('XADD', KEYS[3], '*', 'd', document)
+local id = redis.call('XADD', KEYS[3], '*', 'd', document)
 redis.call('PUBLISH', ARGV[2], 'm' .. document)
-return offset
+if KEYS[4] then redis.call('SET', KEYS[4], offset .. ':' .. ARGV[5], 'EX', ARGV[9]) end
+return {offset, id}
 """
 _PUBLISH: Final = Script(_PUBLISH_LUA)
 
+# KEYS: counter, room log. The room's newest offset: the counter, else the log's newest
+# entry (a counter evicted while the log survived), else -1 (lost, or never published).
+_HEAD: Final = Script("""#!lua
+local current = redis.call('GET', KEYS[1])
+if current then return tonumber(current) end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if newest then return tonumber(string.match(newest[1], '^(%d+)')) end
+return -1
+""")
+
+# KEYS: counter, room log, incarnation. ARGV: last offset, log length, seed (1/0), settle ms,
+# then offset, user, text, timestamp_ms of each message to log, ascending.
+# Returns {offset, 0}, or {-1, ms to wait} for a seed that comes too soon after a data loss.
+_RESTORE: Final = Script("""#!lua
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+local top = newest and tonumber(string.match(newest[1], '^(%d+)')) or -1
+local target = tonumber(ARGV[1])
+if ARGV[3] == '1' and current < 0 and top < 0 and target > 0 then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local since = tonumber(redis.call('GET', KEYS[3]) or '-1')
+  if since < 0 then
+    since = now_ms
+    redis.call('SET', KEYS[3], string.format('%d', now_ms))
+  end
+  local wait = since + tonumber(ARGV[4]) - now_ms
+  if wait > 0 then return {-1, wait} end
+end
+for i = 5, #ARGV, 4 do
+  local offset = tonumber(ARGV[i])
+  if offset > top then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0',
+      'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3])
+    top = offset
+  end
+end
+if top > target then target = top end
+if current > target then target = current end
+if target ~= current then redis.call('SET', KEYS[1], target) end
+return {target, 0}
+""")
+
+# KEYS: incarnation. Note when this Redis began holding the deployment's data; 1 if now.
+_MARK: Final = Script("""#!lua
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now = redis.call('TIME')
+redis.call('SET', KEYS[1], string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)))
+return 1
+""")
+
+# KEYS: archive stream. ARGV: documents. Append each again; returns their new entry ids.
+_WRITE_BACK: Final = Script("""#!lua
+local ids = {}
+for i, document in ipairs(ARGV) do ids[i] = redis.call('XADD', KEYS[1], '*', 'd', document) end
+return ids
+""")
+
 _SUBSCRIBE: Final = b"SUBSCRIBE"
 _UNSUBSCRIBE: Final = b"UNSUBSCRIBE"
+_NO_OFFSET: Final = b"NOOFFSET"
+_WRITE_BACK_CHUNK: Final = 500
 
 
 @attrs.frozen
@@ -103,6 +205,9 @@ class BusKeys:
     def log(self, room_id: int) -> str:
         return f"{self.prefix}:room:{room_id}:log"
 
+    def sent(self, room_id: int, user: str, client_id: str) -> str:
+        return f"{self.prefix}:room:{room_id}:sent:{user}:{client_id}"
+
     def channel(self, room_id: int) -> bytes:
         return self._channel_head + b"%d" % room_id
 
@@ -113,6 +218,10 @@ class BusKeys:
     @property
     def archive_lease(self) -> str:
         return f"{self.prefix}:archive:lease"
+
+    @property
+    def incarnation(self) -> str:
+        return f"{self.prefix}:incarnation"
 
     def room_of_channel(self, channel: bytes) -> int | None:
         head = self._channel_head
@@ -127,9 +236,9 @@ def _offset_of(entry_id: bytes | str) -> int:
     return int(raw.split("-", 1)[0])
 
 
-def stream_field(entry: StreamEntry, name: bytes) -> str:
-    value = entry.field_values[name]
-    return value.decode() if isinstance(value, bytes) else value
+def _stream_id(raw: bytes) -> tuple[int, int]:
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq)
 
 
 def _logged(room_id: int, entry: Reply) -> ChatMessage:
@@ -143,6 +252,20 @@ def _logged(room_id: int, entry: Reply) -> ChatMessage:
                     room_id, _offset_of(entry_id), user.decode(), text.decode(), int(ts)
                 )
     raise ValueError(f"malformed room log entry: {entry!r:.200}")
+
+
+class _Kept(NamedTuple):
+    """A message this bus published, kept until the archive stream moved past it (rule 7).
+    (A tuple: one is made per publish.)"""
+
+    seq: int
+    """Order of keeping: kept before a read of the stream means added to it before."""
+    serial: int
+    """The command connection whose reply gave ``entry_id``."""
+    entry_id: bytes
+    room_id: int
+    offset: int
+    document: bytes
 
 
 @attrs.define(eq=False)
@@ -231,12 +354,30 @@ class RedisBus:
     keepalive_s: float = attrs.field(default=10.0, kw_only=True)
     min_backoff_s: float = attrs.field(default=0.05, kw_only=True)
     max_backoff_s: float = attrs.field(default=5.0, kw_only=True)
+    dedup_window_s: float = attrs.field(default=300.0, kw_only=True)
+    """Rule 8: how long a client id keeps its send from being published again."""
+    settle_s: float = attrs.field(default=10.0, kw_only=True)
+    """Rule 6: after Redis lost its data, how long before a room nobody restored continues
+    from the archive (the nodes reconnect within ``max_backoff_s``)."""
+    archive_check_s: float = attrs.field(default=1.0, kw_only=True)
+    """Rule 7: how often the kept messages are compared with the archive stream."""
+    keep_bytes: int = attrs.field(default=32 << 20, kw_only=True)
+    """Rule 7: the most bytes of documents kept until archived."""
     keys: BusKeys = attrs.field(init=False)
     reconnects: int = attrs.field(default=0, init=False)
     pongs: int = attrs.field(default=0, init=False)
     """Keepalive PINGs answered, over all connections (``wait_for_pongs`` waits on it)."""
+    written_back: int = attrs.field(default=0, init=False)
+    """Kept messages written to the archive stream again after a reconnect (rule 7)."""
+    unprotected: int = attrs.field(default=0, init=False)
+    """Messages dropped from the kept ones past ``keep_bytes`` before they were archived."""
     _pong_counted: trio.Event = attrs.field(factory=trio.Event, init=False)
     _rooms: set[int] = attrs.field(factory=set, init=False)
+    _seen: dict[int, int] = attrs.field(factory=dict, init=False)
+    """The newest offset seen of each subscribed room: the publish floor (rule 6)."""
+    _kept: deque[_Kept] = attrs.field(factory=deque, init=False)
+    _kept_bytes: int = attrs.field(default=0, init=False)
+    _kept_seq: int = attrs.field(default=0, init=False)
     _link: _Link | None = attrs.field(default=None, init=False)
     _serving: bool = attrs.field(default=False, init=False)
 
@@ -256,30 +397,118 @@ class RedisBus:
         """Nothing to release: ``serve`` ends when cancelled, the client is the caller's."""
         await trio.lowlevel.checkpoint()
 
+    def counters(self) -> Mapping[str, int]:
+        return {
+            "unarchived_kept": len(self._kept),
+            "unarchived_written_back_total": self.written_back,
+            "unarchived_unprotected_total": self.unprotected,
+        }
+
     # -- the log ------------------------------------------------------------------------------
 
     async def publish(self, draft: Draft) -> ChatMessage:
         room_id = draft.room_id
-        offset = await _PUBLISH.run(
-            self._redis,
-            keys=[self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive],
-            args=[
-                self.room_log_length,
-                self.keys.channel(room_id),
-                draft.user,
-                draft.text,
-                draft.timestamp_ms,
-                document_head(room_id),
-                document_tail(draft.user, draft.text, draft.timestamp_ms),
-            ],
-        )
-        if not isinstance(offset, int):
-            raise TypeError(f"the publish script returned {offset!r}")
-        return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+        keys = [self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive]
+        if draft.client_id is not None:
+            keys.append(self.keys.sent(room_id, draft.user, draft.client_id))
+        document_tail_ = document_tail(draft.user, draft.text, draft.timestamp_ms)
+        try:
+            reply, serial = await _PUBLISH.run_tracked(
+                self._redis,
+                keys,
+                [
+                    self.room_log_length,
+                    self.keys.channel(room_id),
+                    draft.user,
+                    draft.text,
+                    draft.timestamp_ms,
+                    document_head(room_id),
+                    document_tail_,
+                    self._seen.get(room_id, -1),
+                    max(1, round(self.dedup_window_s)),
+                ],
+            )
+        except RespError as exc:
+            if exc.prefix == _NO_OFFSET:
+                raise errors.OffsetUnknown(
+                    f"Redis lost the offset of chatroom {room_id}; restoring it"
+                ) from None
+            raise
+        match reply:
+            case [int(offset), bytes(entry_id)] if offset > 0:
+                self._keep(serial, entry_id, room_id, offset, document_tail_)
+                if room_id in self._rooms and offset > self._seen.get(room_id, 0):
+                    self._seen[room_id] = offset
+                return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+            case [0, bytes(sent)]:
+                offset_raw, _, timestamp_raw = sent.partition(b":")
+                return ChatMessage(
+                    room_id, int(offset_raw), draft.user, draft.text, int(timestamp_raw)
+                )
+        raise TypeError(f"the publish script returned {reply!r:.200}")
 
-    async def last_offset(self, room_id: int) -> int:
-        value = await self._redis.call("GET", self.keys.offset(room_id))
-        return int(value) if isinstance(value, bytes) else 0
+    def _keep(self, serial: int, entry_id: bytes, room_id: int, offset: int, tail: bytes) -> None:
+        """Keep a published message until archived (rule 7), dropping the oldest kept past
+        ``keep_bytes``."""
+        document = document_head(room_id) + b"%d" % offset + tail
+        self._kept_seq += 1
+        self._kept.append(_Kept(self._kept_seq, serial, entry_id, room_id, offset, document))
+        self._kept_bytes += len(document)
+        while self._kept_bytes > self.keep_bytes and self._kept:
+            dropped = self._kept.popleft()
+            self._kept_bytes -= len(dropped.document)
+            if self.unprotected % 10_000 == 0:
+                log.warning(
+                    "Redis bus: more than %d bytes of published messages wait for the archive;"
+                    " the oldest are no longer kept by this node (%d so far)",
+                    self.keep_bytes,
+                    self.unprotected + 1,
+                )
+            self.unprotected += 1
+
+    async def last_offset(self, room_id: int) -> int | None:
+        head = await _HEAD.run(self._redis, [self.keys.offset(room_id), self.keys.log(room_id)], [])
+        if not isinstance(head, int):
+            raise TypeError(f"the head script returned {head!r:.200}")
+        if head < 0:
+            return None
+        if room_id in self._rooms and head > self._seen.get(room_id, 0):
+            self._seen[room_id] = head
+        return head
+
+    async def restore(
+        self,
+        room_id: int,
+        *,
+        last_offset: int,
+        messages: Sequence[ChatMessage] = (),
+        seed: bool = False,
+    ) -> int:
+        args: list[str | bytes | int] = [
+            last_offset,
+            self.room_log_length,
+            1 if seed else 0,
+            int(self.settle_s * 1000),
+        ]
+        for m in messages:
+            args += [m.offset, m.user, m.text, m.timestamp_ms]
+        reply = await _RESTORE.run(
+            self._redis,
+            [self.keys.offset(room_id), self.keys.log(room_id), self.keys.incarnation],
+            args,
+        )
+        match reply:
+            case [int(offset), int(wait_ms)]:
+                if offset < 0:
+                    raise errors.Unavailable(
+                        f"Redis lost its data moments ago; chatroom {room_id} waits"
+                        f" {wait_ms / 1000:.1f}s for the nodes to restore it",
+                        retry_after_s=wait_ms / 1000,
+                    )
+                if room_id in self._rooms and offset > self._seen.get(room_id, 0):
+                    self._seen[room_id] = offset
+                return offset
+        raise TypeError(f"the restore script returned {reply!r:.200}")
 
     async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
         if limit <= 0:
@@ -290,6 +519,72 @@ class RedisBus:
         if not isinstance(entries, list):
             raise TypeError(f"XRANGE returned {entries!r:.200}")
         return [_logged(room_id, entry) for entry in entries]
+
+    # -- kept until archived (rule 7) -----------------------------------------------------------
+
+    async def _keep_until_archived(self) -> None:
+        """Every ``archive_check_s``: forget the kept messages the archive stream moved past,
+        and write back those kept under an older connection."""
+        while True:
+            await trio.sleep(self.archive_check_s)
+            if not self._kept:
+                continue
+            try:
+                await self._check_archived()
+            except errors.Unavailable as exc:
+                log.debug("Redis bus: could not check the archive stream (%s)", exc)
+
+    async def _check_archived(self) -> None:
+        kept_before = self._kept_seq
+        reply, serial = await self._redis.call_tracked(
+            "XRANGE", self.keys.archive, "-", "+", "COUNT", 1
+        )
+        if not isinstance(reply, list):
+            raise TypeError(f"XRANGE returned {reply!r:.200}")
+        stale = [k for k in self._kept if k.serial != serial]
+        if stale:
+            await self._write_back(stale)
+            return  # compare with a read made after the write-back, next time
+        first: tuple[int, int] | None = None
+        match reply:
+            case [[bytes(first_id), _], *_]:
+                first = _stream_id(first_id)
+        kept: deque[_Kept] = deque()
+        for k in self._kept:
+            if k.seq <= kept_before and (first is None or _stream_id(k.entry_id) < first):
+                self._kept_bytes -= len(k.document)
+            else:
+                kept.append(k)
+        self._kept = kept
+
+    async def _write_back(self, stale: list[_Kept]) -> None:
+        """Redis restarted or failed over since these were kept: it may have lost them (and
+        their rooms' counters). Restore each room's counter to the newest offset kept of it,
+        then append the documents to the archive stream again (rule 7)."""
+        newest: dict[int, int] = {}
+        for k in stale:
+            newest[k.room_id] = max(newest.get(k.room_id, 0), k.offset)
+        for room_id, offset in newest.items():
+            await self.restore(room_id, last_offset=offset)
+        renewed: dict[int, _Kept] = {}
+        for start in range(0, len(stale), _WRITE_BACK_CHUNK):
+            chunk = stale[start : start + _WRITE_BACK_CHUNK]
+            ids, serial = await _WRITE_BACK.run_tracked(
+                self._redis, [self.keys.archive], [k.document for k in chunk]
+            )
+            if not isinstance(ids, list) or len(ids) != len(chunk):
+                raise TypeError(f"the write-back script returned {ids!r:.200}")
+            for k, entry_id in zip(chunk, ids, strict=True):
+                if isinstance(entry_id, bytes):
+                    renewed[k.seq] = k._replace(serial=serial, entry_id=entry_id)
+        self._kept = deque(renewed.get(k.seq, k) for k in self._kept)
+        self.written_back += len(renewed)
+        log.warning(
+            "Redis bus: Redis restarted or failed over; wrote %d published messages not known"
+            " to be archived back to the archive stream (%d rooms' offsets restored)",
+            len(renewed),
+            len(newest),
+        )
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -309,11 +604,13 @@ class RedisBus:
             await link.wait_acked(tickets)
         except BaseException:
             self._rooms.discard(room_id)
+            self._seen.pop(room_id, None)
             self._send_quietly(link, _UNSUBSCRIBE, channel)
             raise
 
     async def unsubscribe(self, room_id: int) -> None:
         self._rooms.discard(room_id)
+        self._seen.pop(room_id, None)
         if self._link is not None:
             self._send_quietly(self._link, _UNSUBSCRIBE, self.keys.channel(room_id))
         await trio.lowlevel.checkpoint()
@@ -329,37 +626,44 @@ class RedisBus:
     # -- the receiving side -------------------------------------------------------------------
 
     async def serve(self, handler: ports.BusHandler, *, task_status: ports.TaskStatus) -> None:
-        """Receive until cancelled, reconnecting as needed (rules 2-4). ``started()`` comes
-        once the first pub/sub connection is up; until then connecting is retried."""
+        """Receive until cancelled, reconnecting as needed (rules 2-4), and keep the published
+        messages until archived (rule 7). ``started()`` comes once the first pub/sub
+        connection is up; until then connecting is retried."""
         if self._serving:
             raise RuntimeError("this RedisBus is already serving")
         self._serving = True
-        backoff_s = self.min_backoff_s
-        first = True
         try:
-            while True:
-                came_up = healthy = False
-                try:
-                    conn = await self._redis.connect()
-                except errors.Unavailable as exc:
-                    log.warning("Redis bus: %s; retrying in %.2fs", exc, backoff_s)
-                else:
-                    link = _Link(conn)
-                    try:
-                        came_up, healthy = await self._run_link(link, handler, task_status, first)
-                    finally:
-                        link.close()
-                        if self._link is link:
-                            self._link = None
-                        await conn.aclose()
-                if came_up:
-                    first = False
-                if came_up and healthy:
-                    backoff_s = self.min_backoff_s
-                await trio.sleep(backoff_s)
-                backoff_s = min(self.max_backoff_s, 2 * backoff_s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_until_archived)
+                await self._serve_links(handler, task_status)
         finally:
             self._serving = False
+
+    async def _serve_links(self, handler: ports.BusHandler, task_status: ports.TaskStatus) -> None:
+        """One pub/sub connection after another, with exponential backoff (rule 3)."""
+        backoff_s = self.min_backoff_s
+        first = True
+        while True:
+            came_up = healthy = False
+            try:
+                conn = await self._redis.connect()
+            except errors.Unavailable as exc:
+                log.warning("Redis bus: %s; retrying in %.2fs", exc, backoff_s)
+            else:
+                link = _Link(conn)
+                try:
+                    came_up, healthy = await self._run_link(link, handler, task_status, first)
+                finally:
+                    link.close()
+                    if self._link is link:
+                        self._link = None
+                    await conn.aclose()
+            if came_up:
+                first = False
+            if came_up and healthy:
+                backoff_s = self.min_backoff_s
+            await trio.sleep(backoff_s)
+            backoff_s = min(self.max_backoff_s, 2 * backoff_s)
 
     async def _run_link(
         self, link: _Link, handler: ports.BusHandler, task_status: ports.TaskStatus, first: bool
@@ -376,6 +680,12 @@ class RedisBus:
 
         async def came_up() -> None:
             nonlocal up
+            if await _MARK.run(self._redis, [self.keys.incarnation], []) == 1:
+                log.warning(
+                    "Redis bus: Redis holds no data of this deployment (a new deployment, or"
+                    " Redis lost its data): rooms continue above what the nodes and the"
+                    " archive know"
+                )
             up = True
             if first:
                 task_status.started()
@@ -439,6 +749,8 @@ class RedisBus:
             log.warning("Redis bus: dropped a malformed payload on %r: %.80r", channel, data)
             return
         if data.startswith(b"m"):
+            if message.offset > self._seen.get(room_id, 0):
+                self._seen[room_id] = message.offset
             await handler.deliver(message)
         else:
             await handler.signal(room_id, event)

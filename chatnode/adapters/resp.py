@@ -114,8 +114,13 @@ class _Slot:
 class RespConnection:
     """One connection to Redis (rules 1-3, 5). Made by :meth:`RespClient.connect`."""
 
-    def __init__(self, stream: trio.abc.Stream, *, timeout_s: float, name: str) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, timeout_s: float, name: str, serial: int = 0
+    ) -> None:
         self._stream = stream
+        self.serial = serial
+        """Which of its client's connections this is (1, 2, ...): replies read on one
+        connection come from one run of the server (a restart or a failover ends it)."""
         # A plain socket is read and written by its descriptor: through trio's socket
         # wrappers a publish cost two scheduler passes before its write and a failed read
         # (an exception) before its reply, and every pub/sub read a failed read too.
@@ -356,6 +361,14 @@ class RespClient:
             conn = await self._connected()
         return check(await conn.call(*args))
 
+    async def call_tracked(self, *args: Arg) -> tuple[Reply, int]:
+        """:meth:`call`, and the serial of the connection that answered: two replies with
+        the same serial came from one run of the server, in the order Redis ran them."""
+        conn = self._conn
+        if conn is None or conn.broken:
+            conn = await self._connected()
+        return check(await conn.call(*args)), conn.serial
+
     async def _connected(self) -> RespConnection:
         async with self._connecting:
             if self._conn is None or self._conn.broken:
@@ -377,13 +390,19 @@ class RespClient:
                             stream, ssl.create_default_context(), server_hostname=address.host
                         )
                         await stream.do_handshake()
-                conn = RespConnection(stream, timeout_s=self.timeout_s, name=self.client_name or "")
+                conn = RespConnection(
+                    stream,
+                    timeout_s=self.timeout_s,
+                    name=self.client_name or "",
+                    serial=self.connects + 1,
+                )
                 for command in self._handshake():
                     check(await conn.call(*command))
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             where = address.unix_path or f"{address.host}:{address.port}"
             raise errors.Unavailable(f"Redis: cannot connect to {where} ({exc!r})") from exc
         self.connects += 1
+        conn.serial = self.connects
         return conn
 
     def _handshake(self) -> list[list[Arg]]:
@@ -422,3 +441,15 @@ class Script:
             if exc.prefix != b"NOSCRIPT":
                 raise
         return await client.call("EVAL", self.source, len(keys), *keys, *args)
+
+    async def run_tracked(
+        self, client: RespClient, keys: Sequence[Arg], args: Sequence[Arg]
+    ) -> tuple[Reply, int]:
+        """:meth:`run`, and the serial of the connection that answered
+        (:meth:`RespClient.call_tracked`)."""
+        try:
+            return await client.call_tracked("EVALSHA", self.sha, len(keys), *keys, *args)
+        except RespError as exc:
+            if exc.prefix != b"NOSCRIPT":
+                raise
+        return await client.call_tracked("EVAL", self.source, len(keys), *keys, *args)

@@ -68,10 +68,11 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 import attrs
 import trio
@@ -150,6 +151,18 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                 WHERE NOT EXISTS (SELECT 1 FROM messages_fts_pending WHERE id = old.id);
             UPDATE messages_fts_pending SET id = new.id WHERE id = old.id;
         END""",
+    ),
+    # 3: the client ids of recent sends (idempotent send: ``SqliteBus``, dedup window).
+    (
+        """CREATE TABLE sent_ids (
+            room_id INTEGER NOT NULL,
+            user TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            "offset" INTEGER NOT NULL,
+            expires_at_ms INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user, client_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX sent_ids_by_expiry ON sent_ids(expires_at_ms)",
     ),
 )
 
@@ -252,6 +265,14 @@ def _index_pending(conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM messages_fts_pending")
 
 
+def _forget_expired_sends(conn: sqlite3.Connection) -> None:
+    """Drop the client ids whose dedup window ended (upkeep, module rule 3)."""
+    with _Transaction(conn):
+        conn.execute(
+            "DELETE FROM sent_ids WHERE expires_at_ms <= ?", (time.time_ns() // 1_000_000,)
+        )
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to ``SCHEMA_VERSION`` in one transaction; a no-op when it is there."""
     with _Transaction(conn):
@@ -347,6 +368,7 @@ class SqliteDatabase(ClosesOnExit):
             if self._unchecked_changes >= UPKEEP_AFTER_CHANGES:
                 # Before fn, not after: a failed upkeep must not fail a call that committed.
                 _index_pending(conn)
+                _forget_expired_sends(conn)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 self._unchecked_changes = 0
             return self._counted(fn, conn)
@@ -647,6 +669,9 @@ class SqliteArchive:
 
         return await self._db.run(select)
 
+    async def last_offset(self, room_id: int) -> int:
+        return await self._db.run(lambda conn: _last_offset(conn, room_id))
+
     async def search(self, query: SearchQuery) -> list[SearchHit]:
         match = fts_match_expression(query.text)
         if match is None or query.limit <= 0:
@@ -705,15 +730,44 @@ class _LocalBroker:
             bus._offer(item)
 
 
-def _append(draft: Draft, conn: sqlite3.Connection) -> ChatMessage:
+def _append(draft: Draft, dedup_window_ms: int, conn: sqlite3.Connection) -> _Appended:
+    """Insert ``draft`` as the room's next message, or find the message its client id
+    already published within the dedup window; one transaction."""
     with _Transaction(conn):
+        if draft.client_id is not None:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM sent_ids AS s JOIN messages AS m"
+                ' ON m.room_id = s.room_id AND m."offset" = s."offset"'
+                " WHERE s.room_id = ? AND s.user = ? AND s.client_id = ? AND s.expires_at_ms > ?",
+                (draft.room_id, draft.user, draft.client_id, draft.timestamp_ms),
+            ).fetchone()
+            if row is not None:
+                return _Appended(_message(row), duplicate=True)
         offset = _last_offset(conn, draft.room_id) + 1
         conn.execute(
             'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
             " VALUES (?, ?, ?, ?, ?)",
             (draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms),
         )
-    return ChatMessage(draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+        if draft.client_id is not None:
+            conn.execute(
+                'INSERT OR REPLACE INTO sent_ids (room_id, user, client_id, "offset", expires_at_ms)'
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    draft.room_id,
+                    draft.user,
+                    draft.client_id,
+                    offset,
+                    draft.timestamp_ms + dedup_window_ms,
+                ),
+            )
+    message = ChatMessage(draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+    return _Appended(message, duplicate=False)
+
+
+class _Appended(NamedTuple):
+    message: ChatMessage
+    duplicate: bool
 
 
 async def _recover(handler: ports.BusHandler) -> None:
@@ -738,7 +792,9 @@ class SqliteBus:
     database (this one included) that is subscribed to the room, all under the database's FIFO
     publish lock; once the insert has started the publish completes even if the caller is
     cancelled. Each bus delivers from its own ``serve`` task, in offset order, through a bounded
-    inbox of ``inbox_size`` items (module rule 7).
+    inbox of ``inbox_size`` items (module rule 7). A draft whose client id the same user
+    published in the room less than ``dedup_window_s`` ago is found in ``sent_ids`` (same
+    transaction) and its message returned, nothing inserted or fanned out.
 
     Subscriptions are a set: subscribing twice and unsubscribing once ends delivery. Signal
     events are JSON round-tripped, like on a real broker, so each handler gets its own copy and a
@@ -747,6 +803,7 @@ class SqliteBus:
 
     _db: SqliteDatabase
     inbox_size: int = attrs.field(default=1024, kw_only=True)
+    dedup_window_s: float = attrs.field(default=300.0, kw_only=True)
     _rooms: set[int] = attrs.field(factory=set, init=False)
     _inbox: trio.MemorySendChannel[_Item] | None = attrs.field(default=None, init=False)
     _overflowed: bool = attrs.field(default=False, init=False)
@@ -763,9 +820,11 @@ class SqliteBus:
         async with broker.lock:
             # No await after the append has started (rule 1): a cancelled publish either
             # published nothing or completes, fan-out included.
-            message = await self._db.run(partial(_append, draft), inline=True)
-            broker.fan_out(message)
-        return message
+            window_ms = int(self.dedup_window_s * 1000)
+            appended = await self._db.run(partial(_append, draft, window_ms), inline=True)
+            if not appended.duplicate:
+                broker.fan_out(appended.message)
+        return appended.message
 
     async def signal(self, room_id: int, event: dict[str, Any]) -> None:
         item = _Signal(room_id, json.dumps(event))
@@ -782,6 +841,21 @@ class SqliteBus:
 
     async def last_offset(self, room_id: int) -> int:
         return await self._db.run(lambda conn: _last_offset(conn, room_id))
+
+    def counters(self) -> Mapping[str, int]:
+        return {}
+
+    async def restore(
+        self,
+        room_id: int,
+        *,
+        last_offset: int,
+        messages: Sequence[ChatMessage] = (),
+        seed: bool = False,
+    ) -> int:
+        """Nothing to restore: the room log is the database, which loses nothing that was
+        acknowledged (module rule 5)."""
+        return await self.last_offset(room_id)
 
     async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
         return await self._db.run(

@@ -2,7 +2,7 @@
 
 Every error a client can see derives from :class:`ChatError` and carries a stable ``code``
 (documented in docs/protocol.md). Each transport maps the tree to its own signal in one place:
-HTTP status in ``edge/http_errors.py``, WebSocket close code in ``core/protocol.py``.
+HTTP status in ``edge/errors.py``, WebSocket close code in ``core/protocol.py``.
 
 ::
 
@@ -19,6 +19,8 @@ HTTP status in ``edge/http_errors.py``, WebSocket close code in ``core/protocol.
     ├── RoomFull              409  room reached its member limit
     ├── RateLimited           429  too many messages; retry later
     └── Unavailable           503  a backend is down; retry later (``retry_after_s``)
+        └── OffsetUnknown          the bus lost a room's offset (Redis lost its data): the
+                                   node starts it again above what it and the archive know
 """
 
 from __future__ import annotations
@@ -98,3 +100,9 @@ class Unavailable(ChatError):
     ) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class OffsetUnknown(Unavailable):
+    """The bus no longer knows a room's newest offset (Redis restarted without its data, or
+    evicted it) and the caller must tell it where to continue (``Bus.restore``). A node that
+    meets it outside that path answers 503 like any ``Unavailable``."""

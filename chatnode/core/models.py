@@ -67,12 +67,17 @@ class Room:
 
 @attrs.frozen
 class Draft:
-    """A message as a member sent it, before the bus gives it a room offset."""
+    """A message as a member sent it, before the bus gives it a room offset.
+
+    ``client_id`` is the sender's own id for it (the v1 ``send`` frame's ``id``): a draft with
+    the client id of one the same user published in the same room within the bus's dedup
+    window is that message again, not a new one (the way to retry a send safely)."""
 
     room_id: int
     user: str
     text: str
     timestamp_ms: int
+    client_id: str | None = None
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ exception is a bug.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, overload
 
 from chatnode.core.models import (
@@ -104,9 +104,20 @@ class Bus(Closeable, Protocol):
     ``publish`` is atomic: it assigns the next offset of the room, appends to the room log and
     to the archive feed, and fans out, all or nothing. Offsets are dense: 1, 2, 3, ...
     An implementation whose room log is the archive (SQLite) has no archive feed.
+
+    **Offsets are never reused.** A bus whose backend can lose data (Redis restarted without
+    it, a failover to a replica that lagged) continues a room above the highest offset this
+    node has seen of it (published or delivered) when it finds the room's counter missing or
+    behind. When it lost a room's offset and this node never saw the room, it raises
+    :class:`~chatnode.core.errors.OffsetUnknown` and the node tells it where to continue
+    (:meth:`restore`, from the archive).
     """
 
-    async def publish(self, draft: Draft) -> ChatMessage: ...
+    async def publish(self, draft: Draft) -> ChatMessage:
+        """Publish ``draft`` and return it with its offset. A draft with the ``client_id`` of
+        a message the same user published in the room within the dedup window is not
+        published again: the earlier message's offset and timestamp come back (with this
+        draft's text). Raise ``Unavailable`` (``OffsetUnknown``: see the class docstring)."""
 
     async def signal(self, room_id: int, event: dict[str, Any]) -> None:
         """Fan out an ephemeral event to the room's subscribers (best effort)."""
@@ -116,8 +127,26 @@ class Bus(Closeable, Protocol):
 
     async def unsubscribe(self, room_id: int) -> None: ...
 
-    async def last_offset(self, room_id: int) -> int:
-        """The offset of the room's newest message, 0 if none."""
+    async def last_offset(self, room_id: int) -> int | None:
+        """The offset of the room's newest message, 0 if none; None if the bus lost it (the
+        node then calls :meth:`restore`)."""
+
+    async def restore(
+        self,
+        room_id: int,
+        *,
+        last_offset: int,
+        messages: Sequence[ChatMessage] = (),
+        seed: bool = False,
+    ) -> int:
+        """Tell the bus what this node knows of a room, after the bus lost data: the room's
+        offset becomes at least ``last_offset`` and the room log gets those of ``messages``
+        (ascending) that are newer than its newest entry. Return the room's offset.
+
+        ``seed``: the node never saw the room and ``last_offset`` is the archive's newest:
+        nodes that saw the room may still have to restore what they hold, so a bus that lost
+        its data moments ago raises ``Unavailable`` (retry later) instead of starting the room
+        there. A bus that never loses data does nothing."""
 
     async def read_log(self, room_id: int, *, after_offset: int, limit: int) -> list[ChatMessage]:
         """Messages with ``offset > after_offset`` still held by the recent log, ascending, at
@@ -126,6 +155,10 @@ class Bus(Closeable, Protocol):
 
     async def serve(self, handler: BusHandler, *, task_status: TaskStatus) -> None:
         """Run the receiving side until cancelled; ``started()`` once ready to subscribe."""
+
+    def counters(self) -> Mapping[str, int]:
+        """The implementation's own figures for ``/metrics``, by name (``chatnode_`` is
+        prepended; a name ending in ``_total`` is a counter, any other a gauge)."""
 
 
 class ArchiveFeed(Protocol):
@@ -178,6 +211,9 @@ class Archive(Closeable, Protocol):
 
     async def tail(self, room_id: int, *, up_to_offset: int, limit: int) -> list[ChatMessage]:
         """The last ``limit`` messages with ``offset <= up_to_offset``, ascending."""
+
+    async def last_offset(self, room_id: int) -> int:
+        """The newest offset of the room stored so far (0 if none), as ``read`` sees it."""
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
         """Plain words, never a query syntax; every word must match (case-insensitive);

@@ -169,6 +169,12 @@ def joined_frame(room_id: int, user: str, *, head: int, history: int, node: str)
     )
 
 
+def gap_frame(room_id: int, first: int, last: int) -> bytes:
+    """Before a resume's replay: offsets ``first..last`` are not replayed (over the replay
+    limit); the client pages them through the history API if it wants them."""
+    return _dumps({"type": "gap", "chatroom": room_id, "from": first, "to": last})
+
+
 def live_frame(room_id: int, offset: int) -> bytes:
     """Sent after the replay: every later message is live."""
     return _dumps({"type": "live", "chatroom": room_id, "offset": offset})

@@ -420,7 +420,7 @@ class WsMember:
             if isinstance(frame, protocol.Rejected):
                 raise frame.error
             if isinstance(frame, protocol.Send):
-                message = await room.send(frame.text)
+                message = await room.send(frame.text, frame.client_id)
                 if self.dialect is Dialect.V1:
                     self.send_nowait(
                         protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))

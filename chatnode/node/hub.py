@@ -18,6 +18,10 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
 5. History comes from the session's cache of recent messages when it covers the range; else it
    is loaded from the bus log (and the archive for what the log no longer holds) by one task
    at a time per room (single-flight), and the load extends the cache for the next joiner.
+6. The node gives the bus back what the bus lost. When the bus's offset of a room is
+   missing or behind the session's (Redis lost data), the session's newest offset and its
+   cached messages are restored to the bus, so offsets continue above what members saw;
+   a room without a session continues above the archive's newest offset.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ class Hub:
                 self._sessions[room_id] = session
                 try:
                     await self._bus.subscribe(room_id)
-                    head = await self._bus.last_offset(room_id)
+                    head = await self.head(room_id)
                 except BaseException:
                     del self._sessions[room_id]
                     raise
@@ -174,6 +178,39 @@ class Hub:
                 seat.member.send_nowait(_frame(message, seat.member.dialect))
         seat.pending = None
         seat.live = True
+
+    # -- offsets the bus lost (Rule 6) -------------------------------------------------------
+
+    async def head(self, room_id: int) -> int:
+        """The room's newest offset; if the bus lost it, restored first (:meth:`restore`)."""
+        head = await self._bus.last_offset(room_id)
+        if head is None:
+            head = await self.restore(room_id)
+        return head
+
+    async def restore(self, room_id: int) -> int:
+        """Tell the bus what this node knows of a room whose offset it lost (Rule 6): the
+        session's newest offset and cached messages, or, with no session, the archive's
+        newest offset (a seed, which the bus may refuse for a while: ``Unavailable``)."""
+        session = self._sessions.get(room_id)
+        if session is not None and session.ready.is_set():
+            return await self._restore_session(session)
+        archived = await self._archive.last_offset(room_id)
+        head = await self._bus.restore(room_id, last_offset=archived, seed=True)
+        log.warning("room %d: the bus lost its offset; continuing above %d", room_id, head)
+        return head
+
+    async def _restore_session(self, session: RoomSession) -> int:
+        head = await self._bus.restore(
+            session.room_id, last_offset=session.last_offset, messages=list(session.recent)
+        )
+        log.warning(
+            "room %d: the bus had lost messages up to offset %d; restored %d from this node",
+            session.room_id,
+            session.last_offset,
+            len(session.recent),
+        )
+        return head
 
     # -- history ----------------------------------------------------------------------------
 
@@ -276,12 +313,15 @@ class Hub:
                 seat.member.send_nowait(frame)
 
     async def resubscribed(self) -> None:
-        """After a bus reconnect: catch every subscribed room up from the room log."""
+        """After a bus reconnect: catch every subscribed room up from the room log, and give
+        the bus back what it lost of a room this node saw further (Rule 6)."""
         for session in list(self._sessions.values()):
             if not session.ready.is_set():
                 continue
             head = await self._bus.last_offset(session.room_id)
-            if head > session.last_offset:
+            if head is None or head < session.last_offset:
+                await self._restore_session(session)
+            elif head > session.last_offset:
                 for message in await self.load_range(session.room_id, session.last_offset, head):
                     self._fan_out(session, message)
 

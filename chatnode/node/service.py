@@ -18,7 +18,14 @@ import attrs
 import trio
 
 from chatnode.core import auth, protocol, validation
-from chatnode.core.errors import Forbidden, NotFound, RateLimited, Unauthorized
+from chatnode.core.errors import (
+    Forbidden,
+    NotFound,
+    OffsetUnknown,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
 from chatnode.core.models import (
     ChatMessage,
     Draft,
@@ -234,7 +241,12 @@ class ChatNode:
         if name is None:
             name = "room"
         name = validation.room_name(name, self.settings.limits)
-        return await self.backends.directory.create_room(name, created_at_ms=now_ms())
+        room = await self.backends.directory.create_room(name, created_at_ms=now_ms())
+        try:  # the room starts at offset 0 on the bus: its first message needs no archive read
+            await self.backends.bus.restore(room.id, last_offset=0)
+        except Unavailable as exc:
+            log.info("room %d: offset not set on the bus yet (%s)", room.id, exc)
+        return room
 
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
         return await self.backends.directory.list_rooms(after_id=after_id, limit=limit)
@@ -270,7 +282,7 @@ class ChatNode:
     async def history(self, room_id: int, *, before: int | None, limit: int) -> list[ChatMessage]:
         """Up to ``limit`` messages older than offset ``before`` (default: the newest), newest last."""
         await self.room(room_id)
-        head = await self.backends.bus.last_offset(room_id)
+        head = await self.hub.head(room_id)
         up_to = head if before is None else min(head, before - 1)
         after = max(0, up_to - limit)
         return await self.hub.load_range(room_id, after, up_to)
@@ -352,13 +364,19 @@ class RoomConnection:
         return self._node.settings.limits
 
     async def replay(self, since: int | None) -> None:
+        """History, then live (hub Rule 3). A ``since`` more than ``max_replay`` behind gets
+        the newest ``max_replay`` messages, after a ``gap`` frame naming what it skipped
+        (v1; the plain dialect cannot say it)."""
         settings = self._node.settings
         head = self._session.last_offset
+        gap: tuple[int, int] | None = None
         if since is None:
             after = max(0, head - settings.history_on_join)
         else:
             after = min(max(0, since), head)
-            after = max(after, head - settings.max_replay)
+            if head - after > settings.max_replay:
+                gap = (after + 1, head - settings.max_replay)
+                after = head - settings.max_replay
         history = await self._node.hub.history(self._session, after, head)
         dialect = self._member.dialect
         if dialect is protocol.Dialect.V1:
@@ -373,6 +391,10 @@ class RoomConnection:
                     )
                 )
             )
+            if gap is not None:
+                self._member.send_nowait(
+                    protocol.ws_text_frame(protocol.gap_frame(self.room_id, *gap))
+                )
         for message in history:
             self._member.send_nowait(
                 protocol.ws_text_frame(protocol.server_frame(message, dialect))
@@ -384,16 +406,23 @@ class RoomConnection:
         self._node.hub.go_live(self._session, self._seat, sent_up_to=head)
         self.head = head
 
-    async def send(self, text: str) -> ChatMessage:
-        """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``."""
+    async def send(self, text: str, client_id: str | None = None) -> ChatMessage:
+        """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``. A
+        ``client_id`` the member already sent in this room within the dedup window gets the
+        earlier message back, nothing new is stored (the way to retry a send)."""
         wait_s = self._bucket.take(trio.current_time())
         if wait_s:
             raise RateLimited(
                 f"too many messages; at most {self._node.settings.rate_messages_per_s:g}/s",
                 retry_after_s=wait_s,
             )
-        draft = Draft(self.room_id, self._member.user, text, now_ms())
-        return await self._node.backends.bus.publish(draft)
+        draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
+        bus = self._node.backends.bus
+        try:
+            return await bus.publish(draft)
+        except OffsetUnknown:
+            await self._node.hub.restore(self.room_id)
+            return await bus.publish(draft)
 
     async def typing(self) -> None:
         await self._node._signal(

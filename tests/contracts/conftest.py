@@ -178,7 +178,8 @@ async def delete_redis_prefix(redis: Any, prefix: str) -> None:
 async def open_redis_buses(url: str) -> AsyncIterator[NewBus]:
     """Buses on one Redis and prefix, each "node" on its own client (three, in turn: a client
     enters its task group here, in the fixture's task)."""
-    from chatnode.adapters.redis import RedisBus, RespClient
+    from chatnode.adapters.redis import RespClient
+    from tests.redis_support import OpeningRedisBus
 
     async with redis_test_clients(url) as (_, prefix):
         clients = [RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S) for _ in range(3)]
@@ -188,7 +189,7 @@ async def open_redis_buses(url: str) -> AsyncIterator[NewBus]:
             nonlocal made
             made += 1
             await trio.lowlevel.checkpoint()
-            return RedisBus(clients[made % len(clients)], prefix, room_log_length=100)
+            return OpeningRedisBus(clients[made % len(clients)], prefix, room_log_length=100)
 
         try:
             yield new_bus
@@ -218,12 +219,13 @@ async def redis_presence(url: str) -> AsyncIterator[PresenceRig]:
 
 @asynccontextmanager
 async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
-    from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RespClient
+    from chatnode.adapters.redis import RedisArchiveFeed, RespClient
+    from tests.redis_support import OpeningRedisBus
 
     claim_idle_ms = 400
     async with redis_test_clients(url) as (_, prefix):
         publisher = RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S)
-        bus = RedisBus(publisher, prefix)
+        bus = OpeningRedisBus(publisher, prefix)
         feed_clients: list[RespClient] = []
 
         def new_feed(consumer: str) -> ArchiveFeed:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -120,6 +121,7 @@ class FaultClient:
     _retrying: set[str] = attrs.field(factory=set, init=False)
     # text -> frame id
     _ids: dict[str, str] = attrs.field(factory=dict, init=False)
+    _id_prefix: str = attrs.field(factory=lambda: secrets.token_hex(4) + "-", init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _wake_writer: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closing: bool = attrs.field(default=False, init=False)
@@ -138,7 +140,9 @@ class FaultClient:
         """Queue ``text`` (unique for this client) to be sent, resent until settled."""
         if text in self._ids:
             raise ValueError(f"{text!r} was already sent by {self.name}")
-        self._ids[text] = f"c{len(self._ids)}"
+        # Unique for the user: a client id the user already sent in the room within the dedup
+        # window would get that earlier message's ack (docs/protocol.md).
+        self._ids[text] = f"{self._id_prefix}{len(self._ids)}"
         self.sent_texts.append(text)
         self._unsent.append(text)
         self._wake_writer.set()

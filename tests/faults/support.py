@@ -179,9 +179,7 @@ async def settle_all(clients: Sequence[FaultClient], timeout_s: float = 20.0) ->
             for client in clients:
                 await client.wait_offset(head)
     except trio.TooSlowError:
-        from tests.faults._taskdump import dump_tasks
-
-        dump_tasks()
+        print_trio_tasks()
         state = [
             f"{c.name}: last offset {c.last_offset}, {len(c.unsettled)} unsettled, live {c.live}"
             f", closes {[int(x) if x else x for x in c.close_codes][-5:]}"

@@ -10,11 +10,12 @@ import pytest
 import trio
 import trio.testing
 
-from chatnode.adapters.redis import RedisArchiveFeed, RedisBus, RedisClient, RespClient
+from chatnode.adapters.redis import RedisArchiveFeed, RedisClient, RespClient
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
+from tests.redis_support import OpeningRedisBus
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def draft(room_id: int, text: str) -> Draft:
     return Draft(room_id=room_id, user="bob", text=text, timestamp_ms=T0)
 
 
-async def publish_some(bus: RedisBus, count: int) -> None:
+async def publish_some(bus: OpeningRedisBus, count: int) -> None:
     for n in range(count):
         await bus.publish(draft(1, f"m{n}"))
 
@@ -38,7 +39,7 @@ async def reading(feed: RedisArchiveFeed) -> RedisArchiveFeed:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus, RespClient]]:
+async def redis() -> AsyncIterator[tuple[RedisClient, str, OpeningRedisBus, RespClient]]:
     """An admin client, the test's key prefix, a bus publishing under it and a client for
     the feeds."""
     url = require_service("CHATNODE_TEST_REDIS_URL")
@@ -46,14 +47,14 @@ async def redis() -> AsyncIterator[tuple[RedisClient, str, RedisBus, RespClient]
         publisher = RespClient.from_url(url, timeout_s=5.0)
         feeds = RespClient.from_url(url, timeout_s=5.0)
         try:
-            yield clients[0], prefix, RedisBus(publisher, prefix), feeds
+            yield clients[0], prefix, OpeningRedisBus(publisher, prefix), feeds
         finally:
             await publisher.aclose()
             await feeds.aclose()
 
 
 async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowledged(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
@@ -71,7 +72,7 @@ async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowle
 
 
 async def test_an_ack_does_not_wait_behind_a_blocked_read(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     reads = RespClient(feeds.address, timeout_s=5.0)
@@ -96,7 +97,7 @@ async def test_an_ack_does_not_wait_behind_a_blocked_read(
 
 
 async def test_the_lease_names_the_reader_and_is_released(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=5000))
@@ -109,7 +110,7 @@ async def test_the_lease_names_the_reader_and_is_released(
 
 
 async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, _bus, _ = redis
     client = RespClient.from_url(require_service("CHATNODE_TEST_REDIS_URL"), timeout_s=0.5)
@@ -123,7 +124,7 @@ async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
 
 
 async def test_a_reader_that_lost_its_lease_stops_reading(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300))
@@ -138,7 +139,7 @@ async def test_a_reader_that_lost_its_lease_stops_reading(
 
 
 async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     stuck = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
@@ -158,7 +159,7 @@ async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
 
 
 async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, _bus, feeds = redis
     calls: list[object] = []
@@ -186,7 +187,7 @@ async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
 
 
 async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     message = await bus.publish(draft(1, "taken by an old node, never acknowledged"))
@@ -202,7 +203,7 @@ async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
 
 
 async def test_a_node_restarted_under_the_same_name_reads_at_once(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     before = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
@@ -217,7 +218,7 @@ async def test_a_node_restarted_under_the_same_name_reads_at_once(
 
 
 async def test_a_feed_started_late_gets_what_was_published_before(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
@@ -230,7 +231,7 @@ async def test_a_feed_started_late_gets_what_was_published_before(
 
 
 async def test_a_stream_that_vanished_is_read_again(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
@@ -248,7 +249,7 @@ async def test_a_stream_that_vanished_is_read_again(
 
 
 async def test_a_malformed_entry_is_dropped_not_handed_out(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
@@ -263,7 +264,7 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
 
 
 async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(
-    redis: tuple[RedisClient, str, RedisBus, RespClient],
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")

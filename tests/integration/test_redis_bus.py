@@ -15,7 +15,7 @@ import coredis
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisBus, RedisClient, RespClient, open_redis
+from chatnode.adapters.redis import RedisClient, RespClient, open_redis
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
@@ -23,6 +23,7 @@ from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
+from tests.redis_support import OpeningRedisBus
 
 from .tcp_proxy import TcpProxy
 
@@ -92,7 +93,7 @@ async def test_killed_pubsub_connection_reconnects_resubscribes_and_tells_the_no
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
+    bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -136,7 +137,7 @@ async def test_a_failed_catch_up_is_retried_on_a_new_connection(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix, min_backoff_s=0.01)
+    bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.01)
     recorder = CatchUpFailsOnce()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -176,7 +177,7 @@ async def test_the_hub_fills_the_gap_of_a_reconnect_from_the_room_log(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
+    bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
     async with await SqliteDatabase.open(":memory:") as db:
         hub = Hub(bus, SqliteArchive(db), cache_size=16)
         await nursery.start(bus.serve, hub)
@@ -201,7 +202,7 @@ async def test_many_reconnects_leave_one_pubsub_connection(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     admin, prefix, resp = redis
-    bus = RedisBus(resp, prefix, min_backoff_s=0.01)
+    bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.01)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -219,7 +220,7 @@ async def test_a_subscribe_whose_connection_dies_raises_unavailable(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix, min_backoff_s=0.5)
+    bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -240,14 +241,14 @@ async def test_subscribe_before_serve_raises_unavailable(
 ) -> None:
     _, prefix, resp = redis
     with pytest.raises(errors.Unavailable):
-        await RedisBus(resp, prefix).subscribe(1)
+        await OpeningRedisBus(resp, prefix).subscribe(1)
 
 
 async def test_subscribe_unsubscribe_churn_keeps_acks_straight(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix)
+    bus = OpeningRedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
 
@@ -265,7 +266,7 @@ async def test_concurrent_subscribes_of_one_room_all_return(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     _, prefix, resp = redis
-    bus = RedisBus(resp, prefix)
+    bus = OpeningRedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
 
@@ -289,7 +290,7 @@ async def test_a_frozen_connection_is_dropped_by_the_keepalive(
 ) -> None:
     proxy, client = proxied
     _, prefix, _ = redis
-    bus = RedisBus(client, prefix, keepalive_s=0.2)
+    bus = OpeningRedisBus(client, prefix, keepalive_s=0.2)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -305,7 +306,7 @@ async def test_the_keepalive_is_answered_with_no_room_subscribed(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     _, prefix, resp = redis
-    bus = RedisBus(resp, prefix, keepalive_s=0.05)
+    bus = OpeningRedisBus(resp, prefix, keepalive_s=0.05)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -323,7 +324,7 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
 ) -> None:
     proxy, client = proxied
     _, prefix, _ = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
+    bus = OpeningRedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -355,7 +356,7 @@ async def test_serve_waits_for_redis_before_it_is_started(
 ) -> None:
     proxy, client = proxied
     _, prefix, _ = redis
-    bus = RedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
+    bus = OpeningRedisBus(client, prefix, min_backoff_s=0.01, max_backoff_s=0.05)
     recorder = Recorder()
     proxy.refusing = True
     started = trio.Event()
@@ -377,7 +378,7 @@ async def test_the_room_log_is_trimmed_and_read_from_its_start(
     redis: tuple[RedisClient, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix, room_log_length=10)
+    bus = OpeningRedisBus(resp, prefix, room_log_length=10)
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(300)]
 
     kept = await bus.read_log(1, after_offset=0, limit=1000)
@@ -393,7 +394,7 @@ async def test_a_lost_counter_continues_from_the_log(
     redis: tuple[RedisClient, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix)
+    bus = OpeningRedisBus(resp, prefix)
     for n in range(3):
         await bus.publish(draft(1, f"m{n}"))
 
@@ -408,7 +409,7 @@ async def test_publish_writes_the_archive_stream(
     redis: tuple[RedisClient, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix)
+    bus = OpeningRedisBus(resp, prefix)
     message = await bus.publish(Draft(7, "zoë", 'say "hi" 👋', T0))
 
     entries = await client.xrange(bus.keys.archive)
@@ -429,7 +430,7 @@ async def test_foreign_payloads_on_a_room_channel_are_ignored(
     redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
-    bus = RedisBus(resp, prefix)
+    bus = OpeningRedisBus(resp, prefix)
     recorder = Recorder()
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
@@ -445,7 +446,7 @@ async def test_foreign_payloads_on_a_room_channel_are_ignored(
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
     client = RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0)
-    bus = RedisBus(client, "nowhere")
+    bus = OpeningRedisBus(client, "nowhere")
     for call in (
         lambda: bus.publish(draft(1, "x")),
         lambda: bus.last_offset(1),

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisBus, RespClient
+from chatnode.adapters.redis import RespClient
 from chatnode.core import errors
 from chatnode.core.models import Draft
 from tests.contracts.harness import Recorder, require_service
+from tests.redis_support import OpeningRedisBus
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ async def test_the_bus_survives_a_real_redis_restart(tmp_path: Path, nursery: tr
     client = RespClient.from_url(url, timeout_s=2.0)
     try:
         async with private_redis(port, tmp_path) as first_server:
-            bus = RedisBus(client, "restart", min_backoff_s=0.01, max_backoff_s=0.1)
+            bus = OpeningRedisBus(client, "restart", min_backoff_s=0.01, max_backoff_s=0.1)
             recorder = Recorder()
             await nursery.start(bus.serve, recorder)
             await bus.subscribe(1)
