@@ -65,7 +65,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
             stack.push_async_callback(db.aclose)
             yield Backends(
                 directory=SqliteDirectory(db),
-                bus=SqliteBus(db),
+                bus=SqliteBus(db, dedup_window_s=config.dedup_window_s),
                 archive=SqliteArchive(db),
                 presence=MemoryPresence(),
             )

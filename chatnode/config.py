@@ -91,6 +91,21 @@ class Config:
         "one node archives at a time: another takes over this long after it stopped or"
         " could not archive a batch (its lease)",
     )
+    dedup_window_s: float = _setting(
+        300.0,
+        "a v1 send whose `id` the user already sent in the room this recently gets that"
+        " message's ack again and stores nothing (retrying a send is safe)",
+    )
+    unarchived_keep_bytes: int = _setting(
+        32 << 20,
+        "cluster: each node keeps the messages it published until archived, to write them back"
+        " if Redis loses them; at most this many bytes (oldest dropped first)",
+    )
+    redis_settle_s: float = _setting(
+        10.0,
+        "cluster: after Redis lost its data, a room no node has restored waits this long"
+        " before it continues above the archive's newest offset",
+    )
     jwt_secret: str = _setting(
         "", "HS256 secret for tokens (embedded default: generated into data_dir)"
     )
@@ -194,6 +209,9 @@ def _validate(config: Config) -> None:
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
         (0 <= config.archive_linger_s <= 10, "CHATNODE_ARCHIVE_LINGER_S must be 0..10"),
+        (config.dedup_window_s >= 1, "CHATNODE_DEDUP_WINDOW_S must be >= 1"),
+        (config.unarchived_keep_bytes >= 0, "CHATNODE_UNARCHIVED_KEEP_BYTES must be >= 0"),
+        (config.redis_settle_s >= 0, "CHATNODE_REDIS_SETTLE_S must be >= 0"),
         (
             0 <= config.cache_local_ttl_s <= config.cache_ttl_s,
             "CHATNODE_CACHE_LOCAL_TTL_S must be 0..CHATNODE_CACHE_TTL_S",

@@ -70,7 +70,14 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 ttl_s=config.cache_ttl_s,
                 local_ttl_s=config.cache_local_ttl_s,
             ),
-            bus=RedisBus(bus_client, config.key_prefix, room_log_length=config.room_log_length),
+            bus=RedisBus(
+                bus_client,
+                config.key_prefix,
+                room_log_length=config.room_log_length,
+                dedup_window_s=config.dedup_window_s,
+                settle_s=config.redis_settle_s,
+                keep_bytes=config.unarchived_keep_bytes,
+            ),
             archive=archive,
             presence=RedisPresence(redis, config.key_prefix),
             feed=RedisArchiveFeed(

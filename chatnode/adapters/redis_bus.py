@@ -47,13 +47,15 @@ Rules:
 6. **Offsets are never reused.** Redis may lose data: restarted without persistence, an AOF
    that lost its last second with the machine, a failover to a replica that lagged. The bus
    remembers the newest offset it saw of every subscribed room (published or delivered) and
-   each publish passes it as a floor: the script continues above ``max(counter, floor)``. A
-   counter that is missing is rebuilt from the room log's newest entry, else from the floor;
-   with neither (this node never saw the room) the script refuses (``OffsetUnknown``) and the
-   node restores the room from the archive (``restore(seed=True)``), which waits until
-   ``settle_s`` after Redis lost its data (``P:incarnation``), time for the nodes that saw
-   the room to reconnect and restore it first (``restore``: counter and the room log's
-   missing tail, from their caches).
+   each publish passes it as a floor. A counter that is missing is rebuilt from the room
+   log's newest entry. A counter behind the floor (or missing, with an empty log) makes the
+   script refuse once (``OffsetUnknown``): the node restores the room from what it holds
+   (``restore``: the counter and the room log's missing tail, from its session's cache), and
+   the next publish continues above the floor whatever the log then holds. With no floor
+   either (this node never saw the room) the node restores the room from the archive
+   (``restore(seed=True)``), which waits until ``settle_s`` after Redis lost its data
+   (``P:incarnation``): time for the nodes that saw the room to reconnect and restore it
+   first. Every node restores its rooms when its pub/sub connection comes back too.
 7. **Every message is kept until archived.** A message in the archive stream exists only in
    Redis until the archiver stored it, so the bus keeps each message it published (its
    document, the stream id the script returned, and the serial of the connection that
@@ -96,7 +98,8 @@ log = logging.getLogger(__name__)
 
 # KEYS: counter, room log, archive stream[, sent key].
 # ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail,
-# floor (the newest offset the node saw; -1: none), dedup window s.
+# floor (the newest offset the node saw; -1: none), dedup window s, 1 to continue above a
+# floor the counter is behind (0: refuse, so the node restores the room first).
 # Returns {offset, archive entry id}, or {0, "offset:timestamp"} for a client id already sent.
 _PUBLISH_LUA: Final = """#!lua
 if KEYS[4] then
@@ -111,7 +114,10 @@ else
   current = newest and tonumber(string.match(newest[1], '^(%d+)')) or -1
 end
 local floor = tonumber(ARGV[8])
-if floor > current then current = floor end
+if floor > current then
+  if ARGV[10] ~= '1' then return redis.error_reply('BEHIND the room offset is behind') end
+  current = floor
+end
 if current < 0 then return redis.error_reply('NOOFFSET the room offset is unknown') end
 local offset = current + 1
 redis.call('SET', KEYS[1], offset)
@@ -156,9 +162,9 @@ if ARGV[3] == '1' and current < 0 and top < 0 and target > 0 then
 end
 for i = 5, #ARGV, 4 do
   local offset = tonumber(ARGV[i])
-  if offset > top then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0',
-      'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3])
+  -- pcall: an id the stream already generated (a deleted entry's) is refused, and skipped
+  if offset > top and pcall(redis.call, 'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2],
+      offset .. '-0', 'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3]) then
     top = offset
   end
 end
@@ -186,6 +192,7 @@ return ids
 _SUBSCRIBE: Final = b"SUBSCRIBE"
 _UNSUBSCRIBE: Final = b"UNSUBSCRIBE"
 _NO_OFFSET: Final = b"NOOFFSET"
+_BEHIND: Final = b"BEHIND"
 _WRITE_BACK_CHUNK: Final = 500
 
 
@@ -353,7 +360,7 @@ class RedisBus:
     room_log_length: int = attrs.field(default=1000, kw_only=True)
     keepalive_s: float = attrs.field(default=10.0, kw_only=True)
     min_backoff_s: float = attrs.field(default=0.05, kw_only=True)
-    max_backoff_s: float = attrs.field(default=5.0, kw_only=True)
+    max_backoff_s: float = attrs.field(default=1.0, kw_only=True)
     dedup_window_s: float = attrs.field(default=300.0, kw_only=True)
     """Rule 8: how long a client id keeps its send from being published again."""
     settle_s: float = attrs.field(default=10.0, kw_only=True)
@@ -375,6 +382,8 @@ class RedisBus:
     _rooms: set[int] = attrs.field(factory=set, init=False)
     _seen: dict[int, int] = attrs.field(factory=dict, init=False)
     """The newest offset seen of each subscribed room: the publish floor (rule 6)."""
+    _behind: set[int] = attrs.field(factory=set, init=False)
+    """Rooms whose counter was behind their floor once: the next publish continues above."""
     _kept: deque[_Kept] = attrs.field(factory=deque, init=False)
     _kept_bytes: int = attrs.field(default=0, init=False)
     _kept_seq: int = attrs.field(default=0, init=False)
@@ -426,14 +435,18 @@ class RedisBus:
                     document_tail_,
                     self._seen.get(room_id, -1),
                     max(1, round(self.dedup_window_s)),
+                    1 if room_id in self._behind else 0,
                 ],
             )
         except RespError as exc:
-            if exc.prefix == _NO_OFFSET:
+            if exc.prefix == _BEHIND:
+                self._behind.add(room_id)
+            if exc.prefix in (_NO_OFFSET, _BEHIND):
                 raise errors.OffsetUnknown(
                     f"Redis lost the offset of chatroom {room_id}; restoring it"
                 ) from None
             raise
+        self._behind.discard(room_id)
         match reply:
             case [int(offset), bytes(entry_id)] if offset > 0:
                 self._keep(serial, entry_id, room_id, offset, document_tail_)

@@ -29,6 +29,10 @@ class Metrics:
             ("chatnode_archive_refused_total", "counter", archiver.refused if archiver else 0),
             ("chatnode_draining", "gauge", int(self.draining)),
         ]
+        for name, value in node.backends.bus.counters().items():
+            values.append(
+                (f"chatnode_{name}", "counter" if name.endswith("_total") else "gauge", value)
+            )
         lines = []
         for name, kind, value in values:
             lines += [f"# TYPE {name} {kind}", f'{name}{{node="{node.settings.node_id}"}} {value}']

@@ -249,6 +249,10 @@ class Hub:
                 limit=first_logged - 1 - after,
             )
         messages = older + logged
+        if len(logged) != head - first_logged + 1:
+            # Holes inside the log: Redis lost messages and a publish went on above them
+            # before a node restored them (Rule 6). The archive has them once written back.
+            messages = await self._fill_holes(room_id, messages)
         if len(messages) != head - after:
             log.warning(
                 "room %d: history (%d, %d] incomplete: %d of %d messages found",
@@ -259,6 +263,25 @@ class Hub:
                 head - after,
             )
         return messages
+
+    async def _fill_holes(self, room_id: int, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """``messages`` (ascending) with the offsets missing between them read from the
+        archive."""
+        holes = [
+            (a.offset, b.offset) for a, b in itertools.pairwise(messages) if b.offset > a.offset + 1
+        ]
+        if not holes:
+            return messages
+        self.archive_reads += 1
+        found = await self._archive.read(
+            room_id,
+            after_offset=holes[0][0],
+            up_to_offset=holes[-1][1] - 1,
+            limit=holes[-1][1] - 1 - holes[0][0],
+        )
+        by_offset = {m.offset: m for m in found}
+        by_offset.update((m.offset, m) for m in messages)
+        return [by_offset[offset] for offset in sorted(by_offset)]
 
     # -- BusHandler ---------------------------------------------------------------------------
 

@@ -271,6 +271,46 @@ def verify_room(
 # -- Elasticsearch, metrics, Redis --------------------------------------------------------------
 
 
+async def es_messages(cluster: Cluster, room: int) -> dict[int, tuple[str, str]]:
+    """``{offset: (user, text)}`` of ``room`` as Elasticsearch holds it (after a refresh)."""
+    es = es_client(cluster.env["CHATNODE_ELASTICSEARCH_URL"])
+    index = messages_index(cluster.prefix)
+    try:
+        await es.indices.refresh(index=index)
+        response = await es.search(
+            index=index,
+            query={"term": {"chatroom": room}},
+            size=10_000,
+            track_total_hits=False,
+        )
+        return {
+            int(hit["_source"]["offset"]): (hit["_source"]["user"], hit["_source"]["message"])
+            for hit in response["hits"]["hits"]
+        }
+    finally:
+        await es.close()
+
+
+async def history(api: httpx.AsyncClient, token: str, room: int) -> dict[int, tuple[str, str]]:
+    """``{offset: (user, text)}`` of the whole room from its history pages (REST), checking
+    that each page is offset-ordered and that no offset comes twice."""
+    messages: dict[int, tuple[str, str]] = {}
+    before: int | None = None
+    while True:
+        params = {"limit": 500} | ({"before": before} if before is not None else {})
+        r = await api.get(f"/v1/chatrooms/{room}/messages", params=params, headers=auth(token))
+        assert r.status_code == 200, r.text
+        page = r.json()
+        offsets = [m["offset"] for m in page["messages"]]
+        assert offsets == sorted(offsets), offsets
+        for m in page["messages"]:
+            assert m["offset"] not in messages, f"offset {m['offset']} twice in the history"
+            messages[m["offset"]] = (m["user"], m["message"])
+        before = page["next_before"]
+        if before is None:
+            return messages
+
+
 async def es_offsets(cluster: Cluster, room: int) -> set[int]:
     """The offsets of ``room`` that Elasticsearch holds (after a refresh), read directly."""
     es = es_client(cluster.env["CHATNODE_ELASTICSEARCH_URL"])

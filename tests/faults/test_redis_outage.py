@@ -14,21 +14,15 @@ is right again (every connected member is online).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from tests.cluster.cluster import running_cluster
-from tests.cluster.harness import free_port
 from tests.faults.client import FaultClient
+from tests.faults.redis_server import dedicated_redis
 from tests.faults.support import (
     FAULT_SETTINGS,
     clients_on_nodes,
@@ -50,68 +44,6 @@ pytestmark = pytest.mark.integration
 
 INTERVAL_S = 0.05
 OUTAGE_S = 2.5
-
-
-class DedicatedRedis:
-    """A ``redis-server`` of this test: ``start()``, ``kill()`` (SIGKILL by PID), ``start()``
-    again on the same port and data directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.process: trio.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        server = shutil.which("redis-server")
-        assert server is not None
-        argv = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]  # fmt: skip
-        log = (self.data_dir / "redis.log").open("ab")
-        try:
-            self.process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        finally:
-            log.close()
-        with trio.fail_after(10):  # a process gives no readiness event: poll its port
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                except OSError:
-                    await trio.sleep(0.01)
-                    continue
-                await stream.aclose()
-                return
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        with trio.CancelScope(shield=True):
-            if self.process is not None and self.process.returncode is None:
-                self.process.terminate()
-                with trio.move_on_after(10):
-                    await self.process.wait()
-                if self.process.returncode is None:
-                    self.process.kill()
-                    await self.process.wait()
-
-
-@asynccontextmanager
-async def dedicated_redis() -> AsyncIterator[DedicatedRedis]:
-    with tempfile.TemporaryDirectory(prefix="chatnode-redis-") as tmp:
-        redis = DedicatedRedis(Path(tmp))
-        await redis.start()
-        try:
-            yield redis
-        finally:
-            await redis.stop()
 
 
 async def test_redis_crash_and_restart_under_traffic() -> None:
