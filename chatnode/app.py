@@ -51,7 +51,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
     """The configured backends, closed on exit."""
     async with AsyncExitStack() as stack:
         if config.embedded:
-            from chatnode.adapters.memory import MemoryPresence
+            from chatnode.adapters.memory import MemoryPresence, MemoryRevocations
             from chatnode.adapters.sqlite import (
                 SqliteArchive,
                 SqliteBus,
@@ -68,6 +68,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
                 bus=SqliteBus(db, dedup_window_s=config.dedup_window_s),
                 archive=SqliteArchive(db),
                 presence=MemoryPresence(),
+                revocations=MemoryRevocations(),
             )
         else:
             from chatnode.adapters.cluster import open_cluster_backends

@@ -1,4 +1,8 @@
-"""In-process Presence for the embedded single node (and any test that needs one).
+"""In-process Presence and Revocations for the embedded single node (and any test that needs
+them).
+
+:class:`MemoryRevocations` holds the latest time every user was deleted; one node needs to
+share it with nobody.
 
 :class:`MemoryPresence` keeps, per node, the set of live connections and the node's heartbeat
 deadline. It follows the same rules as the Redis implementation:
@@ -77,7 +81,25 @@ class MemoryPresence:
         return sum(len(self._entries.pop(node)) for node in dead)
 
 
-if TYPE_CHECKING:  # mypy proves the adapter implements its port
+@attrs.define(eq=False)
+class MemoryRevocations:
+    """``ports.Revocations`` in process memory."""
+
+    _users_deleted_at_ms: int = attrs.field(default=0, init=False)
+
+    async def record_users_deleted(self, at_ms: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._users_deleted_at_ms = max(self._users_deleted_at_ms, at_ms)
+
+    async def users_deleted_at(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._users_deleted_at_ms
+
+
+if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
     def _implements_port() -> ports.Presence:
         return MemoryPresence()
+
+    def _implements_revocations() -> ports.Revocations:
+        return MemoryRevocations()

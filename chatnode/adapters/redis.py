@@ -11,8 +11,11 @@ Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefi
     P:presence:node:{node}:entries        set      a node's presence entries
     P:presence:node:{node}:alive          string   a node's heartbeat (PX ttl)
     P:presence:nodes                      set      nodes with entries or heartbeats
-    P:dir:...                             strings  cached rooms pages and member lists, and
-                                                   their version tokens   (redis_directory)
+    P:dir:...                             strings  cached rooms pages, member lists and rooms,
+                                          sets     confirmed memberships, and their version
+                                                   tokens                 (redis_directory)
+    P:revoked:users_deleted_at            string   when every user was last deleted
+                                                                          (redis_revocations)
 
 One module per concern, each with its rules in its docstring:
 
@@ -23,7 +26,8 @@ One module per concern, each with its rules in its docstring:
 - :mod:`.redis_bus`: :class:`RedisBus` (``ports.Bus``);
 - :mod:`.redis_archive_feed`: :class:`RedisArchiveFeed` (``ports.ArchiveFeed``);
 - :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
-- :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another.
+- :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another;
+- :mod:`.redis_revocations`: :class:`RedisRevocations` (``ports.Revocations``).
 
 Requires Redis >= 7.0 (scripts declare ``#!lua``), a single server or a Sentinel-managed
 primary, not Redis Cluster (scripts compute key names). Run it with persistence (AOF): room
@@ -43,6 +47,7 @@ Wiring, in ``cluster.py``::
         presence = RedisPresence(redis, config.key_prefix)
         directory = RedisCachedDirectory(mysql_directory, redis, config.key_prefix,
                                          ttl_s=config.cache_ttl_s)
+        revocations = RedisRevocations(redis, config.key_prefix)
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .redis_bus import RedisBus
 from .redis_connection import RedisClient, open_redis, redis_failures
 from .redis_directory import RedisCachedDirectory
 from .redis_presence import RedisPresence
+from .redis_revocations import RedisRevocations
 from .resp import RespClient
 
 __all__ = [
@@ -60,6 +66,7 @@ __all__ = [
     "RedisCachedDirectory",
     "RedisClient",
     "RedisPresence",
+    "RedisRevocations",
     "RespClient",
     "open_redis",
     "redis_failures",

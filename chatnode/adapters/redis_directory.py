@@ -1,13 +1,20 @@
 """A Redis cache in front of any Directory: :class:`RedisCachedDirectory`.
 
-Seed 002 caches "the list of chat rooms" and "the users list of each chat room" in Redis. Keys
-(``P`` is the deployment's key prefix; ``{v}`` are version tokens)::
+Seed 002 caches "the list of chat rooms" and "the users list of each chat room" in Redis; the
+rooms and the memberships the directory confirmed are kept too, so that they stay known while
+the directory is down (rule 6). Keys (``P`` is the deployment's key prefix; ``{v}`` are
+version tokens)::
 
     P:dir:rooms:version                       string  token of the rooms list
     P:dir:rooms:{v}:{after_id}:{limit}        string  a cached ``list_rooms`` page (JSON), PX ttl
-    P:dir:members:version                     string  token of every member list
+    P:dir:members:version                     string  token of every member list and every
+                                                      room's confirmed members
     P:dir:room:{id}:members:version           string  token of one room's member list
     P:dir:room:{id}:members:{v}:{v_room}      string  a cached ``list_members`` (JSON), PX ttl
+    P:dir:room:{id}                           string  a room (JSON), PX known_ttl, renewed by reads
+    P:dir:room:{id}:removals:version          string  token of one room's confirmed members
+    P:dir:room:{id}:joined:{v}:{v_room}       set     users the directory confirmed as members
+                                                      of the room, PX known_ttl
 
 Rules that make it correct:
 
@@ -20,8 +27,9 @@ Rules that make it correct:
 2. **Tokens are random**, not counters: a version key that vanished (eviction, restart) is
    recreated with a fresh token, so old cached values can never be picked up again.
 3. **Writes invalidate what they change**: ``create_room`` the rooms list, ``add_member`` /
-   ``remove_member`` that changed something (or whose outcome is unknown) that room's members,
-   ``delete_all_users`` every member list.
+   ``remove_member`` that changed something (or whose outcome is unknown) that room's members
+   (``remove_member`` its confirmed members too, rule 6), ``delete_all_users`` every member
+   list and every room's confirmed members.
 4. **Redis is optional.** Any Redis failure on a read falls back to the inner directory, and
    after a failure Redis is left alone for ``retry_after_s`` so an outage does not add a
    connection attempt to every read. The cache never raises ``Unavailable`` of its own.
@@ -37,6 +45,25 @@ Rules that make it correct:
    for that answer instead of asking too (a refresh is one Redis read, not one per request in
    flight). They take it only if it is fresh by their own start time, so the bound holds for
    them too; otherwise they ask Redis themselves.
+
+6. **The directory is optional for what Redis knows** (the reverse of rule 4). Rooms are never
+   deleted or renamed: a room read or created is kept in Redis for ``known_ttl_s`` after the
+   last read, and read from there first. A membership the inner directory confirmed
+   (``add_member`` answered, added or already there) is added to the room's set of confirmed
+   members, under version tokens read *before* asking the directory (rule 1):
+   ``remove_member`` replaces the room's token, ``delete_all_users`` every room's, each after
+   its write, so a confirmation that raced a removal is stored where no reader looks. While
+   the inner directory raises ``Unavailable``, ``add_member`` of a confirmed member answers
+   False ("already a member"); anything else raises the inner directory's ``Unavailable``
+   (a new membership, users, lists past ``ttl_s``), also when Redis fails too. A set decides
+   nothing while the directory answers. A removal forgets the whole room's confirmations (each
+   member is confirmed again by the next node that asks for it); a removal or deletion whose
+   new token could not be written (Redis down at that moment) leaves its confirmations
+   readable for up to ``known_ttl_s``: during a directory outage in that time, such a member
+   may rejoin.
+
+Why rule 6: a MySQL outage must not stop members from rejoining their rooms on any node
+(docs/faults.md, scenario 6); only a new membership needs MySQL.
 
 Why rule 5: ``GET /v1/chatrooms`` cost ~1.2 ms of node CPU per request with a Lua read through
 coredis and a JSON decode into 100 ``Room`` objects on every request (docs/benchmarks.md,
@@ -87,7 +114,31 @@ return {cache_key, redis.call('GET', cache_key)}
 """
 
 
+# KEYS: version keys. ARGV: fresh token (for a missing version), set key head, set key tail,
+# user. Returns {set key, 1 if the user is in the set else 0}.
+_CONFIRMED_LUA: Final = """#!lua
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local token = redis.call('GET', key)
+  if not token then
+    redis.call('SET', key, ARGV[1])
+    token = ARGV[1]
+  end
+  tokens[i] = token
+end
+local set_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
+return {set_key, redis.call('SISMEMBER', set_key, ARGV[4])}
+"""
+
+# KEYS: the set of a room's confirmed members. ARGV: user, ttl ms.
+_CONFIRM_LUA: Final = """#!lua
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 ENTRY_OVERHEAD_BYTES: Final = 256
+DAY_S: Final = 86_400.0
 
 
 @attrs.define(eq=False)
@@ -140,7 +191,8 @@ class _LocalTable(Generic[K, T]):
 @attrs.define(eq=False)
 class RedisCachedDirectory:
     """``ports.Directory``: ``inner`` with ``list_rooms`` and ``list_members`` cached in Redis
-    for ``ttl_s``, and in the node for ``local_ttl_s`` (rules in the module docstring)."""
+    for ``ttl_s``, and in the node for ``local_ttl_s``; rooms and confirmed memberships known
+    in Redis for ``known_ttl_s`` (rules in the module docstring)."""
 
     inner: ports.Directory
     _redis: RedisClient
@@ -149,10 +201,13 @@ class RedisCachedDirectory:
     local_ttl_s: float = attrs.field(default=0.1, kw_only=True)
     local_bytes: int = attrs.field(default=2 << 20, kw_only=True)  # per table (rule 5)
     retry_after_s: float = attrs.field(default=1.0, kw_only=True)
+    known_ttl_s: float = attrs.field(default=7 * DAY_S, kw_only=True)  # rule 6
     hits: int = attrs.field(default=0, init=False)
     misses: int = attrs.field(default=0, init=False)
     local_hits: int = attrs.field(default=0, init=False)
     _read: Script[bytes] = attrs.field(init=False)
+    _confirmed: Script[bytes] = attrs.field(init=False)
+    _confirm: Script[bytes] = attrs.field(init=False)
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
     _local_rooms: _LocalTable[tuple[int, int], Room] = attrs.field(init=False)
@@ -161,6 +216,8 @@ class RedisCachedDirectory:
 
     def __attrs_post_init__(self) -> None:
         self._read = self._redis.register_script(_READ_LUA)
+        self._confirmed = self._redis.register_script(_CONFIRMED_LUA)
+        self._confirm = self._redis.register_script(_CONFIRM_LUA)
         self._local_rooms = _LocalTable(self.local_bytes)
         self._local_members = _LocalTable(self.local_bytes)
 
@@ -176,6 +233,16 @@ class RedisCachedDirectory:
 
     def _room_members_version(self, room_id: int) -> str:
         return f"{self.prefix}:dir:room:{room_id}:members:version"
+
+    def _room_key(self, room_id: int) -> str:
+        return f"{self.prefix}:dir:room:{room_id}"
+
+    def _room_removals_version(self, room_id: int) -> str:
+        return f"{self.prefix}:dir:room:{room_id}:removals:version"
+
+    @property
+    def _known_px(self) -> int:
+        return max(1, int(self.known_ttl_s * 1000))
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -319,6 +386,9 @@ class RedisCachedDirectory:
             self._generation += 1
             self._local_members.clear()
 
+    async def _forget_confirmed(self, room_id: int) -> None:
+        await self._new_token(self._room_removals_version(room_id))
+
     async def _new_token(self, version_key: str) -> None:
         await self._redis_or_none(partial(self._redis.set, version_key, secrets.token_hex(8)))
 
@@ -326,17 +396,49 @@ class RedisCachedDirectory:
 
     async def create_room(self, name: str, *, created_at_ms: int) -> Room:
         try:
-            return await self.inner.create_room(name, created_at_ms=created_at_ms)
+            room = await self.inner.create_room(name, created_at_ms=created_at_ms)
         finally:  # an error may still have created it: invalidate either way
             await self._invalidate_rooms()
+        await self._keep_room(room)
+        return room
 
     async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
-        return await self._member_write(
-            room_id, lambda: self.inner.add_member(room_id, user, max_members=max_members)
+        """The inner directory's answer, remembered as a confirmation; while it is
+        unavailable, False for a member confirmed before (rule 6)."""
+        found = await self._redis_or_none(
+            lambda: self._confirmed(
+                keys=[self._members_version, self._room_removals_version(room_id)],
+                args=[secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
+                callback=any_reply,
+            )
         )
+        set_key, confirmed = _confirmed_reply(found)
+        try:
+            added = await self.inner.add_member(room_id, user, max_members=max_members)
+        except errors.Unavailable:
+            if confirmed:
+                return False
+            await self._invalidate_room_members(room_id)  # it may have been added
+            raise
+        if added:
+            await self._invalidate_room_members(room_id)
+        if set_key is not None:
+            key = set_key
+            await self._redis_or_none(
+                lambda: self._confirm(keys=[key], args=[user, self._known_px], callback=any_reply)
+            )
+        return added
 
     async def remove_member(self, room_id: int, user: str) -> bool:
-        return await self._member_write(room_id, lambda: self.inner.remove_member(room_id, user))
+        removed = True  # unless the directory says otherwise, it may have been removed
+        try:
+            removed = await self._member_write(
+                room_id, lambda: self.inner.remove_member(room_id, user)
+            )
+        finally:
+            if removed:
+                await self._forget_confirmed(room_id)
+        return removed
 
     async def _member_write(self, room_id: int, write: Callable[[], Awaitable[bool]]) -> bool:
         """Invalidate the room's members if the write changed them, or may have."""
@@ -369,13 +471,38 @@ class RedisCachedDirectory:
         return await self.inner.get_user(name)
 
     async def get_room(self, room_id: int) -> Room | None:
-        return await self.inner.get_room(room_id)
+        """The room as Redis keeps it (renewed for ``known_ttl_s``), else the inner
+        directory's, kept (rule 6). An unknown room is not kept: it may be created later."""
+        raw = await self._redis_or_none(
+            lambda: self._redis.getex(self._room_key(room_id), px=self._known_px)
+        )
+        if isinstance(raw, bytes):
+            id_, name, created_at_ms = json.loads(raw)
+            return Room(int(id_), str(name), int(created_at_ms))
+        room = await self.inner.get_room(room_id)
+        if room is not None:
+            await self._keep_room(room)
+        return room
+
+    async def _keep_room(self, room: Room) -> None:
+        raw = json.dumps([room.id, room.name, room.created_at_ms], ensure_ascii=False)
+        await self._redis_or_none(
+            lambda: self._redis.set(self._room_key(room.id), raw, px=self._known_px)
+        )
 
     async def check(self) -> None:
         await self.inner.check()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _confirmed_reply(found: object) -> tuple[bytes | None, bool]:
+    """``_CONFIRMED_LUA``'s reply: (the set's key, whether the user is in it); (None, False)
+    when Redis did not answer."""
+    if isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes):
+        return found[0], found[1] == 1
+    return None, False
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port

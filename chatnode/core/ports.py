@@ -240,3 +240,21 @@ class Presence(Closeable, Protocol):
     async def reap(self) -> int:
         """Remove entries of nodes whose heartbeat expired (or that never sent one); return
         how many were removed."""
+
+
+class Revocations(Protocol):
+    """What ends tokens before their expiry, kept where a directory outage does not reach it:
+    the node reads it when the directory cannot say whether a token's user still exists
+    (``core/auth.py`` ``UserChecks``). In process memory (embedded), in Redis (cluster: every
+    node reads what any node recorded).
+
+    Today one fact: the time before which every user was deleted (``DELETE /v1/users``). It
+    only moves forward.
+    """
+
+    async def record_users_deleted(self, at_ms: int) -> None:
+        """Every user that existed at ``at_ms`` (epoch ms) was deleted; a time earlier than the
+        one held changes nothing."""
+
+    async def users_deleted_at(self) -> int:
+        """The latest time recorded (epoch ms), 0 if none."""

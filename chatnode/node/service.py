@@ -35,7 +35,7 @@ from chatnode.core.models import (
     SearchQuery,
     User,
 )
-from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Presence
+from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Presence, Revocations
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
 from chatnode.node.ratelimit import TokenBucket
@@ -68,10 +68,12 @@ class Backends:
     bus: Bus
     archive: Archive
     presence: Presence
+    revocations: Revocations
     feed: ArchiveFeed | None = None
 
 
 USER_CHECK_TTL_S = 5.0
+USER_LOOKUP_RETRY_S = 1.0
 
 
 def now_ms() -> int:
@@ -95,7 +97,8 @@ class ChatNode:
         # time as a wrong password (no user enumeration by timing).
         self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
         self._tokens = auth.TokenVerifier(settings.jwt_secret)
-        self._known_users: dict[str, float] = {}
+        self._users = auth.UserChecks(trust_s=USER_CHECK_TTL_S)
+        self._lookups_resume_at = float("-inf")  # trio time
         # Rooms are never deleted or renamed, and memberships end only with their user: what
         # this node has seen once it need not ask the directory again (a rejoin, a reconnect
         # storm or a MySQL outage costs no directory query).
@@ -197,8 +200,7 @@ class ChatNode:
         user (or an anonymous admin when neither is given)."""
         if token:
             claims = self._tokens.verify(token, now_s=int(time.time()))
-            if not await self._user_exists(claims.user):
-                raise Unauthorized("the token's user no longer exists", code="token_invalid")
+            await self._check_user(claims)
             return claims
         if self.settings.insecure:
             if user_param:
@@ -215,25 +217,63 @@ class ChatNode:
             code="token_required",
         )
 
-    async def _user_exists(self, name: str) -> bool:
-        """Whether a token's user still exists, remembered for ``USER_CHECK_TTL_S`` so that a
-        REST call costs no directory query (another node's deletion shows within that time)."""
-        now = trio.current_time()
-        if self._known_users.get(name, -1.0) > now:
-            return True
-        if await self.backends.directory.get_user(name) is None:
-            return False
-        if len(self._known_users) > 100_000:
-            self._known_users.clear()
-        self._known_users[name] = now + USER_CHECK_TTL_S
-        return True
+    async def _check_user(self, claims: auth.Claims) -> None:
+        """Raise ``Unauthorized`` (``token_invalid``) unless the verified token's user may act
+        (``auth.UserChecks``' rules). A user the directory found is trusted for
+        ``USER_CHECK_TTL_S``: a REST call with a known token costs no directory query. When
+        the directory is unavailable the token is accepted unless its user is known deleted;
+        the failed lookup is followed by a read of ``Revocations`` (another node's deletion),
+        and the next lookup waits ``USER_LOOKUP_RETRY_S``, so that while the directory stays
+        down no check waits for it more than once a second per node."""
+        users = self._users
+        if users.trusted(claims.user, trio.current_time()):
+            return
+        if trio.current_time() >= self._lookups_resume_at:
+            try:
+                user = await self.backends.directory.get_user(claims.user)
+            except Unavailable:
+                self._lookups_resume_at = trio.current_time() + USER_LOOKUP_RETRY_S
+                await self._learn_revocations()
+            else:
+                if user is None:
+                    users.not_found(claims.user, at_ms=now_ms())
+                    raise Unauthorized("the token's user no longer exists", code="token_invalid")
+                users.found(claims.user, trio.current_time())
+                return
+        if users.known_deleted(claims):
+            raise Unauthorized("the token's user was deleted", code="token_invalid")
+
+    async def _learn_revocations(self) -> None:
+        try:
+            at_ms = await self.backends.revocations.users_deleted_at()
+        except Unavailable:
+            log.warning(
+                "user checks: neither the directory nor revocations answer; "
+                "deciding from what this node knows",
+                exc_info=True,
+            )
+            return
+        self._users.learned_users_deleted(at_ms=at_ms)
 
     async def delete_all_users(self, claims: auth.Claims) -> int:
+        """Delete every user and membership; then record the deletion's time, for this node's
+        user checks and, through ``Revocations``, every node's while the directory is down.
+        A deletion that failed is not recorded (it may not have happened)."""
         if not claims.is_admin:
             raise Forbidden("only an admin may delete users", code="admin_only")
-        self._known_users.clear()
         self._members.clear()
-        return await self.backends.directory.delete_all_users()
+        deleted = await self.backends.directory.delete_all_users()
+        at_ms = now_ms()
+        self._users.users_deleted(at_ms=at_ms)
+        try:
+            await self.backends.revocations.record_users_deleted(at_ms)
+        except Unavailable:
+            log.warning(
+                "users deleted but not recorded in revocations: during a directory "
+                "outage other nodes will not know",
+                exc_info=True,
+            )
+        return deleted
 
     # -- rooms --------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ an implementation's ``open(url)`` yields, per port:
     BUS_IMPLS         NewBus: makes buses ("nodes") sharing one backend
     PRESENCE_IMPLS    PresenceRig: a Presence and an ``advance(seconds)`` for its clock
     ARCHIVE_FEED_IMPLS  FeedRig: feeds per consumer, the bus filling them, ``advance``
+    REVOCATIONS_IMPLS NewRevocations: makes Revocations ("nodes") sharing one store
 
 Add a real-service implementation with ``service_env`` set (see ``harness.py``): it is marked
 ``integration`` and gated on that environment variable (``CHATNODE_TEST_MYSQL_URL``,
@@ -30,9 +31,18 @@ import trio
 
 from chatnode.adapters.memory import MemoryPresence
 from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
-from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory
+from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Revocations
 
-from .harness import FakeClock, FeedRig, Impl, NewBus, PresenceRig, impl_params, open_impl
+from .harness import (
+    FakeClock,
+    FeedRig,
+    Impl,
+    NewBus,
+    NewRevocations,
+    PresenceRig,
+    impl_params,
+    open_impl,
+)
 
 TEST_DEADLINE_S = 10.0
 
@@ -245,6 +255,37 @@ async def redis_feeds(url: str) -> AsyncIterator[FeedRig]:
 
 
 @asynccontextmanager
+async def memory_revocations(_url: str) -> AsyncIterator[NewRevocations]:
+    """One node: every call hands out the same store."""
+    from chatnode.adapters.memory import MemoryRevocations
+
+    revocations = MemoryRevocations()
+
+    async def new_revocations() -> Revocations:
+        await trio.lowlevel.checkpoint()
+        return revocations
+
+    yield new_revocations
+
+
+@asynccontextmanager
+async def redis_revocations(url: str) -> AsyncIterator[NewRevocations]:
+    """Each "node" on a client of its own, under one key prefix."""
+    from chatnode.adapters.redis import RedisRevocations
+
+    async with redis_test_clients(url, count=2) as (clients, prefix):
+        made = 0
+
+        async def new_revocations() -> Revocations:
+            nonlocal made
+            made += 1
+            await trio.lowlevel.checkpoint()
+            return RedisRevocations(clients[made % len(clients)], prefix)
+
+        yield new_revocations
+
+
+@asynccontextmanager
 async def memory_presence(_url: str) -> AsyncIterator[PresenceRig]:
     clock = FakeClock()
     presence = MemoryPresence(clock=clock)
@@ -275,6 +316,10 @@ PRESENCE_IMPLS: dict[str, Impl[PresenceRig]] = {
 ARCHIVE_FEED_IMPLS: dict[str, Impl[FeedRig]] = {
     "redis": Impl(redis_feeds, service_env="CHATNODE_TEST_REDIS_URL"),
 }
+REVOCATIONS_IMPLS: dict[str, Impl[NewRevocations]] = {
+    "memory": Impl(memory_revocations),
+    "redis": Impl(redis_revocations, service_env="CHATNODE_TEST_REDIS_URL"),
+}
 
 
 @pytest.fixture
@@ -299,6 +344,7 @@ _REGISTRIES: dict[str, dict[str, Any]] = {
     "bus_impl": BUS_IMPLS,
     "presence_impl": PRESENCE_IMPLS,
     "feed_impl": ARCHIVE_FEED_IMPLS,
+    "revocations_impl": REVOCATIONS_IMPLS,
 }
 
 
@@ -339,4 +385,10 @@ async def presence_rig(presence_impl: str, deadline: None) -> AsyncIterator[Pres
 @pytest.fixture
 async def feed_rig(feed_impl: str, deadline: None) -> AsyncIterator[FeedRig]:
     async with open_impl(ARCHIVE_FEED_IMPLS[feed_impl]) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def new_revocations(revocations_impl: str, deadline: None) -> AsyncIterator[NewRevocations]:
+    async with open_impl(REVOCATIONS_IMPLS[revocations_impl]) as instance:
         yield instance

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.ports import ArchiveFeed, Bus, Presence
+from chatnode.core.ports import ArchiveFeed, Bus, Presence, Revocations
 
 T = TypeVar("T")
 
@@ -32,6 +32,9 @@ _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 
 NewBus = Callable[[], Awaitable[Bus]]
 """Makes one more bus ("node") on the backend under test; the backend closes them all."""
+
+NewRevocations = Callable[[], Awaitable[Revocations]]
+"""Makes one more node's Revocations on the store under test (the same store for all)."""
 
 
 @attrs.frozen

@@ -222,7 +222,11 @@ async def close_all(clients: Iterable[FaultClient]) -> None:
 
 
 def verify_room(
-    clients: Sequence[FaultClient], scenario: str, *, head: int | None = None
+    clients: Sequence[FaultClient],
+    scenario: str,
+    *,
+    head: int | None = None,
+    left: Sequence[FaultClient] = (),
 ) -> dict[int, tuple[str, str]]:
     """The guarantees of DESIGN.md §4 for one room, from what the clients saw:
 
@@ -231,9 +235,13 @@ def verify_room(
     - every text any client sent is in the room exactly once (zero lost, zero duplicated);
     - every ``ack`` named the offset the text really has.
 
+    ``left`` are clients that left the room before the end (closed once their sends were
+    settled): the same checks, except that their stream ends where they left.
+
     Print the per-client counts and return ``{offset: (user, text)}``."""
+    everyone = [*clients, *left]
     room: dict[int, tuple[str, str]] = {}
-    for client in clients:
+    for client in everyone:
         client.verify_stream()
         for m in client.received:
             seen = room.setdefault(m.offset, (m.user, m.text))
@@ -246,10 +254,10 @@ def verify_room(
     counts = Counter(room.values())
     duplicated = [k for k, n in counts.items() if n > 1]
     assert not duplicated, f"stored more than once: {duplicated[:5]}"
-    sent = [(c.name, t) for c in clients for t in c.sent_texts]
+    sent = [(c.name, t) for c in everyone for t in c.sent_texts]
     lost = [k for k in sent if k not in counts]
     assert not lost, f"lost: {lost[:5]}"
-    for client in clients:
+    for client in everyone:
         for text, offset in client.settled.items():
             assert room[offset] == (client.name, text), f"{client.name}: {text} at {offset}?"
     print(f"[faults] {scenario}: per-client counts (room head {newest})")
@@ -257,11 +265,12 @@ def verify_room(
         "  client      nodes                sent  acked  received  resent  found  reconnects"
         "  close codes"
     )
-    for c in clients:
+    for c in everyone:
         found = c.found_in_replay + c.found_in_history
         codes = [int(code) if code is not None else None for code in c.close_codes]
+        label = f"{c.name} (left)" if any(c is gone for gone in left) else c.name
         print(
-            f"  {c.name:<11} {','.join(dict.fromkeys(c.nodes)):<20} {len(c.sent_texts):>4}"
+            f"  {label:<11} {','.join(dict.fromkeys(c.nodes)):<20} {len(c.sent_texts):>4}"
             f"  {len(c.acked):>5}  {len(c.received):>8}  {c.resent:>6}  {found:>5}"
             f"  {len(c.outages):>10}  {codes}"
         )

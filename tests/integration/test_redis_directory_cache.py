@@ -2,12 +2,15 @@
 counts its reads: hits, invalidation by every write, the write/read race, lost version keys,
 TTL, and reading through when Redis is down; then the node-local layer (rule 5) with two
 caches on one Redis as two nodes, on trio's mock clock: a node sees its own writes at once,
-another node within ``local_ttl_s``. (It also passes the Directory contract: see the
-``redis-cached`` entry of the directory registry.)"""
+another node within ``local_ttl_s``; then what stays known while the directory is down
+(rule 6): rooms, and memberships it confirmed, on every node, until a removal or deletion.
+(It also passes the Directory contract: see the ``redis-cached`` entry of the directory
+registry.)"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -29,19 +32,31 @@ T0 = 1_700_000_000_000
 
 @attrs.define(eq=False)
 class CountingDirectory:
-    """Delegates to ``inner``, counting list reads; ``gate`` (if set) holds list_members
-    after it read, until the test opens it."""
+    """Delegates to ``inner``, counting list and room reads; ``gate`` (if set) holds
+    list_members after it read, and ``add_gate`` add_member after it wrote, until the test
+    opens it; while ``down``, every call raises ``Unavailable`` (MySQL is down)."""
 
     inner: Directory
     reads: dict[str, int] = attrs.field(factory=lambda: {"list_rooms": 0, "list_members": 0})
+    room_reads: int = 0
     gate: trio.Event | None = None
     reading: trio.Event = attrs.field(factory=trio.Event)
+    add_gate: trio.Event | None = None
+    adding: trio.Event = attrs.field(factory=trio.Event)
+    down: bool = False
+
+    async def _up(self) -> None:
+        if self.down:
+            await trio.lowlevel.checkpoint()
+            raise errors.Unavailable("the directory is down (test)")
 
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Any]:
+        await self._up()
         self.reads["list_rooms"] += 1
         return await self.inner.list_rooms(after_id=after_id, limit=limit)
 
     async def list_members(self, room_id: int) -> list[str]:
+        await self._up()
         self.reads["list_members"] += 1
         members = await self.inner.list_members(room_id)
         if self.gate is not None:
@@ -49,8 +64,27 @@ class CountingDirectory:
             await self.gate.wait()
         return members
 
+    async def get_room(self, room_id: int) -> Any:
+        await self._up()
+        self.room_reads += 1
+        return await self.inner.get_room(room_id)
+
+    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+        await self._up()
+        added = await self.inner.add_member(room_id, user, max_members=max_members)
+        if self.add_gate is not None:
+            self.adding.set()
+            await self.add_gate.wait()
+        return added
+
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        return getattr(self.inner, name)  # type: ignore[no-any-return]
+        method: Callable[..., Awaitable[Any]] = getattr(self.inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await self._up()
+            return await method(*args, **kwargs)
+
+        return call
 
 
 @pytest.fixture
@@ -369,3 +403,109 @@ async def test_reads_of_a_due_entry_share_one_redis_read(
 
     assert seen == [[room]] * 5
     assert (a.hits, a.local_hits) == (1, 4)
+
+
+# -- rule 6: what stays known while the directory is down ---------------------------------------
+
+
+async def test_rooms_are_read_from_redis_and_stay_known_while_the_directory_is_down(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, b = nodes
+    created = await a.create_room("one", created_at_ms=T0)  # kept as it is created
+    behind = await inner.inner.create_room("two", created_at_ms=T0)  # not seen by the cache
+    assert await b.get_room(created.id) == created
+    assert inner.room_reads == 0
+    assert await a.get_room(behind.id) == behind  # read from the directory once, kept
+    assert await b.get_room(behind.id) == behind
+    assert inner.room_reads == 1
+    assert await a.get_room(99) is None  # not kept: it may be created later
+
+    inner.down = True
+
+    for node in (a, b):
+        assert await node.get_room(created.id) == created
+        assert await node.get_room(behind.id) == behind
+        with pytest.raises(errors.Unavailable):
+            await node.get_room(99)
+
+
+async def test_a_confirmed_membership_is_known_to_every_node_while_the_directory_is_down(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, b = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    assert await a.add_member(room.id, "alice", max_members=10)  # added: confirmed
+    await inner.inner.add_member(room.id, "bob", max_members=10)  # behind the cache's back
+    assert not await b.add_member(room.id, "bob", max_members=10)  # already there: confirmed
+
+    inner.down = True
+
+    for node in (a, b):
+        assert not await node.add_member(room.id, "alice", max_members=10)
+        assert not await node.add_member(room.id, "bob", max_members=10)
+        with pytest.raises(errors.Unavailable):  # a new membership needs the directory
+            await node.add_member(room.id, "carol", max_members=10)
+    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as nowhere:
+        without_redis = RedisCachedDirectory(inner, nowhere, a.prefix)  # type: ignore[arg-type]
+        with pytest.raises(errors.Unavailable):  # neither answers: the directory's error
+            await without_redis.add_member(room.id, "alice", max_members=10)
+        with pytest.raises(errors.Unavailable):
+            await without_redis.get_room(room.id)
+
+    inner.down = False  # the directory decides again, and the answers agree
+    assert not await a.add_member(room.id, "alice", max_members=10)
+    assert await a.add_member(room.id, "carol", max_members=10)
+
+
+async def test_a_removal_or_a_deletion_of_users_ends_what_is_known(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, b = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    other = await a.create_room("two", created_at_ms=T0)
+    for name in ("alice", "bob"):
+        await a.add_member(room.id, name, max_members=10)
+    await a.add_member(other.id, "bob", max_members=10)
+    assert await b.remove_member(room.id, "alice")  # forgets the room's confirmations
+
+    inner.down = True
+    for name in ("alice", "bob"):
+        with pytest.raises(errors.Unavailable):
+            await a.add_member(room.id, name, max_members=10)
+    assert not await a.add_member(other.id, "bob", max_members=10)  # other rooms: known
+
+    inner.down = False
+    assert not await a.add_member(room.id, "bob", max_members=10)  # confirmed again
+    inner.down = True
+    assert not await b.add_member(room.id, "bob", max_members=10)
+
+    inner.down = False
+    assert await b.delete_all_users() == 3
+    inner.down = True
+    for node in (a, b):
+        for room_id in (room.id, other.id):
+            with pytest.raises(errors.Unavailable):
+                await node.add_member(room_id, "bob", max_members=10)
+
+
+async def test_a_confirmation_that_raced_a_removal_is_not_kept(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, b = nodes
+    room = await a.create_room("one", created_at_ms=T0)
+    assert await a.add_member(room.id, "bob", max_members=10)
+    inner.add_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(a.add_member, room.id, "alice", max_members=10))
+        await inner.adding.wait()  # alice is a member in the directory; not confirmed yet
+        assert await b.remove_member(room.id, "alice")  # completes before the confirmation
+        inner.add_gate.set()
+    inner.add_gate = None
+    assert await inner.inner.list_members(room.id) == ["bob"]
+    assert not await a.add_member(room.id, "bob", max_members=10)  # confirmed after it
+
+    inner.down = True
+    with pytest.raises(errors.Unavailable):
+        await b.add_member(room.id, "alice", max_members=10)
+    assert not await b.add_member(room.id, "bob", max_members=10)

@@ -36,7 +36,7 @@ def test_a_token_is_decoded_once_then_remembered(decodes: list[str]) -> None:
     verifier = auth.TokenVerifier(SECRET)
     t = token()
     first = verifier.verify(t, now_s=1000)
-    assert verifier.verify(t, now_s=1030) == first == auth.Claims("ann", False, 1060)
+    assert verifier.verify(t, now_s=1030) == first == auth.Claims("ann", False, 1060, 1000)
     assert decodes == [t]
 
 
