@@ -4,6 +4,8 @@ Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefi
 
     P:room:{id}:offset                    string   newest offset of the room     (redis_bus)
     P:room:{id}:log                       stream   recent room log, ids <offset>-0
+    P:room:{id}:sent:{user}:{client id}   string   a recent send's offset (retries)
+    P:incarnation                         string   when this Redis began holding our data
     P:room:{id}                           channel  live room traffic and signals
     P:archive                             stream   messages waiting for the archive
     P:archive:lease                       string   the node reading it (redis_archive_feed)
@@ -29,9 +31,11 @@ One module per concern, each with its rules in its docstring:
 - :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another;
 - :mod:`.redis_revocations`: :class:`RedisRevocations` (``ports.Revocations``).
 
-Requires Redis >= 7.0 (scripts declare ``#!lua``), a single server or a Sentinel-managed
-primary, not Redis Cluster (scripts compute key names). Run it with persistence (AOF): room
-offsets live there.
+Requires Redis >= 7.0 (scripts declare ``#!lua``) on one address (a primary that moves must
+end the nodes' connections), not Redis Cluster (scripts compute key names). Run it with
+``appendonly yes``, ``appendfsync always``, ``maxmemory-policy noeviction``: room offsets and
+messages not yet archived live there (what a Redis that loses data costs: ``redis_bus``
+rules 6-7).
 
 Wiring, in ``cluster.py``::
 

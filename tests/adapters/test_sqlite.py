@@ -407,3 +407,18 @@ def test_any_query_is_a_valid_fts5_expression(text: str) -> None:
         conn.execute("SELECT rowid FROM t WHERE t MATCH ?", (expression,)).fetchall()
     finally:
         conn.close()
+
+
+async def test_a_client_id_is_forgotten_after_the_dedup_window(tmp_path: Path) -> None:
+    db = await SqliteDatabase.open(tmp_path / "dedup.sqlite3")
+    try:
+        bus = SqliteBus(db, dedup_window_s=60)
+        first = await bus.publish(Draft(1, "bob", "hi", 1_000_000, client_id="c1"))
+        within = await bus.publish(Draft(1, "bob", "hi", 1_059_999, client_id="c1"))
+        after = await bus.publish(Draft(1, "bob", "hi", 1_060_000, client_id="c1"))
+        again = await bus.publish(Draft(1, "bob", "hi", 1_060_001, client_id="c1"))
+
+        assert (first.offset, within.offset, after.offset, again.offset) == (1, 1, 2, 2)
+        assert within == first  # the stored message, its timestamp included
+    finally:
+        await db.aclose()

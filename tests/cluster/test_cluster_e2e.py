@@ -181,3 +181,47 @@ async def test_search_through_either_node_finds_messages_sent_through_the_other(
         assert zebra[0]["message"] == "zebra crossing on node one" and zebra[0]["offset"] == 1
         assert giraffe[0]["message"] == "giraffe sighting on node two" and giraffe[0]["offset"] == 2
         assert zebra[0]["chatroom"] == room and zebra[0]["user"] == "ann"
+
+
+async def test_a_send_retried_on_the_other_node_is_stored_once() -> None:
+    """A client whose connection to node 1 dropped before the ``ack`` reconnects to node 2
+    and sends again with the same ``id``: the same ack, one message for every member, one
+    document in Elasticsearch."""
+    async with running_cluster(nodes=2) as cluster, httpx.AsyncClient(base_url=cluster.url) as api:
+        ann = await token_for(api, "ann")
+        bob = await token_for(api, "bob")
+        headers = {"Authorization": f"Bearer {ann}"}
+        room = (await api.post("/v1/chatrooms", headers=headers)).json()["id"]
+        frame = json.dumps({"type": "send", "id": "retry-1", "message": "once"})
+
+        def url(node: int, token: str) -> str:
+            return (
+                f"ws://127.0.0.1:{cluster.node_ports[node]}/v1/chatrooms/{room}/join?token={token}"
+            )
+
+        async with open_websocket_url(url(0, bob), subprotocols=["chatnode.v1"]) as watcher:
+            await read_until_live(watcher)
+            async with open_websocket_url(url(0, ann), subprotocols=["chatnode.v1"]) as ws:
+                await read_until_live(ws)
+                await ws.send_message(frame)
+                first = await next_ack(ws)
+            async with open_websocket_url(url(1, ann), subprotocols=["chatnode.v1"]) as ws:
+                joined, _ = await read_until_live(ws)
+                assert joined["node"] == "node2"
+                await ws.send_message(frame)
+                again = await next_ack(ws)
+                await ws.send_message(json.dumps({"type": "send", "id": "retry-2", "message": "2"}))
+                second = await next_ack(ws)
+            got = await chat_messages(watcher, 2)
+
+        assert (again["offset"], again["timestamp"]) == (first["offset"], first["timestamp"])
+        assert second["offset"] == first["offset"] + 1
+        assert [(m["offset"], m["message"]) for m in got] == [(1, "once"), (2, "2")]
+        r = await api.get(f"/v1/chatrooms/{room}/messages", headers=headers)
+        assert [m["message"] for m in r.json()["messages"]] == ["once", "2"]
+
+
+async def next_ack(ws: WebSocketConnection) -> dict[str, Any]:
+    while (frame := json.loads(await ws.get_message()))["type"] != "ack":
+        pass
+    return frame

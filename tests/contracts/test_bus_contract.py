@@ -162,3 +162,31 @@ async def test_check_answers_and_aclose_is_idempotent(new_bus: NewBus) -> None:
     await bus.check()
     await bus.aclose()
     await bus.aclose()
+
+
+async def test_a_client_id_sent_again_is_not_published_again(new_bus: NewBus) -> None:
+    async with trio.open_nursery() as nursery:
+        node_a, seen_a = await start_node(nursery, new_bus)
+        node_b, _ = await start_node(nursery, new_bus)
+        await node_a.subscribe(1)
+
+        first = await node_a.publish(Draft(1, "bob", "hello", T0, client_id="c1"))
+        # a retry, on another node, whose first attempt's ack was lost
+        again = await node_b.publish(Draft(1, "bob", "hello", T0 + 900, client_id="c1"))
+        others = [
+            await node_b.publish(Draft(1, "ann", "hello", T0, client_id="c1")),  # another user
+            await node_a.publish(Draft(2, "bob", "hello", T0, client_id="c1")),  # another room
+            await node_a.publish(Draft(1, "bob", "next", T0, client_id="c2")),
+            await node_a.publish(Draft(1, "bob", "no id", T0)),
+            await node_a.publish(Draft(1, "bob", "no id", T0)),
+        ]
+
+        sentinel = await node_a.publish(Draft(1, "bob", "end", T0))
+
+        assert (again.offset, again.timestamp_ms) == (first.offset, first.timestamp_ms)
+        assert [(m.room_id, m.offset) for m in others] == [(1, 2), (2, 1), (1, 3), (1, 4), (1, 5)]
+        assert sentinel.offset == 6  # the retry took no offset, and was delivered once:
+        assert [m.offset for m in await seen_a.wait_for_messages(1, 6)] == [1, 2, 3, 4, 5, 6]
+        logged = await node_b.read_log(1, after_offset=0, limit=10)
+        assert [m.text for m in logged] == ["hello", "hello", "next", "no id", "no id", "end"]
+        nursery.cancel_scope.cancel()
