@@ -5,14 +5,17 @@ Rules:
 1. **Acknowledged only once stored.** An entry is acknowledged only after the archive stored
    it, and storing is idempotent by ``(room_id, offset)``, so a crash at any point loses
    nothing and at worst stores a message twice under the same id.
-2. **The archive down means waiting.** While ``store`` or ``ack`` raises ``Unavailable`` the
-   archiver retries that batch with backoff and the entries wait in the feed (another node's
-   archiver reads them if this node dies). A batch stored but not acknowledged is not stored
-   again, only acknowledged.
-3. **A message the archive can never store is dead-lettered.** ``ArchiveRefused`` names
-   messages that no retry would store (Elasticsearch: the document does not fit the mapping):
-   each is logged at ERROR with its full document and the archive's reason, counted in
-   ``refused``, and acknowledged with its batch, so one bad message cannot stop archiving.
+2. **The archive down means waiting.** While ``store``, ``keep_dead_letters`` or ``ack``
+   raises ``Unavailable`` the archiver retries that batch with backoff and the entries wait in
+   the feed (another node's archiver reads them if this node dies). A batch stored but not
+   acknowledged is not stored again, only acknowledged.
+3. **A message the archive did not store is a dead letter, kept.** ``ArchiveRefused`` names
+   messages that no retry would store, each with its kind: ``UNINDEXABLE`` (Elasticsearch:
+   the document does not fit the mapping) or ``CONFLICT`` (its id holds a different message:
+   offsets reused after a Redis data loss). Each is logged at ERROR with its full document
+   (and the stored one), kept by ``Archive.keep_dead_letters`` for repair, counted in
+   ``refused`` or ``conflicts`` -- never in ``archived`` -- and acknowledged with its batch
+   only once kept, so one bad message cannot stop archiving and none is dropped unseen.
 4. **Batches overlap.** While batches are being stored (at most ``max_in_flight`` at once,
    each acknowledged when its store returned), the next one is taken from the feed, so the
    archive never waits for the feed or for an acknowledgement while a backlog lasts: after a
@@ -27,12 +30,13 @@ Rules:
 from __future__ import annotations
 
 import logging
+import time
 
 import attrs
 import trio
 
 from chatnode.core.errors import Unavailable
-from chatnode.core.models import ArchiveEntry, document_key
+from chatnode.core.models import ArchiveEntry, DeadLetter, RefusalKind
 from chatnode.core.ports import Archive, ArchiveFeed, ArchiveRefused
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,9 @@ class Archiver:
     archived: int = 0
     failures: int = 0
     refused: int = 0
-    """Messages dead-lettered (rule 3)."""
+    """Messages the archive can never index, kept as dead letters (rule 3)."""
+    conflicts: int = 0
+    """Messages whose id holds a different message, kept as dead letters (rule 3)."""
     _stopping: bool = False
     _running: bool = False
     _stopped: trio.Event = attrs.Factory(trio.Event)
@@ -118,7 +124,8 @@ class Archiver:
 
     async def _store_and_ack(self, batch: list[ArchiveEntry]) -> None:
         to_store = [entry.document for entry in batch]
-        refused = 0
+        to_keep: list[DeadLetter] = []
+        refused = conflicts = 0
         backoff_s = 0.05
         while True:
             try:
@@ -126,8 +133,15 @@ class Archiver:
                     try:
                         await self.archive.store(to_store)
                     except ArchiveRefused as exc:
-                        refused = self._dead_letter(exc)
+                        to_keep = self._dead_letters(exc)
+                        conflicts = sum(
+                            1 for d in to_keep if d.refusal.kind is RefusalKind.CONFLICT
+                        )
+                        refused = len(to_keep) - conflicts
                     to_store = []
+                if to_keep:
+                    await self.archive.keep_dead_letters(to_keep)
+                    to_keep = []
                 await self.feed.ack(batch)
                 break
             except Unavailable as exc:
@@ -135,22 +149,33 @@ class Archiver:
                 log.warning("archive unavailable (%s); retrying in %.2fs", exc, backoff_s)
                 await trio.sleep(backoff_s)
                 backoff_s = min(self.max_backoff_s, backoff_s * 2)
-        self.archived += len(batch) - refused
+        self.archived += len(batch) - refused - conflicts
         self.refused += refused
+        self.conflicts += conflicts
 
-    def _dead_letter(self, refused: ArchiveRefused) -> int:
-        for document, reason in refused.refused:
-            try:
-                key = document_key(document).decode()
-            except ValueError:
-                key = "(not a message document)"
-            log.error(
-                "archive refused message %s, dropping it from the archive (%s): %s",
-                key,
-                reason,
-                document.decode(errors="backslashreplace"),
-            )
-        return len(refused.refused)
+    def _dead_letters(self, refused: ArchiveRefused) -> list[DeadLetter]:
+        """Log each refusal at ERROR, whole (rule 3); the dead letters to keep."""
+        kept_at_ms = time.time_ns() // 1_000_000
+        for refusal in refused.refused:
+            key = refusal.key or "(not a message document)"
+            document = refusal.document.decode(errors="backslashreplace")
+            if refusal.kind is RefusalKind.CONFLICT:
+                log.error(
+                    "archive conflict: message %s is not the one the archive holds under its "
+                    "id; keeping it as a dead letter (%s): %s; stored: %s",
+                    key,
+                    refusal.reason,
+                    document,
+                    (refusal.stored or b"").decode(errors="backslashreplace"),
+                )
+            else:
+                log.error(
+                    "archive refused message %s; keeping it as a dead letter (%s): %s",
+                    key,
+                    refusal.reason,
+                    document,
+                )
+        return [DeadLetter(refusal, kept_at_ms) for refusal in refused.refused]
 
     async def drain(self) -> None:
         """Graceful stop: take nothing new, return once the batches ``run`` holds are stored

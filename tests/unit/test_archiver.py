@@ -1,7 +1,7 @@
 """The archiver's rules (``chatnode/node/archiver.py``) against an in-memory feed and archive
 that record what happened, in order: acknowledged only once stored, waiting while the archive
-is down, dead-lettering what the archive refuses, the next batch taken while one is stored,
-and a drain that leaves nothing taken behind."""
+is down, keeping as dead letters what the archive refuses or holds another message for, the
+next batch taken while one is stored, and a drain that leaves nothing taken behind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from chatnode.core.errors import Unavailable
-from chatnode.core.models import ArchiveEntry, ChatMessage
+from chatnode.core.models import ArchiveEntry, ChatMessage, DeadLetter, Refusal, RefusalKind
 from chatnode.core.ports import ArchiveRefused
 from chatnode.node.archiver import Archiver
 
@@ -73,8 +73,10 @@ class Feed:
 
 @attrs.define
 class Archive:
-    """Stores into ``stored``; fails ``failures`` times first; refuses ``refuse`` (offsets);
-    a store waits for ``gate`` when one is set."""
+    """Stores into ``stored`` (first version wins); fails ``failures`` times first; refuses
+    ``refuse`` (offsets) as unindexable, and a message that differs from the stored one as a
+    conflict; a store waits for ``gate`` when one is set. Keeps dead letters in
+    ``letters``, failing ``keep_failures`` times first."""
 
     events: list[str]
     stored: dict[int, ChatMessage] = attrs.Factory(dict)
@@ -82,6 +84,8 @@ class Archive:
     refuse: frozenset[int] = frozenset()
     gate: trio.Event | None = None
     calls: int = 0
+    letters: list[DeadLetter] = attrs.Factory(list)
+    keep_failures: int = 0
 
     async def store(self, documents: Sequence[bytes]) -> None:
         messages = [ChatMessage.from_document(document) for document in documents]
@@ -93,17 +97,32 @@ class Archive:
         if self.failures:
             self.failures -= 1
             raise Unavailable("es down")
+        refused: list[Refusal] = []
         for m in messages:
-            if m.offset not in self.refuse:
-                self.stored.setdefault(m.offset, m)
-        refused = [
-            (m.document, "HTTP 400 document_parsing_exception")
-            for m in messages
-            if m.offset in self.refuse
-        ]
+            if m.offset in self.refuse:
+                refused.append(
+                    Refusal(RefusalKind.UNINDEXABLE, m.document, "HTTP 400 document_parsing")
+                )
+            elif self.stored.setdefault(m.offset, m) != m:
+                refused.append(
+                    Refusal(
+                        RefusalKind.CONFLICT,
+                        m.document,
+                        "HTTP 409: a different message",
+                        self.stored[m.offset].document,
+                    )
+                )
         if refused:
             raise ArchiveRefused(refused)
         self.events.append(f"stored {len(messages)}")
+
+    async def keep_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.keep_failures:
+            self.keep_failures -= 1
+            raise Unavailable("es down")
+        self.letters += [d for d in letters if d not in self.letters]
+        self.events.append(f"kept {len(letters)}")
 
 
 @attrs.define
@@ -201,10 +220,49 @@ async def test_refused_messages_are_dead_lettered_not_retried_forever(
     assert rig.archive.calls == 1
     assert sorted(rig.archive.stored) == [1, 2, 4, 5, 6, 8, 9, 10]
     assert rig.feed.acked == [f"{n}-0" for n in range(1, 11)]
-    assert (rig.archiver.archived, rig.archiver.refused) == (8, 2)
+    assert (rig.archiver.archived, rig.archiver.refused, rig.archiver.conflicts) == (8, 2, 0)
     dead = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.args[0] for r in dead] == ["1:3", "1:7"]  # type: ignore[index]
     assert '"offset":3,"user":"bob","message":"m3"' in dead[0].getMessage()
+    assert [d.refusal.key for d in rig.archive.letters] == ["1:3", "1:7"]
+    assert rig.feed.events.index("ack 10") > rig.feed.events.index("kept 2")
+
+
+async def test_a_different_message_under_a_stored_id_is_kept_logged_and_counted_not_archived(
+    rig: Rig, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = ChatMessage(1, 4, "alice", "said before the offsets were reused", T0)
+    rig.archive.stored[4] = before
+    rig.feed.waiting = entries(1, 10)
+
+    await archive_all(rig, 10)
+
+    assert (rig.archiver.archived, rig.archiver.conflicts, rig.archiver.refused) == (9, 1, 0)
+    assert rig.archive.stored[4] == before  # the stored version stays
+    ours = entries(4, 1)[0].document
+    (kept,) = rig.archive.letters
+    assert (kept.refusal.kind, kept.refusal.document, kept.refusal.stored) == (
+        RefusalKind.CONFLICT,
+        ours,
+        before.document,
+    )
+    (logged,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert ours.decode() in logged.getMessage() and before.document.decode() in logged.getMessage()
+    assert rig.feed.events.index("ack 10") > rig.feed.events.index("kept 1")
+
+
+async def test_a_dead_letter_not_kept_is_retried_and_its_batch_not_acknowledged_before(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.archive.refuse = frozenset({2})
+    rig.archive.keep_failures = 3
+
+    await archive_all(rig, 10)
+
+    assert rig.archive.calls == 1  # stored once; keeping the letter retried
+    assert [e for e in rig.feed.events if e.startswith(("kept", "ack"))] == ["kept 1", "ack 10"]
+    assert (rig.archiver.archived, rig.archiver.refused, rig.archiver.failures) == (9, 1, 3)
 
 
 async def test_drain_stores_what_was_taken_and_takes_nothing_new(
