@@ -135,14 +135,27 @@ class ArchiveFeed(Protocol):
 
     Every published message is handed out until acknowledged, to one consumer at a time: a
     consumer takes nothing while another reads. When the reading consumer died (nothing
-    heard from it for ``claim_idle_ms``) or released the feed, another one reads on and is
-    handed every entry not acknowledged -- and possibly some acknowledged after an older one
-    that was not: archiving is idempotent.
+    heard from it for ``claim_idle_ms``), gave its turn up (``keep_reading``) or released the
+    feed, another one reads on and is handed every entry not acknowledged -- and possibly
+    some acknowledged after an older one that was not: archiving is idempotent.
     """
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]: ...
 
-    async def ack(self, entries: Sequence[ArchiveEntry]) -> None: ...
+    async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
+        """Acknowledge entries this consumer took and the archive stored. Once the consumer
+        stopped reading (``keep_reading``), acknowledging what it took before changes nothing:
+        the next reader is handed those entries again."""
+
+    async def keep_reading(self) -> bool:
+        """Keep this consumer's turn of reading current: renew it when due, or end it when the
+        oldest entry it took waited ``claim_idle_ms`` for its acknowledgement (its archive
+        cannot store it; another consumer reads on). Whether the turn in which ``take`` last
+        handed out entries still lasts (False if it ended, even if another turn began since,
+        or if the consumer never read). A consumer holding entries calls it at least every
+        tenth of ``claim_idle_ms``, whatever else it waits for. Once a turn ended -- given up,
+        or lost -- the entries taken in it are forgotten: the consumer stops archiving them,
+        the next reader is handed them."""
 
     async def release(self) -> None:
         """Stop reading, so another consumer reads on at once (graceful stop: call it once

@@ -1,10 +1,12 @@
 """The archiver's rules (``chatnode/node/archiver.py``) against an in-memory feed and archive
 that record what happened, in order: acknowledged only once stored, waiting while the archive
 is down, keeping as dead letters what the archive refuses or holds another message for, the
-next batch taken while one is stored, and a drain that leaves nothing taken behind."""
+next batch taken while one is stored, a drain that leaves nothing taken behind, and archiving
+only while the feed reads."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import attrs
@@ -31,7 +33,8 @@ def entries(first: int, count: int) -> list[ArchiveEntry]:
 
 @attrs.define
 class Feed:
-    """Hands out ``waiting`` in order; records takes and acks in ``events``."""
+    """Hands out ``waiting`` in order while ``reading``; records takes and acks in
+    ``events``, and when ``keep_reading`` was called in ``kept``."""
 
     events: list[str]
     waiting: list[ArchiveEntry] = attrs.Factory(list)
@@ -39,6 +42,8 @@ class Feed:
     takes: int = 0
     ack_failures: int = 0
     released: bool = False
+    reading: bool = True
+    kept: list[float] = attrs.Factory(list)
     arrived: trio.Event = attrs.Factory(trio.Event)
     _acked_changed: trio.Event = attrs.Factory(trio.Event)
 
@@ -49,6 +54,9 @@ class Feed:
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]:
         self.takes += 1
+        if not self.reading:
+            await trio.sleep(wait_ms / 1000)
+            return []
         if not self.waiting:
             with trio.move_on_after(wait_ms / 1000):
                 await self.arrived.wait()
@@ -65,6 +73,11 @@ class Feed:
         self.acked += [e.ack_id for e in batch]
         self.events.append(f"ack {len(batch)}")
         self._acked_changed.set()
+
+    async def keep_reading(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.kept.append(trio.current_time())
+        return self.reading
 
     async def release(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -84,6 +97,7 @@ class Archive:
     refuse: frozenset[int] = frozenset()
     gate: trio.Event | None = None
     calls: int = 0
+    cancelled: int = 0
     letters: list[DeadLetter] = attrs.Factory(list)
     keep_failures: int = 0
 
@@ -91,9 +105,13 @@ class Archive:
         messages = [ChatMessage.from_document(document) for document in documents]
         self.calls += 1
         self.events.append(f"store {len(messages)}")
-        if self.gate is not None:
-            await self.gate.wait()
-        await trio.lowlevel.checkpoint()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
         if self.failures:
             self.failures -= 1
             raise Unavailable("es down")
@@ -292,6 +310,81 @@ async def test_drain_stores_what_was_taken_and_takes_nothing_new(
     taken = sum(int(e.split()[1]) for e in rig.feed.events if e.startswith("take"))
     assert rig.feed.acked == [f"{n}-0" for n in range(1, taken + 1)]
     assert sorted(rig.archive.stored) == list(range(1, taken + 1))
+
+
+async def test_while_every_store_waits_the_feed_is_kept_reading_until_it_hands_over(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 30)
+    rig.archive.gate = trio.Event()  # Elasticsearch does not answer
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await trio.sleep(3.0)  # two stores in flight, the third batch waits for a slot
+        assert rig.archive.calls == 2 and rig.feed.acked == []
+        kept = list(rig.feed.kept)
+        assert len(kept) >= 25 and max(b - a for a, b in itertools.pairwise(kept)) <= 0.11
+
+        rig.feed.reading = False  # the feed handed the stream over
+        await trio.sleep(0.2)
+        assert rig.archive.cancelled == 2  # the stores in flight were cancelled
+        takes = rig.feed.takes
+        rig.archive.gate.set()
+        await trio.sleep(5.0)
+        assert rig.feed.acked == [] and rig.archive.calls == 2  # nothing of the turn stored
+        assert rig.feed.takes > takes  # waiting for the feed to read again
+
+        rig.feed.reading = True  # read again: everything from the stream's first entry
+        rig.feed.waiting = entries(1, 30)
+        await rig.feed.wait_acked(30)
+        await rig.archiver.drain()
+
+    assert sorted(rig.archive.stored) == list(range(1, 31))
+    assert rig.archiver.archived == 30
+
+
+async def test_a_drain_keeps_the_feed_reading_while_it_waits_for_the_stores(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+    rig.archive.gate = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await trio.testing.wait_all_tasks_blocked()
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await rig.archiver.drain()
+            drained.set()
+
+        nursery.start_soon(drain)
+        await trio.sleep(1.0)
+        kept = len(rig.feed.kept)
+        await trio.sleep(1.0)
+        assert len(rig.feed.kept) >= kept + 9 and not drained.is_set()
+        rig.archive.gate.set()
+        await drained.wait()
+
+    assert rig.feed.acked == [f"{n}-0" for n in range(1, 11)] and rig.feed.released
+
+
+async def test_an_idle_reader_is_not_woken_to_keep_reading(
+    rig: Rig, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig.feed.waiting = entries(1, 10)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.archiver.run)
+        await rig.feed.wait_acked(10)
+        await trio.sleep(1.0)
+        kept, takes = len(rig.feed.kept), rig.feed.takes
+        await trio.sleep(10.0)  # no traffic: its takes wait for some and renew the lease
+        assert len(rig.feed.kept) == kept and rig.feed.takes <= takes + 11
+        rig.feed.waiting = entries(11, 5)
+        rig.feed.arrived.set()
+        await rig.feed.wait_acked(15)
+        await rig.archiver.drain()
 
 
 async def test_light_traffic_lingers_between_batches(
