@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import trio
 
 from chatnode.config import Config, resolve_secret
+from chatnode.core.ports import Archive
 from chatnode.core.protocol import CloseCode
 from chatnode.edge import http
 from chatnode.edge.metrics import Metrics
@@ -61,7 +62,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
 
             data_dir = trio.Path(config.data_dir)
             await data_dir.mkdir(parents=True, exist_ok=True)
-            db = await SqliteDatabase.open(str(data_dir / "chatnode.sqlite3"))
+            db = await SqliteDatabase.open(sqlite_path(config))
             stack.push_async_callback(db.aclose)
             yield Backends(
                 directory=SqliteDirectory(db),
@@ -74,6 +75,30 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
             from chatnode.adapters.cluster import open_cluster_backends
 
             yield await stack.enter_async_context(open_cluster_backends(config, node_id))
+
+
+def sqlite_path(config: Config) -> str:
+    """The embedded node's database file."""
+    return os.path.join(config.data_dir, "chatnode.sqlite3")
+
+
+@asynccontextmanager
+async def open_archive(config: Config) -> AsyncIterator[Archive]:
+    """The configured archive alone (``chatnode dead-letters``), closed on exit."""
+    if config.embedded:
+        from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
+
+        async with await SqliteDatabase.open(sqlite_path(config)) as db:
+            yield SqliteArchive(db)
+    else:
+        from chatnode.adapters.elasticsearch import EsArchive
+
+        async with EsArchive.from_url(
+            config.elasticsearch_url,
+            prefix=config.key_prefix,
+            request_timeout_s=config.backend_timeout_s,
+        ) as archive:
+            yield archive
 
 
 class App:

@@ -1,5 +1,5 @@
-"""``chatnode serve | migrate | config | chat`` — the process edge: reads the environment and
-flags once into a ``Config`` and hands it to ``app.py``."""
+"""``chatnode serve | migrate | config | chat | dead-letters`` — the process edge: reads the
+environment and flags once into a ``Config`` and hands it to ``app.py``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import trio
 
 from chatnode import __version__
 from chatnode.config import ConfigError, load_config, markdown_table
+from chatnode.core.models import DeadLetter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "migrate", help="apply database migrations (MySQL schema, Elasticsearch template)"
+    )
+
+    letters = sub.add_parser(
+        "dead-letters",
+        help="list the messages the archive refused or held another message for, kept for"
+        " repair: one JSON object a line, oldest first",
+    )
+    letters.add_argument(
+        "--limit", type=int, default=10_000, help="list at most this many (default 10000)"
     )
 
     conf = sub.add_parser("config", help="print the effective configuration")
@@ -103,7 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         from chatnode.client import chat
 
         return trio.run(chat, args.url, args.room, args.user, args.token)
+    if args.command == "dead-letters":
+        listed: int = trio.run(_dead_letters, config, args.limit)
+        return listed
     return 2
+
+
+def dead_letter_line(letter: DeadLetter) -> str:
+    """One dead letter as a JSON line: ``kind``, ``key`` (``"R:O"`` or null), ``kept_at_ms``,
+    ``reason``, ``document`` and ``stored`` (null unless a conflict) as text (bytes that are
+    not UTF-8 backslash-escaped)."""
+    refusal = letter.refusal
+    stored = refusal.stored
+    return json.dumps(
+        {
+            "kind": refusal.kind.value,
+            "key": refusal.key,
+            "kept_at_ms": letter.kept_at_ms,
+            "reason": refusal.reason,
+            "document": refusal.document.decode(errors="backslashreplace"),
+            "stored": None if stored is None else stored.decode(errors="backslashreplace"),
+        },
+        ensure_ascii=False,
+    )
+
+
+async def _dead_letters(config: Any, limit: int) -> int:
+    from chatnode.app import open_archive
+    from chatnode.core.errors import Unavailable
+
+    try:
+        async with open_archive(config) as archive:
+            letters = await archive.dead_letters(limit=limit)
+    except Unavailable as exc:
+        print(f"chatnode: the archive is unavailable: {exc}", file=sys.stderr)
+        return 1
+    for letter in letters:
+        print(dead_letter_line(letter))
+    return 0
 
 
 GC_YOUNG_THRESHOLD = 10_000

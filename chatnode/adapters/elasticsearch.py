@@ -3,6 +3,9 @@
 One document per message in the index ``<prefix>-messages`` (mapping and settings:
 ``migrations/elasticsearch/messages_template.json``, put by ``chatnode migrate``), with the
 seed's fields ``chatroom``, ``user``, ``message``, ``timestamp`` (epoch ms) plus ``offset``.
+Dead letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
+(``dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
+``_id`` its digest, the documents as ``binary`` (base64: kept byte for byte).
 
 Guarantees:
 
@@ -10,13 +13,21 @@ Guarantees:
   ``_id = "<room>:<offset>"``, each followed by the message's archive document as it came
   (``ChatMessage.document``: the document is the message's canonical JSON, made once when it
   was published; a document that is not one, or that holds a newline, is refused without
-  being sent): storing a message again is a version conflict, which counts as
-  stored, and the first stored version wins (as in the SQLite archive). The request asks for
+  being sent). The request asks for
   ``errors`` alone (a bulk that went through answers ``{"errors":false}``; listing every item's
   status cost ES ~1 µs per document, 5-15 % of its bulk rate); if some item failed (a version
   conflict too: a batch stored again after a retry or a takeover), the same bulk is sent again
   asking for each item's status, which is sound because storing is idempotent (an item the
-  first request stored answers 409). An item ES may accept
+  first request stored answers 409).
+- **A version conflict is checked, never assumed.** An item answered 409 already has a
+  document under its id: the stored ones are read back (one realtime ``_mget`` of the
+  conflicting ids only; a bulk that went through costs nothing more) and compared with ours:
+  ES keeps the ``_source`` it was sent, and encoded as archive documents are (compact, keys in
+  order, non-ASCII as it is) a stored document we sent gives back its bytes; one encoded
+  otherwise is compared field by field. The same message counts as stored; a different one (offsets reused after a Redis data loss) is reported as a
+  ``CONFLICT`` carrying the stored document, which stays: the first stored version wins, as in
+  the SQLite archive. An id answered 409 that holds nothing when read is ``Unavailable``
+  (retried). An item ES may accept
   later (a write block, a full queue, a missing shard: any status but 400) fails the whole call
   with ``Unavailable``: the archiver retries the batch and acknowledges nothing ES did not
   accept. An item ES can never accept (400: the document does not fit the mapping) is
@@ -47,6 +58,7 @@ raise :class:`EsRequestError`.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -63,7 +75,15 @@ from elasticsearch import ApiError, AsyncElasticsearch
 from chatnode.adapters.es_http import HttpPool, HttpResponse, HttpUnreachable
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
-from chatnode.core.models import ChatMessage, SearchHit, SearchQuery, document_key
+from chatnode.core.models import (
+    ChatMessage,
+    DeadLetter,
+    Refusal,
+    RefusalKind,
+    SearchHit,
+    SearchQuery,
+    document_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +93,16 @@ MAX_WINDOW: Final = 10_000
 _PREFIX_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.\-]*")
 _UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REFUSED_ITEM_STATUS: Final = 400
+_CONFLICT_ITEM_STATUS: Final = 409
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 _SOURCE: Final = ["chatroom", "offset", "user", "message", "timestamp"]
 _BULK_FILTERS: Final = ("errors", "errors,items.*.status,items.*.error.type,items.*.error.reason")
 """A bulk is sent answering only ``errors``; if some item failed, again for every item's
 outcome (see the module guarantees)."""
 _BULK_ACCEPTED: Final = b'{"errors":false'
+_MGET_FILTER: Final = "docs._id,docs.found,docs._source"
+_DEAD_LETTER_SOURCE: Final = ["kind", "document", "reason", "stored", "kept_at"]
+_DEAD_LETTER_SORT: Final = [{"kept_at": "asc"}, {"digest": "asc"}]
 _HITS_FILTER: Final = "hits.hits._source,hits.hits._score"
 _PAGED_HITS_FILTER: Final = _HITS_FILTER + ",hits.hits.sort"
 _NDJSON: Final = "application/x-ndjson"
@@ -92,6 +116,12 @@ def messages_index(prefix: str) -> str:
             "(an Elasticsearch index name)"
         )
     return f"{prefix}-messages"
+
+
+def dead_letters_index(prefix: str) -> str:
+    """The dead letters' index for ``prefix`` (``ValueError`` as :func:`messages_index`)."""
+    messages_index(prefix)
+    return f"{prefix}-dead-letters"
 
 
 class EsRequestError(Exception):
@@ -198,12 +228,14 @@ def _message(source: dict[str, Any]) -> ChatMessage:
 
 @attrs.frozen
 class BulkOutcome:
-    """What ES did not take of a bulk request (a version conflict counts as taken)."""
+    """What ES did not take of a bulk request."""
 
     retry: list[str]
-    """Reasons of items ES may accept later (any failure status but 400)."""
+    """Reasons of items ES may accept later (any failure status but 400 and 409)."""
     refused: list[tuple[int, str]]
     """Positions and reasons of items ES can never accept (400)."""
+    conflicts: list[int] = attrs.Factory(list)
+    """Positions of items whose id holds a document already (409): the same or another."""
 
 
 def bulk_outcome(response: dict[str, Any]) -> BulkOutcome:
@@ -214,7 +246,10 @@ def bulk_outcome(response: dict[str, Any]) -> BulkOutcome:
     for position, item in enumerate(response.get("items", [])):
         (result,) = item.values()
         status = int(result.get("status", 0))
-        if status < 300 or status == 409:
+        if status < 300:
+            continue
+        if status == _CONFLICT_ITEM_STATUS:
+            outcome.conflicts.append(position)
             continue
         error = result.get("error") or {}
         reason = f"HTTP {status} {error.get('type')}: {error.get('reason')}"
@@ -223,6 +258,52 @@ def bulk_outcome(response: dict[str, Any]) -> BulkOutcome:
         else:
             outcome.retry.append(reason)
     return outcome
+
+
+def stored_document(source: dict[str, Any]) -> bytes:
+    """The bytes of a stored ``_source`` as ES was sent them, if it was sent compact, in its
+    keys' order, non-ASCII unescaped: what every archive document is (``ChatMessage.document``)."""
+    try:
+        return json.dumps(source, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate: only an escaped form has bytes
+        return json.dumps(source, separators=(",", ":")).encode()
+
+
+def same_document(document: bytes, source: dict[str, Any]) -> bool:
+    """Whether ``source``, stored under ``document``'s id, holds the same message: the same
+    bytes, or the same fields and values however encoded."""
+    if stored_document(source) == document:
+        return True
+    try:
+        return bool(json.loads(document) == source)
+    except ValueError:  # not JSON (UnicodeDecodeError is one): a refused one, never sent
+        return False
+
+
+def _dead_letter_source(letter: DeadLetter) -> bytes:
+    refusal = letter.refusal
+    stored = refusal.stored
+    source = {
+        "digest": letter.digest,
+        "kind": refusal.kind.value,
+        "key": refusal.key,
+        "document": base64.b64encode(refusal.document).decode(),
+        "stored": None if stored is None else base64.b64encode(stored).decode(),
+        "reason": refusal.reason,
+        "kept_at": letter.kept_at_ms,
+    }
+    return json.dumps(source, separators=(",", ":")).encode()
+
+
+def _dead_letter(source: dict[str, Any]) -> DeadLetter:
+    stored = source.get("stored")
+    refusal = Refusal(
+        RefusalKind(source["kind"]),
+        base64.b64decode(source["document"]),
+        str(source["reason"]),
+        None if stored is None else base64.b64decode(stored),
+    )
+    return DeadLetter(refusal, int(source["kept_at"]))
 
 
 def _range_query(room_id: int, offsets: dict[str, int]) -> dict[str, Any]:
@@ -263,9 +344,11 @@ class EsArchive(ClosesOnExit):
 
     http: HttpPool
     index: str
+    dead_letter_index: str
     request_timeout_s: float = 5.0
     max_retries: int = 1
     _index_seen: bool = attrs.field(default=False, init=False)
+    _dead_letter_index_seen: bool = attrs.field(default=False, init=False)
 
     @classmethod
     def from_url(
@@ -276,12 +359,19 @@ class EsArchive(ClosesOnExit):
         request_timeout_s: float = 5.0,
         max_retries: int = 1,
     ) -> EsArchive:
-        """An archive on ``<prefix>-messages`` at ``url``; connects lazily.
+        """An archive on ``<prefix>-messages`` (and ``<prefix>-dead-letters``) at ``url``;
+        connects lazily.
 
         ``request_timeout_s`` bounds each HTTP attempt; a connection error or timeout is
         retried ``max_retries`` times at once.
         """
-        return cls(HttpPool.from_url(url), messages_index(prefix), request_timeout_s, max_retries)
+        return cls(
+            HttpPool.from_url(url),
+            messages_index(prefix),
+            dead_letters_index(prefix),
+            request_timeout_s,
+            max_retries,
+        )
 
     async def check(self) -> None:
         """Return if the archive index is searchable (health yellow or green)."""
@@ -304,11 +394,12 @@ class EsArchive(ClosesOnExit):
             await self.http.aclose()
 
     async def store(self, documents: Sequence[bytes]) -> None:
-        refused: list[tuple[bytes, str]] = []
+        refused: list[Refusal] = []
         try:
             body = bulk_body(documents)
         except ValueError:  # rare: sort the documents out only then
-            documents, refused = usable(documents)
+            documents, unusable = usable(documents)
+            refused = [Refusal(RefusalKind.UNINDEXABLE, d, why) for d, why in unusable]
             body = bulk_body(documents)
         if documents:
             refused += await self._bulk(body, documents)
@@ -317,10 +408,12 @@ class EsArchive(ClosesOnExit):
         if refused:
             raise ports.ArchiveRefused(refused)
 
-    async def _bulk(self, body: bytes, documents: Sequence[bytes]) -> list[tuple[bytes, str]]:
-        """Send a bulk body of ``documents``; the ones ES refused, with its reasons."""
+    async def _bulk(self, body: bytes, documents: Sequence[bytes]) -> list[Refusal]:
+        """Send a bulk body of ``documents``; the ones ES refused or holds another document
+        for (module guarantees)."""
         if not self._index_seen:
-            await self._require_index()
+            await self._require_index(self.index)
+            self._index_seen = True
         for filter_path in _BULK_FILTERS:
             response = await self._request(
                 "POST",
@@ -337,19 +430,96 @@ class EsArchive(ClosesOnExit):
             raise errors.Unavailable(
                 f"Elasticsearch rejected {len(outcome.retry)} of {len(documents)} messages: {shown}"
             )
-        return [(documents[i], reason) for i, reason in outcome.refused]
+        refused = [
+            Refusal(RefusalKind.UNINDEXABLE, documents[i], reason) for i, reason in outcome.refused
+        ]
+        if outcome.conflicts:
+            refused += await self._conflicts([documents[i] for i in outcome.conflicts])
+        return refused
 
-    async def _require_index(self) -> None:
+    async def _conflicts(self, documents: list[bytes]) -> list[Refusal]:
+        """Of ``documents``, answered 409, those whose id holds a different message."""
+        ids = [document_key(document).decode() for document in documents]
+        response = await self._request(
+            "POST",
+            f"/{self.index}/_mget?realtime=true&filter_path={_MGET_FILTER}",
+            json.dumps({"ids": list(dict.fromkeys(ids))}).encode(),
+            action="read the stored versions of conflicting messages",
+        )
+        held = {
+            doc["_id"]: doc["_source"]
+            for doc in json.loads(response.body).get("docs", [])
+            if doc.get("found")
+        }
+        conflicts: list[Refusal] = []
+        for document, key in zip(documents, ids, strict=True):
+            source = held.get(key)
+            if source is None:
+                raise errors.Unavailable(
+                    f"Elasticsearch answered 409 for {key} and then held nothing under it"
+                )
+            if not same_document(document, source):
+                conflicts.append(
+                    Refusal(
+                        RefusalKind.CONFLICT,
+                        document,
+                        f"HTTP 409: a different message is stored under {key}",
+                        stored_document(source),
+                    )
+                )
+        return conflicts
+
+    async def keep_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            await trio.lowlevel.checkpoint()
+            return
+        if not self._dead_letter_index_seen:
+            await self._require_index(self.dead_letter_index)
+            self._dead_letter_index_seen = True
+        body = b"".join(
+            b'{"create":{"_id":"%b"}}\n%b\n' % (letter.digest.encode(), _dead_letter_source(letter))
+            for letter in letters
+        )
+        response = await self._request(
+            "POST",
+            f"/{self.dead_letter_index}/_bulk?filter_path={_BULK_FILTERS[1]}",
+            body,
+            action="keep dead letters",
+            content_type=_NDJSON,
+        )
+        outcome = bulk_outcome(json.loads(response.body))
+        failed = outcome.retry + [reason for _, reason in outcome.refused]
+        if failed:  # a letter already kept answers 409: kept
+            raise errors.Unavailable(
+                f"Elasticsearch kept {len(letters) - len(failed)} of {len(letters)} dead "
+                f"letters: {' | '.join(failed[:3])}"
+            )
+
+    async def dead_letters(self, *, limit: int) -> list[DeadLetter]:
+        if limit <= 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        await self._request(
+            "POST", f"/{self.dead_letter_index}/_refresh", action="refresh the dead letters"
+        )
+        hits = await self._scan(
+            {"match_all": {}},
+            _DEAD_LETTER_SORT,
+            limit,
+            "read the dead letters",
+            index=self.dead_letter_index,
+            source=_DEAD_LETTER_SOURCE,
+        )
+        return [_dead_letter(hit["_source"]) for hit in hits]
+
+    async def _require_index(self, index: str) -> None:
         """A bulk write would auto-create a missing index with dynamic mappings that the real
         mapping could never replace: refuse until ``chatnode migrate`` made it."""
         response = await self._request(
-            "HEAD", f"/{self.index}", action="find the archive index", ok=(200, 404)
+            "HEAD", f"/{index}", action="find the archive index", ok=(200, 404)
         )
         if response.status == 404:
-            raise errors.Unavailable(
-                f"the archive index {self.index} does not exist; run `chatnode migrate`"
-            )
-        self._index_seen = True
+            raise errors.Unavailable(f"the index {index} does not exist; run `chatnode migrate`")
 
     async def refresh(self) -> None:
         await self._request("POST", f"/{self.index}/_refresh", action="refresh")
@@ -394,8 +564,11 @@ class EsArchive(ClosesOnExit):
         action: str,
         *,
         scored: bool = False,
+        index: str | None = None,
+        source: list[str] = _SOURCE,
     ) -> list[dict[str, Any]]:
-        """The first ``limit`` hits in ``sort`` order, in pages of at most ``MAX_WINDOW``.
+        """The first ``limit`` hits in ``sort`` order, in pages of at most ``MAX_WINDOW``, of
+        the messages' index unless ``index`` names another.
 
         ``sort`` must be a total order of the matching documents (it ends in ``offset``,
         unique per room), so ``search_after`` neither skips nor repeats a hit.
@@ -409,7 +582,7 @@ class EsArchive(ClosesOnExit):
                 "query": query,
                 "sort": sort,
                 "size": size,
-                "_source": _SOURCE,
+                "_source": source,
                 "track_scores": scored,
                 "track_total_hits": False,
             }
@@ -417,7 +590,7 @@ class EsArchive(ClosesOnExit):
                 body["search_after"] = search_after
             response = await self._request(
                 "POST",
-                f"/{self.index}/_search?filter_path={hits_filter}",
+                f"/{index or self.index}/_search?filter_path={hits_filter}",
                 json.dumps(body, separators=(",", ":")).encode(),
                 action=action,
             )

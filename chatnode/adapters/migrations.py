@@ -15,11 +15,13 @@ statements ran. Guarantees:
 - A recorded migration whose file changed since is reported (a released file is never edited);
   it is not run again.
 
-Elasticsearch (:func:`migrate_elasticsearch`): puts the index template
-``migrations/elasticsearch/messages_template.json`` for ``<prefix>-messages*``, creates the
-index ``<prefix>-messages`` if missing (a concurrent creation counts as created), applies the
-template's mappings to an existing index (new fields are added; a conflicting change fails
-loudly) and waits until the index is usable. Every step is idempotent.
+Elasticsearch (:func:`migrate_elasticsearch`): for each index of the archive -- the messages
+(``migrations/elasticsearch/messages_template.json``, ``<prefix>-messages``) and the dead
+letters (``dead_letters_template.json``, ``<prefix>-dead-letters``) -- puts the index template
+for ``<index>*``, creates the index if missing (a concurrent creation counts as created),
+applies the template's mappings to an existing index (new fields are added; a conflicting
+change fails loudly) and waits until the index is usable. Every step is idempotent. The nodes
+never create an index (its mapping would be dynamic): they wait for this.
 
 Errors: an unreachable backend raises ``Unavailable``; :func:`migrate` turns every failure
 into a log line and exit code 1.
@@ -38,9 +40,14 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import MySQLdb
 import trio
-from elasticsearch import ApiError
+from elasticsearch import ApiError, AsyncElasticsearch
 
-from chatnode.adapters.elasticsearch import es_client, es_errors, messages_index
+from chatnode.adapters.elasticsearch import (
+    dead_letters_index,
+    es_client,
+    es_errors,
+    messages_index,
+)
 from chatnode.adapters.mysql import Connection, MysqlUrl, close_quietly, mysql_error
 from chatnode.core import errors
 
@@ -54,6 +61,7 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
 
 MYSQL_DIR: Final = MIGRATIONS_DIR / "mysql"
 ES_TEMPLATE: Final = MIGRATIONS_DIR / "elasticsearch" / "messages_template.json"
+ES_DEAD_LETTERS_TEMPLATE: Final = MIGRATIONS_DIR / "elasticsearch" / "dead_letters_template.json"
 
 _FILE_RE: Final = re.compile(r"(\d+)_([A-Za-z0-9_\-]+)\.sql")
 _UNKNOWN_DATABASE: Final = 1049
@@ -245,41 +253,51 @@ def messages_template(prefix: str, path: Path = ES_TEMPLATE) -> dict[str, Any]:
     return body
 
 
+def dead_letters_template(prefix: str) -> dict[str, Any]:
+    """The dead letters' index template body for ``prefix``."""
+    return messages_template(prefix, ES_DEAD_LETTERS_TEMPLATE)
+
+
 async def migrate_elasticsearch(url: str, prefix: str) -> bool:
-    """Put the messages template and create the index if missing; return True if this call
-    created it. See the module guarantees."""
-    index = messages_index(prefix)
-    template = messages_template(prefix)
+    """Put the templates and create the indices if missing; return True if this call created
+    the messages index. See the module guarantees."""
     es = es_client(url, request_timeout_s=ES_TIMEOUT_S)
     try:
-        with es_errors("put the index template"):
-            await es.indices.put_index_template(name=index, body=template)
-        created = True
-        try:
-            with es_errors("create the archive index"):
-                await es.indices.create(index=index)
-        except ApiError as exc:
-            if exc.error != "resource_already_exists_exception":
-                raise
-            created = False
-        if created:
-            log.info("created the Elasticsearch index %s", index)
-        else:
-            try:
-                with es_errors("update the archive mapping"):
-                    await es.indices.put_mapping(index=index, body=template["template"]["mappings"])
-            except ApiError as exc:
-                raise MigrationError(
-                    f"the index {index} has a mapping chatnode cannot update in place: {exc}"
-                ) from exc
-        with es_errors("wait for the archive index"):
-            await es.cluster.health(
-                index=index, wait_for_status="yellow", timeout=f"{int(ES_TIMEOUT_S)}s"
-            )
+        created = await _migrate_index(es, messages_index(prefix), messages_template(prefix))
+        await _migrate_index(es, dead_letters_index(prefix), dead_letters_template(prefix))
         return created
     finally:
         with trio.CancelScope(shield=True):
             await es.close()
+
+
+async def _migrate_index(es: AsyncElasticsearch, index: str, template: dict[str, Any]) -> bool:
+    """Put ``index``'s template, create it or update its mapping; whether this call created it."""
+    with es_errors("put the index template"):
+        await es.indices.put_index_template(name=index, body=template)
+    created = True
+    try:
+        with es_errors(f"create the index {index}"):
+            await es.indices.create(index=index)
+    except ApiError as exc:
+        if exc.error != "resource_already_exists_exception":
+            raise
+        created = False
+    if created:
+        log.info("created the Elasticsearch index %s", index)
+    else:
+        try:
+            with es_errors(f"update the mapping of {index}"):
+                await es.indices.put_mapping(index=index, body=template["template"]["mappings"])
+        except ApiError as exc:
+            raise MigrationError(
+                f"the index {index} has a mapping chatnode cannot update in place: {exc}"
+            ) from exc
+    with es_errors(f"wait for the index {index}"):
+        await es.cluster.health(
+            index=index, wait_for_status="yellow", timeout=f"{int(ES_TIMEOUT_S)}s"
+        )
+    return created
 
 
 # --- chatnode migrate ---------------------------------------------------------------------------
@@ -305,9 +323,10 @@ async def migrate(config: Config) -> int:
         if config.elasticsearch_url:
             created = await migrate_elasticsearch(config.elasticsearch_url, config.key_prefix)
             log.info(
-                "Elasticsearch index %s %s",
+                "Elasticsearch index %s %s; dead letters in %s",
                 messages_index(config.key_prefix),
                 "created" if created else "already present (template and mapping updated)",
+                dead_letters_index(config.key_prefix),
             )
     except (errors.Unavailable, MigrationError, ValueError, MySQLdb.Error, ApiError) as exc:
         log.error("migration failed: %s", exc)

@@ -11,17 +11,28 @@ Rules:
    reader trims the stream (XTRIM MINID) below the oldest entry it handed out and has not
    seen acknowledged, so whatever is in the stream is not known to be archived.
 2. **One reader at a time, under a lease.** The node holding ``P:archive:lease`` (its
-   consumer name, expiring after ``lease_ms``, renewed every third of it by ``take`` and
-   ``ack``) reads the stream with plain XREAD from a cursor kept in the node; the others
-   wait, asking for the lease every tenth of it. A reader that acquires the lease starts from the stream's first entry, so it hands
-   out again what a dead reader took and never acknowledged (archiving is idempotent). A
-   reader that stalled past its lease goes on until its next renewal: the same entries are
-   then handed out twice, never none.
+   consumer name, expiring after ``lease_ms``, renewed every third of it by ``take``, ``ack``
+   and ``keep_reading``) reads the stream with plain XREAD from a cursor kept in the node; the
+   others wait, asking for the lease every tenth of it. A reader that acquires the lease
+   starts from the stream's first entry, so it hands out again what a dead reader took and
+   never acknowledged (archiving is idempotent). A reader counts its lease lost once
+   ``lease_ms`` passed since it sent its last renewal (before Redis can give it to another
+   node), or when Redis names another holder; a reader that stalled past its lease (a frozen
+   process) notices at its next call. Each stop of reading -- lost, handed over, released --
+   ends a *turn*: the feed forgets what it took (the next reader is handed it again) and
+   ``keep_reading`` answers False. Every start and end of a turn is logged ("reads the
+   archive stream", "hands the archive stream over", "lost the lease", "releases").
 3. **A reader that cannot archive hands over.** Once the oldest batch it handed out has
    waited ``lease_ms`` for its acknowledgement (its Elasticsearch is unreachable, say), it
-   releases the lease and takes nothing until that batch is acknowledged: another node reads
-   on, from the stream's first entry.
+   releases the lease at its next ``take``, ``ack`` or ``keep_reading`` (the archiver calls
+   that every tenth of a second while it waits: rule 6 of ``node/archiver.py``) and asks for
+   it again only ``lease_ms`` later: another node reads on, from the stream's first entry.
 4. **Graceful stop releases the lease** (``release``), so another node reads on at once.
+5. **Only the reader trims.** An ``ack`` trims the stream only while this feed holds the
+   lease, checked by the script that trims: a feed that stopped reading forgot what it took,
+   so its trim would remove entries the new reader has not archived yet. The lease's own
+   calls (renew, hand over, trim, release) run one at a time, so a renewal under way cannot
+   take the lease back after a hand-over.
 
 Why not a consumer group: every node reading its share through XREADGROUP made Redis keep a
 pending list entry per message (XREADGROUP ~1.2 µs per entry of Redis CPU, XACK ~0.3 µs more,
@@ -77,6 +88,14 @@ return 2
 _RELEASE: Final = Script("""#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
+""")
+
+# KEYS: lease, archive stream. ARGV: consumer, min id. Trim below the id if the lease is ours
+# (rule 5); 1 if trimmed, 0 if the lease is not ours.
+_TRIM: Final = Script("""#!lua
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
+return 1
 """)
 
 _DOCUMENT: Final = b"d"
@@ -150,9 +169,11 @@ class RedisArchiveFeed:
 
     ``take`` reads the entries after its cursor (XREAD, on ``reads``), waiting up to ``wait_ms`` for some (``wait_ms=0``: do not wait; Redis is
     asked to block for less than half the reading client's timeout, the rest of the wait is a
-    sleep); without the lease it waits ``wait_ms`` and returns nothing.
-    ``ack`` trims the stream below the oldest entry handed out and not acknowledged (or below
-    the cursor's next entry when none is left), when that moved. An entry that cannot be
+    sleep); without the lease it waits ``wait_ms`` and returns nothing; entries read while
+    the turn ended are dropped, not handed out. ``ack`` trims the stream below the oldest
+    entry handed out and not acknowledged (or below the cursor's next entry when none is
+    left), when that moved and the lease is ours. ``keep_reading`` renews or hands over, and
+    is True while the turn of the entries last handed out lasts. An entry that cannot be
     decoded (not written by ``RedisBus``) is logged and left behind with its neighbours.
     """
 
@@ -166,8 +187,14 @@ class RedisArchiveFeed:
     _key: str = attrs.field(init=False)
     _lease_key: str = attrs.field(init=False)
     _holding: bool = attrs.field(default=False, init=False)
+    _turn: int = attrs.field(default=0, init=False)
+    """Counts the starts and ends of reading (rule 2)."""
+    _handed_out_turn: int = attrs.field(default=-1, init=False)
+    """The turn of the entries ``take`` last handed out."""
     _renew_at: float = attrs.field(default=float("-inf"), init=False)
+    _expires_at: float = attrs.field(default=float("-inf"), init=False)
     _ask_at: float = attrs.field(default=float("-inf"), init=False)
+    _lease_lock: trio.Lock = attrs.Factory(trio.Lock)
     _cursor: bytes = attrs.field(default=_START, init=False)
     _taken: list[_Taken] = attrs.Factory(list)
     _trimmed_below: StreamId = attrs.field(default=(0, 0), init=False)
@@ -186,12 +213,15 @@ class RedisArchiveFeed:
         if max_count <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        if not await self._lease():
+        async with self._lease_lock:
+            reading = await self._lease(ask=True)
+        if not reading:
             if wait_ms > 0:
                 await trio.sleep(wait_ms / 1000)
             else:
                 await trio.lowlevel.checkpoint()
             return []
+        turn = self._turn
         # The reply must come within the client's timeout (a later one closes the connection);
         # Redis answers a timed-out block up to 100 ms late (its idle event loop runs at hz 10).
         reads = self.reads
@@ -205,10 +235,14 @@ class RedisArchiveFeed:
             if block_ms < wait_ms:  # the rest of the wait, so that idle reads stay rare
                 await trio.sleep((wait_ms - block_ms) / 1000)
             return []
+        if self._turn != turn:  # the turn ended during the read: the next reader's now
+            return []
         taken = self._decode(entries)
         self._taken.append(_Taken(taken, trio.current_time()))
+        self._handed_out_turn = turn
         if not taken:  # only entries that were not messages: nothing will acknowledge them
-            await self._trim()
+            async with self._lease_lock:
+                await self._trim()
         return taken
 
     def _decode(self, entries: list[RawEntry]) -> list[ArchiveEntry]:
@@ -242,63 +276,102 @@ class RedisArchiveFeed:
             ids = {e.ack_id for e in entries}
             for taken in self._taken:
                 taken.acknowledge(ids)
-        await self._trim()
-        await self._lease()
+        async with self._lease_lock:
+            await self._trim()
+            await self._lease(ask=False)
+
+    async def keep_reading(self) -> bool:
+        async with self._lease_lock:
+            reading = await self._lease(ask=False)
+        return reading and self._turn == self._handed_out_turn
 
     async def _trim(self) -> None:
         """Trim the stream below the oldest entry handed out and not acknowledged, or below
         the cursor's next entry: everything under it since this feed took the lease was
         handed out and acknowledged or was not a message, and what was under the stream's
-        first entry then had been archived already."""
+        first entry then had been archived already. Only while the lease is ours (rule 5).
+        Under the lease lock."""
+        if not self._holding:  # what it took is forgotten: nothing to trim for
+            await trio.lowlevel.checkpoint()
+            return
         self._taken = [taken for taken in self._taken if not taken.done]
         if self._taken:
             keep = min(_stream_id(t.entries[t.acked].ack_id) for t in self._taken)
         else:
             ms, seq = _stream_id(self._cursor)
             keep = (ms, seq + 1)
-        if keep > self._trimmed_below:
-            await self._redis.call(b"XTRIM", self._key, b"MINID", b"%d-%d" % keep)
-            self._trimmed_below = keep
-        else:
+        if keep <= self._trimmed_below:
             await trio.lowlevel.checkpoint()
+            return
+        ours = await _TRIM.run(
+            self._redis, [self._lease_key, self._key], [self.consumer, b"%d-%d" % keep]
+        )
+        if ours:
+            self._trimmed_below = keep
+        elif self._holding:
+            self._stop("lost the lease to another node (seen when trimming)")
 
-    async def _lease(self) -> bool:
-        """Whether this feed holds the lease; taken or renewed at most every third of it, and
-        given up while a batch waits for its acknowledgement too long (rule 3)."""
+    async def _lease(self, *, ask: bool) -> bool:
+        """Whether this feed holds the lease: renewed at most every third of it, given up
+        while a batch waits for its acknowledgement too long (rule 3), counted lost once it
+        may have expired (rule 2), asked for (``ask``) every tenth of it. Under the lease
+        lock."""
         now = trio.current_time()
-        if self._taken and now - self._taken[0].taken_at > self.lease_ms / 1000:
-            if self._holding:
-                log.warning(
-                    "archive feed: %s hands the archive stream over: a batch taken %.1fs ago "
-                    "is not archived yet",
-                    self.consumer,
-                    now - self._taken[0].taken_at,
-                )
-                await self.release()
-            return False
-        if self._holding and now < self._renew_at:
-            return True
-        if not self._holding and now < self._ask_at:
+        if self._holding:
+            if self._taken and now - self._taken[0].taken_at > self.lease_ms / 1000:
+                await self._hand_over(now - self._taken[0].taken_at)
+                return False
+            if now >= self._expires_at:
+                self._stop("lost the lease: it expired before a renewal")
+                return False
+            if now < self._renew_at:
+                return True
+        elif not ask or now < self._ask_at:
             return False
         held = await _LEASE.run(
             self._redis, [self._lease_key, self._key], [self.consumer, self.lease_ms]
         )
-        if held == 2 or (held == 1 and not self._holding):
+        if held == 0:
+            if self._holding:
+                self._stop("lost the lease to another node")
+            self._ask_at = now + self.lease_ms / 10_000
+            return False
+        if held == 2 and self._holding:  # it expired meanwhile: what this turn took is moot
+            self._stop("lost the lease: it expired before a renewal")
+        if not self._holding:
             log.info("archive feed: %s reads the archive stream", self.consumer)
+            self._holding = True
+            self._turn += 1
             self._cursor = _START  # rule 2: from the first entry not archived
-        elif held == 0 and self._holding:
-            log.warning("archive feed: %s lost the lease to another node", self.consumer)
-        self._holding = held in (1, 2)
         self._renew_at = now + self.lease_ms / 3000
-        self._ask_at = now + self.lease_ms / 10_000
-        return self._holding
+        self._expires_at = now + self.lease_ms / 1000
+        return True
+
+    def _stop(self, why: str) -> None:
+        """End this turn of reading (rule 2): what it took is forgotten."""
+        log.warning("archive feed: %s %s", self.consumer, why)
+        self._holding = False
+        self._turn += 1
+        self._taken.clear()
+
+    async def _hand_over(self, waited_s: float) -> None:
+        """Rule 3: give the lease up, and another node the time to take it."""
+        self._stop(
+            f"hands the archive stream over: a batch taken {waited_s:.1f}s ago is not archived yet"
+        )
+        self._ask_at = trio.current_time() + self.lease_ms / 1000
+        await _RELEASE.run(self._redis, [self._lease_key], [self.consumer])
 
     async def release(self) -> None:
-        if self._holding:
-            self._holding = False
-            await _RELEASE.run(self._redis, [self._lease_key], [self.consumer])
-        else:
-            await trio.lowlevel.checkpoint()
+        async with self._lease_lock:
+            if self._holding:
+                log.info("archive feed: %s releases the archive stream", self.consumer)
+                self._holding = False
+                self._turn += 1
+                self._taken.clear()
+                await _RELEASE.run(self._redis, [self._lease_key], [self.consumer])
+            else:
+                await trio.lowlevel.checkpoint()
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port

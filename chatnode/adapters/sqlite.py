@@ -79,7 +79,17 @@ import trio
 
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
-from chatnode.core.models import ChatMessage, Draft, Room, SearchHit, SearchQuery, User
+from chatnode.core.models import (
+    ChatMessage,
+    DeadLetter,
+    Draft,
+    Refusal,
+    RefusalKind,
+    Room,
+    SearchHit,
+    SearchQuery,
+    User,
+)
 
 T = TypeVar("T")
 
@@ -163,6 +173,18 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (room_id, user, client_id)
         ) WITHOUT ROWID""",
         "CREATE INDEX sent_ids_by_expiry ON sent_ids(expires_at_ms)",
+    ),
+    # 4: documents the archive refused, kept for repair (``SqliteArchive.keep_dead_letters``).
+    (
+        """CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            digest TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            document BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            stored BLOB,
+            kept_at_ms INTEGER NOT NULL
+        )""",
     ),
 )
 
@@ -607,10 +629,14 @@ class SqliteArchive:
 
     ``store`` decodes the documents (``ChatMessage.from_document``; one that is not a message
     document is refused) and inserts them in one transaction of ``INSERT OR IGNORE``: storing a
-    message again (same room and offset) changes nothing, the first stored version wins. What
+    message again (same room and offset) changes nothing, the first stored version wins. When
+    the insert added fewer rows than it was given, the same transaction compares each
+    document with the row under its key: a different message there is refused as a
+    ``CONFLICT`` carrying the stored one (the check costs nothing while every row is new). What
     is stored is visible at once, so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
     diacritics folded), ranks by BM25, then newest first; the time filters are inclusive.
-    ``SearchHit.score`` is the negated BM25 value: higher is better.
+    ``SearchHit.score`` is the negated BM25 value: higher is better. Dead letters are rows of
+    ``dead_letters``, unique by digest, listed by ``(kept_at_ms, digest)``.
     """
 
     _db: SqliteDatabase
@@ -626,21 +652,39 @@ class SqliteArchive:
         await trio.lowlevel.checkpoint()
 
     async def store(self, documents: Sequence[bytes]) -> None:
-        rows: list[tuple[int, int, str, str, int]] = []
-        refused: list[tuple[bytes, str]] = []
+        messages: list[tuple[bytes, ChatMessage]] = []
+        refused: list[Refusal] = []
         for document in documents:
             try:
-                m = ChatMessage.from_document(document)
+                messages.append((document, ChatMessage.from_document(document)))
             except ValueError as exc:
-                refused.append((document, str(exc)))
-            else:
-                rows.append((m.room_id, m.offset, m.user, m.text, m.timestamp_ms))
+                refused.append(Refusal(RefusalKind.UNINDEXABLE, document, str(exc)))
+        if messages:
+            refused += await self._db.run(partial(_insert_messages, messages))
+        else:
+            await trio.lowlevel.checkpoint()
+        if refused:
+            raise ports.ArchiveRefused(refused)
+
+    async def keep_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        rows = [
+            (
+                letter.digest,
+                letter.refusal.kind.value,
+                letter.refusal.document,
+                letter.refusal.reason,
+                letter.refusal.stored,
+                letter.kept_at_ms,
+            )
+            for letter in letters
+        ]
 
         def insert(conn: sqlite3.Connection) -> None:
             with _Transaction(conn):
                 conn.executemany(
-                    'INSERT OR IGNORE INTO messages (room_id, "offset", user, text, timestamp_ms)'
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO dead_letters"
+                    " (digest, kind, document, reason, stored, kept_at_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
 
@@ -648,8 +692,22 @@ class SqliteArchive:
             await self._db.run(insert)
         else:
             await trio.lowlevel.checkpoint()
-        if refused:
-            raise ports.ArchiveRefused(refused)
+
+    async def dead_letters(self, *, limit: int) -> list[DeadLetter]:
+        def select(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT kind, document, reason, stored, kept_at_ms FROM dead_letters"
+                " ORDER BY kept_at_ms, digest LIMIT ?",
+                (max(limit, 0),),
+            )
+            return [
+                DeadLetter(
+                    Refusal(RefusalKind(kind), bytes(document), reason, _blob(stored)), kept_at_ms
+                )
+                for kind, document, reason, stored, kept_at_ms in rows
+            ]
+
+        return await self._db.run(select)
 
     async def read(
         self, room_id: int, *, after_offset: int, up_to_offset: int, limit: int
@@ -678,6 +736,42 @@ class SqliteArchive:
             await trio.lowlevel.checkpoint()
             return []
         return await self._db.run(partial(_search, match, query))
+
+
+def _insert_messages(
+    messages: list[tuple[bytes, ChatMessage]], conn: sqlite3.Connection
+) -> list[Refusal]:
+    """Insert the messages that are new; the documents whose key holds a different message."""
+    with _Transaction(conn):
+        inserted = conn.executemany(
+            'INSERT OR IGNORE INTO messages (room_id, "offset", user, text, timestamp_ms)'
+            " VALUES (?, ?, ?, ?, ?)",
+            [(m.room_id, m.offset, m.user, m.text, m.timestamp_ms) for _, m in messages],
+        ).rowcount
+        if inserted == len(messages):
+            return []
+        conflicts: list[Refusal] = []
+        for document, m in messages:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages AS m"
+                ' WHERE m.room_id = ? AND m."offset" = ?',
+                (m.room_id, m.offset),
+            ).fetchone()
+            stored = _message(row)
+            if stored != m:
+                conflicts.append(
+                    Refusal(
+                        RefusalKind.CONFLICT,
+                        document,
+                        f"a different message is stored under {m.key}",
+                        stored.document,
+                    )
+                )
+        return conflicts
+
+
+def _blob(value: bytes | None) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[SearchHit]:

@@ -10,6 +10,8 @@ from the document's head; :meth:`ChatMessage.from_document` decodes and checks o
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import json
 import re
 from json.encoder import encode_basestring
@@ -139,6 +141,53 @@ class ArchiveEntry(NamedTuple):
     def message(self) -> ChatMessage:
         """The message, decoded (``ValueError`` if the document is not one)."""
         return ChatMessage.from_document(self.document)
+
+
+class RefusalKind(enum.Enum):
+    """Why the archive did not store a document (no retry would)."""
+
+    UNINDEXABLE = "unindexable"
+    """The archive can never index it: not a message document, or its mapping refuses it."""
+    CONFLICT = "conflict"
+    """Its id (room, offset) holds a different message, which stays stored."""
+
+
+@attrs.frozen
+class Refusal:
+    """A document the archive did not store, why, and for a conflict what it holds instead."""
+
+    kind: RefusalKind
+    document: bytes
+    reason: str
+    stored: bytes | None = None
+    """``CONFLICT``: the document stored under the same id; None otherwise."""
+
+    @property
+    def key(self) -> str | None:
+        """``"R:O"`` read from the document's head; None if it does not start as one."""
+        try:
+            return document_key(self.document).decode()
+        except ValueError:
+            return None
+
+
+@attrs.frozen
+class DeadLetter:
+    """A refused document kept for repair (``Archive.keep_dead_letters``)."""
+
+    refusal: Refusal
+    kept_at_ms: int
+
+    @property
+    def digest(self) -> str:
+        """The letter's identity: kind, document and stored document (hex SHA-256), so
+        keeping a letter again -- its batch retried, or archived again by the next reader --
+        keeps it once."""
+        refusal = self.refusal
+        digest = hashlib.sha256(b"%b\n%d\n" % (refusal.kind.value.encode(), len(refusal.document)))
+        digest.update(refusal.document)
+        digest.update(b"-" if refusal.stored is None else b"+" + refusal.stored)
+        return digest.hexdigest()
 
 
 @attrs.frozen

@@ -17,8 +17,10 @@ from typing import Any, Protocol, overload
 from chatnode.core.models import (
     ArchiveEntry,
     ChatMessage,
+    DeadLetter,
     Draft,
     PresenceEntry,
+    Refusal,
     Room,
     SearchHit,
     SearchQuery,
@@ -166,14 +168,27 @@ class ArchiveFeed(Protocol):
 
     Every published message is handed out until acknowledged, to one consumer at a time: a
     consumer takes nothing while another reads. When the reading consumer died (nothing
-    heard from it for ``claim_idle_ms``) or released the feed, another one reads on and is
-    handed every entry not acknowledged -- and possibly some acknowledged after an older one
-    that was not: archiving is idempotent.
+    heard from it for ``claim_idle_ms``), gave its turn up (``keep_reading``) or released the
+    feed, another one reads on and is handed every entry not acknowledged -- and possibly
+    some acknowledged after an older one that was not: archiving is idempotent.
     """
 
     async def take(self, *, max_count: int, wait_ms: int) -> list[ArchiveEntry]: ...
 
-    async def ack(self, entries: Sequence[ArchiveEntry]) -> None: ...
+    async def ack(self, entries: Sequence[ArchiveEntry]) -> None:
+        """Acknowledge entries this consumer took and the archive stored. Once the consumer
+        stopped reading (``keep_reading``), acknowledging what it took before changes nothing:
+        the next reader is handed those entries again."""
+
+    async def keep_reading(self) -> bool:
+        """Keep this consumer's turn of reading current: renew it when due, or end it when the
+        oldest entry it took waited ``claim_idle_ms`` for its acknowledgement (its archive
+        cannot store it; another consumer reads on). Whether the turn in which ``take`` last
+        handed out entries still lasts (False if it ended, even if another turn began since,
+        or if the consumer never read). A consumer holding entries calls it at least every
+        tenth of ``claim_idle_ms``, whatever else it waits for. Once a turn ended -- given up,
+        or lost -- the entries taken in it are forgotten: the consumer stops archiving them,
+        the next reader is handed them."""
 
     async def release(self) -> None:
         """Stop reading, so another consumer reads on at once (graceful stop: call it once
@@ -181,11 +196,12 @@ class ArchiveFeed(Protocol):
 
 
 class ArchiveRefused(Exception):
-    """``Archive.store`` stored every document but ``refused``, which the archive can never
-    store (each with the archive's reason): retrying would fail forever."""
+    """``Archive.store`` stored every document but those in ``refused``, which no retry would
+    store: each :class:`~chatnode.core.models.Refusal` says why (its ``kind``) and, for a
+    conflict, carries the document the archive holds under the same id."""
 
-    def __init__(self, refused: Sequence[tuple[bytes, str]]) -> None:
-        reasons = " | ".join(f"{document[:40]!r}: {reason}" for document, reason in refused[:3])
+    def __init__(self, refused: Sequence[Refusal]) -> None:
+        reasons = " | ".join(f"{r.kind.value} {r.document[:40]!r}: {r.reason}" for r in refused[:3])
         super().__init__(f"the archive refused {len(refused)} messages: {reasons}")
         self.refused = list(refused)
 
@@ -196,9 +212,20 @@ class Archive(Closeable, Protocol):
     async def store(self, documents: Sequence[bytes]) -> None:
         """Durably store messages given as their archive documents (``ChatMessage.document``;
         the archiver hands them over as the feed holds them, never decoded); idempotent by
-        ``(room_id, offset)``. Raises :class:`ArchiveRefused` for documents the archive can
-        never store (one that is not a message document, or that the archive's mapping
-        refuses), after storing the others."""
+        ``(room_id, offset)``: a document the archive holds already, byte for byte or as the
+        same message, counts as stored. Raises :class:`ArchiveRefused`, after storing the
+        others, for documents the archive can never store (``UNINDEXABLE``: one that is not a
+        message document, or that the archive's mapping refuses) and for documents whose id
+        holds a different message (``CONFLICT``: the stored one stays, the refusal carries
+        it)."""
+
+    async def keep_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Durably keep refused documents for repair; keeping the same letter again (same
+        kind, document and stored document) keeps it once."""
+
+    async def dead_letters(self, *, limit: int) -> list[DeadLetter]:
+        """The first ``limit`` letters kept, by ``kept_at_ms`` then ``digest``; everything
+        kept so far is included."""
 
     async def refresh(self) -> None:
         """Make everything stored so far visible to ``read`` and ``search``."""

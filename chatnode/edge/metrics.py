@@ -27,6 +27,7 @@ class Metrics:
             ("chatnode_archived_total", "counter", archiver.archived if archiver else 0),
             ("chatnode_archive_failures_total", "counter", archiver.failures if archiver else 0),
             ("chatnode_archive_refused_total", "counter", archiver.refused if archiver else 0),
+            ("chatnode_archive_conflicts_total", "counter", archiver.conflicts if archiver else 0),
             ("chatnode_draining", "gauge", int(self.draining)),
         ]
         for name, value in node.backends.bus.counters().items():

@@ -252,6 +252,7 @@ def test_bulk_outcome_sorts_item_failures() -> None:
     assert outcome.refused == [
         (2, "HTTP 400 document_parsing_exception: document_parsing_exception reason")
     ]
+    assert outcome.conflicts == [1]  # to be read back: the same message, or another
     assert [reason.split()[2] for reason in outcome.retry] == [
         "es_rejected_execution_exception:",
         "cluster_block_exception:",

@@ -1,4 +1,6 @@
-"""The Archive contract: idempotent storage, offset ranges, and word search.
+"""The Archive contract: idempotent storage that refuses what it cannot store and never takes
+a different message for a stored one, dead letters kept for repair, offset ranges, and word
+search.
 
 Every test calls ``refresh()`` after storing, as the node does before reading: that is the
 moment stored messages must be visible. Search semantics every implementation shares: a hit
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatnode.core.models import ChatMessage, SearchQuery
+from chatnode.core.models import ChatMessage, DeadLetter, Refusal, RefusalKind, SearchQuery
 from chatnode.core.ports import Archive, ArchiveRefused
 
 from .harness import documents
@@ -65,8 +67,91 @@ async def test_a_document_that_is_not_a_message_is_refused_after_the_others(
         await archive.store([messages[0].document, *bad[:2], *documents(messages[1:]), bad[2]])
     await archive.refresh()
 
-    assert [document for document, _ in refused.value.refused] == bad
+    assert [r.document for r in refused.value.refused] == bad
+    assert {r.kind for r in refused.value.refused} == {RefusalKind.UNINDEXABLE}
+    assert all(r.reason and r.stored is None for r in refused.value.refused)
     assert await archive.read(1, after_offset=0, up_to_offset=100, limit=100) == messages
+
+
+async def test_a_different_message_under_a_stored_id_is_a_conflict_not_stored(
+    archive: Archive,
+) -> None:
+    first = room_messages(1, 3)
+    await archive.store(documents(first))
+    other = message(1, 2, "a message published after the offsets were reused", user="eve")
+    later = message(1, 4)
+
+    with pytest.raises(ArchiveRefused) as refused:
+        await archive.store([other.document, later.document, first[0].document])
+    await archive.refresh()
+
+    (conflict,) = refused.value.refused
+    assert (conflict.kind, conflict.document, conflict.stored) == (
+        RefusalKind.CONFLICT,
+        other.document,
+        first[1].document,
+    )
+    assert conflict.key == "1:2" and "1:2" in conflict.reason
+    assert await archive.read(1, after_offset=0, up_to_offset=100, limit=100) == [*first, later]
+    assert await keys(archive, SearchQuery("reused")) == []
+
+
+async def test_two_messages_under_one_id_in_one_batch_the_first_is_stored(
+    archive: Archive,
+) -> None:
+    kept, clash = message(1, 1, "first"), message(1, 1, "second")
+
+    with pytest.raises(ArchiveRefused) as refused:
+        await archive.store([kept.document, clash.document])
+    await archive.refresh()
+
+    assert [(r.kind, r.document, r.stored) for r in refused.value.refused] == [
+        (RefusalKind.CONFLICT, clash.document, kept.document)
+    ]
+    assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == [kept]
+
+
+async def test_the_same_message_encoded_otherwise_counts_as_stored(archive: Archive) -> None:
+    stored = message(1, 1, "café ☕")
+    escaped = (
+        b'{"chatroom":1,"offset":1,"user":"bob","message":"caf\\u00e9 \\u2615",'
+        b'"timestamp":%d}' % stored.timestamp_ms
+    )
+    assert ChatMessage.from_document(escaped) == stored and escaped != stored.document
+    await archive.store([stored.document])
+
+    await archive.store([escaped, stored.document])  # no conflict: the same message
+    await archive.refresh()
+
+    assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == [stored]
+
+
+def letter(
+    kind: RefusalKind, document: bytes, at_ms: int, stored: bytes | None = None
+) -> DeadLetter:
+    return DeadLetter(Refusal(kind, document, f"{kind.value} because", stored), at_ms)
+
+
+async def test_dead_letters_are_kept_byte_for_byte_once_and_read_oldest_first(
+    archive: Archive,
+) -> None:
+    clash = letter(
+        RefusalKind.CONFLICT, message(1, 2, "new").document, T0 + 2, message(1, 2).document
+    )
+    garbage = letter(RefusalKind.UNINDEXABLE, b'\xff{"not":"a message"\n', T0 + 1)
+    same_time = letter(RefusalKind.UNINDEXABLE, b"garbage", T0 + 2)
+
+    await archive.keep_dead_letters([clash, garbage])
+    await archive.keep_dead_letters([garbage, same_time])  # a batch retried: kept once
+    await archive.keep_dead_letters([])
+
+    kept = await archive.dead_letters(limit=10)
+    assert kept[0] == garbage
+    assert sorted(kept[1:], key=lambda d: d.digest) == kept[1:]  # the same time: by digest
+    assert set(kept[1:]) == {clash, same_time}
+    assert await archive.dead_letters(limit=1) == [garbage]
+    assert await archive.dead_letters(limit=0) == []
+    assert clash.refusal.key == "1:2" and garbage.refusal.key is None
 
 
 async def test_read_ranges(archive: Archive) -> None:

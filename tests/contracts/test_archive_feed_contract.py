@@ -2,10 +2,13 @@
 
 Each feed made by ``feed_rig.new_feed(consumer)`` reads as one consumer (one node). One
 consumer reads at a time: the others take nothing while it may still acknowledge what it took.
-Once it was silent for ``claim_idle_ms`` (it died), or released the feed, another consumer
-reads on and is handed what it left unacknowledged. Acknowledged messages are not handed out
-again, except those acknowledged after an older one that was not, to the next reader. Time
-passes through the rig's ``advance``; waits for traffic use ``wait_ms``, never a sleep.
+Once it was silent for ``claim_idle_ms`` (it died), released the feed, or handed it over (a
+batch of it waited ``claim_idle_ms``), another consumer reads on and is handed what it left
+unacknowledged; the turn of the first one is over, and what it acknowledges late changes
+nothing. A reader that keeps reading (``keep_reading``) keeps its turn. Acknowledged messages
+are not handed out again, except those acknowledged after an older one that was not, to the
+next reader. Time passes through the rig's ``advance``; waits for traffic use ``wait_ms``,
+never a sleep.
 """
 
 from __future__ import annotations
@@ -173,3 +176,58 @@ async def test_acknowledged_out_of_order_nothing_unacknowledged_is_lost(
 
     assert by_key(taken_over)[: len(first)] == by_key(first)  # maybe the second again too
     assert set(by_key(taken_over)) <= set(published)
+
+
+async def test_a_consumer_that_never_read_is_not_reading(feed_rig: FeedRig) -> None:
+    await publish_some(feed_rig, [1])
+
+    assert await feed_rig.new_feed("node-a").keep_reading() is False
+
+
+async def test_a_reader_that_keeps_reading_keeps_its_turn(feed_rig: FeedRig) -> None:
+    a, b = feed_rig.new_feed("node-a"), feed_rig.new_feed("node-b")
+    taken = await take_all(a, len(await publish_some(feed_rig, [1, 2])))
+    await a.ack(taken)
+    later = await publish_some(feed_rig, [3])
+
+    for _ in range(20):  # twice the lease, with nothing taken or acknowledged meanwhile
+        assert await a.keep_reading()
+        assert await b.take(max_count=10, wait_ms=0) == []
+        await feed_rig.advance(feed_rig.claim_idle_ms / 10_000)
+
+    assert [e.message for e in await take_all(a, 1)] == later
+
+
+async def test_a_reader_whose_batch_waits_too_long_hands_over_and_forgets_it(
+    feed_rig: FeedRig,
+) -> None:
+    a, b = feed_rig.new_feed("node-a"), feed_rig.new_feed("node-b")
+    published = await publish_some(feed_rig, [1, 2, 1])
+    stuck = await take_all(a, len(published))
+    assert await a.keep_reading()
+
+    await feed_rig.advance(1.2 * feed_rig.claim_idle_ms / 1000)  # its archive is down
+    assert await a.keep_reading() is False  # handed over: b reads on at once
+    taken_over = await take_all(b, len(published))
+    await a.ack(stuck)  # its store returned after all: too late, the turn is over
+
+    assert by_key(taken_over) == by_key(stuck)
+    assert await a.take(max_count=10, wait_ms=SHORT_WAIT_MS) == []
+    assert await a.keep_reading() is False
+    await b.ack(taken_over)
+    assert await b.take(max_count=10, wait_ms=SHORT_WAIT_MS) == []
+
+
+async def test_an_acknowledgement_after_the_turn_ended_leaves_the_entries_to_the_next_reader(
+    feed_rig: FeedRig,
+) -> None:
+    stalled, next_reader = feed_rig.new_feed("node-a"), feed_rig.new_feed("node-b")
+    published = await publish_some(feed_rig, [1, 1, 1, 1])
+    taken = await take_all(stalled, len(published))
+
+    await feed_rig.advance(1.5 * feed_rig.claim_idle_ms / 1000)  # stalled past its lease
+    first = await next_reader.take(max_count=1, wait_ms=1000)  # took over, read one so far
+    await stalled.ack(taken)  # the stalled reader wakes up: its trim would drop the rest
+    rest = await next_reader.take(max_count=10, wait_ms=1000)  # there at once
+
+    assert by_key(first + rest) == by_key(taken)

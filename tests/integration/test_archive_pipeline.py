@@ -1,5 +1,6 @@
 """The archive path against the real Redis and Elasticsearch: a message Elasticsearch can never
-index dead-lettered instead of retried forever, and two archivers (one reading at a time)
+index dead-lettered instead of retried forever, a message whose id holds a different one kept
+as a dead letter and never counted as archived, and two archivers (one reading at a time)
 catching up a backlog. The feed's trimming is in ``test_redis_archive_feed.py``.
 
 The archive stream is filled with XADD in ``RedisBus``' entry format (field d, the message's
@@ -16,7 +17,7 @@ pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip instal
 
 from chatnode.adapters.elasticsearch import EsArchive
 from chatnode.adapters.redis import RedisArchiveFeed, RedisClient, RespClient
-from chatnode.core.models import ChatMessage
+from chatnode.core.models import ChatMessage, RefusalKind
 from chatnode.core.ports import ArchiveRefused
 from chatnode.node.archiver import Archiver
 from tests.contracts.conftest import es_test_prefix, redis_test_clients
@@ -64,11 +65,45 @@ async def test_a_document_elasticsearch_cannot_index_is_refused_after_the_others
     with pytest.raises(ArchiveRefused) as refused:
         await archive.store([good[0].document, bad.document, good[1].document])
 
-    assert [(d, reason.split()[:2]) for d, reason in refused.value.refused] == [
-        (bad.document, ["HTTP", "400"])
+    assert [(r.kind, r.document, r.reason.split()[:2]) for r in refused.value.refused] == [
+        (RefusalKind.UNINDEXABLE, bad.document, ["HTTP", "400"])
     ]
     await archive.refresh()
     assert await archive.read(1, after_offset=0, up_to_offset=10, limit=10) == good
+
+
+async def test_a_message_under_an_id_that_holds_another_is_a_kept_dead_letter(
+    redis: tuple[RedisClient, str, list[RespClient]], archive: EsArchive
+) -> None:
+    client, prefix, feeds = redis
+    key = f"{prefix}:archive"
+    before_the_loss = ChatMessage(1, 3, "alice", "published before Redis lost its data", T0)
+    await archive.store([before_the_loss.document])
+    await fill(client, prefix, 1, range(1, 6))  # offsets reused: 3 is another message now
+    again = ChatMessage(1, 2, "bob", "m2", T0 + 2)
+    await client.xadd(key, {"d": again.document})  # the same message twice: fine
+    archiver = Archiver(
+        RedisArchiveFeed(feeds[0], prefix, reads=feeds[1], consumer="node-1"), archive
+    )
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(archiver.run)
+            while await client.xlen(key):  # noqa: ASYNC110 - Redis state
+                await trio.sleep(0.05)
+            await archiver.drain()
+
+    assert (archiver.archived, archiver.conflicts, archiver.refused) == (5, 1, 0)
+    ours = ChatMessage(1, 3, "bob", "m3", T0 + 3)
+    (letter,) = await archive.dead_letters(limit=10)
+    assert (letter.refusal.kind, letter.refusal.document, letter.refusal.stored) == (
+        RefusalKind.CONFLICT,
+        ours.document,
+        before_the_loss.document,
+    )
+    await archive.refresh()
+    stored = await archive.read(1, after_offset=0, up_to_offset=10, limit=10)
+    assert [m.text for m in stored] == ["m1", "m2", before_the_loss.text, "m4", "m5"]
 
 
 async def test_two_archivers_catch_up_a_backlog_and_dead_letter_bad_messages(

@@ -1,6 +1,7 @@
 """EsArchive against a real Elasticsearch, beyond the Archive contract: thousands of messages,
-paging past the 10,000-hit window, rejected bulk items, a missing index, an unreachable or
-hung server, and cancellation under Trio. Each test gets its own index prefix."""
+paging past the 10,000-hit window, conflicts among hundreds, rejected bulk items, the dead
+letters' own index, a missing index, an unreachable or hung server, and cancellation under
+Trio. Each test gets its own index prefix."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip instal
 import chatnode.adapters.elasticsearch as es_adapter
 from chatnode.adapters.elasticsearch import EsArchive, es_client
 from chatnode.core import errors
-from chatnode.core.models import ChatMessage, SearchQuery
+from chatnode.core.models import ChatMessage, DeadLetter, Refusal, RefusalKind, SearchQuery
+from chatnode.core.ports import ArchiveRefused
 from tests.contracts.conftest import es_test_prefix
 from tests.contracts.harness import documents, require_service
 
@@ -83,15 +85,40 @@ async def test_storing_again_changes_nothing(archive: EsArchive) -> None:
     await archive.store(documents(messages))
     edited = [ChatMessage(m.room_id, m.offset, m.user, "edited", m.timestamp_ms) for m in messages]
 
-    await archive.store(
-        documents(edited + room(1, 10, first=301))
-    )  # conflicts are "already stored"
+    await archive.store(documents(messages[::-1] + room(1, 10, first=301)))  # the same: stored
+    with pytest.raises(ArchiveRefused) as refused:  # different messages: conflicts
+        await archive.store(documents(edited + room(1, 5, first=311)))
     await archive.refresh()
 
+    assert [(r.kind, r.document, r.stored) for r in refused.value.refused] == [
+        (RefusalKind.CONFLICT, e.document, m.document)
+        for e, m in zip(edited, messages, strict=True)
+    ]
     assert await archive.read(1, after_offset=0, up_to_offset=1000, limit=1000) == messages + room(
-        1, 10, first=301
+        1, 15, first=301
     )
     assert await archive.search(SearchQuery("edited")) == []
+
+
+async def test_dead_letters_are_kept_in_their_own_strict_index(
+    archive: EsArchive, es_url: str
+) -> None:
+    letter = DeadLetter(
+        Refusal(RefusalKind.CONFLICT, room(1, 1)[0].document, "why", b'{"x":1}'), T0
+    )
+
+    await archive.keep_dead_letters([letter])
+
+    admin = es_client(es_url)
+    try:
+        assert archive.dead_letter_index.endswith("-dead-letters")
+        mapping = await admin.indices.get_mapping(index=archive.dead_letter_index)
+        assert mapping[archive.dead_letter_index]["mappings"]["dynamic"] == "strict"
+        kept = await admin.get(index=archive.dead_letter_index, id=letter.digest)
+        assert kept["_source"]["key"] == "1:1" and kept["_source"]["kind"] == "conflict"
+    finally:
+        await admin.close()
+    assert await archive.dead_letters(limit=5) == [letter]
 
 
 async def test_reads_and_searches_page_past_the_window(
@@ -145,6 +172,11 @@ async def test_a_missing_index_is_unavailable_and_never_auto_created(es_url: str
     async with EsArchive.from_url(es_url, prefix="chatnode-test-never-migrated") as archive:
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
             await archive.store(documents(room(1, 3)))
+        letter = DeadLetter(Refusal(RefusalKind.UNINDEXABLE, b"x", "why"), T0)
+        with pytest.raises(errors.Unavailable, match="chatnode migrate"):
+            await archive.keep_dead_letters([letter])
+        with pytest.raises(errors.Unavailable, match="chatnode migrate"):
+            await archive.dead_letters(limit=10)
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
             await archive.read(1, after_offset=0, up_to_offset=10, limit=10)
         with pytest.raises(errors.Unavailable, match="chatnode migrate"):
@@ -155,6 +187,7 @@ async def test_a_missing_index_is_unavailable_and_never_auto_created(es_url: str
         admin = es_client(es_url)
         try:
             assert not await admin.indices.exists(index=archive.index)
+            assert not await admin.indices.exists(index=archive.dead_letter_index)
         finally:
             await admin.close()
 

@@ -17,10 +17,11 @@ pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip instal
 
 import MySQLdb
 
-from chatnode.adapters.elasticsearch import es_client, messages_index
+from chatnode.adapters.elasticsearch import dead_letters_index, es_client, messages_index
 from chatnode.adapters.migrations import (
     MYSQL_DIR,
     MigrationError,
+    dead_letters_template,
     messages_template,
     migrate,
     migrate_elasticsearch,
@@ -144,6 +145,16 @@ def test_the_template_matches_the_prefix_and_the_seed_fields() -> None:
         messages_template("Acme")
 
 
+def test_the_dead_letters_template_is_strict_and_keeps_documents_as_bytes() -> None:
+    template = dead_letters_template("acme")
+
+    assert template["index_patterns"] == ["acme-dead-letters*"]
+    mappings = template["template"]["mappings"]
+    assert mappings["dynamic"] == "strict"
+    assert mappings["properties"]["document"] == {"type": "binary"}
+    assert mappings["properties"]["stored"] == {"type": "binary"}
+
+
 # --- MySQL ---------------------------------------------------------------------------------------
 
 
@@ -240,6 +251,10 @@ async def test_migrate_elasticsearch_twice_and_concurrently(es_url: str) -> None
             assert templates["index_templates"][0]["index_template"]["index_patterns"] == [
                 f"{prefix}-messages*"
             ]
+            letters = dead_letters_index(prefix)
+            mapping = await es.indices.get_mapping(index=letters)
+            assert mapping[letters]["mappings"]["dynamic"] == "strict"
+            assert mapping[letters]["mappings"]["properties"]["kept_at"]["type"] == "date"
         finally:
             await es.close()
 

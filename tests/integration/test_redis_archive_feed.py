@@ -1,9 +1,12 @@
 """RedisArchiveFeed against a real Redis, beyond the ArchiveFeed contract: the stream does not
-grow, the lease names its reader and expires, a stream that vanished is read again, a foreign
-entry does not block the feed, failures are ``Unavailable``."""
+grow, the lease names its reader and expires, only the lease's holder trims, a reader counts
+its lease lost before Redis could give it away, every turn of reading is logged from its start
+to its end, a stream that vanished is read again, a foreign entry does not block the feed,
+failures are ``Unavailable``."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -153,9 +156,71 @@ async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
     assert await client.get(bus.keys.archive_lease) is None
     assert [e.message for e in await other.take(max_count=10, wait_ms=100)] == [message]
 
-    await stuck.ack(taken)  # stored at last: it may read again once the lease is free
-    assert await stuck.take(max_count=10, wait_ms=0) == []
+    await stuck.ack(taken)  # stored at last: the turn is over, the other node stores it again
+    assert await client.xlen(bus.keys.archive) == 1
+    assert await stuck.take(max_count=10, wait_ms=0) == []  # gives the others a lease's time
     assert not stuck.reading
+
+
+async def test_an_ack_never_trims_when_the_lease_is_another_nodes(
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
+    await publish_some(bus, 3)
+    taken = await feed.take(max_count=10, wait_ms=100)
+    await client.set(bus.keys.archive_lease, "n2", px=60_000)  # n1 stalled; n2 took over
+
+    await feed.ack(taken)  # n1 still believes it reads: the trim script checks the lease
+
+    assert await client.xlen(bus.keys.archive) == 3
+    assert not feed.reading
+    assert await feed.keep_reading() is False
+
+
+async def test_a_reader_counts_its_lease_lost_once_it_may_have_expired(
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
+    await publish_some(bus, 2)
+    taken = await feed.take(max_count=1, wait_ms=100)
+    await feed.ack(taken)
+
+    await trio.sleep(0.35)  # no call for longer than the lease: a frozen process
+
+    assert await feed.keep_reading() is False  # without asking Redis, which may disagree
+    assert not feed.reading
+    assert any("n1 lost the lease: it expired" in r.getMessage() for r in caplog.records)
+    assert await client.xlen(bus.keys.archive) == 1  # the untaken one stays
+    assert [e.message.text for e in await feed.take(max_count=10, wait_ms=100)] == ["m1"]
+
+
+async def test_each_turn_is_logged_from_its_start_to_its_end(
+    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="chatnode.adapters.redis_archive_feed")
+    _, prefix, bus, feeds = redis
+    feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
+    await publish_some(bus, 1)
+    assert len(await feed.take(max_count=10, wait_ms=100)) == 1
+    await trio.sleep(0.35)
+    assert await feed.keep_reading() is False  # handed over: its batch waited too long
+    await trio.sleep(0.35)  # it asks again a lease later
+    assert len(await feed.take(max_count=10, wait_ms=100)) == 1
+    await feed.release()
+
+    turns = [
+        r.getMessage().split("n1 ", 1)[1].split(":")[0]
+        for r in caplog.records
+        if r.name == "chatnode.adapters.redis_archive_feed"
+    ]
+    assert turns == [
+        "reads the archive stream",
+        "hands the archive stream over",
+        "reads the archive stream",
+        "releases the archive stream",
+    ]
 
 
 async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
