@@ -24,6 +24,7 @@ class Metrics:
             ("chatnode_deliveries_total", "counter", hub.deliveries),
             ("chatnode_history_loads_total", "counter", hub.history_loads_total),
             ("chatnode_archive_history_reads_total", "counter", hub.archive_reads),
+            ("chatnode_history_holes_total", "counter", hub.history_holes),
             ("chatnode_archived_total", "counter", archiver.archived if archiver else 0),
             ("chatnode_archive_failures_total", "counter", archiver.failures if archiver else 0),
             ("chatnode_archive_refused_total", "counter", archiver.refused if archiver else 0),

@@ -22,6 +22,12 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    missing or behind the session's (Redis lost data), the session's newest offset and its
    cached messages are restored to the bus, so offsets continue above what members saw;
    a room without a session continues above the archive's newest offset.
+7. History is complete or refused. A range neither the bus log nor the archive holds whole
+   (the archive lags: its backlog, or a refresh not yet made, which the load then makes) is
+   refused with ``Unavailable`` (a join answers 503, a gap fill retries after the bus's
+   backoff), until ``hole_wait_s`` after the room's history first lacked messages: then the
+   messages are taken as lost (logged, counted in ``history_holes``) and the range served
+   without them.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ from chatnode.core.ports import Archive, Bus
 from chatnode.core.protocol import CloseCode, Dialect
 
 log = logging.getLogger(__name__)
+
+HOLE_WAIT_S = 30.0
+"""Rule 7: how long a history lacking messages is refused before it is served without them.
+Longer than an archive outage the lease hands over (``archive_claim_idle_s``) plus a
+catch-up: what the archive will hold is waited for, what it never will is not."""
 
 
 class Member(Protocol):
@@ -122,6 +133,10 @@ class Hub:
         self.deliveries = 0
         self.history_loads_total = 0
         self.archive_reads = 0
+        self.history_holes = 0
+        """Messages left out of a history after ``hole_wait_s`` (Rule 7)."""
+        self.hole_wait_s = HOLE_WAIT_S
+        self._holes: dict[int, float] = {}  # room -> when its history first lacked messages
 
     # -- membership -----------------------------------------------------------------------
 
@@ -230,7 +245,8 @@ class Hub:
             return loaded
 
     async def load_range(self, room_id: int, after: int, head: int) -> list[ChatMessage]:
-        """``(after, head]`` from the bus log, and from the archive for what the log dropped."""
+        """``(after, head]`` from the bus log, and from the archive for what the log does not
+        hold (Rule 7). Raise ``Unavailable`` while some of it is in neither."""
         if head <= after:
             return []
         logged = [
@@ -238,50 +254,51 @@ class Hub:
             for m in await self._bus.read_log(room_id, after_offset=after, limit=head - after)
             if m.offset <= head
         ]
-        first_logged = logged[0].offset if logged else head + 1
-        older: list[ChatMessage] = []
-        if first_logged > after + 1:
-            self.archive_reads += 1
-            older = await self._archive.read(
-                room_id,
-                after_offset=after,
-                up_to_offset=first_logged - 1,
-                limit=first_logged - 1 - after,
-            )
-        messages = older + logged
-        if len(logged) != head - first_logged + 1:
-            # Holes inside the log: Redis lost messages and a publish went on above them
-            # before a node restored them (Rule 6). The archive has them once written back.
-            messages = await self._fill_holes(room_id, messages)
+        messages = await self._with_archived(room_id, after, head, logged)
         if len(messages) != head - after:
-            log.warning(
-                "room %d: history (%d, %d] incomplete: %d of %d messages found",
-                room_id,
-                after,
-                head,
-                len(messages),
-                head - after,
+            await self._archive.refresh()  # indexed but not searchable yet, maybe
+            messages = await self._with_archived(room_id, after, head, logged)
+        if len(messages) == head - after:
+            self._holes.pop(room_id, None)
+            return messages
+        missing = head - after - len(messages)
+        now = trio.current_time()
+        since = self._holes.setdefault(room_id, now)
+        if now - since < self.hole_wait_s:
+            raise Unavailable(
+                f"chatroom {room_id}: {missing} messages of ({after}, {head}] are not archived"
+                " yet; retry",
+                retry_after_s=1.0,
             )
+        log.error(
+            "room %d: history (%d, %d] has lacked %d messages for %.0fs; serving it without them",
+            room_id,
+            after,
+            head,
+            missing,
+            now - since,
+        )
+        self.history_holes += missing
         return messages
 
-    async def _fill_holes(self, room_id: int, messages: list[ChatMessage]) -> list[ChatMessage]:
-        """``messages`` (ascending) with the offsets missing between them read from the
-        archive."""
-        holes = [
-            (a.offset, b.offset) for a, b in itertools.pairwise(messages) if b.offset > a.offset + 1
-        ]
-        if not holes:
-            return messages
-        self.archive_reads += 1
-        found = await self._archive.read(
-            room_id,
-            after_offset=holes[0][0],
-            up_to_offset=holes[-1][1] - 1,
-            limit=holes[-1][1] - 1 - holes[0][0],
-        )
-        by_offset = {m.offset: m for m in found}
-        by_offset.update((m.offset, m) for m in messages)
-        return [by_offset[offset] for offset in sorted(by_offset)]
+    async def _with_archived(
+        self, room_id: int, after: int, head: int, logged: list[ChatMessage]
+    ) -> list[ChatMessage]:
+        """``logged`` with the offsets of ``(after, head]`` it lacks read from the archive:
+        those the log trimmed, and holes Redis left (Rule 6)."""
+        found = {m.offset: m for m in logged}
+        missing = [offset for offset in range(after + 1, head + 1) if offset not in found]
+        if missing:
+            self.archive_reads += 1
+            archived = await self._archive.read(
+                room_id,
+                after_offset=missing[0] - 1,
+                up_to_offset=missing[-1],
+                limit=missing[-1] - missing[0] + 1,
+            )
+            for m in archived:
+                found.setdefault(m.offset, m)
+        return [found[offset] for offset in sorted(found)]
 
     # -- BusHandler ---------------------------------------------------------------------------
 

@@ -330,3 +330,38 @@ async def test_a_room_without_a_session_continues_above_the_archive(
 
     assert await hub.head(1) == 30
     assert (await bus.publish(draft(1, "next"))).offset == 31
+
+
+async def test_a_history_the_archive_does_not_hold_yet_is_refused_not_cut(
+    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive
+) -> None:
+    client, prefix, resp = redis
+    bus = RedisBus(resp, prefix, room_log_length=10)
+    await bus.restore(1, last_offset=0)
+    published = [await bus.publish(draft(1, f"m{n}")) for n in range(300)]
+    first_logged = (await bus.read_log(1, after_offset=0, limit=1))[0].offset
+    assert first_logged > 100  # the log trimmed the oldest: they come from the archive
+    hub = Hub(bus, archive, cache_size=256)
+
+    await archive.store([m.document for m in published[:50]])  # the archiver lags
+    with pytest.raises(errors.Unavailable) as refused:
+        await hub.load_range(1, 0, 300)
+    assert refused.value.retry_after_s > 0
+    await archive.store([m.document for m in published[50:]])  # it caught up
+    assert await hub.load_range(1, 0, 300) == published
+
+    assert hub.history_holes == 0
+
+    db = await SqliteDatabase.open(":memory:")  # an archive that lost 260..269 for good
+    try:
+        partial = SqliteArchive(db)
+        await partial.store([m.document for m in published if not 260 <= m.offset < 270])
+        await client.delete([bus.keys.log(1)])
+        lossy = Hub(bus, partial, cache_size=256)
+        with pytest.raises(errors.Unavailable):
+            await lossy.load_range(1, 250, 300)
+        lossy.hole_wait_s = 0  # waited long enough: served without them, counted
+        assert await lossy.load_range(1, 250, 300) == published[250:259] + published[269:]
+        assert lossy.history_holes == 10
+    finally:
+        await db.aclose()
