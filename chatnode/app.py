@@ -138,6 +138,7 @@ class App:
                     ping_interval_s=config.ws_ping_interval_s,
                 ),
                 metrics=metrics,
+                proxies=http.TrustedProxies.parse(config.trusted_proxies),
             )
             async with trio.open_nursery() as node_nursery:
                 await node_nursery.start(node.run)

@@ -8,6 +8,7 @@ README's configuration table is generated from it (``chatnode config --markdown`
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 import tomllib
@@ -123,6 +124,11 @@ class Config:
     handshake_timeout_s: float = _setting(10.0, "time to send a whole request head")
     idle_timeout_s: float = _setting(60.0, "keep-alive HTTP connection idle limit")
     ws_ping_interval_s: float = _setting(30.0, "server ping interval on idle WebSockets")
+    trusted_proxies: str = _setting(
+        "127.0.0.1/8,::1",
+        "addresses or networks (comma-separated) whose X-Real-IP / X-Forwarded-For name the"
+        " client (nginx); Unix-socket peers always count; from others the headers are ignored",
+    )
     send_backlog_bytes: int = _setting(
         1 << 20, "per-connection unsent bytes before slow-consumer disconnect"
     )
@@ -199,6 +205,16 @@ def load_config(environ: Mapping[str, str], overrides: Mapping[str, Any] | None 
     return config
 
 
+def _networks_ok(text: str) -> bool:
+    try:
+        for part in text.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def _validate(config: Config) -> None:
     checks = [
         (0 <= config.port <= 65535, "CHATNODE_PORT must be 0..65535"),
@@ -210,6 +226,7 @@ def _validate(config: Config) -> None:
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
         (0 <= config.archive_linger_s <= 10, "CHATNODE_ARCHIVE_LINGER_S must be 0..10"),
         (config.dedup_window_s >= 1, "CHATNODE_DEDUP_WINDOW_S must be >= 1"),
+        (_networks_ok(config.trusted_proxies), "CHATNODE_TRUSTED_PROXIES: not IP networks"),
         (config.unarchived_keep_bytes >= 0, "CHATNODE_UNARCHIVED_KEEP_BYTES must be >= 0"),
         (config.redis_settle_s >= 0, "CHATNODE_REDIS_SETTLE_S must be >= 0"),
         (

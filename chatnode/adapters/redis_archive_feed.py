@@ -13,7 +13,8 @@ Rules:
 2. **One reader at a time, under a lease.** The node holding ``P:archive:lease`` (its
    consumer name, expiring after ``lease_ms``, renewed every third of it by ``take``, ``ack``
    and ``keep_reading``) reads the stream with plain XREAD from a cursor kept in the node; the
-   others wait, asking for the lease every tenth of it. A reader that acquires the lease
+   others wait, asking for the lease every tenth of it (at most ``ASK_EVERY_S``, so a
+   released lease is taken within a second whatever its length). A reader that acquires the lease
    starts from the stream's first entry, so it hands out again what a dead reader took and
    never acknowledged (archiving is idempotent). A reader counts its lease lost once
    ``lease_ms`` passed since it sent its last renewal (before Redis can give it to another
@@ -68,6 +69,9 @@ from .redis_bus import BusKeys
 from .resp import Reply, RespClient, Script
 
 log = logging.getLogger(__name__)
+
+ASK_EVERY_S: Final = 1.0
+"""Rule 2: a waiting node asks for the lease at least this often."""
 
 # KEYS: lease, archive stream. ARGV: consumer, lease ms. Take the lease if nobody holds it,
 # or renew ours. Returns 1 if we held it already (renewed), 2 if we took it, 0 if another
@@ -314,7 +318,8 @@ class RedisArchiveFeed:
     async def _lease(self, *, ask: bool) -> bool:
         """Whether this feed holds the lease: renewed at most every third of it, given up
         while a batch waits for its acknowledgement too long (rule 3), counted lost once it
-        may have expired (rule 2), asked for (``ask``) every tenth of it. Under the lease
+        may have expired (rule 2), asked for (``ask``) every tenth of it (at most
+        ``ASK_EVERY_S``). Under the lease
         lock."""
         now = trio.current_time()
         if self._holding:
@@ -334,7 +339,7 @@ class RedisArchiveFeed:
         if held == 0:
             if self._holding:
                 self._stop("lost the lease to another node")
-            self._ask_at = now + self.lease_ms / 10_000
+            self._ask_at = now + min(self.lease_ms / 10_000, ASK_EVERY_S)
             return False
         if held == 2 and self._holding:  # it expired meanwhile: what this turn took is moot
             self._stop("lost the lease: it expired before a renewal")

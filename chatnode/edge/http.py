@@ -17,6 +17,7 @@ response is written by ``response_bytes`` (the bytes h11 would send) in one send
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -46,6 +47,10 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes = b""
+    client: str = ""
+    """The client's address as the edge determined it (:class:`TrustedProxies`): the peer's,
+    or the one a trusted proxy (nginx) forwarded; ``"unix"`` for a Unix-socket peer that
+    forwarded none."""
 
     def json(self, *, required: bool = True) -> dict[str, Any]:
         if not self.body.strip():
@@ -80,6 +85,59 @@ class Response:
         cls, status: int, value: object, headers: tuple[tuple[str, str], ...] = ()
     ) -> Response:
         return cls(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
+
+
+@attrs.frozen
+class TrustedProxies:
+    """Peers whose ``X-Real-IP`` / ``X-Forwarded-For`` headers name the client: the networks
+    given (nginx's addresses), and every Unix-socket peer (only processes on this host reach
+    it). From any other peer the headers are ignored: a client cannot choose its address."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> TrustedProxies:
+        """``"127.0.0.1/8, ::1"``: comma-separated addresses or networks; ``ValueError``."""
+        return cls(
+            tuple(
+                ipaddress.ip_network(part.strip(), strict=False)
+                for part in text.split(",")
+                if part.strip()
+            )
+        )
+
+    def client(self, peer: str, headers: dict[str, str]) -> str:
+        """The client's address of a request from ``peer`` (``""``: a Unix socket)."""
+        if peer and not self._trusted(peer):
+            return peer
+        real_ip = headers.get("x-real-ip", "").strip()
+        if real_ip:
+            return real_ip
+        forwarded = [a.strip() for a in headers.get("x-forwarded-for", "").split(",")]
+        for address in reversed(forwarded):  # the nearest hop no trusted proxy added
+            if address and not self._trusted(address):
+                return address
+        return peer or "unix"
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+NO_PROXIES: TrustedProxies = TrustedProxies()
+"""Only Unix-socket peers are trusted."""
+
+
+def peer_address(stream: trio.SocketStream) -> str:
+    """The peer's IP address, ``""`` for a Unix socket (or a peer already gone)."""
+    try:
+        name = stream.socket.getpeername()
+    except (OSError, AttributeError):  # AttributeError: a stream that is not a socket (tests)
+        return ""
+    return str(name[0]) if isinstance(name, tuple) else ""
 
 
 @attrs.frozen
@@ -137,6 +195,7 @@ async def serve_http_connection(
     handle: Handler,
     upgrade: UpgradeHandler[Accepted],
     idle: IdleConnections,
+    proxies: TrustedProxies = NO_PROXIES,
 ) -> Accepted | None:
     """Serve requests on one connection until it closes, times out, is upgraded or the server
     drains while it waits for a request. An accepted upgrade is returned with the stream open
@@ -149,12 +208,14 @@ async def serve_http_connection(
     received = bytearray()
     timeout_s = limits.handshake_timeout_s
     upgraded = False
+    peer = peer_address(stream)
     try:
         while True:
             read = await _read_request(stream, received, limits, timeout_s, idle)
             if read is None:
                 return None
             request, keep_alive = read
+            request = attrs.evolve(request, client=proxies.client(peer, request.headers))
             if is_websocket_upgrade(request):
                 answer = await upgrade(request, stream, bytes(received))
                 if isinstance(answer, Response):

@@ -42,9 +42,16 @@ log = logging.getLogger(__name__)
 
 class EdgeServer:
     def __init__(
-        self, node: ChatNode, *, http_limits: http.Limits, ws_settings: WsSettings, metrics: Metrics
+        self,
+        node: ChatNode,
+        *,
+        http_limits: http.Limits,
+        ws_settings: WsSettings,
+        metrics: Metrics,
+        proxies: http.TrustedProxies = http.NO_PROXIES,
     ) -> None:
         self.node = node
+        self._proxies = proxies
         self.metrics = metrics
         self.api = Api(node, metrics)
         self._http_limits = http_limits
@@ -108,7 +115,7 @@ class EdgeServer:
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
             member = await http.serve_http_connection(
-                stream, self._http_limits, self.api.handle, self._upgrade, self._idle
+                stream, self._http_limits, self.api.handle, self._upgrade, self._idle, self._proxies
             )
             if member is not None:
                 await serve_websocket(self.node, self.batcher, member, stream)

@@ -35,7 +35,7 @@ Rules:
    stream again (storing is idempotent), and this node takes nothing until its feed reads
    again. Why a task of its own: a reader waiting for a slot while every bulk retries would
    not look at its lease otherwise, and be taken over only once the lease expired, still
-   holding and storing what it took: two readers at once (docs/faults.md, scenario 9).
+   holding and storing what it took: two readers at once (docs/faults.md, scenario 10).
 """
 
 from __future__ import annotations

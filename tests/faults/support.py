@@ -260,6 +260,9 @@ def verify_room(
     for client in everyone:
         for text, offset in client.settled.items():
             assert room[offset] == (client.name, text), f"{client.name}: {text} at {offset}?"
+    acked = [(c.name, text) for c in clients for text in c.acked]
+    record(scenario, "acknowledged messages present once (all clients)",
+           f"{sum(1 for a in acked if counts[a] == 1)} of {len(acked)}", "")  # fmt: skip
     print(f"[faults] {scenario}: per-client counts (room head {newest})")
     print(
         "  client      nodes                sent  acked  received  resent  found  reconnects"

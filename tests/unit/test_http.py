@@ -368,3 +368,18 @@ def test_responses_are_what_h11_would_send(
     if response.body and not head_only:
         data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
     assert response_bytes(response, close=close, head_only=head_only) == data
+
+
+def test_the_client_address_is_the_peers_unless_a_trusted_proxy_forwarded_it() -> None:
+    from chatnode.edge.http import TrustedProxies
+
+    proxies = TrustedProxies.parse("127.0.0.1/8, ::1")
+    forwarded = {"x-forwarded-for": "203.0.113.9, 10.0.0.1", "x-real-ip": "203.0.113.7"}
+
+    assert proxies.client("198.51.100.4", forwarded) == "198.51.100.4"  # not a proxy: ignored
+    assert proxies.client("127.0.0.1", forwarded) == "203.0.113.7"  # nginx's X-Real-IP
+    assert proxies.client("::1", {"x-forwarded-for": "203.0.113.9, 127.0.0.2"}) == "203.0.113.9"
+    assert proxies.client("127.0.0.1", {}) == "127.0.0.1"
+    assert proxies.client("", {}) == "unix"  # a Unix-socket peer that forwarded nothing
+    assert proxies.client("", {"x-real-ip": "203.0.113.7"}) == "203.0.113.7"
+    assert TrustedProxies().client("127.0.0.1", forwarded) == "127.0.0.1"
