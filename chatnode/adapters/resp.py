@@ -37,8 +37,8 @@ import hashlib
 import os
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from typing import Final, TypeAlias
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeAlias, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -51,6 +51,7 @@ Reply: TypeAlias = "bytes | int | list[Reply] | RespError | None"
 """A decoded RESP2 reply: bulk/simple string as bytes, integer, nil, array, or an error."""
 
 Arg: TypeAlias = bytes | str | int
+T = TypeVar("T")
 
 _RECEIVE_BYTES: Final = 64 * 1024
 _NOT_NOW: Final = frozenset(
@@ -435,21 +436,21 @@ class Script:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
     async def run(self, client: RespClient, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
-        try:
-            return await client.call("EVALSHA", self.sha, len(keys), *keys, *args)
-        except RespError as exc:
-            if exc.prefix != b"NOSCRIPT":
-                raise
-        return await client.call("EVAL", self.source, len(keys), *keys, *args)
+        return await self._evaluate(client.call, keys, args)
 
     async def run_tracked(
         self, client: RespClient, keys: Sequence[Arg], args: Sequence[Arg]
     ) -> tuple[Reply, int]:
         """:meth:`run`, and the serial of the connection that answered
         (:meth:`RespClient.call_tracked`)."""
+        return await self._evaluate(client.call_tracked, keys, args)
+
+    async def _evaluate(
+        self, call: Callable[..., Awaitable[T]], keys: Sequence[Arg], args: Sequence[Arg]
+    ) -> T:
         try:
-            return await client.call_tracked("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await call("EVALSHA", self.sha, len(keys), *keys, *args)
         except RespError as exc:
             if exc.prefix != b"NOSCRIPT":
                 raise
-        return await client.call_tracked("EVAL", self.source, len(keys), *keys, *args)
+        return await call("EVAL", self.source, len(keys), *keys, *args)

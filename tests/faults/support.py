@@ -166,6 +166,19 @@ async def send_until(
             await stop.wait()
 
 
+async def probe_reaches_everyone(
+    probe: FaultClient, everyone: Sequence[FaultClient], text: str, timeout_s: float = 20.0
+) -> None:
+    """``probe`` sends ``text`` (retrying as the cluster recovers); return once every client
+    received it."""
+    probe.send(text)
+    with trio.fail_after(timeout_s):
+        for client in everyone:
+            await client.wait_for(
+                f"{text!r}", lambda c=client: any(m.text == text for m in c.received)
+            )
+
+
 async def settle_all(clients: Sequence[FaultClient], timeout_s: float = 20.0) -> int:
     """Wait until every send of every client is stored and every client received the room up
     to the newest offset any of them knows; return that offset."""

@@ -41,6 +41,7 @@ from tests.faults.support import (
     make_room,
     make_users,
     node_logs_on_failure,
+    probe_reaches_everyone,
     record,
     require_tools,
     send_until,
@@ -124,15 +125,7 @@ async def test_redis_losing_data_loses_no_acknowledged_message(loss: str) -> Non
                 await redis.start()
                 restarted_at = time.monotonic()
 
-                probe.send("probe after restart")
-                with trio.fail_after(20):
-                    for client in everyone:
-                        await client.wait_for(
-                            "the probe",
-                            lambda c=client: any(
-                                m.text == "probe after restart" for m in c.received
-                            ),
-                        )
+                await probe_reaches_everyone(probe, everyone, "probe after restart")
                 recovered_at = time.monotonic()
                 await trio.sleep(0.5)  # traffic on the recovered cluster
                 stop_traffic.set()

@@ -31,6 +31,7 @@ from tests.faults.support import (
     make_users,
     node_logs_on_failure,
     online,
+    probe_reaches_everyone,
     record,
     require_tools,
     send_until,
@@ -86,15 +87,7 @@ async def test_redis_crash_and_restart_under_traffic() -> None:
 
                 # recovery: a message sent now reaches every member (the probe retries while
                 # the nodes reconnect)
-                probe.send("probe after restart")
-                with trio.fail_after(20):
-                    for client in everyone:
-                        await client.wait_for(
-                            "the probe",
-                            lambda c=client: any(
-                                m.text == "probe after restart" for m in c.received
-                            ),
-                        )
+                await probe_reaches_everyone(probe, everyone, "probe after restart")
                 recovered_at = time.monotonic()
                 await trio.sleep(0.5)  # traffic on the recovered cluster
                 stop_traffic.set()
