@@ -79,7 +79,7 @@ class Options:
     # the access log records them without the query string.
     request_error_log_level: str = "crit"
     # Limits per client address; past one nginx answers 429. 0 / "off" turns one off.
-    limit_conn: int = 128  # concurrent requests (a WebSocket counts for its whole life)
+    limit_conn: int = 256  # requests in progress (a WebSocket: one per joined room)
     limit_api: str = "20r/s"  # REST requests, sustained ...
     limit_api_burst: int = 50  # ... and served at once above it
     limit_join: str = "5r/s"  # WebSocket joins (one per room)
