@@ -14,10 +14,12 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import trio
 
-from chatnode.config import Config, resolve_secret
+from chatnode import datadir
+from chatnode.config import Config, ConfigError, resolve_secret
 from chatnode.core.ports import Archive
 from chatnode.core.protocol import CloseCode
 from chatnode.edge import http
@@ -60,8 +62,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
                 SqliteDirectory,
             )
 
-            data_dir = trio.Path(config.data_dir)
-            await data_dir.mkdir(parents=True, exist_ok=True)
+            open_data_dir(config)
             db = await SqliteDatabase.open(sqlite_path(config))
             stack.push_async_callback(db.aclose)
             yield Backends(
@@ -75,6 +76,17 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
             from chatnode.adapters.cluster import open_cluster_backends
 
             yield await stack.enter_async_context(open_cluster_backends(config, node_id))
+
+
+def open_data_dir(config: Config) -> None:
+    """The embedded node's data directory, created 0700 if missing, a warning if others may
+    list it (``chatnode/datadir.py``); ``ConfigError`` if it cannot be made."""
+    path = Path(config.data_dir)
+    try:
+        datadir.make_private_dir(path)
+        datadir.warn_if_shared(path)
+    except OSError as exc:
+        raise ConfigError(f"CHATNODE_DATA_DIR={path}: {exc.strerror}") from None
 
 
 def sqlite_path(config: Config) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from chatnode import __version__
-from chatnode.config import ConfigError, load_config, markdown_table
+from chatnode.config import ConfigError, load_config, markdown_table, shown_settings
 from chatnode.core.models import DeadLetter
 
 
@@ -89,16 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             print(markdown_table())
         else:
-            import attrs
-
-            shown = {
-                k: ("***" if k == "jwt_secret" and v else v)
-                for k, v in attrs.asdict(config).items()
-            }
-            print(json.dumps(shown, indent=2))
+            print(json.dumps(shown_settings(config), indent=2))
         return 0
     if args.command == "serve":
-        return trio.run(_serve, config)
+        try:
+            return trio.run(_serve, config)
+        except (ConfigError, BaseExceptionGroup) as exc:
+            error = _only_config_error(exc)
+            if error is None:
+                raise
+            print(f"chatnode: configuration error: {error}", file=sys.stderr)
+            return 2
     if args.command == "migrate":
         if config.embedded:
             print(
@@ -117,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         listed: int = trio.run(_dead_letters, config, args.limit)
         return listed
     return 2
+
+
+def _only_config_error(exc: BaseException) -> ConfigError | None:
+    """The ``ConfigError`` that stopped the node while it started, if that is all that did
+    (one, perhaps inside its tasks' exception groups); else None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, ConfigError) else None
 
 
 def dead_letter_line(letter: DeadLetter) -> str:

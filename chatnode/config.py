@@ -15,9 +15,11 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
+from chatnode import datadir
 from chatnode.core.validation import Limits
 
 
@@ -62,7 +64,8 @@ class Config:
         "660", "permissions (octal) of the Unix socket; nginx's user needs write access"
     )
     data_dir: str = _setting(
-        "./data", "embedded mode: where chatnode.sqlite3 and the token secret live"
+        "./data",
+        "embedded mode: where chatnode.sqlite3 and the token secret live (made 0700, files 0600)",
     )
     insecure: bool = _setting(
         False, "seed's open mode: `?user=` joins without a token, admin calls need none"
@@ -255,6 +258,10 @@ def _validate(config: Config) -> None:
     ):
         if url and not url.startswith(schemes):
             raise ConfigError(f"{name} must start with {' or '.join(schemes)}")
+    database = urlsplit(config.mysql_url).path.lstrip("/")
+    if config.mysql_url and (not database or "/" in database):
+        # Said here, without the URL: the adapter's own message would print its password.
+        raise ConfigError("CHATNODE_MYSQL_URL must name one database: mysql://host/<database>")
     if not config.embedded and not (
         config.mysql_url and config.redis_url and config.elasticsearch_url
     ):
@@ -269,17 +276,77 @@ def _validate(config: Config) -> None:
 
 
 def resolve_secret(config: Config) -> str:
-    """The token secret: configured, or generated once into ``data_dir`` (embedded mode)."""
+    """The token secret: configured, or generated once into ``data_dir/jwt-secret`` (embedded
+    mode), a file created 0600 in a directory created 0700 (``chatnode/datadir.py``). Raise
+    ``ConfigError`` when that file cannot be made or read, or holds no usable secret."""
     if config.jwt_secret:
         return config.jwt_secret
     path = Path(config.data_dir) / "jwt-secret"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.write_text(secret)
-    path.chmod(0o600)
+    try:
+        datadir.make_private_dir(path.parent)
+    except OSError as exc:
+        raise ConfigError(f"CHATNODE_DATA_DIR={path.parent}: {exc.strerror}") from None
+    try:
+        if not path.exists():
+            datadir.create_private_file(path, secrets.token_urlsafe(48).encode())
+        datadir.narrow_file(path)
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"CHATNODE_DATA_DIR: the token secret {path}: {reason}") from None
+    if len(secret) < 32:
+        raise ConfigError(
+            f"CHATNODE_DATA_DIR: the token secret {path} holds fewer than 32 characters:"
+            " remove the file for a new secret (every token ends) or set CHATNODE_JWT_SECRET"
+        )
     return secret
+
+
+_SECRET_NAME = re.compile(r"secret|password|passwd|credential|private_key|api_key")
+_SECRET_QUERY = re.compile(r"pass|secret|token|key|auth|credential", re.IGNORECASE)
+MASK = "***"
+
+
+def is_secret(setting: Setting) -> bool:
+    """A setting whose whole value is a secret: its name says so (``jwt_secret``)."""
+    return bool(_SECRET_NAME.search(setting.field))
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of a URL's userinfo, and the values of query parameters
+    named like a credential (``password``, ``token``, ``api_key``, ...), replaced by ``***``;
+    anything that is not such a URL unchanged."""
+    try:
+        parts = urlsplit(text)
+        has_password = parts.password is not None
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    netloc = parts.netloc
+    if has_password:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{MASK}@{hostport}"
+    query = "&".join(
+        f"{name}={MASK}" if _SECRET_QUERY.search(name) and sep else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def shown_settings(config: Config) -> dict[str, Any]:
+    """Every setting as ``chatnode config`` prints it: a secret setting (when set) as ``***``,
+    URLs with their passwords and credential parameters masked (:func:`mask_url`)."""
+    shown: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = getattr(config, setting.field)
+        if is_secret(setting) and value:
+            value = MASK
+        elif isinstance(value, str):
+            value = mask_url(value)
+        shown[setting.field] = value
+    return shown
 
 
 def markdown_table() -> str:

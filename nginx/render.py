@@ -17,6 +17,14 @@ Every path nginx writes (pid file, logs, ``*_temp`` dirs) is derived from ``--pr
 given explicitly, so a test can run its own nginx in a temporary directory. The rendered config has
 no ``daemon`` directive: pass ``-g 'daemon off;'`` to keep nginx in the foreground.
 
+The defaults are the production ones (docs/security.md, "Deployment"): limits per client
+address, ``/readyz`` and ``/metrics`` from loopback only, and with TLS a redirect from plain
+HTTP, HSTS and forward-secret ciphers. A load test or a test harness that sends more than one
+client's worth from one address turns the limits off explicitly::
+
+    python3 nginx/render.py ... --limit-conn 0 --limit-api off --limit-join off \
+        --limit-password off
+
 Template syntax (deliberately tiny): ``{{name}}`` is replaced by a value; lines between
 ``{{#name}}`` and ``{{/name}}`` are kept only when ``name`` is truthy, between ``{{^name}}`` and
 ``{{/name}}`` only when it is falsy. A name the renderer does not know is an error, so the
@@ -26,6 +34,7 @@ template and this file cannot drift apart silently.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "chatnode.conf.template"
 COMPOSE_OUTPUT = HERE / "compose" / "nginx.conf"
+
+
+ERROR_LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
 
 class RenderError(ValueError):
@@ -62,6 +74,24 @@ class Options:
     # nginx runs (`server ... resolve`, open-source nginx >= 1.27.3), so a recreated container
     # with a new address is followed and an absent one does not stop nginx from starting.
     resolver: str | None = None
+    # Messages about a request print its request line (a join's `?token=`, `?ticket=`): logged
+    # only from this level up. Upstream failures, limit rejections and denials are `error`, and
+    # the access log records them without the query string.
+    request_error_log_level: str = "crit"
+    # Limits per client address; past one nginx answers 429. 0 / "off" turns one off.
+    limit_conn: int = 256  # requests in progress (a WebSocket: one per joined room)
+    limit_api: str = "20r/s"  # REST requests, sustained ...
+    limit_api_burst: int = 50  # ... and served at once above it
+    limit_join: str = "5r/s"  # WebSocket joins (one per room)
+    limit_join_burst: int = 50
+    limit_password: str = "30r/m"  # /v1/tokens, /v1/users, /v1/chatrooms/users: scrypt each
+    limit_password_burst: int = 10
+    # Peers that may read /readyz and /metrics through nginx (addresses or networks).
+    internal_networks: Sequence[str] = ("127.0.0.1", "::1")
+    # With TLS: Strict-Transport-Security max-age, and the port the redirect from plain HTTP
+    # names (None: the TLS listener's; set it when a port mapping publishes another one).
+    hsts_max_age: int = 365 * 24 * 3600
+    https_port: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -92,6 +122,7 @@ class Options:
 _ADDRESS = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 _LISTEN = re.compile(r"^(?:(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):)?([0-9]{1,5})$")
 _SAFE_VALUE = re.compile(r"^[^\s;{}'\"#$]+$")
+_RATE = re.compile(r"^[1-9][0-9]{0,8}r/[sm]$")
 
 
 def _check_port(text: str, what: str, pattern: re.Pattern[str]) -> str:
@@ -148,6 +179,30 @@ def validate(options: Options) -> None:
         )
     if options.worker_connections < 64:
         raise RenderError("worker_connections must be >= 64")
+    if options.request_error_log_level not in ERROR_LOG_LEVELS:
+        raise RenderError(
+            f"request error log level {options.request_error_log_level!r}: expected one of"
+            f" {', '.join(ERROR_LOG_LEVELS)}"
+        )
+    if options.limit_conn < 0:
+        raise RenderError("limit_conn must be >= 0 (0: no limit)")
+    for rate, burst, what in (
+        (options.limit_api, options.limit_api_burst, "api"),
+        (options.limit_join, options.limit_join_burst, "join"),
+        (options.limit_password, options.limit_password_burst, "password"),
+    ):
+        if rate != "off" and not _RATE.match(rate):
+            raise RenderError(
+                f"limit {what} rate {rate!r}: expected requests per second or minute"
+                " (e.g. 20r/s, 30r/m) or 'off'"
+            )
+        if burst < 0:
+            raise RenderError(f"limit {what} burst must be >= 0")
+    _internal_networks(options)
+    if options.hsts_max_age < 0:
+        raise RenderError("hsts max-age must be >= 0 seconds")
+    if options.https_port is not None and not 1 <= options.https_port <= 65535:
+        raise RenderError(f"https port {options.https_port}: expected 1..65535")
     for value, what in (
         (options.prefix, "prefix"),
         (options.tls_cert, "tls cert"),
@@ -160,6 +215,38 @@ def validate(options: Options) -> None:
     ):
         if value is not None:
             _check_path(value, what)
+
+
+def _internal_networks(options: Options) -> list[str]:
+    networks = []
+    given = options.internal_networks
+    for text in given.split(",") if isinstance(given, str) else given:
+        try:
+            network = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise RenderError(
+                f"internal network {text!r}: expected an IP address or network (10.0.0.0/8)"
+            ) from None
+        one_address = network.prefixlen == network.max_prefixlen
+        networks.append(str(network.network_address if one_address else network))
+    return networks
+
+
+def _internal_allow(options: Options) -> str:
+    lines = [f"            allow {network};" for network in _internal_networks(options)]
+    return "\n".join(lines) or "            # no internal network: denied to every peer"
+
+
+def _https_port_suffix(options: Options) -> str:
+    port = options.https_port
+    if port is None:
+        match = _LISTEN.match(options.tls_listen)
+        port = int(match.group(1)) if match else 443
+    return "" if port == 443 else f":{port}"
+
+
+def _rate(rate: str) -> str:
+    return "" if rate == "off" else rate
 
 
 def _servers(options: Options) -> str:
@@ -190,6 +277,17 @@ def values(options: Options) -> dict[str, str]:
         "tls_listen": options.tls_listen if tls else "",
         "tls_cert": options.tls_cert or "",
         "tls_key": options.tls_key or "",
+        "hsts_max_age": str(options.hsts_max_age),
+        "https_port_suffix": _https_port_suffix(options) if tls else "",
+        "request_error_log_level": options.request_error_log_level,
+        "limit_conn": str(options.limit_conn) if options.limit_conn else "",
+        "limit_api": _rate(options.limit_api),
+        "limit_api_burst": str(options.limit_api_burst),
+        "limit_join": _rate(options.limit_join),
+        "limit_join_burst": str(options.limit_join_burst),
+        "limit_password": _rate(options.limit_password),
+        "limit_password_burst": str(options.limit_password_burst),
+        "internal_allow": _internal_allow(options),
         **options.extra,
     }
 
@@ -253,7 +351,8 @@ def compose_options(node_count: int = 2) -> Options:
     ``/run/chatnode/nodeI.sock`` (the ``node-sockets`` volume nginx shares with them), HTTP on
     80, TLS on 443 with the certificate mounted at /etc/nginx/certs, logs to the container's
     output, the official image's ``nginx`` user and its /var/cache/nginx for pid and temp
-    files."""
+    files; the production limits, /readyz and /metrics from the container's loopback only
+    (Prometheus scrapes the nodes on the backend network)."""
     return Options(
         nodes=tuple(f"unix:/run/chatnode/node{i}.sock" for i in range(1, node_count + 1)),
         listen="80",
@@ -268,11 +367,12 @@ def compose_options(node_count: int = 2) -> Options:
     )
 
 
-def _split_nodes(raw: Iterable[str]) -> list[str]:
+def _split_list(raw: Iterable[str]) -> list[str]:
     return [part.strip() for item in raw for part in item.split(",") if part.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
+    defaults = Options(nodes=())
     p = argparse.ArgumentParser(
         prog="nginx/render.py",
         description="Render the chatnode nginx config (nginx/chatnode.conf.template).",
@@ -339,6 +439,63 @@ def _parser() -> argparse.ArgumentParser:
         help="access log, or 'off' (default <prefix>/logs/access.log)",
     )
     p.add_argument(
+        "--request-error-log-level",
+        default=defaults.request_error_log_level,
+        metavar="LEVEL",
+        help="log messages about requests from this level up (default crit). Below crit they"
+        " print the request line, a join's ?token= included",
+    )
+    limits = p.add_argument_group("limits per client address (past one: 429; docs/security.md)")
+    limits.add_argument(
+        "--limit-conn",
+        type=int,
+        default=defaults.limit_conn,
+        metavar="N",
+        help="concurrent requests, a WebSocket for its whole life (default"
+        f" {defaults.limit_conn}; 0: off)",
+    )
+    for name, what in (
+        ("api", "REST requests"),
+        ("join", "WebSocket joins"),
+        ("password", "requests to /v1/tokens, /v1/users, /v1/chatrooms/users"),
+    ):
+        rate = getattr(defaults, f"limit_{name}")
+        burst = getattr(defaults, f"limit_{name}_burst")
+        limits.add_argument(
+            f"--limit-{name}",
+            default=rate,
+            metavar="RATE",
+            help=f"{what}: sustained rate, e.g. 20r/s or 30r/m (default {rate}; off: no limit)",
+        )
+        limits.add_argument(
+            f"--limit-{name}-burst",
+            type=int,
+            default=burst,
+            metavar="N",
+            help=f"{what}: served at once above the rate (default {burst})",
+        )
+    p.add_argument(
+        "--internal-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="peers that may read /readyz and /metrics (repeat, or a comma list; default"
+        " 127.0.0.1 and ::1)",
+    )
+    p.add_argument(
+        "--hsts-max-age",
+        type=int,
+        default=defaults.hsts_max_age,
+        metavar="SECONDS",
+        help=f"with TLS: Strict-Transport-Security max-age (default {defaults.hsts_max_age})",
+    )
+    p.add_argument(
+        "--https-port",
+        type=int,
+        metavar="PORT",
+        help="with TLS: the port plain HTTP redirects to (default: the --tls-listen port)",
+    )
+    p.add_argument(
         "--create-dirs", action="store_true", help="create the prefix and log directories"
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
@@ -351,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = compose_options(args.compose_nodes)
     else:
         options = Options(
-            nodes=tuple(_split_nodes(args.node)),
+            nodes=tuple(_split_list(args.node)),
             listen=args.listen,
             prefix=str(Path(args.prefix).absolute()),
             tls_cert=str(Path(args.tls_cert).absolute()) if args.tls_cert else None,
@@ -364,6 +521,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_log=args.error_log,
             access_log=args.access_log,
             resolver=args.resolver,
+            request_error_log_level=args.request_error_log_level,
+            limit_conn=args.limit_conn,
+            limit_api=args.limit_api,
+            limit_api_burst=args.limit_api_burst,
+            limit_join=args.limit_join,
+            limit_join_burst=args.limit_join_burst,
+            limit_password=args.limit_password,
+            limit_password_burst=args.limit_password_burst,
+            internal_networks=tuple(_split_list(args.internal_network))
+            or Options(nodes=()).internal_networks,
+            hsts_max_age=args.hsts_max_age,
+            https_port=args.https_port,
         )
     try:
         text = render(options)

@@ -56,6 +56,11 @@ Rules that make it correct:
    ``serve`` task, which alone calls the handler. When an inbox is full the bus drops messages
    until it has drained, then calls ``handler.resubscribed()`` -- what a Redis subscriber
    disconnected for a full output buffer sees -- and the node catches up with ``read_log``.
+8. **The files are private.** The database holds password hashes and every message. A database
+   file that does not exist is created empty, mode 0600, before SQLite opens it: SQLite gives
+   the -wal and -shm files the database file's mode, so all three are this user's alone from
+   their first byte. An existing database, -wal or -shm that others may read is made 0600,
+   with a warning.
 
 Errors: ``sqlite3.OperationalError`` for a busy, locked, unopenable, read-only, full or failing
 disk maps to :class:`~chatnode.core.errors.Unavailable`, as does any use after ``aclose()``.
@@ -65,9 +70,11 @@ Other SQLite errors are bugs and propagate.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -92,6 +99,7 @@ from chatnode.core.models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Each step moves the schema one version up; a step is never edited once released.
 # ``messages`` has its own INTEGER PRIMARY KEY because the FTS5 index refers to rows by rowid,
@@ -256,9 +264,33 @@ class _Transaction:
             self._conn.execute("ROLLBACK")
 
 
+PRIVATE_FILE_MODE: Final = 0o600
+
+
+def _make_files_private(path: str) -> None:
+    """Module rule 8 for the database file ``path`` (a name, not ``:memory:`` or a URI). What
+    cannot be created or changed is left to ``sqlite3.connect``, which reports it."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE))
+    except OSError:
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o077:
+                os.chmod(name, PRIVATE_FILE_MODE)
+                log.warning("%s had mode %03o: made it %03o", name, mode, PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("%s may be readable by other users: %s", name, exc.strerror)
+
+
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     """Open, migrate, and leave the connection as calls expect it: busy timeout 0, no automatic
-    checkpoint (module rules 2 and 3)."""
+    checkpoint (module rules 2 and 3); the files private (rule 8)."""
+    if path != ":memory:" and path and not path.startswith("file:"):
+        _make_files_private(path)
     conn = sqlite3.connect(
         path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
     )

@@ -2,7 +2,10 @@
 subprocess, all on loopback.
 
 - ``render_nginx_config(node_ports, listen_port, prefix_dir)`` writes ``<prefix>/nginx.conf``
-  with ``nginx/render.py`` (the renderer the deployment uses) and returns its path.
+  with ``nginx/render.py`` (the renderer the deployment uses) and returns its path. The
+  harness turns nginx's per-address limits off (``HARNESS_NGINX_OPTIONS``): every test client
+  comes from 127.0.0.1, and a reconnect storm is many clients. Any render option can be passed
+  through (``render_nginx_config(..., limit_api="1r/m")``, ``running_nginx(..., **options)``).
 - ``running_nginx(node_ports)`` starts ``nginx -p <prefix> -c <conf> -g 'daemon off;'`` on a free
   loopback port and yields the port once it accepts connections.
 - ``running_node_process(env)`` starts ``python -m chatnode serve`` with ``env`` on a free
@@ -43,6 +46,14 @@ import trio
 REPO = Path(__file__).resolve().parents[2]
 RENDER_PY = REPO / "nginx" / "render.py"
 NGINX_BIN = os.environ.get("CHATNODE_NGINX_BIN", "/usr/sbin/nginx")
+
+HARNESS_NGINX_OPTIONS: dict[str, Any] = {
+    "limit_conn": 0,
+    "limit_api": "off",
+    "limit_join": "off",
+    "limit_password": "off",
+}
+"""Render options the harness passes unless a test overrides them: no per-address limits."""
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
@@ -86,15 +97,17 @@ def render_nginx_config(
     tls_key: Path | str | None = None,
     tls_port: int | None = None,
     worker_processes: str = "1",
+    **options: Any,
 ) -> Path:
     """Write ``<prefix_dir>/nginx.conf`` for nodes on ``127.0.0.1:<port>`` (a ``str``: as is,
     e.g. ``unix:/path``) and return its path.
     Everything nginx writes stays under ``prefix_dir``; the worker user is root when we are
-    root (so workers can read a private temporary directory), else unset."""
+    root (so workers can read a private temporary directory), else unset. ``options`` are
+    further render ``Options`` fields, over ``HARNESS_NGINX_OPTIONS``."""
     prefix = Path(prefix_dir).absolute()
     if (tls_cert is None) != (tls_port is None):
         raise ValueError("TLS needs tls_cert, tls_key and tls_port together")
-    options = render_module.Options(
+    rendered = render_module.Options(
         nodes=tuple(p if isinstance(p, str) else f"127.0.0.1:{p}" for p in node_ports),
         listen=f"127.0.0.1:{listen_port}",
         prefix=str(prefix),
@@ -104,9 +117,10 @@ def render_nginx_config(
         worker_processes=worker_processes,
         worker_connections=1024,
         user="root" if os.geteuid() == 0 else None,
+        **{**HARNESS_NGINX_OPTIONS, **options},
     )
-    text = render_module.render(options)
-    render_module.create_dirs(options)
+    text = render_module.render(rendered)
+    render_module.create_dirs(rendered)
     conf = prefix / "nginx.conf"
     conf.write_text(text)
     return conf
@@ -226,11 +240,14 @@ async def running_nginx(
     tls_cert: Path | str | None = None,
     tls_key: Path | str | None = None,
     tls_port: int | None = None,
+    **options: Any,
 ) -> AsyncIterator[int]:
     """nginx in front of nodes on ``127.0.0.1:<node_ports>``; yields its plain-HTTP port.
     ``prefix_dir`` (default: a fresh temporary directory, removed afterwards) receives the
     config, pid file, logs (``logs/error.log``, ``logs/access.log``, ``logs/stdio.log``) and
-    temp files. With ``tls_cert``/``tls_key``/``tls_port`` it also serves TLS on that port."""
+    temp files. With ``tls_cert``/``tls_key``/``tls_port`` it also serves TLS on that port
+    (and plain HTTP only redirects to it). ``options``: render options
+    (:func:`render_nginx_config`)."""
     if not nginx_available():
         raise ProcessFailed(f"nginx not found at {NGINX_BIN} (set CHATNODE_NGINX_BIN)")
     cleanup: tempfile.TemporaryDirectory[str] | None = None
@@ -240,7 +257,13 @@ async def running_nginx(
     try:
         port = free_port()
         conf = render_nginx_config(
-            node_ports, port, prefix_dir, tls_cert=tls_cert, tls_key=tls_key, tls_port=tls_port
+            node_ports,
+            port,
+            prefix_dir,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_port=tls_port,
+            **options,
         )
         log = conf.parent / "logs" / "stdio.log"
         process = await _open_logged_process(
@@ -309,11 +332,15 @@ class NodeProcess:
 
 @asynccontextmanager
 async def started_node_process(
-    env: Mapping[str, str], *, log_path: Path | str | None = None
+    env: Mapping[str, str],
+    *,
+    log_path: Path | str | None = None,
+    command: Sequence[str] | None = None,
 ) -> AsyncIterator[NodeProcess]:
-    """``python -m chatnode serve`` with ``env`` (``CHATNODE_*`` settings) on a free loopback
-    port; yields its :class:`NodeProcess` once ``GET /healthz`` answers 200. Output goes to
-    ``log_path`` (default: ``<CHATNODE_DATA_DIR>/node.log``, else a temporary file). On exit:
+    """``python -m chatnode serve`` (or ``command``, run the same way) with ``env``
+    (``CHATNODE_*`` settings) on a free loopback port; yields its :class:`NodeProcess` once
+    ``GET /healthz`` answers 200. Output goes to ``log_path`` (default:
+    ``<CHATNODE_DATA_DIR>/node.log``, else a temporary file). On exit:
     SIGTERM (the node drains), bounded wait, SIGKILL if it is still running; a process the test
     already killed or stopped is just reaped."""
     port = free_port()
@@ -330,7 +357,7 @@ async def started_node_process(
     log = Path(log_path)
     try:
         process = await _open_logged_process(
-            [sys.executable, "-m", "chatnode", "serve"], log, env=child_env, cwd=REPO
+            command or [sys.executable, "-m", "chatnode", "serve"], log, env=child_env, cwd=REPO
         )
         try:
 
