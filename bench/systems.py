@@ -153,6 +153,16 @@ class Nginx:
             str(self.prefix),
             "--worker-processes",
             "2",
+            # One load generator is one address: the shipped per-address limits would throttle
+            # the measurement, not an attacker (docs/security.md, deployment).
+            "--limit-conn",
+            "0",
+            "--limit-api",
+            "off",
+            "--limit-join",
+            "off",
+            "--limit-password",
+            "off",
             "--create-dirs",
             "-o",
             str(conf),
