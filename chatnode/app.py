@@ -22,7 +22,7 @@ from chatnode import datadir
 from chatnode.config import Config, ConfigError, resolve_secret
 from chatnode.core.ports import Archive
 from chatnode.core.protocol import CloseCode
-from chatnode.edge import http
+from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.server import EdgeServer
 from chatnode.edge.websocket import WsSettings
@@ -46,6 +46,19 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         presence_ttl_s=config.presence_ttl_s,
         limits=config.limits,
         archive_linger_s=config.archive_linger_s,
+        replay_page_messages=config.replay_page_messages,
+    )
+
+
+def connection_caps(config: Config) -> admission.Caps:
+    """The node's connection caps, ``max_connections`` derived from ``RLIMIT_NOFILE`` unless
+    set (``edge/admission.py``)."""
+    return admission.Caps.derive(
+        max_connections=config.max_connections,
+        fd_reserve=config.fd_reserve,
+        max_websockets=config.max_websockets,
+        per_user=config.max_websockets_per_user,
+        per_address=config.max_websockets_per_address,
     )
 
 
@@ -143,14 +156,19 @@ class App:
                     max_body_bytes=config.max_body_bytes,
                     handshake_timeout_s=config.handshake_timeout_s,
                     idle_timeout_s=config.idle_timeout_s,
+                    max_json_depth=config.max_json_depth,
                 ),
                 ws_settings=WsSettings(
                     send_backlog_bytes=config.send_backlog_bytes,
                     max_message_bytes=config.max_message_bytes,
                     ping_interval_s=config.ws_ping_interval_s,
+                    idle_timeout_s=config.ws_idle_timeout_s,
+                    replay_timeout_s=config.replay_timeout_s,
+                    allowed_origins=admission.parse_origins(config.allowed_origins),
                 ),
                 metrics=metrics,
                 proxies=http.TrustedProxies.parse(config.trusted_proxies),
+                caps=connection_caps(config),
             )
             async with trio.open_nursery() as node_nursery:
                 await node_nursery.start(node.run)
@@ -165,12 +183,15 @@ class App:
                         )
                     )
                     log.info(
-                        "chatnode %s listening on %s:%s%s (%s)",
+                        "chatnode %s listening on %s:%s%s (%s); at most %d connections,"
+                        " %d of them WebSockets",
                         settings.node_id,
                         config.host,
                         ports[0],
                         f" and {config.unix_socket}" if config.unix_socket else "",
                         "embedded SQLite" if config.embedded else "cluster",
+                        edge.admission.caps.max_connections,
+                        edge.admission.caps.max_websockets,
                     )
                     task_status.started(ports)
                     await self._stop.wait()

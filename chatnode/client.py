@@ -7,14 +7,40 @@ import sys
 from urllib.parse import urlencode
 
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    open_websocket_url,
+)
 
 
 async def chat(base_url: str, room: int, user: str | None, token: str | None) -> int:
+    """Join and chat until the connection ends; a refused join is one line on stderr and
+    exit status 1."""
     query = {k: v for k, v in (("user", user), ("token", token)) if v}
     url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
     if query:
         url += "?" + urlencode(query)
+    try:
+        return await _chat(url)
+    except ConnectionRejected as exc:
+        print(f"chatnode: join refused: {_refusal(exc.status_code, exc.body)}", file=sys.stderr)
+    except (HandshakeError, OSError) as exc:
+        print(f"chatnode: cannot join {base_url}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _refusal(status: int, body: bytes | None) -> str:
+    """``429 too_many_connections: <message>`` from an HTTP refusal's JSON error body."""
+    try:
+        error = json.loads(body or b"")["error"]
+        return f"{status} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"
+
+
+async def _chat(url: str) -> int:
     async with (
         open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws,
         trio.open_nursery() as nursery,

@@ -118,15 +118,60 @@ class Config:
     password_cost_log2: int = _setting(14, "scrypt cost (log2 N) for password hashes")
     history_on_join: int = _setting(100, "messages replayed when joining without `since`")
     max_replay: int = _setting(10_000, "most messages replayed on a `since` resume")
+    replay_page_messages: int = _setting(
+        200,
+        "a join's replay is read from the backends this many messages at a time, the next page"
+        " once the client has taken the last (memory per replaying connection)",
+    )
+    replay_timeout_s: float = _setting(
+        60.0, "a join's replay not read by the client within this time closes it with 4001"
+    )
     max_message_bytes: int = _setting(4096, "largest chat message (UTF-8 bytes)")
     max_user_name_chars: int = _setting(32, "longest user name")
     max_room_name_chars: int = _setting(100, "longest room name")
     max_room_members: int = _setting(1000, "members a room may have")
     max_header_bytes: int = _setting(16 * 1024, "largest HTTP request head")
     max_body_bytes: int = _setting(64 * 1024, "largest HTTP request body")
+    max_json_depth: int = _setting(
+        32, "deepest nesting of a JSON body or v1 frame (deeper: 400 `invalid_json`)"
+    )
     handshake_timeout_s: float = _setting(10.0, "time to send a whole request head")
     idle_timeout_s: float = _setting(60.0, "keep-alive HTTP connection idle limit")
     ws_ping_interval_s: float = _setting(30.0, "server ping interval on idle WebSockets")
+    ws_idle_timeout_s: float = _setting(
+        90.0,
+        "a WebSocket from which nothing arrived for this long, not even the pong to a ping,"
+        " is closed with 4003 (checked at each ping)",
+    )
+    max_connections: int = _setting(
+        0,
+        "client sockets (HTTP and WebSocket) a node holds at once; at the cap it stops"
+        " accepting until one closes. 0: the process's RLIMIT_NOFILE less"
+        " CHATNODE_FD_RESERVE",
+    )
+    fd_reserve: int = _setting(
+        64, "descriptors kept for backends, files and listeners when deriving max_connections"
+    )
+    max_websockets: int = _setting(
+        0,
+        "WebSockets a node holds at once (over it: 503 `node_full`); 0: 90 % of"
+        " max_connections, the rest kept for REST and /healthz",
+    )
+    max_websockets_per_user: int = _setting(
+        100,
+        "WebSockets one user may hold on one node (one per room joined; over it: 429"
+        " `too_many_connections`)",
+    )
+    max_websockets_per_address: int = _setting(
+        500,
+        "WebSockets one client address may hold on one node (over it: 429"
+        " `too_many_connections`); this host's own addresses are not counted",
+    )
+    allowed_origins: str = _setting(
+        "",
+        "origins (comma-separated `https://host[:port]`, or `*`) whose pages may open"
+        " WebSockets besides the node's own host (others: 403 `origin_not_allowed`)",
+    )
     trusted_proxies: str = _setting(
         "127.0.0.1/8,::1",
         "addresses or networks (comma-separated) whose X-Real-IP / X-Forwarded-For name the"
@@ -153,6 +198,7 @@ class Config:
             max_room_name_chars=self.max_room_name_chars,
             max_message_bytes=self.max_message_bytes,
             max_room_members=self.max_room_members,
+            max_json_depth=self.max_json_depth,
         )
 
     @property
@@ -218,6 +264,14 @@ def _networks_ok(text: str) -> bool:
     return True
 
 
+def _origins_ok(text: str) -> bool:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return all(
+        part == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+/?", part.lower())
+        for part in parts
+    )
+
+
 def _validate(config: Config) -> None:
     checks = [
         (0 <= config.port <= 65535, "CHATNODE_PORT must be 0..65535"),
@@ -225,6 +279,26 @@ def _validate(config: Config) -> None:
         (config.max_message_bytes >= 1, "CHATNODE_MAX_MESSAGE_BYTES must be >= 1"),
         (config.max_room_members >= 1, "CHATNODE_MAX_ROOM_MEMBERS must be >= 1"),
         (config.send_backlog_bytes >= 1024, "CHATNODE_SEND_BACKLOG_BYTES must be >= 1024"),
+        (config.max_json_depth >= 1, "CHATNODE_MAX_JSON_DEPTH must be >= 1"),
+        (config.replay_page_messages >= 1, "CHATNODE_REPLAY_PAGE_MESSAGES must be >= 1"),
+        (config.replay_timeout_s > 0, "CHATNODE_REPLAY_TIMEOUT_S must be > 0"),
+        (config.ws_ping_interval_s > 0, "CHATNODE_WS_PING_INTERVAL_S must be > 0"),
+        (
+            config.ws_idle_timeout_s >= config.ws_ping_interval_s,
+            "CHATNODE_WS_IDLE_TIMEOUT_S must be >= CHATNODE_WS_PING_INTERVAL_S",
+        ),
+        (config.max_connections >= 0, "CHATNODE_MAX_CONNECTIONS must be >= 0 (0: derived)"),
+        (config.fd_reserve >= 0, "CHATNODE_FD_RESERVE must be >= 0"),
+        (config.max_websockets >= 0, "CHATNODE_MAX_WEBSOCKETS must be >= 0 (0: derived)"),
+        (config.max_websockets_per_user >= 1, "CHATNODE_MAX_WEBSOCKETS_PER_USER must be >= 1"),
+        (
+            config.max_websockets_per_address >= 1,
+            "CHATNODE_MAX_WEBSOCKETS_PER_ADDRESS must be >= 1",
+        ),
+        (
+            _origins_ok(config.allowed_origins),
+            "CHATNODE_ALLOWED_ORIGINS: comma-separated scheme://host[:port] origins, or *",
+        ),
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
         (0 <= config.archive_linger_s <= 10, "CHATNODE_ARCHIVE_LINGER_S must be 0..10"),

@@ -18,6 +18,7 @@ HTTP status in ``edge/errors.py``, WebSocket close code in ``core/protocol.py``.
     ├── PayloadTooLarge       413  request body over the limit
     ├── RoomFull              409  room reached its member limit
     ├── RateLimited           429  too many messages; retry later
+    │   └── TooManyConnections     too many WebSockets of one user or client address
     └── Unavailable           503  a backend is down; retry later (``retry_after_s``)
         └── OffsetUnknown          the bus lost a room's offset (Redis lost its data): the
                                    node starts it again above what it and the archive know
@@ -88,6 +89,12 @@ class RateLimited(ChatError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyConnections(RateLimited):
+    """A WebSocket over a cap of its user or client address (``edge/admission.py``)."""
+
+    code = "too_many_connections"
 
 
 class Unavailable(ChatError):

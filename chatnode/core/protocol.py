@@ -82,6 +82,14 @@ class Typing:
 
 
 @attrs.frozen
+class Refresh:
+    """v1: replace the connection's token with ``token`` (same user, later expiry)."""
+
+    token: str
+    client_id: str | None = None
+
+
+@attrs.frozen
 class Rejected:
     """A client frame that breaks the protocol; ``client_id`` is echoed in the error frame."""
 
@@ -89,21 +97,20 @@ class Rejected:
     client_id: str | None = None
 
 
-ClientFrame = Send | Ping | Typing | Rejected
+ClientFrame = Send | Ping | Typing | Refresh | Rejected
+MAX_TOKEN_CHARS = 4096
 
 
 def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -> ClientFrame:
     """Decode one client text frame. Bad input is returned as :class:`Rejected` with codes
-    ``invalid_json``, ``invalid_frame``, ``unknown_type``, ``message_too_large`` or
+    ``invalid_json`` (also: nested deeper than ``limits.max_json_depth``, or a lone
+    surrogate), ``invalid_frame``, ``unknown_type``, ``message_too_large`` or
     ``invalid_message``; this function never raises for client input."""
     client_id = None
     try:
         if dialect is Dialect.PLAIN:
             return Send(validation.message_text(text, limits))
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            raise BadRequest("frame is not valid JSON", code="invalid_json") from None
+        obj = validation.json_value(text, max_depth=limits.max_json_depth)
         if not isinstance(obj, dict):
             raise BadRequest("frame must be a JSON object with a 'type'", code="invalid_frame")
         raw_id = obj.get("id")
@@ -122,8 +129,17 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
             return Ping(client_id)
         if kind == "typing":
             return Typing()
+        if kind == "refresh":
+            token = obj.get("token")
+            if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+                raise BadRequest(
+                    f"'token' must be a token string of at most {MAX_TOKEN_CHARS} characters",
+                    code="invalid_frame",
+                )
+            return Refresh(token, client_id)
         raise BadRequest(
-            "unknown frame type; expected 'send', 'ping' or 'typing'", code="unknown_type"
+            "unknown frame type; expected 'send', 'ping', 'typing' or 'refresh'",
+            code="unknown_type",
         )
     except BadRequest as exc:
         return Rejected(exc, client_id)
@@ -198,6 +214,11 @@ def error_frame(code: str, text: str, *, client_id: str | None = None, **extra: 
 
 def pong_frame(client_id: str | None) -> bytes:
     return _dumps({"type": "pong", "id": client_id})
+
+
+def refreshed_frame(client_id: str | None, expires_at_s: int) -> bytes:
+    """Answer to ``refresh``: the connection now ends at the new token's expiry."""
+    return _dumps({"type": "refreshed", "id": client_id, "expires_at": expires_at_s})
 
 
 def event_frame(event: dict[str, Any]) -> bytes:

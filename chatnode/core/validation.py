@@ -1,8 +1,20 @@
 """Input limits and validation. Pure functions; each raises a ``BadRequest`` subclass that says
-what was wrong and what is allowed."""
+what was wrong and what is allowed.
+
+Rules for everything a client sends (docs/security.md, "Connections and memory"):
+
+1. Integers fit every backend: a query integer outside ``MIN_INT64..MAX_INT64`` (MySQL
+   BIGINT, Elasticsearch long, SQLite INTEGER) is ``invalid_parameter``, as is anything but
+   ASCII digits with an optional sign.
+2. JSON (REST bodies, v1 frames) is UTF-8 text of one value nested at most ``max_json_depth``
+   levels, with no lone surrogate in any string (``\\ud800`` escapes decode to one, which no
+   backend stores and no encoder writes back): otherwise ``invalid_json``.
+3. Names, passwords and messages are valid Unicode (no lone surrogate), whatever decoded them.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 
 import attrs
@@ -10,6 +22,11 @@ import attrs
 from chatnode.core.errors import BadRequest, InvalidName, MessageTooLarge
 
 USER_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+DEFAULT_MAX_JSON_DEPTH = 32
+MAX_INT64 = (1 << 63) - 1
+MIN_INT64 = -(1 << 63)
+_INTEGER_RE = re.compile(r"[+-]?[0-9]{1,19}")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @attrs.frozen
@@ -23,6 +40,7 @@ class Limits:
     max_message_bytes: int = 4096
     max_room_members: int = 1000
     max_page: int = 500
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
 
 
 def user_name(value: object, limits: Limits) -> str:
@@ -45,6 +63,8 @@ def room_name(value: object, limits: Limits) -> str:
         raise InvalidName(f"room name must be at most {limits.max_room_name_chars} characters")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidName("room name must not contain control characters")
+    if not _is_unicode(value):
+        raise InvalidName("room name is not valid Unicode (a lone surrogate)")
     return value
 
 
@@ -56,6 +76,10 @@ def password(value: object, limits: Limits) -> str:
             f"password must be {limits.min_password_chars} to "
             f"{limits.max_password_chars} characters",
             code="invalid_password",
+        )
+    if not _is_unicode(value):
+        raise BadRequest(
+            "password is not valid Unicode (a lone surrogate)", code="invalid_password"
         )
     return value
 
@@ -81,22 +105,104 @@ def positive_int(value: str | None, name: str, *, default: int, maximum: int) ->
     """A query parameter that must be an integer in ``1..maximum``."""
     if value is None or value == "":
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
+    number = _integer(value, name)
     if not 1 <= number <= maximum:
         raise BadRequest(f"{name} must be between 1 and {maximum}", code="invalid_parameter")
     return number
 
 
-def optional_int(value: str | None, name: str, *, minimum: int = 0) -> int | None:
+def optional_int(
+    value: str | None, name: str, *, minimum: int = 0, maximum: int = MAX_INT64
+) -> int | None:
+    """A query parameter that may be absent (None) or an integer in ``minimum..maximum``
+    (Rule 1: at most ``MAX_INT64`` whatever the caller asks)."""
     if value is None or value == "":
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
+    number = _integer(value, name)
     if number < minimum:
         raise BadRequest(f"{name} must be at least {minimum}", code="invalid_parameter")
+    if number > min(maximum, MAX_INT64):
+        raise BadRequest(
+            f"{name} must be at most {min(maximum, MAX_INT64)}", code="invalid_parameter"
+        )
     return number
+
+
+def _integer(value: str, name: str) -> int:
+    """Rule 1: ASCII digits with an optional sign, within 64 bits."""
+    if _INTEGER_RE.fullmatch(value) is None:
+        raise BadRequest(f"{name} must be an integer", code="invalid_parameter")
+    number = int(value)
+    if not MIN_INT64 <= number <= MAX_INT64:
+        raise BadRequest(f"{name} is out of range (64-bit integers only)", code="invalid_parameter")
+    return number
+
+
+def json_value(data: str | bytes, *, max_depth: int) -> object:
+    """The JSON value of ``data`` (Rule 2), or ``BadRequest`` (``invalid_json``).
+
+    The depth is counted only when the text has more brackets than ``max_depth`` (two
+    ``str.count`` calls otherwise) and the strings are walked only when the text has a
+    surrogate escape, so an ordinary v1 frame pays ~0.5 µs over ``json.loads`` for both."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            raise BadRequest("JSON must be UTF-8 text", code="invalid_json") from None
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except ValueError:
+        raise BadRequest("not valid JSON", code="invalid_json") from None
+    if data.count("[") + data.count("{") > max_depth and _depth(value) > max_depth:
+        raise _too_deep(max_depth)
+    if "\\u" in data and _SURROGATE_ESCAPE_RE.search(data) and not _all_unicode(value):
+        raise BadRequest(
+            "JSON holds a lone surrogate (\\ud800-\\udfff not in a pair): not valid Unicode",
+            code="invalid_json",
+        )
+    return value
+
+
+def _too_deep(max_depth: int) -> BadRequest:
+    return BadRequest(f"JSON is nested more than {max_depth} levels deep", code="invalid_json")
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0, ``{}`` 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _all_unicode(value: object) -> bool:
+    """Every string (keys too) of a decoded JSON value is valid Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

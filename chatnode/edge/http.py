@@ -31,7 +31,7 @@ import attrs
 import h11
 import trio
 
-from chatnode.core import errors
+from chatnode.core import errors, validation
 from chatnode.edge.errors import error_body, error_response_parts
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,16 @@ class Request:
     """The client's address as the edge determined it (:class:`TrustedProxies`): the peer's,
     or the one a trusted proxy (nginx) forwarded; ``"unix"`` for a Unix-socket peer that
     forwarded none."""
+    max_json_depth: int = validation.DEFAULT_MAX_JSON_DEPTH
+    """The deepest body :meth:`json` decodes (``Limits.max_json_depth``)."""
 
     def json(self, *, required: bool = True) -> dict[str, Any]:
+        """The body's JSON object (``core/validation.py`` Rule 2), or ``invalid_json``."""
         if not self.body.strip():
             if required:
                 raise errors.BadRequest("a JSON object body is required", code="invalid_json")
             return {}
-        try:
-            value = json.loads(self.body)
-        except ValueError:
-            raise errors.BadRequest("body is not valid JSON", code="invalid_json") from None
+        value = validation.json_value(self.body, max_depth=self.max_json_depth)
         if not isinstance(value, dict):
             raise errors.BadRequest("body must be a JSON object", code="invalid_json")
         return value
@@ -146,6 +146,7 @@ class Limits:
     max_body_bytes: int
     handshake_timeout_s: float
     idle_timeout_s: float
+    max_json_depth: int = validation.DEFAULT_MAX_JSON_DEPTH
 
 
 class IdleConnections:
@@ -215,7 +216,11 @@ async def serve_http_connection(
             if read is None:
                 return None
             request, keep_alive = read
-            request = attrs.evolve(request, client=proxies.client(peer, request.headers))
+            request = attrs.evolve(
+                request,
+                client=proxies.client(peer, request.headers),
+                max_json_depth=limits.max_json_depth,
+            )
             if is_websocket_upgrade(request):
                 answer = await upgrade(request, stream, bytes(received))
                 if isinstance(answer, Response):
@@ -395,11 +400,19 @@ async def _read_h11_request(
 ) -> tuple[Request, bool] | None:
     """The request with its body (none for an upgrade) and whether it keeps the connection
     alive, or None if the client closed first or the head was over the limit (answered). Sets
-    ``scope``'s deadline for the body."""
+    ``scope``'s deadline for the body. A head with both ``Transfer-Encoding`` and
+    ``Content-Length`` is refused (``RemoteProtocolError``: 400, the connection closes), as
+    RFC 9112 §6.1 asks of a server that does not trust the sender: h11 would read it as
+    chunked, which a proxy in front may not have done (request smuggling)."""
     event = await _next_event(conn, stream)
     if isinstance(event, h11.ConnectionClosed):
         return None
     assert isinstance(event, h11.Request)
+    names = {name for name, _ in event.headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        raise h11.RemoteProtocolError(
+            "Transfer-Encoding together with Content-Length", error_status_hint=400
+        )
     head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
     if head_bytes > limits.max_header_bytes:
         await _send_error(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import attrs
 
 from chatnode.node.service import ChatNode
@@ -12,6 +14,10 @@ class Metrics:
     http_requests: int = 0
     ws_accepted: int = 0
     draining: bool = False
+    ws_closes: Mapping[int, int] = attrs.Factory(dict)
+    """WebSocket closes the node started, by close code (the edge's ``WriteBatcher.closes``)."""
+    ws_refused: Callable[[], int] = lambda: 0
+    """Upgrades refused over a connection cap (``Admission.refused``)."""
 
     def render(self, node: ChatNode) -> str:
         hub = node.hub
@@ -35,7 +41,14 @@ class Metrics:
             values.append(
                 (f"chatnode_{name}", "counter" if name.endswith("_total") else "gauge", value)
             )
+        values.append(("chatnode_websocket_refused_total", "counter", self.ws_refused()))
         lines = []
         for name, kind, value in values:
             lines += [f"# TYPE {name} {kind}", f'{name}{{node="{node.settings.node_id}"}} {value}']
+        lines.append("# TYPE chatnode_websocket_closes_total counter")
+        for code, count in sorted(self.ws_closes.items()):
+            lines.append(
+                f'chatnode_websocket_closes_total{{node="{node.settings.node_id}",code="{code}"}}'
+                f" {count}"
+            )
         return "\n".join(lines) + "\n"

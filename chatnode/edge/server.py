@@ -7,6 +7,14 @@ one task per connection, HTTP first, then the WebSocket it may be upgraded to.
 ended. Idle keep-alive HTTP connections are closed as soon as draining starts; WebSockets are
 closed by the node.
 
+Each listener's accept loop takes a slot of ``max_connections`` before it accepts, and the
+connection's task gives it back when it ends (``edge/admission.py`` Rule 1): at the cap the
+node stops accepting, so it never meets EMFILE, and a client waits in the kernel's backlog
+rather than the node spinning on failed accepts (trio's ``serve_listeners`` sleeps 0.1 s and
+logs a traceback per failure). If the process runs out of descriptors anyway (the backends
+took more than ``fd_reserve``), the loop waits for a connection to end, or a second, and says
+so once a minute.
+
 A node listens on TCP and, when ``unix_socket`` is given, on that Unix socket too: nginx on the
 same host proxies through it. Per proxied frame the kernel then does about half the work of TCP
 loopback (no TCP/IP stack on either side: ~3.3 µs instead of ~7 µs per write and as much again
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import stat
@@ -26,6 +35,7 @@ import trio
 
 from chatnode.core.errors import ChatError
 from chatnode.edge import http
+from chatnode.edge.admission import Admission, Caps
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
 from chatnode.edge.websocket import (
@@ -49,8 +59,18 @@ class EdgeServer:
         ws_settings: WsSettings,
         metrics: Metrics,
         proxies: http.TrustedProxies = http.NO_PROXIES,
+        caps: Caps | None = None,
     ) -> None:
         self.node = node
+        self.admission = Admission(
+            caps
+            or Caps.derive(
+                max_connections=0, fd_reserve=64, max_websockets=0, per_user=100, per_address=500
+            )
+        )
+        self._slots = trio.Semaphore(self.admission.caps.max_connections)
+        self._slot_freed = trio.Event()
+        self._fd_warned_at = -math.inf
         self._proxies = proxies
         self.metrics = metrics
         self.api = Api(node, metrics)
@@ -58,7 +78,11 @@ class EdgeServer:
         self._ws_settings = ws_settings
         self._accept_scope = trio.CancelScope()
         self._idle = http.IdleConnections()
-        self.batcher = WriteBatcher(ping_interval_s=ws_settings.ping_interval_s)
+        self.batcher = WriteBatcher(
+            ping_interval_s=ws_settings.ping_interval_s, idle_timeout_s=ws_settings.idle_timeout_s
+        )
+        metrics.ws_closes = self.batcher.closes
+        metrics.ws_refused = lambda: self.admission.refused
 
     async def serve(
         self,
@@ -97,12 +121,13 @@ class EdgeServer:
         async with trio.open_nursery() as batching:
             await batching.start(self.batcher.run)
             batching.start_soon(self.batcher.ping_forever)
+            batching.start_soon(self.batcher.expire_forever)
             async with trio.open_nursery() as connections:
                 with self._accept_scope:
-                    task_status.started(ports)
-                    await trio.serve_listeners(
-                        self._connection, listeners, handler_nursery=connections
-                    )
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, connections)
+                        task_status.started(ports)
                 for listener in listeners:
                     await listener.aclose()
             batching.cancel_scope.cancel()  # every connection ended: nothing left to flush
@@ -112,15 +137,46 @@ class EdgeServer:
         self._accept_scope.cancel()
         self._idle.drain()
 
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept connections while a slot is free (module docstring)."""
+        while True:
+            await self._slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self._slots.release()
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                now = trio.current_time()
+                if now - self._fd_warned_at >= 60:
+                    self._fd_warned_at = now
+                    log.warning(
+                        "accept failed (%s) with %d connections open: waiting for one to end;"
+                        " raise RLIMIT_NOFILE or CHATNODE_FD_RESERVE",
+                        os.strerror(exc.errno or 0),
+                        self.admission.caps.max_connections - self._slots.value,
+                    )
+                with trio.move_on_after(1):
+                    await self._slot_freed.wait()
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            connections.start_soon(self._connection, stream)
+
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
             member = await http.serve_http_connection(
                 stream, self._http_limits, self.api.handle, self._upgrade, self._idle, self._proxies
             )
             if member is not None:
-                await serve_websocket(self.node, self.batcher, member, stream)
+                await serve_websocket(self.node, self.batcher, self.admission, member, stream)
         except Exception:
             log.exception("connection failed")
+        finally:
+            self._slots.release()
+            self._slot_freed.set()
+            self._slot_freed = trio.Event()
 
     async def _upgrade(
         self, request: http.Request, stream: trio.SocketStream, trailing: bytes
@@ -133,7 +189,7 @@ class EdgeServer:
             return await self.api.handle(request)
         self.metrics.ws_accepted += 1
         return await accept_websocket(
-            self.node, self._ws_settings, self.batcher, request, stream, trailing
+            self.node, self._ws_settings, self.batcher, self.admission, request, stream, trailing
         )
 
 

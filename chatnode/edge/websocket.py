@@ -15,9 +15,21 @@ the member's queue and the member marked dirty in the edge's ``WriteBatcher``, w
 flushes every dirty member once the producers yield, in one write per member per burst.
 Only when the kernel does not take it all does the batcher start a
 drain task for that member (in the batcher's nursery) that writes the rest as the socket
-becomes writable; flushes leave the queue to it meanwhile, so order is kept. When the queued
-bytes pass ``send_backlog_bytes`` the member is a slow consumer: its queue is dropped, a close
-frame (4001) is queued and the connection gets ``close_timeout_s`` to go.
+becomes writable; flushes leave the queue to it meanwhile, so order is kept.
+
+Memory per connection is bounded on every path (docs/security.md, "Connections and memory"):
+
+1. Everything queued for a client counts against one budget, ``send_backlog_bytes``: frames,
+   pongs, pings, the handshake answer and the join's replay. Past it the member is a slow
+   consumer: its queue is dropped, a close frame (4001) is queued and the connection gets
+   ``close_timeout_s`` to go.
+2. The replay is written in pages as the socket drains (``RoomConnection.replay``: a quarter
+   of the budget, then it waits for :meth:`WsMember.writable`), so it never holds more than a
+   page and what is queued; one not read within ``replay_timeout_s`` closes with 4001. The
+   reader starts once the member is live: until then what the client sends waits in the
+   kernel (TCP flow control), so it cannot make the node queue anything either.
+3. A member from which nothing arrived (not even the pong to a ping) for ``idle_timeout_s`` is
+   closed with 4003; one whose token expires, with 4500 (a v1 ``refresh`` frame extends it).
 
 Closing: whoever starts the close handshake (the node with ``close_nowait``, the client with a
 close frame, or a framing violation), the reader keeps reading until the client's close frame,
@@ -30,17 +42,22 @@ with a broken pipe: no per-connection cancel scope is needed for it.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
+import heapq
 import logging
+import math
 import os
 import socket
+import time
 
 import attrs
 import trio
 
-from chatnode.core import errors, framing, protocol
+from chatnode.core import errors, framing, protocol, validation
 from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.edge.admission import Admission, check_origin
 from chatnode.edge.http import Request, Response, error_response, send_refusal
 from chatnode.node.service import ChatNode, RoomConnection
 
@@ -56,6 +73,9 @@ class WsSettings:
     max_message_bytes: int
     ping_interval_s: float = 30.0
     close_timeout_s: float = 2.0
+    idle_timeout_s: float = 90.0
+    replay_timeout_s: float = 60.0
+    allowed_origins: frozenset[str] = frozenset()
 
     @property
     def max_frame_bytes(self) -> int:
@@ -102,7 +122,8 @@ def check_handshake(request: Request) -> Dialect:
 class WriteBatcher:
     """The edge's writer: coalesces what each member is sent during one scheduler pass into
     one write, drains the members whose socket would block, cuts closing connections at their
-    deadline, and pings every member every ``ping_interval_s``.
+    deadline, pings every live member every ``ping_interval_s`` (closing those that stayed
+    silent for ``idle_timeout_s``: 4003), and closes members whose token expired (4500).
 
     A member with something queued is marked dirty (``send_nowait``; one with nothing queued
     is written at once); the batcher's task runs once the producers yield (after a burst of
@@ -112,19 +133,75 @@ class WriteBatcher:
     for the pings while they run.
     """
 
-    def __init__(self, *, ping_interval_s: float = 30.0) -> None:
+    def __init__(self, *, ping_interval_s: float = 30.0, idle_timeout_s: float = 90.0) -> None:
         self._dirty: list[WsMember] = []
         self._wake = trio.Event()
         self.flushes = 0
         self.drains = 0  # drain tasks started: writes the kernel did not take whole
         self.ping_interval_s = ping_interval_s
+        self.idle_timeout_s = idle_timeout_s
+        # silent pings after which a member is idle: nothing for at least idle_timeout_s
+        self._idle_pings = math.ceil(idle_timeout_s / ping_interval_s) + 1
         self.members: set[WsMember] = set()
+        self.closes: collections.Counter[int] = collections.Counter()
+        """Closes the node started, by close code (``/metrics``)."""
+        # Token expiries: members by the wall-clock second their token expires, and a heap
+        # of those seconds (each once). A member leaves its bucket when it ends, so what is
+        # kept is one entry per distinct second within the tokens' lifetime, not per
+        # connection ever made.
+        self._expiring: dict[int, set[WsMember]] = {}
+        self._expiry_heap: list[int] = []
+        self._scheduled: set[int] = set()
+        self._expiry_changed = trio.Event()
+
+    def watch(self, member: WsMember) -> None:
+        """Ping ``member`` and close it when it goes idle or its token expires."""
+        self.members.add(member)
+        self.expire_at(member, member.expires_at_s)
+
+    def unwatch(self, member: WsMember) -> None:
+        self.members.discard(member)
+        bucket = self._expiring.get(member.expires_at_s)
+        if bucket is not None:
+            bucket.discard(member)
+            if not bucket:
+                del self._expiring[member.expires_at_s]
+
+    def expire_at(self, member: WsMember, at_s: int) -> None:
+        """(Re)schedule ``member``'s close with 4500 at wall-clock second ``at_s``."""
+        self.unwatch(member)
+        self.members.add(member)
+        member.expires_at_s = at_s
+        bucket = self._expiring.get(at_s)
+        if bucket is None:
+            bucket = self._expiring[at_s] = set()
+            if at_s not in self._scheduled:
+                self._scheduled.add(at_s)
+                heapq.heappush(self._expiry_heap, at_s)
+                if self._expiry_heap[0] == at_s:
+                    self._expiry_changed.set()
+        bucket.add(member)
+
+    async def expire_forever(self) -> None:
+        while True:
+            now_s = time.time()
+            heap = self._expiry_heap
+            while heap and heap[0] <= now_s:
+                at_s = heapq.heappop(heap)
+                self._scheduled.discard(at_s)
+                for member in self._expiring.pop(at_s, ()):
+                    member.close_nowait(
+                        CloseCode.TOKEN_EXPIRED, "token expired: get a new one and reconnect"
+                    )
+            with trio.move_on_after(heap[0] - now_s if heap else math.inf):
+                await self._expiry_changed.wait()
+            self._expiry_changed = trio.Event()
 
     async def ping_forever(self) -> None:
         while True:
             await trio.sleep(self.ping_interval_s)
             for member in list(self.members):
-                member.send_nowait(framing.PING_FRAME)
+                member.ping(self._idle_pings, self.idle_timeout_s)
 
     def mark(self, member: WsMember) -> None:
         self._dirty.append(member)
@@ -147,16 +224,13 @@ class WsMember:
 
     Its queue holds whole frames not yet handed to the kernel; ``_unsent`` is the rest of a
     write the kernel took in part (only while a drain task runs). ``_queued_bytes`` counts
-    both; ``_credit`` is the part of them that the handshake answer and the join's replay
-    still hold, which the backlog bound does not count (a resume longer than the backlog
-    must not be cut before its first byte).
+    both, and is what ``send_backlog_bytes`` bounds (rule 1 of the module).
     """
 
     __slots__ = (
         "_batcher",
         "_close_deadline",
         "_closing",
-        "_credit",
         "_cut_armed",
         "_draining",
         "_fd",
@@ -165,14 +239,17 @@ class WsMember:
         "_marked",
         "_queue",
         "_queued_bytes",
+        "_quiet_pings",
         "_sent",
         "_settings",
         "_started",
         "_stream",
         "_unsent",
+        "client",
         "close_code",
         "conn_id",
         "dialect",
+        "expires_at_s",
         "room_id",
         "since",
         "user",
@@ -191,9 +268,13 @@ class WsMember:
         batcher: WriteBatcher,
         greeting: bytes,
         trailing: bytes,
+        client: str = "",
+        expires_at_s: int = 1 << 62,
     ) -> None:
         self.conn_id = conn_id
         self.user = user
+        self.client = client  # the client's address, as admitted (``Admission``)
+        self.expires_at_s = expires_at_s  # wall-clock second its token expires
         self.dialect = dialect
         self.room_id = room_id
         self.since = since
@@ -207,7 +288,7 @@ class WsMember:
         )
         self._queue: list[bytes] | None = [greeting]
         self._queued_bytes = len(greeting)
-        self._credit = 0
+        self._quiet_pings = 0  # pings since the client last sent anything
         self._unsent = b""
         self._started = False  # nothing is written before ``run``: the join may still fail
         self._marked = False  # in the batcher's dirty list
@@ -231,7 +312,7 @@ class WsMember:
                 return
             frame = frame[sent:]
         self._queue_frame(frame)
-        if self._started and self._queued_bytes - self._credit > self._settings.send_backlog_bytes:
+        if self._started and self._queued_bytes > self._settings.send_backlog_bytes:
             self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
 
     def close_nowait(self, code: CloseCode, reason: str) -> None:
@@ -241,10 +322,10 @@ class WsMember:
             return
         self._closing = True
         self.close_code = code
+        self._batcher.closes[int(code)] += 1
         if code is CloseCode.SLOW_CONSUMER:
             self._queue = None
             self._queued_bytes = len(self._unsent)
-            self._credit = 0
         self._close_deadline = trio.current_time() + self._settings.close_timeout_s
         self._queue_frame(framing.close_frame(int(code), reason))
 
@@ -252,6 +333,39 @@ class WsMember:
     def started(self) -> bool:
         """True once the handshake answer may have been written."""
         return self._started
+
+    @property
+    def replay_page_bytes(self) -> int:
+        """A replay queues a quarter of the backlog, then waits for :meth:`writable`, which
+        lets it go on below half: so it stays under three quarters, with room for pongs."""
+        return max(1, self._settings.send_backlog_bytes // 4)
+
+    async def writable(self) -> bool:
+        """Return at once while at most half the backlog is queued, else once the queue is
+        handed to the kernel; False if the member is closing."""
+        if (
+            not self._closing
+            and self._queued_bytes > self._settings.send_backlog_bytes // 2
+            and (self._queue or self._draining or self._marked)
+        ):
+            self._sent = trio.Event()
+            try:
+                await self._sent.wait()
+            finally:
+                self._sent = None
+        return not self._closing
+
+    def ping(self, idle_pings: int, idle_timeout_s: float) -> None:
+        """The batcher's ping: a member silent for ``idle_pings`` pings in a row is closed
+        (4003), any other pinged."""
+        self._quiet_pings += 1
+        if self._quiet_pings >= idle_pings:
+            self.close_nowait(
+                CloseCode.IDLE_TIMEOUT,
+                f"nothing received for {idle_timeout_s:g}s, not even a pong; reconnect",
+            )
+        else:
+            self.send_nowait(framing.PING_FRAME)
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -328,7 +442,6 @@ class WsMember:
 
     def _wrote(self, sent: int) -> None:
         self._queued_bytes -= sent
-        self._credit = max(0, self._credit - sent)
 
     def _check_sent(self) -> None:
         if self._sent is not None and not (self._queue or self._draining or self._marked):
@@ -350,7 +463,7 @@ class WsMember:
         self._closing = True
         self._queue = None
         self._unsent = b""
-        self._queued_bytes = self._credit = 0
+        self._queued_bytes = 0
         self._cut()
 
     def finish(self) -> None:
@@ -363,17 +476,19 @@ class WsMember:
     # -- the connection task ----------------------------------------------------------------
 
     async def run(self, room: RoomConnection) -> None:
-        """Serve the connection until it closes (see the module docstring): read client
+        """Serve the connection until it closes (see the module docstring): write the
+        handshake answer and the replay (within ``replay_timeout_s``), then read client
         frames until the close handshake ends, the peer goes away or the connection is cut,
-        then wait (bounded) until the queue is written. The handshake answer and the replay
-        queued so far go out first and do not count against the backlog. (The reader loop is
-        inline: every suspended coroutine frame is memory an idle connection keeps.)"""
+        then wait (bounded) until the queue is written. (The reader loop is inline: every
+        suspended coroutine frame is memory an idle connection keeps.)"""
         self._started = True
-        self._credit = self._queued_bytes
         if self._close_deadline is not None:  # closed during the join: the clock starts now
             self._close_deadline = trio.current_time() + self._settings.close_timeout_s
         self._marked = True
         self._batcher.mark(self)
+        await self._replay(room)
+        if not self._closing:
+            self._batcher.watch(self)
         frames = self._frames
         while True:
             event = frames.next_event()
@@ -382,13 +497,20 @@ class WsMember:
                 data = self._receive()
                 if data is None:
                     break
+                self._quiet_pings = 0
                 frames.receive_data(data)
             elif isinstance(event, framing.Message):
                 if not self._closing:
-                    await self._on_text(room, event.text)
+                    try:
+                        await self._on_text(room, event.text)
+                    except Exception:
+                        log.exception("connection %s: a frame's handler failed", self.conn_id)
+                        self.close_nowait(
+                            CloseCode.INTERNAL_ERROR, "internal error; the node logged it"
+                        )
             elif isinstance(event, framing.Ping):
                 if not self._closing:
-                    self._queue_frame(framing.pong_frame(event.payload))
+                    self.send_nowait(framing.pong_frame(event.payload))
             elif isinstance(event, framing.Close):
                 if not self._closing:  # the client started the close: answer it
                     self._closing = True
@@ -404,6 +526,26 @@ class WsMember:
             if self._queue or self._draining or self._marked:
                 self._sent = trio.Event()
                 await self._sent.wait()
+
+    async def _replay(self, room: RoomConnection) -> None:
+        """The join's replay (module rule 2), bounded by ``replay_timeout_s``: not read in
+        time, 4001; the history unavailable, 4002; a failure, 1011 (logged once)."""
+        timeout_s = self._settings.replay_timeout_s
+        with trio.move_on_after(timeout_s) as deadline:
+            try:
+                await room.replay()
+            except errors.Unavailable:
+                self.close_nowait(
+                    CloseCode.BACKEND_UNAVAILABLE, "history unavailable; reconnect with since"
+                )
+            except Exception:
+                log.exception("connection %s: the replay failed", self.conn_id)
+                self.close_nowait(CloseCode.INTERNAL_ERROR, "internal error; the node logged it")
+        if deadline.cancelled_caught:
+            self.close_nowait(
+                CloseCode.SLOW_CONSUMER,
+                f"replay not read within {timeout_s:g}s; reconnect with since",
+            )
 
     def _receive(self) -> bytes | None:
         """What the socket holds (maybe nothing); None at end of file or if the peer is gone."""
@@ -427,6 +569,15 @@ class WsMember:
                     )
             elif isinstance(frame, protocol.Ping):
                 self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
+            elif isinstance(frame, protocol.Refresh):
+                claims = await room.refresh(frame.token, expires_at_s=self.expires_at_s)
+                if not self._closing:  # the old token may have expired meanwhile
+                    self._batcher.expire_at(self, claims.expires_at_s)
+                    self.send_nowait(
+                        protocol.ws_text_frame(
+                            protocol.refreshed_frame(frame.client_id, claims.expires_at_s)
+                        )
+                    )
             else:
                 await room.typing()
         except errors.ChatError as exc:
@@ -458,13 +609,16 @@ async def accept_websocket(
     node: ChatNode,
     settings: WsSettings,
     batcher: WriteBatcher,
+    admission: Admission,
     request: Request,
     stream: trio.SocketStream,
     trailing: bytes,
 ) -> Response | WsMember:
     """Check a ``GET /v1/chatrooms/{id}/join`` upgrade: an HTTP error, or the member (not yet
-    joined) that ``serve_websocket`` serves once the HTTP request is gone."""
+    joined, counted by ``admission``) that ``serve_websocket`` serves once the HTTP request
+    is gone."""
     try:
+        check_origin(request.headers, settings.allowed_origins)
         room_id, since = parse_join(request)
         dialect = check_handshake(request)
         claims = await node.authenticate(request.bearer_token, user_param=request.query.get("user"))
@@ -472,6 +626,7 @@ async def accept_websocket(
             raise errors.BadRequest(
                 "join needs ?user=<name> (insecure mode) or a token", code="user_required"
             )
+        admission.admit(claims.user, request.client)
     except errors.ChatError as exc:
         return error_response(exc)
     return WsMember(
@@ -485,25 +640,31 @@ async def accept_websocket(
         batcher=batcher,
         greeting=handshake_response(request, dialect),
         trailing=trailing,
+        client=request.client,
+        expires_at_s=claims.expires_at_s,
     )
 
 
 async def serve_websocket(
-    node: ChatNode, batcher: WriteBatcher, member: WsMember, stream: trio.SocketStream
+    node: ChatNode,
+    batcher: WriteBatcher,
+    admission: Admission,
+    member: WsMember,
+    stream: trio.SocketStream,
 ) -> None:
-    """Join the member's room and serve it until the connection ends, then close the stream.
-    A join refused before the handshake answer went out gets an HTTP error; after it, close
-    codes (docs/protocol.md)."""
+    """Join the member's room and serve it until the connection ends, then close the stream
+    and release its ``admission``. A join refused before the handshake answer went out gets
+    an HTTP error; after it, close codes (docs/protocol.md)."""
     try:
         async with node.join(member.room_id, member, since=member.since) as room:
-            batcher.members.add(member)
             await member.run(room)
     except errors.ChatError as exc:
         if member.started:
             raise
         await send_refusal(stream, error_response(exc))
     finally:
-        batcher.members.discard(member)
+        admission.release(member.user, member.client)
+        batcher.unwatch(member)
         member.finish()
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
@@ -516,15 +677,5 @@ def parse_join(request: Request) -> tuple[int, int | None]:
         room_id = int(parts[2])
     except (IndexError, ValueError):
         raise errors.NotFound("chatroom id must be an integer", code="room_not_found") from None
-    since_raw = request.query.get("since")
-    since = None
-    if since_raw:
-        try:
-            since = int(since_raw)
-        except ValueError:
-            raise errors.BadRequest(
-                "since must be an integer offset", code="invalid_parameter"
-            ) from None
-        if since < 0:
-            raise errors.BadRequest("since must be >= 0", code="invalid_parameter")
+    since = validation.optional_int(request.query.get("since"), "since", minimum=0)
     return room_id, since

@@ -13,6 +13,11 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    Its replay covers ``(after, head]`` with ``head = last_offset`` at the moment of joining;
    then the queued messages above ``head`` are sent and the seat goes live, with no ``await``
    between the two. So every member sees every offset once, in order, with no gap.
+   The queue is bounded: a seat holds at most ``cache_size`` messages and, going live, hands
+   over at most ``max_bytes`` of frames; past either, the queue is dropped and the seat
+   remembers the newest offset it dropped (``skipped_to``), which the replay then reads from
+   history (``(sent_up_to, skipped_to]``) before trying again. The queue restarts with the
+   next message applied, so the history read and the queue still meet with no gap.
 4. Delivery never waits on a member: a frame is encoded once per room and dialect and handed to
    each live member's ``send_nowait``; a member whose backlog overflows closes itself.
 5. History comes from the session's cache of recent messages when it covers the range; else it
@@ -72,15 +77,25 @@ class Member(Protocol):
 
     def close_nowait(self, code: CloseCode, reason: str) -> None: ...
 
+    @property
+    def replay_page_bytes(self) -> int:
+        """Bytes of frames a replay queues before it waits for :meth:`writable`."""
+
+    async def writable(self) -> bool:
+        """Return once the member can take another page of its replay (at once while little
+        is queued); False if it is closing: send it nothing more."""
+
 
 @attrs.define(eq=False)
 class Seat:
     """A member's place in a room session. ``pending`` holds what was applied while the
-    member's replay ran (Rule 3); it is None once live, as it is for every idle member."""
+    member's replay ran (Rule 3); it is None once live, as it is for every idle member.
+    ``skipped_to`` is the newest offset dropped from ``pending`` (Rule 3's bound)."""
 
     member: Member
     live: bool = False
     pending: list[ChatMessage] | None = None
+    skipped_to: int = 0
 
 
 @attrs.define(eq=False)
@@ -185,14 +200,30 @@ class Hub:
                     await self._apply(session, message)
             return session
 
-    def go_live(self, session: RoomSession, seat: Seat, *, sent_up_to: int) -> None:
-        """Flush what queued during the replay and make the seat live (Rule 3). Sync: nothing
-        can be applied between the flush and the switch."""
-        for message in seat.pending or ():
-            if message.offset > sent_up_to:
-                seat.member.send_nowait(_frame(message, seat.member.dialect))
+    def go_live(
+        self, session: RoomSession, seat: Seat, *, sent_up_to: int, max_bytes: int | None = None
+    ) -> bool:
+        """Flush what queued during the replay and make the seat live (Rule 3): True. Sync:
+        nothing can be applied between the flush and the switch. False, with nothing sent,
+        when the queue cannot be handed over whole: it dropped messages above ``sent_up_to``
+        or holds more than ``max_bytes`` of frames. The caller then sends
+        ``(sent_up_to, seat.skipped_to]`` from history and calls again."""
+        dialect = seat.member.dialect
+        frames = []
+        if seat.skipped_to <= sent_up_to:
+            frames = [_frame(m, dialect) for m in seat.pending or () if m.offset > sent_up_to]
+        if seat.skipped_to > sent_up_to or (
+            max_bytes is not None and sum(map(len, frames)) > max_bytes
+        ):
+            if seat.pending:
+                seat.skipped_to = max(seat.skipped_to, seat.pending[-1].offset)
+            seat.pending = None
+            return False
+        for frame in frames:
+            seat.member.send_nowait(frame)
         seat.pending = None
         seat.live = True
+        return True
 
     # -- offsets the bus lost (Rule 6) -------------------------------------------------------
 
@@ -339,8 +370,11 @@ class Hub:
                 delivered += 1
             elif seat.pending is None:
                 seat.pending = [message]
-            else:
+            elif len(seat.pending) < self._cache_size:
                 seat.pending.append(message)
+            else:  # Rule 3's bound: the replay reads these from history instead
+                seat.skipped_to = seat.pending[-1].offset
+                seat.pending = [message]
         self.deliveries += delivered
 
     async def signal(self, room_id: int, event: dict[str, Any]) -> None:

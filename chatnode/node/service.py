@@ -60,6 +60,7 @@ class NodeSettings:
     presence_ttl_s: float
     limits: validation.Limits = attrs.Factory(validation.Limits)
     archive_linger_s: float = 1.0
+    replay_page_messages: int = 200
 
 
 @attrs.frozen
@@ -336,7 +337,10 @@ class ChatNode:
     async def join(
         self, room_id: int, member: Member, *, since: int | None = None
     ) -> AsyncIterator[RoomConnection]:
-        """Enter a room: replay, then live (hub Rules 3 and 5). Leaves on exit."""
+        """Enter a room: a seat, and the first page of its history, so that a refusal
+        (unknown room, room full, history unavailable) comes before the caller answers the
+        upgrade. The caller then runs ``RoomConnection.replay`` as the member can take it,
+        and the seat goes live (hub Rules 3 and 5). Leaves on exit."""
         await self.room(room_id)
         await self._ensure_member(room_id, member.user)
         entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
@@ -345,7 +349,7 @@ class ChatNode:
             self._presence.add(entry)
             await self.backends.presence.add(entry)
             connection = RoomConnection(self, session, seat, member)
-            await connection.replay(since)
+            await connection.prepare(since)
             await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
             yield connection
         finally:
@@ -394,6 +398,9 @@ class RoomConnection:
         self._member = member
         self._bucket = TokenBucket(node.settings.rate_messages_per_s, node.settings.rate_burst)
         self.head = 0
+        self._after = 0
+        self._gap: tuple[int, int] | None = None
+        self._first_page: list[ChatMessage] = []
 
     @property
     def room_id(self) -> int:
@@ -403,48 +410,91 @@ class RoomConnection:
     def limits(self) -> validation.Limits:
         return self._node.settings.limits
 
-    async def replay(self, since: int | None) -> None:
-        """History, then live (hub Rule 3). A ``since`` more than ``max_replay`` behind gets
-        the newest ``max_replay`` messages, after a ``gap`` frame naming what it skipped
-        (v1; the plain dialect cannot say it)."""
+    async def prepare(self, since: int | None) -> None:
+        """Plan the replay and load its first page (``Unavailable`` if the history cannot be
+        read: the join is refused before the upgrade). A ``since`` more than ``max_replay``
+        behind gets the newest ``max_replay`` messages, after a ``gap`` frame naming what it
+        skipped (v1; the plain dialect cannot say it)."""
         settings = self._node.settings
         head = self._session.last_offset
-        gap: tuple[int, int] | None = None
         if since is None:
             after = max(0, head - settings.history_on_join)
         else:
             after = min(max(0, since), head)
             if head - after > settings.max_replay:
-                gap = (after + 1, head - settings.max_replay)
+                self._gap = (after + 1, head - settings.max_replay)
                 after = head - settings.max_replay
-        history = await self._node.hub.history(self._session, after, head)
-        dialect = self._member.dialect
+        self._after, self.head = after, head
+        self._first_page = await self._page(after, head)
+
+    async def _page(self, after: int, up_to: int) -> list[ChatMessage]:
+        end = min(up_to, after + self._node.settings.replay_page_messages)
+        return await self._node.hub.history(self._session, after, end)
+
+    async def replay(self) -> None:
+        """Send the history planned by :meth:`prepare`, then go live (hub Rule 3), in pages
+        of ``replay_page_messages`` read as the member takes them: after each
+        ``member.replay_page_bytes`` of frames it waits for ``member.writable()``. So what
+        a replay holds is a page and what the member queues, whatever its length. Returns
+        early, the seat not live, if the member closes meanwhile; a page the backends cannot
+        give raises ``Unavailable``."""
+        member, hub, room_id = self._member, self._node.hub, self.room_id
+        dialect = member.dialect
+        head = self.head
         if dialect is protocol.Dialect.V1:
-            self._member.send_nowait(
+            member.send_nowait(
                 protocol.ws_text_frame(
                     protocol.joined_frame(
-                        self.room_id,
-                        self._member.user,
+                        room_id,
+                        member.user,
                         head=head,
-                        history=len(history),
-                        node=settings.node_id,
+                        history=head - self._after,
+                        node=self._node.settings.node_id,
                     )
                 )
             )
-            if gap is not None:
-                self._member.send_nowait(
-                    protocol.ws_text_frame(protocol.gap_frame(self.room_id, *gap))
-                )
-        for message in history:
-            self._member.send_nowait(
-                protocol.ws_text_frame(protocol.server_frame(message, dialect))
-            )
+            if self._gap is not None:
+                member.send_nowait(protocol.ws_text_frame(protocol.gap_frame(room_id, *self._gap)))
+        page, self._first_page = self._first_page, []
+        if not await self._send_history(self._after, head, page):
+            return
         if dialect is protocol.Dialect.V1:
-            self._member.send_nowait(
-                protocol.ws_text_frame(protocol.live_frame(self.room_id, head))
-            )
-        self._node.hub.go_live(self._session, self._seat, sent_up_to=head)
-        self.head = head
+            member.send_nowait(protocol.ws_text_frame(protocol.live_frame(room_id, head)))
+        sent_up_to = head
+        while True:
+            if not await member.writable():
+                return
+            if hub.go_live(
+                self._session, self._seat, sent_up_to=sent_up_to, max_bytes=member.replay_page_bytes
+            ):
+                return
+            # the live messages that queued meanwhile were dropped (hub Rule 3): from history
+            skipped_to = self._seat.skipped_to
+            if not await self._send_history(sent_up_to, skipped_to, []):
+                return
+            sent_up_to = skipped_to
+
+    async def _send_history(self, after: int, up_to: int, page: list[ChatMessage]) -> bool:
+        """Send ``(after, up_to]``, ``page`` being its start if already loaded; False if the
+        member closed meanwhile."""
+        member = self._member
+        dialect = member.dialect
+        budget = member.replay_page_bytes
+        queued = 0
+        while after < up_to:
+            if not page:
+                page = await self._page(after, up_to)
+            for message in page:
+                frame = protocol.ws_text_frame(protocol.server_frame(message, dialect))
+                member.send_nowait(frame)
+                queued += len(frame)
+                if queued >= budget:
+                    queued = 0
+                    if not await member.writable():
+                        return False
+            after = min(up_to, after + self._node.settings.replay_page_messages)
+            page = []
+        return True
 
     async def send(self, text: str, client_id: str | None = None) -> ChatMessage:
         """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``. A
@@ -463,6 +513,23 @@ class RoomConnection:
         except OffsetUnknown:
             await self._node.hub.restore(self.room_id)
             return await bus.publish(draft)
+
+    async def refresh(self, token: str, *, expires_at_s: int) -> auth.Claims:
+        """The claims of ``token`` if it may replace the connection's token: valid, of the
+        member's user, and expiring after ``expires_at_s`` (the connection's end now).
+        Otherwise ``Unauthorized``: the connection keeps its token."""
+        claims = await self._node.authenticate(token)
+        if claims.user != self._member.user:
+            raise Unauthorized(
+                "a refresh token must be for the user the connection joined as",
+                code="token_invalid",
+            )
+        if claims.expires_at_s <= expires_at_s:
+            raise Unauthorized(
+                "a refresh token must expire later than the connection's token",
+                code="token_invalid",
+            )
+        return claims
 
     async def typing(self) -> None:
         await self._node._signal(
