@@ -11,12 +11,14 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 
 async def chat(base_url: str, room: int, user: str | None, token: str | None) -> int:
-    query = {k: v for k, v in (("user", user), ("token", token)) if v}
+    """The token goes in the ``Authorization`` header, never in the URL (where proxies log
+    it)."""
     url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
-    if query:
-        url += "?" + urlencode(query)
+    if user:
+        url += "?" + urlencode({"user": user})
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     async with (
-        open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws,
+        open_websocket_url(url, subprotocols=["chatnode.v1"], extra_headers=headers) as ws,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(_type_lines, ws)

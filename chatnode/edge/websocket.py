@@ -39,7 +39,7 @@ import socket
 import attrs
 import trio
 
-from chatnode.core import errors, framing, protocol
+from chatnode.core import auth, errors, framing, protocol
 from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.edge.http import Request, Response, error_response, send_refusal
 from chatnode.node.service import ChatNode, RoomConnection
@@ -170,6 +170,7 @@ class WsMember:
         "_started",
         "_stream",
         "_unsent",
+        "claims",
         "close_code",
         "conn_id",
         "dialect",
@@ -191,9 +192,11 @@ class WsMember:
         batcher: WriteBatcher,
         greeting: bytes,
         trailing: bytes,
+        claims: auth.Claims,
     ) -> None:
         self.conn_id = conn_id
         self.user = user
+        self.claims = claims
         self.dialect = dialect
         self.room_id = room_id
         self.since = since
@@ -467,7 +470,9 @@ async def accept_websocket(
     try:
         room_id, since = parse_join(request)
         dialect = check_handshake(request)
-        claims = await node.authenticate(request.bearer_token, user_param=request.query.get("user"))
+        ticket = request.query.get("ticket")
+        token = await node.redeem_ticket(ticket) if ticket else request.bearer_token
+        claims = await node.authenticate(token, user_param=request.query.get("user"))
         if not claims.user:
             raise errors.BadRequest(
                 "join needs ?user=<name> (insecure mode) or a token", code="user_required"
@@ -485,6 +490,7 @@ async def accept_websocket(
         batcher=batcher,
         greeting=handshake_response(request, dialect),
         trailing=trailing,
+        claims=claims,
     )
 
 
