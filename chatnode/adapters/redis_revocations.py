@@ -20,8 +20,11 @@ Rules:
    apart, never move one back.
 2. **Every node reads what any node recorded**: ``lookup`` reads the three keys of a token
    in one ``MGET``; a node follows ``changes`` from a cursor (stream ids, ``XRANGE`` exclusive
-   of the cursor). A cursor older than what the trimming dropped (``max-deleted-entry-id`` of
-   ``XINFO STREAM``) reads ``complete=False``: the follower checks again what it holds.
+   of the cursor). Trimming drops the oldest entries first, so while the cursor's own entry
+   is in the stream nothing after it was dropped; once it is gone (trimmed, or the stream lost
+   with Redis's data) the read says ``complete=False`` and the follower checks again what it
+   holds (a cursor of ``0-0``, a follower that began on an empty stream: complete while no
+   entry was ever removed).
 3. As durable as the Redis they live in (AOF in production). A Redis that loses its data
    forgets the sign-outs recorded in it (the tokens work again until they expire); password
    changes, withdrawn admin rights and deletions are also in the directory, which decides
@@ -70,28 +73,29 @@ return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
 """
 
 # KEYS: the changes stream. ARGV: cursor (a stream id), count.
-# Returns {the newest id trimmed away ('0-0' if none), entries after the cursor}.
+# Returns {1 if nothing after the cursor can have been dropped else 0, entries after it}.
 _CHANGES_LUA: Final = """#!lua
+local start = ARGV[1] == '0-0'
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {'0-0', {}}
+  return {start and 1 or 0, {}}
 end
-local deleted = '0-0'
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then
-    deleted = info[i + 1]
+local intact = 0
+if start then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local fields = {}
+  for i = 1, #info, 2 do
+    fields[info[i]] = info[i + 1]
   end
+  if fields['entries-added'] == fields['length'] then
+    intact = 1
+  end
+elseif #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 1 then
+  intact = 1
 end
-return {deleted, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
+return {intact, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
 """
 
 MAX_CHANGES: Final = 10_000
-
-
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @attrs.define(eq=False)
@@ -164,8 +168,7 @@ class RedisRevocations:
                 keys=[self._changes_key], args=[cursor, max(1, limit)], callback=any_reply
             )
         assert isinstance(reply, list) and len(reply) == 2, reply
-        deleted, entries = reply
-        complete = _stream_id(deleted) <= _stream_id(cursor)
+        intact, entries = reply
         revocations = []
         for identifier, fields in entries:
             values = dict(zip(fields[::2], fields[1::2], strict=True))
@@ -179,7 +182,7 @@ class RedisRevocations:
                 )
             )
             cursor = identifier.decode()
-        return RevocationChanges(tuple(revocations), cursor, complete=complete)
+        return RevocationChanges(tuple(revocations), cursor, complete=intact == 1)
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port

@@ -1,8 +1,9 @@
-"""The embedded backend: Directory, Archive and Bus on one SQLite database.
+"""The embedded backend: Directory, Archive, Bus and Revocations on one SQLite database.
 
 One :class:`SqliteDatabase` owns one ``sqlite3`` connection. The ports built on it
-(:class:`SqliteDirectory`, :class:`SqliteArchive`, :class:`SqliteBus`) share it; their
-``aclose()`` releases nothing, the code that opened the database closes it.
+(:class:`SqliteDirectory`, :class:`SqliteArchive`, :class:`SqliteBus`,
+:class:`SqliteRevocations`) share it; their ``aclose()`` releases nothing, the code that
+opened the database closes it.
 
 Rules that make it correct:
 

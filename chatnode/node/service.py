@@ -2,9 +2,15 @@
 room connections. Everything here is transport-neutral; ``edge/`` maps it to HTTP/WebSocket.
 
 Ownership: ``ChatNode.run`` owns the node's background tasks (bus receiver, archiver,
-presence heartbeat and reaper) in its nursery; connections are owned by the edge and enter a
-room through ``ChatNode.join``, an async context manager that leaves the room on exit, also on
-cancellation.
+presence heartbeat and reaper, revocation follower) in its nursery; connections are owned by
+the edge and enter a room through ``ChatNode.join``, an async context manager that leaves the
+room on exit, also on cancellation.
+
+Accounts and tokens (docs/security.md, "Accounts, passwords and tokens"): every scrypt call
+goes through ``PasswordWork`` (bounded); a token names an account by id and is checked by
+``auth.UserChecks``, the one place that decides what ends a token early. A revocation made
+here (sign-out, password change, deletion) is applied at once -- the connections it ends
+close with 4501 -- and recorded in ``Revocations``, whose changes every node follows.
 """
 
 from __future__ import annotations

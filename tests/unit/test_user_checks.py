@@ -21,6 +21,7 @@ from chatnode.core import auth
 from chatnode.core.errors import Unauthorized, Unavailable
 from chatnode.core.models import Revocation, RevocationKind, RevocationState, User
 from chatnode.core.ports import Directory
+from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.service import (
     USER_CHECK_TTL_S,
     USER_LOOKUP_RETRY_S,
@@ -368,3 +369,71 @@ async def test_an_accounts_revocation_holds_on_every_node_while_down(
     mock_clock.jump(USER_CHECK_TTL_S)
     assert await refused(two, ann) == "token_revoked"
     assert (await two.authenticate(rig.token("ann", age_s=0))).user == "ann"
+
+
+# -- following the revocations of every node -------------------------------------------------
+
+
+@attrs.define(eq=False)
+class FakeHolder:
+    """A connection as the node sees it (``service.Holder``): records how it was closed."""
+
+    conn_id: str
+    claims: auth.Claims
+    dialect: Dialect = Dialect.V1
+    closed: trio.Event = attrs.Factory(trio.Event)
+    code: int | None = None
+
+    @property
+    def user(self) -> str:
+        return self.claims.user
+
+    def send_nowait(self, frame: bytes) -> None:
+        pass
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None:
+        self.code = int(code)
+        self.closed.set()
+
+
+async def test_a_revocation_on_another_node_closes_connections_here_within_the_poll(
+    rig: Rig, mock_clock: trio.testing.MockClock
+) -> None:
+    mock_clock.autojump_threshold = 0
+    one, two = rig.nodes
+    token = rig.token("ann")
+    ann = FakeHolder("two/1", await two.authenticate(token))
+    bob = FakeHolder("two/2", await two.authenticate(rig.token("bob")))
+    async with trio.open_nursery() as nursery:
+        with two._held(ann), two._held(bob):
+            nursery.start_soon(two._follow_revocations)
+            await trio.testing.wait_all_tasks_blocked()
+            revoked_at = trio.current_time()
+            await one.sign_out(await one.authenticate(token))
+            await ann.closed.wait()
+            assert ann.code == 4501 and not bob.closed.is_set()
+            assert trio.current_time() - revoked_at <= two.settings.revocation_poll_s
+        nursery.cancel_scope.cancel()
+    assert two.revoked_connections == 1
+
+
+async def test_changes_dropped_unread_make_the_node_check_its_connections_again(
+    rig: Rig, mock_clock: trio.testing.MockClock
+) -> None:
+    """The store kept only the newest changes and the one ending ann's token was dropped
+    before node two read it: node two checks every held token again with the backends."""
+    mock_clock.autojump_threshold = 0
+    rig.revocations.max_changes = 2
+    one, two = rig.nodes
+    token = rig.token("ann")
+    ann = FakeHolder("two/1", await two.authenticate(token))
+    async with trio.open_nursery() as nursery:
+        with two._held(ann):
+            nursery.start_soon(two._follow_revocations)
+            await trio.testing.wait_all_tasks_blocked()
+            await one.sign_out(await one.authenticate(token))
+            for _ in range(2):  # two more sign-outs push it out before node two reads
+                await one.sign_out(await one.authenticate(rig.token("bob")))
+            await ann.closed.wait()
+            assert ann.code == 4501
+        nursery.cancel_scope.cancel()
