@@ -20,8 +20,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import attrs
@@ -481,22 +481,23 @@ class ChatNode:
                 reason = "token revoked" if refusal.code == "token_revoked" else "account deleted"
                 holder.close_nowait(CloseCode.FORBIDDEN, f"{reason}; sign in again")
 
-    @contextmanager
-    def _held(self, member: Holder) -> Iterator[None]:
-        """Register ``member`` for revocations while it is in a room; a token revoked since
-        it was checked is refused here."""
-        account_id = member.claims.account_id
-        held = self._holders.setdefault(account_id, {})
+    def _hold(self, member: Holder) -> dict[str, Holder]:
+        """Register ``member`` for revocations (``_release`` ends it); a token revoked since
+        it was checked is refused here. (Not a context manager: its suspended generator
+        would be memory every idle connection keeps.)"""
+        held = self._holders.setdefault(member.claims.account_id, {})
         held[member.conn_id] = member
-        try:
-            refusal = self._users.refusal(member.claims)
-            if refusal is not None:
-                raise refusal
-            yield
-        finally:
-            held.pop(member.conn_id, None)
-            if not held and self._holders.get(account_id) is held:
-                del self._holders[account_id]
+        refusal = self._users.refusal(member.claims)
+        if refusal is not None:
+            self._release(member, held)
+            raise refusal
+        return held
+
+    def _release(self, member: Holder, held: dict[str, Holder]) -> None:
+        held.pop(member.conn_id, None)
+        account_id = member.claims.account_id
+        if not held and self._holders.get(account_id) is held:
+            del self._holders[account_id]
 
     async def _follow_revocations(self) -> None:
         """Apply what any node records (``Revocations.changes``), every ``revocation_poll_s``:
@@ -662,7 +663,8 @@ class ChatNode:
     ) -> AsyncIterator[RoomConnection]:
         """Enter a room: replay, then live (hub Rules 3 and 5). Leaves on exit. While in the
         room the member is closed with 4501 once its token is revoked."""
-        with self._held(member):
+        held = self._hold(member)
+        try:
             await self.room(room_id)
             await self._ensure_member(room_id, member.claims)
             entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
@@ -685,6 +687,8 @@ class ChatNode:
                         )
                     except Exception:
                         log.warning("presence cleanup failed for %s", entry, exc_info=True)
+        finally:
+            self._release(member, held)
 
     async def _signal(self, room_id: int, event: dict[str, object]) -> None:
         try:

@@ -399,20 +399,20 @@ class FakeHolder:
 async def test_a_revocation_on_another_node_closes_connections_here_within_the_poll(
     rig: Rig, mock_clock: trio.testing.MockClock
 ) -> None:
-    mock_clock.autojump_threshold = 0
     one, two = rig.nodes
     token = rig.token("ann")
+    signed_in = await one.authenticate(token)
     ann = FakeHolder("two/1", await two.authenticate(token))
     bob = FakeHolder("two/2", await two.authenticate(rig.token("bob")))
+    for holder in (ann, bob):
+        two._hold(holder)  # as ``join`` does
     async with trio.open_nursery() as nursery:
-        with two._held(ann), two._held(bob):
-            nursery.start_soon(two._follow_revocations)
-            await trio.testing.wait_all_tasks_blocked()
-            revoked_at = trio.current_time()
-            await one.sign_out(await one.authenticate(token))
-            await ann.closed.wait()
-            assert ann.code == 4501 and not bob.closed.is_set()
-            assert trio.current_time() - revoked_at <= two.settings.revocation_poll_s
+        nursery.start_soon(two._follow_revocations)
+        await trio.testing.wait_all_tasks_blocked()  # it read its cursor and sleeps
+        await one.sign_out(signed_in)
+        mock_clock.jump(two.settings.revocation_poll_s)
+        await trio.testing.wait_all_tasks_blocked()  # it read the changes and sleeps again
+        assert ann.code == 4501 and not bob.closed.is_set()
         nursery.cancel_scope.cancel()
     assert two.revoked_connections == 1
 
@@ -421,19 +421,21 @@ async def test_changes_dropped_unread_make_the_node_check_its_connections_again(
     rig: Rig, mock_clock: trio.testing.MockClock
 ) -> None:
     """The store kept only the newest changes and the one ending ann's token was dropped
-    before node two read it: node two checks every held token again with the backends."""
-    mock_clock.autojump_threshold = 0
+    before node two read it: node two checks every held token again, here with the
+    directory down, so from the revocation store."""
     rig.revocations.max_changes = 2
     one, two = rig.nodes
-    token = rig.token("ann")
+    token, others = rig.token("ann"), [rig.token("bob") for _ in range(2)]
+    sign_outs = [await one.authenticate(t) for t in (token, *others)]
     ann = FakeHolder("two/1", await two.authenticate(token))
+    two._hold(ann)  # as ``join`` does
+    rig.directory.down = True
     async with trio.open_nursery() as nursery:
-        with two._held(ann):
-            nursery.start_soon(two._follow_revocations)
-            await trio.testing.wait_all_tasks_blocked()
-            await one.sign_out(await one.authenticate(token))
-            for _ in range(2):  # two more sign-outs push it out before node two reads
-                await one.sign_out(await one.authenticate(rig.token("bob")))
-            await ann.closed.wait()
-            assert ann.code == 4501
+        nursery.start_soon(two._follow_revocations)
+        await trio.testing.wait_all_tasks_blocked()  # it read its cursor and sleeps
+        for claims in sign_outs:  # the last two push ann's out before node two reads
+            await one.sign_out(claims)
+        mock_clock.jump(USER_CHECK_TTL_S)  # its next read, and its trust in ann has ended
+        await trio.testing.wait_all_tasks_blocked()
+        assert ann.code == 4501
         nursery.cancel_scope.cancel()
