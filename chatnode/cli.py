@@ -170,13 +170,18 @@ async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
     from chatnode.core.errors import Unavailable
     from chatnode.node.service import set_admin
 
+    failed: list[BaseException] = []
+    user = None
     try:
         async with open_accounts(config) as (directory, revocations):
+            await directory.check()  # a schema `chatnode migrate` did not bring up: one line
             user = await set_admin(
                 directory, revocations, name, is_admin, token_ttl_s=config.token_ttl_s
             )
-    except Unavailable as exc:
-        print(f"chatnode: nothing changed or not everywhere, retry: {exc}", file=sys.stderr)
+    except* Unavailable as group:  # (the Redis client's task group may wrap it)
+        failed.extend(_leaves(group))
+    if failed:
+        print(f"chatnode: nothing changed or not everywhere, retry: {failed[0]}", file=sys.stderr)
         return 1
     if user is None:
         print(f"chatnode: there is no user {name!r}", file=sys.stderr)
@@ -189,6 +194,13 @@ async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
             " now is revoked"
         )
     return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions an exception group holds, however nested."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 GC_YOUNG_THRESHOLD = 10_000

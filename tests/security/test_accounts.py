@@ -533,3 +533,17 @@ async def test_the_terminal_client_sends_its_token_in_a_header(tmp_path: Path) -
                     await trio.sleep(0.05)
             process.terminate()
     assert targets == [f"/v1/chatrooms/{room}/join?{{}}"]
+
+
+async def test_the_admin_command_on_an_unmigrated_cluster_database_says_so_in_one_line() -> None:
+    from tests.cluster.cluster import cluster_env, drop_env
+
+    env = cluster_env()  # a database that `chatnode migrate` never created
+    try:
+        with trio.fail_after(30):
+            result = await chatnode_cli("users", "grant-admin", "ann", env=env, check=False)
+    finally:
+        await drop_env(env)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("chatnode: ") and "MySQL" in lines[0]
