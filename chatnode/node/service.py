@@ -301,14 +301,15 @@ class ChatNode:
         return user
 
     def _new_token(self, user: User) -> tuple[str, auth.Claims]:
-        """A token of ``user``'s account, issued after every revocation of it (a node whose
-        clock is behind the one that revoked still issues a live token)."""
+        """A token of ``user``'s account, issued after every revocation of it this node knows
+        (the account's, the last deletion of everyone): a node whose clock is behind the one
+        that revoked still issues a live token."""
         now = now_ms()
         claims = auth.Claims(
             user=user.name,
             is_admin=user.is_admin,
             expires_at_s=now // 1000 + int(self.settings.token_ttl_s),
-            issued_at_ms=max(now, user.revoked_before_ms + 1),
+            issued_at_ms=max(now, user.revoked_before_ms + 1, self._users.all_deleted_at_ms + 1),
             account_id=user.id,
             token_id=auth.new_token_id(),
         )

@@ -439,3 +439,17 @@ async def test_changes_dropped_unread_make_the_node_check_its_connections_again(
         await trio.testing.wait_all_tasks_blocked()
         assert ann.code == 4501
         nursery.cancel_scope.cancel()
+
+
+async def test_a_token_is_issued_after_every_revocation_the_node_knows(rig: Rig) -> None:
+    """Other nodes, their clocks 5 s ahead, deleted every user, or revoked an account's
+    tokens: a token this node issues now is not older than that, so it works."""
+    node = rig.nodes[0]
+    ahead_ms = int(time.time() * 1000) + 5_000
+    node._users.learn(Revocation(RevocationKind.ALL, ahead_ms, ahead_ms + 3_600_000))
+    bob = await rig.directory.get_user_by_id(rig.accounts["bob"])
+    ann = await rig.directory.set_password(rig.accounts["ann"], "!", revoked_before_ms=ahead_ms)
+    assert bob is not None and ann is not None
+    for account in (bob, ann):
+        token, _ = node._new_token(account)
+        assert (await node.authenticate(token)).user == account.name
