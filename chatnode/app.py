@@ -20,7 +20,7 @@ import trio
 
 from chatnode import datadir
 from chatnode.config import Config, ConfigError, resolve_secret
-from chatnode.core.ports import Archive
+from chatnode.core.ports import Archive, Directory, Revocations
 from chatnode.core.protocol import CloseCode
 from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
@@ -36,7 +36,6 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         node_id=config.node_id or f"{socket.gethostname()}-{os.getpid()}",
         jwt_secret=secret,
         token_ttl_s=config.token_ttl_s,
-        admins=config.admin_names,
         insecure=config.insecure,
         password_cost_log2=config.password_cost_log2,
         history_on_join=config.history_on_join,
@@ -47,6 +46,11 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         limits=config.limits,
         archive_linger_s=config.archive_linger_s,
         replay_page_messages=config.replay_page_messages,
+        password_concurrency=config.password_concurrency,
+        password_queue=config.password_queue,
+        ticket_ttl_s=config.ticket_ttl_s,
+        tickets_per_account=config.tickets_per_account,
+        revocation_poll_s=config.revocation_poll_s,
     )
 
 
@@ -67,12 +71,13 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
     """The configured backends, closed on exit."""
     async with AsyncExitStack() as stack:
         if config.embedded:
-            from chatnode.adapters.memory import MemoryPresence, MemoryRevocations
+            from chatnode.adapters.memory import MemoryPresence, MemoryTickets
             from chatnode.adapters.sqlite import (
                 SqliteArchive,
                 SqliteBus,
                 SqliteDatabase,
                 SqliteDirectory,
+                SqliteRevocations,
             )
 
             open_data_dir(config)
@@ -83,7 +88,8 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
                 bus=SqliteBus(db, dedup_window_s=config.dedup_window_s),
                 archive=SqliteArchive(db),
                 presence=MemoryPresence(),
-                revocations=MemoryRevocations(),
+                revocations=SqliteRevocations(db),
+                tickets=MemoryTickets(),
             )
         else:
             from chatnode.adapters.cluster import open_cluster_backends
@@ -105,6 +111,29 @@ def open_data_dir(config: Config) -> None:
 def sqlite_path(config: Config) -> str:
     """The embedded node's database file."""
     return os.path.join(config.data_dir, "chatnode.sqlite3")
+
+
+@asynccontextmanager
+async def open_accounts(config: Config) -> AsyncIterator[tuple[Directory, Revocations]]:
+    """The configured directory and revocation store alone (``chatnode users``), closed on
+    exit: the embedded node's SQLite file (the node follows what is recorded there), or
+    MySQL and Redis."""
+    if config.embedded:
+        from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory, SqliteRevocations
+
+        async with await SqliteDatabase.open(sqlite_path(config)) as db:
+            yield SqliteDirectory(db), SqliteRevocations(db)
+    else:
+        from chatnode.adapters.mysql import MysqlDirectory
+        from chatnode.adapters.redis import RedisRevocations, open_redis
+
+        async with (
+            open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
+            MysqlDirectory.from_url(
+                config.mysql_url, pool_size=1, statement_timeout_s=config.backend_timeout_s
+            ) as directory,
+        ):
+            yield directory, RedisRevocations(redis, config.key_prefix)
 
 
 @asynccontextmanager

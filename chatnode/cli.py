@@ -1,5 +1,5 @@
-"""``chatnode serve | migrate | config | chat | dead-letters`` — the process edge: reads the
-environment and flags once into a ``Config`` and hands it to ``app.py``."""
+"""``chatnode serve | migrate | config | chat | dead-letters | users`` — the process edge:
+reads the environment and flags once into a ``Config`` and hands it to ``app.py``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     letters.add_argument(
         "--limit", type=int, default=10_000, help="list at most this many (default 10000)"
     )
+
+    users = sub.add_parser("users", help="manage accounts: admin rights")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    for action, what in (
+        ("grant-admin", "make the account an admin (its next tokens carry it)"),
+        ("revoke-admin", "withdraw the account's admin rights and revoke its tokens"),
+    ):
+        users_sub.add_parser(action, help=what).add_argument("name", help="the user name")
 
     conf = sub.add_parser("config", help="print the effective configuration")
     conf.add_argument("--markdown", action="store_true", help="print the table of all settings")
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dead-letters":
         listed: int = trio.run(_dead_letters, config, args.limit)
         return listed
+    if args.command == "users":
+        done: int = trio.run(_set_admin, config, args.name, args.users_command == "grant-admin")
+        return done
     return 2
 
 
@@ -160,6 +171,45 @@ async def _dead_letters(config: Any, limit: int) -> int:
     for letter in letters:
         print(dead_letter_line(letter))
     return 0
+
+
+async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
+    """``chatnode users grant-admin | revoke-admin NAME``: one line, exit code 0 or 1."""
+    from chatnode.app import open_accounts
+    from chatnode.core.errors import Unavailable
+    from chatnode.node.service import set_admin
+
+    failed: list[BaseException] = []
+    user = None
+    try:
+        async with open_accounts(config) as (directory, revocations):
+            await directory.check()  # a schema `chatnode migrate` did not bring up: one line
+            user = await set_admin(
+                directory, revocations, name, is_admin, token_ttl_s=config.token_ttl_s
+            )
+    except* Unavailable as group:  # (the Redis client's task group may wrap it)
+        failed.extend(_leaves(group))
+    if failed:
+        print(f"chatnode: nothing changed or not everywhere, retry: {failed[0]}", file=sys.stderr)
+        return 1
+    if user is None:
+        print(f"chatnode: there is no user {name!r}", file=sys.stderr)
+        return 1
+    if is_admin:
+        print(f"{user.name} (account {user.id}) is an admin: tokens issued from now on say so")
+    else:
+        print(
+            f"{user.name} (account {user.id}) is no longer an admin: every token issued until"
+            " now is revoked"
+        )
+    return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions an exception group holds, however nested."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 GC_YOUNG_THRESHOLD = 10_000

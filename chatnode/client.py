@@ -17,13 +17,14 @@ from trio_websocket import (
 
 async def chat(base_url: str, room: int, user: str | None, token: str | None) -> int:
     """Join and chat until the connection ends; a refused join is one line on stderr and
-    exit status 1."""
-    query = {k: v for k, v in (("user", user), ("token", token)) if v}
+    exit status 1. The token goes in the ``Authorization`` header, never in the URL (where
+    proxies log it)."""
     url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
-    if query:
-        url += "?" + urlencode(query)
+    if user:
+        url += "?" + urlencode({"user": user})
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     try:
-        return await _chat(url)
+        return await _chat(url, headers)
     except ConnectionRejected as exc:
         print(f"chatnode: join refused: {_refusal(exc.status_code, exc.body)}", file=sys.stderr)
     except (HandshakeError, OSError) as exc:
@@ -40,9 +41,9 @@ def _refusal(status: int, body: bytes | None) -> str:
         return f"HTTP {status}"
 
 
-async def _chat(url: str) -> int:
+async def _chat(url: str, headers: list[tuple[bytes, bytes]] | None) -> int:
     async with (
-        open_websocket_url(url, subprotocols=["chatnode.v1"]) as ws,
+        open_websocket_url(url, subprotocols=["chatnode.v1"], extra_headers=headers) as ws,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(_type_lines, ws)

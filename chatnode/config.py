@@ -114,8 +114,31 @@ class Config:
         "", "HS256 secret for tokens (embedded default: generated into data_dir)"
     )
     token_ttl_s: float = _setting(24 * 3600.0, "token lifetime")
-    admins: str = _setting("", "comma-separated user names that get admin tokens")
     password_cost_log2: int = _setting(14, "scrypt cost (log2 N) for password hashes")
+    password_concurrency: int = _setting(
+        2,
+        "scrypt hashes and checks (sign-ups, sign-ins, password changes) a node runs at once;"
+        " each holds 16 MiB (at cost 14) and a core",
+    )
+    password_queue: int = _setting(
+        32,
+        "sign-ups, sign-ins and password changes waiting for a turn; more get 503 `unavailable`"
+        " with Retry-After",
+    )
+    min_password_chars: int = _setting(
+        10, "shortest password accepted when one is set (also: 5 different characters, not common)"
+    )
+    ticket_ttl_s: float = _setting(
+        30.0, "lifetime of a WebSocket ticket (`POST /v1/tickets`, used once with `?ticket=`)"
+    )
+    tickets_per_account: int = _setting(
+        10, "WebSocket tickets an account may get per ticket lifetime (then 429)"
+    )
+    revocation_poll_s: float = _setting(
+        1.0,
+        "how often a node reads the revocations other nodes recorded (sign-outs, password"
+        " changes, deletions) and closes the WebSockets they end (4501)",
+    )
     history_on_join: int = _setting(100, "messages replayed when joining without `since`")
     max_replay: int = _setting(10_000, "most messages replayed on a `since` resume")
     replay_page_messages: int = _setting(
@@ -199,15 +222,20 @@ class Config:
             max_message_bytes=self.max_message_bytes,
             max_room_members=self.max_room_members,
             max_json_depth=self.max_json_depth,
+            min_password_chars=self.min_password_chars,
         )
-
-    @property
-    def admin_names(self) -> frozenset[str]:
-        return frozenset(name.strip() for name in self.admins.split(",") if name.strip())
 
     @property
     def embedded(self) -> bool:
         return not (self.mysql_url or self.redis_url or self.elasticsearch_url)
+
+
+REMOVED_SETTINGS: dict[str, str] = {
+    "admins": "admin is a flag of the account in the directory, not a name anyone can"
+    " register; unset it and run `chatnode users grant-admin NAME` for each admin",
+}
+"""Settings that are refused, with what to do instead (a node started with one refuses to
+start rather than run with a meaning it no longer has)."""
 
 
 def _convert(setting: Setting, raw: object, source: str) -> Any:
@@ -233,6 +261,9 @@ def load_config(environ: Mapping[str, str], overrides: Mapping[str, Any] | None 
     (command line); validated. Raise ``ConfigError`` naming the bad setting."""
     by_field = {s.field: s for s in SETTINGS}
     values: dict[str, Any] = {}
+    for field, replacement in REMOVED_SETTINGS.items():
+        if environ.get("CHATNODE_" + field.upper(), "").strip():
+            raise ConfigError(f"CHATNODE_{field.upper()} is no longer read: {replacement}")
     config_path = environ.get("CHATNODE_CONFIG")
     if config_path:
         try:
@@ -240,6 +271,10 @@ def load_config(environ: Mapping[str, str], overrides: Mapping[str, Any] | None 
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"CHATNODE_CONFIG={config_path}: {exc}") from None
         for key, raw in table.items():
+            if key in REMOVED_SETTINGS:
+                raise ConfigError(
+                    f"{config_path}: {key!r} is no longer read: {REMOVED_SETTINGS[key]}"
+                )
             if key not in by_field:
                 raise ConfigError(f"{config_path}: unknown setting {key!r}")
             values[key] = _convert(by_field[key], raw, f"{config_path}: {key}")
@@ -311,6 +346,15 @@ def _validate(config: Config) -> None:
             "CHATNODE_CACHE_LOCAL_TTL_S must be 0..CHATNODE_CACHE_TTL_S",
         ),
         (10 <= config.password_cost_log2 <= 20, "CHATNODE_PASSWORD_COST_LOG2 must be 10..20"),
+        (config.password_concurrency >= 1, "CHATNODE_PASSWORD_CONCURRENCY must be >= 1"),
+        (config.password_queue >= 0, "CHATNODE_PASSWORD_QUEUE must be >= 0"),
+        (
+            8 <= config.min_password_chars <= 256,
+            "CHATNODE_MIN_PASSWORD_CHARS must be 8..256",
+        ),
+        (1 <= config.ticket_ttl_s <= 300, "CHATNODE_TICKET_TTL_S must be 1..300"),
+        (config.tickets_per_account >= 1, "CHATNODE_TICKETS_PER_ACCOUNT must be >= 1"),
+        (0.05 <= config.revocation_poll_s <= 60, "CHATNODE_REVOCATION_POLL_S must be 0.05..60"),
         (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "CHATNODE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR",

@@ -16,6 +16,7 @@ from chatnode.adapters.redis_connection import open_redis
 from chatnode.adapters.redis_directory import RedisCachedDirectory
 from chatnode.adapters.redis_presence import RedisPresence
 from chatnode.adapters.redis_revocations import RedisRevocations
+from chatnode.adapters.redis_tickets import RedisTickets
 from chatnode.adapters.resp import RespClient
 from chatnode.config import Config
 from chatnode.node.service import Backends
@@ -82,6 +83,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             archive=archive,
             presence=RedisPresence(redis, config.key_prefix),
             revocations=RedisRevocations(redis, config.key_prefix),
+            tickets=RedisTickets(redis, config.key_prefix),
             feed=RedisArchiveFeed(
                 feed_client,
                 config.key_prefix,

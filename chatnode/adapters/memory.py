@@ -1,8 +1,12 @@
-"""In-process Presence and Revocations for the embedded single node (and any test that needs
-them).
+"""In-process Presence, Revocations and Tickets for the embedded single node (and any test
+that needs them).
 
-:class:`MemoryRevocations` holds the latest time every user was deleted; one node needs to
-share it with nobody.
+:class:`MemoryRevocations` holds revocations for the nodes of one process (tests: the
+embedded node keeps them in its SQLite file, ``SqliteRevocations``). Token revocations are
+kept until the token expires; the changes log keeps the newest ``max_changes`` records.
+
+:class:`MemoryTickets` holds the embedded node's WebSocket tickets: a node alone needs to
+share them with nobody. At most ``max_tickets`` live at once (the oldest are dropped first).
 
 :class:`MemoryPresence` keeps, per node, the set of live connections and the node's heartbeat
 deadline. It follows the same rules as the Redis implementation:
@@ -20,6 +24,8 @@ built outside ``trio.run``.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +33,13 @@ import attrs
 import trio
 
 from chatnode.core import ports
-from chatnode.core.models import PresenceEntry
+from chatnode.core.models import (
+    PresenceEntry,
+    Revocation,
+    RevocationChanges,
+    RevocationKind,
+    RevocationState,
+)
 
 
 @attrs.define(eq=False)
@@ -81,19 +93,114 @@ class MemoryPresence:
         return sum(len(self._entries.pop(node)) for node in dead)
 
 
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 @attrs.define(eq=False)
 class MemoryRevocations:
-    """``ports.Revocations`` in process memory."""
+    """``ports.Revocations`` in process memory; every method is atomic (no await inside)."""
 
-    _users_deleted_at_ms: int = attrs.field(default=0, init=False)
+    max_changes: int = attrs.field(default=10_000, kw_only=True)
+    clock_ms: Callable[[], int] = attrs.field(default=_wall_ms, kw_only=True)
+    _tokens: dict[str, int] = attrs.field(factory=dict, init=False)  # id -> expires (ms)
+    _accounts: dict[int, tuple[int, int]] = attrs.field(factory=dict, init=False)
+    _all_before_ms: int = attrs.field(default=0, init=False)
+    _changes: deque[Revocation] = attrs.field(factory=deque, init=False)
+    _first_seq: int = attrs.field(default=1, init=False)  # the sequence number of _changes[0]
 
-    async def record_users_deleted(self, at_ms: int) -> None:
+    async def record(self, revocation: Revocation) -> None:
         await trio.lowlevel.checkpoint()
-        self._users_deleted_at_ms = max(self._users_deleted_at_ms, at_ms)
+        self._forget_expired()
+        if revocation.kind is RevocationKind.TOKEN:
+            held = self._tokens.get(revocation.token_id, 0)
+            self._tokens[revocation.token_id] = max(held, revocation.expires_at_ms)
+        elif revocation.kind is RevocationKind.ACCOUNT:
+            at, until = self._accounts.get(revocation.account_id, (0, 0))
+            self._accounts[revocation.account_id] = (
+                max(at, revocation.at_ms),
+                max(until, revocation.expires_at_ms),
+            )
+        else:
+            self._all_before_ms = max(self._all_before_ms, revocation.at_ms)
+        self._changes.append(revocation)
+        while len(self._changes) > self.max_changes:
+            self._changes.popleft()
+            self._first_seq += 1
 
-    async def users_deleted_at(self) -> int:
+    async def lookup(self, *, account_id: int, token_id: str) -> RevocationState:
         await trio.lowlevel.checkpoint()
-        return self._users_deleted_at_ms
+        self._forget_expired()
+        return RevocationState(
+            token_revoked=token_id in self._tokens,
+            account_before_ms=self._accounts.get(account_id, (0, 0))[0],
+            all_before_ms=self._all_before_ms,
+        )
+
+    async def changes(self, cursor: str | None, *, limit: int = 1000) -> RevocationChanges:
+        await trio.lowlevel.checkpoint()
+        end = self._first_seq + len(self._changes)  # the next record's sequence number
+        if cursor is None:
+            return RevocationChanges((), str(end - 1))
+        after = int(cursor)
+        start = max(after + 1, self._first_seq)
+        taken = tuple(
+            self._changes[i - self._first_seq] for i in range(start, min(end, start + limit))
+        )
+        return RevocationChanges(taken, str(start + len(taken) - 1), complete=after + 1 >= start)
+
+    def _forget_expired(self) -> None:
+        now = self.clock_ms()
+        for token in [t for t, until in self._tokens.items() if until <= now]:
+            del self._tokens[token]
+        for account in [a for a, (_, until) in self._accounts.items() if until <= now]:
+            del self._accounts[account]
+
+
+@attrs.define(eq=False)
+class MemoryTickets:
+    """``ports.Tickets`` in process memory; every method is atomic (no await inside). Time
+    comes from ``clock`` (seconds, monotonic; default ``trio.current_time``)."""
+
+    max_tickets: int = attrs.field(default=100_000, kw_only=True)
+    clock: Callable[[], float] = attrs.field(default=trio.current_time, kw_only=True)
+    _tickets: OrderedDict[str, tuple[str, float]] = attrs.field(factory=OrderedDict, init=False)
+    _issued: deque[tuple[float, int]] = attrs.field(factory=deque, init=False)  # (until, id)
+    _counts: dict[int, int] = attrs.field(factory=dict, init=False)  # account -> in window
+
+    async def issue(
+        self, ticket: str, token: str, *, account_id: int, ttl_ms: int, max_per_account: int
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        now = self.clock()
+        self._forget_expired(now)
+        if self._counts.get(account_id, 0) >= max_per_account:
+            return False
+        until = now + ttl_ms / 1000
+        self._counts[account_id] = self._counts.get(account_id, 0) + 1
+        self._issued.append((until, account_id))
+        self._tickets[ticket] = (token, until)
+        while len(self._tickets) > self.max_tickets:
+            self._tickets.popitem(last=False)
+        return True
+
+    async def redeem(self, ticket: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        held = self._tickets.pop(ticket, None)
+        if held is None or held[1] <= self.clock():
+            return None
+        return held[0]
+
+    def _forget_expired(self, now: float) -> None:
+        while self._tickets and next(iter(self._tickets.values()))[1] <= now:
+            self._tickets.popitem(last=False)
+        while self._issued and self._issued[0][0] <= now:
+            _, account = self._issued.popleft()
+            left = self._counts[account] - 1
+            if left:
+                self._counts[account] = left
+            else:
+                del self._counts[account]
 
 
 if TYPE_CHECKING:  # mypy proves the adapters implement their ports
@@ -103,3 +210,6 @@ if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
     def _implements_revocations() -> ports.Revocations:
         return MemoryRevocations()
+
+    def _implements_tickets() -> ports.Tickets:
+        return MemoryTickets()

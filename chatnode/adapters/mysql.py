@@ -54,7 +54,7 @@ import MySQLdb
 import trio
 
 from chatnode.adapters.lifecycle import ClosesOnExit
-from chatnode.core import errors, ports
+from chatnode.core import errors, ports, validation
 from chatnode.core.models import Room, User
 
 T = TypeVar("T")
@@ -429,9 +429,36 @@ class MysqlPool(ClosesOnExit):
 # --- the directory ------------------------------------------------------------------------------
 
 
+_USER_COLUMNS: Final = "name, password_hash, is_admin, created_at_ms, id, revoked_before_ms"
+
+
 def _user(row: tuple[Any, ...]) -> User:
-    name, password_hash, is_admin, created_at_ms = row
-    return User(name, password_hash, int(created_at_ms), bool(is_admin))
+    name, password_hash, is_admin, created_at_ms, account_id, revoked_before_ms = row
+    return User(
+        name,
+        password_hash,
+        int(created_at_ms),
+        bool(is_admin),
+        id=int(account_id),
+        revoked_before_ms=int(revoked_before_ms),
+    )
+
+
+def _select_user(cursor: Any, name: str, *, lock: bool = False) -> User | None:
+    """The account named exactly ``name``, else the one whose key is ``name``'s."""
+    cursor.execute(
+        f"SELECT {_USER_COLUMNS} FROM users WHERE name = %s OR name_key = %s"
+        f" ORDER BY name = %s DESC LIMIT 1{' FOR UPDATE' if lock else ''}",
+        (name, validation.name_key(name), name),
+    )
+    row = cursor.fetchone()
+    return None if row is None else _user(row)
+
+
+def _select_user_by_id(cursor: Any, account_id: int) -> User | None:
+    cursor.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", (account_id,))
+    row = cursor.fetchone()
+    return None if row is None else _user(row)
 
 
 def _room(row: tuple[Any, ...]) -> Room:
@@ -456,8 +483,10 @@ def _fetch_all(conn: Connection, sql: str, args: tuple[Any, ...]) -> list[tuple[
 class MysqlDirectory(ClosesOnExit):
     """``ports.Directory`` in MySQL/MariaDB (schema: ``migrations/mysql``).
 
-    Names compare exactly (``utf8mb4_bin``) and sort by code point. Room ids come from
-    ``AUTO_INCREMENT``: increasing from 1, never reused (a failed insert may skip one).
+    Names are unique by ``name_key`` (migration 0002; the exact name is looked up first, so
+    migrated twins stay reachable) and sort by code point. Account ids and room ids come
+    from ``AUTO_INCREMENT``: increasing, never reused (the server keeps its counters across
+    restarts; a failed insert may skip one).
     ``add_member`` is atomic against every node (module rule 3). ``check()`` also verifies
     that the schema is at least the version this chatnode ships (else: run ``chatnode
     migrate``). The directory owns its pool: ``aclose()`` closes it.
@@ -488,33 +517,66 @@ class MysqlDirectory(ClosesOnExit):
     async def create_user(
         self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
     ) -> User:
-        def insert(conn: Connection) -> None:
-            conn.cursor().execute(
+        """The key is the table's generated ``name_key`` (``LOWER(name)``, which is
+        ``validation.name_key`` for every name the node accepts): unique in the server, so
+        nodes racing for one name ignoring case get one account and one ``Conflict``."""
+
+        def insert(conn: Connection) -> int:
+            cursor = conn.cursor()
+            cursor.execute(
                 "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
                 " VALUES (%s, %s, %s, %s)",
                 (name, password_hash, is_admin, created_at_ms),
             )
+            return int(cursor.lastrowid)
 
         try:
-            await self.pool.run(insert)
+            account_id = await self.pool.run(insert)
         except MySQLdb.IntegrityError as exc:
             if _error_code(exc) != _DUPLICATE_KEY:
                 raise
             raise errors.Conflict(
-                f"the user name {name!r} is already taken; choose another"
+                f"the user name {name!r} is already taken (names are compared ignoring case);"
+                " choose another"
             ) from exc
-        return User(name, password_hash, created_at_ms, is_admin)
+        return User(name, password_hash, created_at_ms, is_admin, id=account_id)
 
     async def get_user(self, name: str) -> User | None:
-        row = await self.pool.run(
-            partial(
-                _fetch_one,
-                sql="SELECT name, password_hash, is_admin, created_at_ms FROM users"
-                " WHERE name = %s",
-                args=(name,),
-            )
-        )
-        return None if row is None else _user(row)
+        return await self.pool.run(lambda conn: _select_user(conn.cursor(), name))
+
+    async def get_user_by_id(self, account_id: int) -> User | None:
+        return await self.pool.run(lambda conn: _select_user_by_id(conn.cursor(), account_id))
+
+    async def set_password(
+        self, account_id: int, password_hash: str, *, revoked_before_ms: int
+    ) -> User | None:
+        def update(conn: Connection) -> User | None:
+            with transaction(conn) as cursor:
+                cursor.execute(
+                    "UPDATE users SET password_hash = %s,"
+                    " revoked_before_ms = GREATEST(revoked_before_ms, %s) WHERE id = %s",
+                    (password_hash, revoked_before_ms, account_id),
+                )
+                return _select_user_by_id(cursor, account_id)
+
+        return await self.pool.run(update)
+
+    async def set_admin(
+        self, name: str, is_admin: bool, *, revoked_before_ms: int = 0
+    ) -> User | None:
+        def update(conn: Connection) -> User | None:
+            with transaction(conn) as cursor:
+                user = _select_user(cursor, name, lock=True)
+                if user is None:
+                    return None
+                cursor.execute(
+                    "UPDATE users SET is_admin = %s,"
+                    " revoked_before_ms = GREATEST(revoked_before_ms, %s) WHERE id = %s",
+                    (is_admin, revoked_before_ms, user.id),
+                )
+                return _select_user_by_id(cursor, user.id)
+
+        return await self.pool.run(update)
 
     async def delete_all_users(self) -> int:
         def delete(conn: Connection) -> int:

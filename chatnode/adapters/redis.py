@@ -17,7 +17,12 @@ Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefi
                                           sets     confirmed memberships, and their version
                                                    tokens                 (redis_directory)
     P:revoked:users_deleted_at            string   when every user was last deleted
+    P:revoked:account:{id}                string   an account's tokens revoked up to then
+    P:revoked:token:{id}                  string   a revoked token (PXAT its expiry)
+    P:revoked:changes                     stream   every revocation, in order
                                                                           (redis_revocations)
+    P:ticket:{ticket}                     string   a WebSocket ticket's token (PX 30 s)
+    P:tickets:account:{id}                string   tickets issued to an account  (redis_tickets)
 
 One module per concern, each with its rules in its docstring:
 
@@ -29,7 +34,8 @@ One module per concern, each with its rules in its docstring:
 - :mod:`.redis_archive_feed`: :class:`RedisArchiveFeed` (``ports.ArchiveFeed``);
 - :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
 - :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another;
-- :mod:`.redis_revocations`: :class:`RedisRevocations` (``ports.Revocations``).
+- :mod:`.redis_revocations`: :class:`RedisRevocations` (``ports.Revocations``);
+- :mod:`.redis_tickets`: :class:`RedisTickets` (``ports.Tickets``).
 
 Requires Redis >= 7.0 (scripts declare ``#!lua``) on one address (a primary that moves must
 end the nodes' connections), not Redis Cluster (scripts compute key names). Run it with
@@ -52,6 +58,7 @@ Wiring, in ``cluster.py``::
         directory = RedisCachedDirectory(mysql_directory, redis, config.key_prefix,
                                          ttl_s=config.cache_ttl_s)
         revocations = RedisRevocations(redis, config.key_prefix)
+        tickets = RedisTickets(redis, config.key_prefix)
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from .redis_connection import RedisClient, open_redis, redis_failures
 from .redis_directory import RedisCachedDirectory
 from .redis_presence import RedisPresence
 from .redis_revocations import RedisRevocations
+from .redis_tickets import RedisTickets
 from .resp import RespClient
 
 __all__ = [
@@ -71,6 +79,7 @@ __all__ = [
     "RedisClient",
     "RedisPresence",
     "RedisRevocations",
+    "RedisTickets",
     "RespClient",
     "open_redis",
     "redis_failures",

@@ -470,6 +470,21 @@ class RedisCachedDirectory:
     async def get_user(self, name: str) -> User | None:
         return await self.inner.get_user(name)
 
+    async def get_user_by_id(self, account_id: int) -> User | None:
+        return await self.inner.get_user_by_id(account_id)
+
+    async def set_password(
+        self, account_id: int, password_hash: str, *, revoked_before_ms: int
+    ) -> User | None:
+        return await self.inner.set_password(
+            account_id, password_hash, revoked_before_ms=revoked_before_ms
+        )
+
+    async def set_admin(
+        self, name: str, is_admin: bool, *, revoked_before_ms: int = 0
+    ) -> User | None:
+        return await self.inner.set_admin(name, is_admin, revoked_before_ms=revoked_before_ms)
+
     async def get_room(self, room_id: int) -> Room | None:
         """The room as Redis keeps it (renewed for ``known_ttl_s``), else the inner
         directory's, kept (rule 6). An unknown room is not kept: it may be created later."""

@@ -2,13 +2,33 @@
 
 Keys (``P`` is the deployment's key prefix)::
 
-    P:revoked:users_deleted_at     string  epoch ms before which every user was deleted
+    P:revoked:users_deleted_at     string  epoch ms at or before which every token is revoked
+                                           (every account then existing was deleted)
+    P:revoked:account:{id}         string  epoch ms at or before which the account's tokens
+                                           are revoked; PXAT the expiry of its last such token
+    P:revoked:token:{id}           string  a revoked token; PXAT the token's expiry
+    P:revoked:changes              stream  every record, in order (fields k, a, e, u, t: kind,
+                                           at, expires, account, token); about the newest
+                                           ``max_changes`` kept
 
-Every node of the cluster reads what any node recorded: a node that learns nothing else during
-a MySQL outage still refuses the tokens of users deleted through another node before it
-(``core/auth.py`` ``UserChecks``, rule 2). Recording keeps the later of the held and the new
-time in one script, so two deletions racing, or two nodes' clocks a little apart, never move
-it back. One key, no TTL: it is as durable as the Redis it lives in (AOF in production).
+Rules:
+
+1. **One script per record**: the key is written and the record appended to the changes
+   in one step, so a node that reads the changes and then looks a token up never sees the
+   change without the state. Times only move forward (the later of the held and the new
+   time is kept, and the later expiry), so two records racing, or two nodes' clocks a little
+   apart, never move one back.
+2. **Every node reads what any node recorded**: ``lookup`` reads the three keys of a token
+   in one ``MGET``; a node follows ``changes`` from a cursor (stream ids, ``XRANGE`` exclusive
+   of the cursor). Trimming drops the oldest entries first, so while the cursor's own entry
+   is in the stream nothing after it was dropped; once it is gone (trimmed, or the stream lost
+   with Redis's data) the read says ``complete=False`` and the follower checks again what it
+   holds (a cursor of ``0-0``, a follower that began on an empty stream: complete while no
+   entry was ever removed).
+3. As durable as the Redis they live in (AOF in production). A Redis that loses its data
+   forgets the sign-outs recorded in it (the tokens work again until they expire); password
+   changes, withdrawn admin rights and deletions are also in the directory, which decides
+   whenever it answers.
 """
 
 from __future__ import annotations
@@ -19,45 +39,150 @@ import attrs
 from coredis.commands.script import Script
 
 from chatnode.core import ports
+from chatnode.core.models import Revocation, RevocationChanges, RevocationKind, RevocationState
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .redis_connection import RedisClient, any_reply, redis_failures
 
-# KEYS: the time key. ARGV: a time (ms). Returns the time held afterwards.
+# KEYS: the record's key, the changes stream. ARGV: kind, at ms, expires ms, account id,
+# token id, changes to keep. Returns the stream id of the record.
 _RECORD_LUA: Final = """#!lua
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
-local new = tonumber(ARGV[1])
-if new > held then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return new
+local kind, at, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if kind == 'all' then
+  local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if at > held then
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
+else
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local held_expiry = tonumber(redis.call('PEXPIRETIME', KEYS[1]))
+  if held_expiry > expires then
+    expires = held_expiry
+  end
+  if expires > now_ms then
+    local value = '1'
+    if kind == 'account' then
+      local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+      value = tostring(math.max(held, at))
+    end
+    redis.call('SET', KEYS[1], value, 'PXAT', expires)
+  end
 end
-return held
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
+  'k', kind, 'a', ARGV[2], 'e', ARGV[3], 'u', ARGV[4], 't', ARGV[5])
 """
+
+# KEYS: the changes stream. ARGV: cursor (a stream id), count.
+# Returns {1 if nothing after the cursor can have been dropped else 0, entries after it}.
+_CHANGES_LUA: Final = """#!lua
+local start = ARGV[1] == '0-0'
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {start and 1 or 0, {}}
+end
+local intact = 0
+if start then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local fields = {}
+  for i = 1, #info, 2 do
+    fields[info[i]] = info[i + 1]
+  end
+  if fields['entries-added'] == fields['length'] then
+    intact = 1
+  end
+elseif #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 1 then
+  intact = 1
+end
+return {intact, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
+
+MAX_CHANGES: Final = 10_000
 
 
 @attrs.define(eq=False)
 class RedisRevocations:
-    """``ports.Revocations`` in Redis (layout in the module docstring). Redis failures raise
-    ``Unavailable``. The client belongs to the caller."""
+    """``ports.Revocations`` in Redis (layout and rules in the module docstring). Redis
+    failures raise ``Unavailable``. The client belongs to the caller."""
 
     _redis: RedisClient
     prefix: str
+    max_changes: int = attrs.field(default=MAX_CHANGES, kw_only=True)
     _record: Script[bytes] = attrs.field(init=False)
+    _changes: Script[bytes] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._record = self._redis.register_script(_RECORD_LUA)
+        self._changes = self._redis.register_script(_CHANGES_LUA)
 
     @property
     def _users_deleted_key(self) -> str:
         return f"{self.prefix}:revoked:users_deleted_at"
 
-    async def record_users_deleted(self, at_ms: int) -> None:
-        with redis_failures("recording a deletion of users"):
-            await self._record(keys=[self._users_deleted_key], args=[at_ms], callback=int_reply)
+    @property
+    def _changes_key(self) -> str:
+        return f"{self.prefix}:revoked:changes"
 
-    async def users_deleted_at(self) -> int:
-        with redis_failures("reading when users were deleted"):
-            held = await self._redis.get(self._users_deleted_key)
-        return 0 if held is None else int(held)
+    def _account_key(self, account_id: int) -> str:
+        return f"{self.prefix}:revoked:account:{account_id}"
+
+    def _token_key(self, token_id: str) -> str:
+        return f"{self.prefix}:revoked:token:{token_id}"
+
+    async def record(self, revocation: Revocation) -> None:
+        if revocation.kind is RevocationKind.TOKEN:
+            key = self._token_key(revocation.token_id)
+        elif revocation.kind is RevocationKind.ACCOUNT:
+            key = self._account_key(revocation.account_id)
+        else:
+            key = self._users_deleted_key
+        args = [
+            revocation.kind.value,
+            revocation.at_ms,
+            revocation.expires_at_ms,
+            revocation.account_id,
+            revocation.token_id,
+            self.max_changes,
+        ]
+        with redis_failures("recording a revocation"):
+            await self._record(keys=[key, self._changes_key], args=args, callback=any_reply)
+
+    async def lookup(self, *, account_id: int, token_id: str) -> RevocationState:
+        keys = [self._token_key(token_id), self._account_key(account_id), self._users_deleted_key]
+        with redis_failures("reading revocations"):
+            token, account, everyone = await self._redis.mget(keys)
+        return RevocationState(
+            token_revoked=token is not None,
+            account_before_ms=0 if account is None else int(account),
+            all_before_ms=0 if everyone is None else int(everyone),
+        )
+
+    async def changes(self, cursor: str | None, *, limit: int = 1000) -> RevocationChanges:
+        if cursor is None:
+            with redis_failures("reading the newest revocation"):
+                newest = await self._redis.xrevrange(self._changes_key, "+", "-", count=1)
+            identifier = newest[0].identifier if newest else "0-0"
+            if isinstance(identifier, bytes):
+                identifier = identifier.decode()
+            return RevocationChanges((), identifier)
+        with redis_failures("reading revocations"):
+            reply = await self._changes(
+                keys=[self._changes_key], args=[cursor, max(1, limit)], callback=any_reply
+            )
+        assert isinstance(reply, list) and len(reply) == 2, reply
+        intact, entries = reply
+        revocations = []
+        for identifier, fields in entries:
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            revocations.append(
+                Revocation(
+                    RevocationKind(values[b"k"].decode()),
+                    at_ms=int(values[b"a"]),
+                    expires_at_ms=int(values[b"e"]),
+                    account_id=int(values[b"u"]),
+                    token_id=values[b"t"].decode(),
+                )
+            )
+            cursor = identifier.decode()
+        return RevocationChanges(tuple(revocations), cursor, complete=intact == 1)
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port

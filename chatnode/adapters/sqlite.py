@@ -1,8 +1,9 @@
-"""The embedded backend: Directory, Archive and Bus on one SQLite database.
+"""The embedded backend: Directory, Archive, Bus and Revocations on one SQLite database.
 
 One :class:`SqliteDatabase` owns one ``sqlite3`` connection. The ports built on it
-(:class:`SqliteDirectory`, :class:`SqliteArchive`, :class:`SqliteBus`) share it; their
-``aclose()`` releases nothing, the code that opened the database closes it.
+(:class:`SqliteDirectory`, :class:`SqliteArchive`, :class:`SqliteBus`,
+:class:`SqliteRevocations`) share it; their ``aclose()`` releases nothing, the code that
+opened the database closes it.
 
 Rules that make it correct:
 
@@ -85,13 +86,17 @@ import attrs
 import trio
 
 from chatnode.adapters.lifecycle import ClosesOnExit
-from chatnode.core import errors, ports
+from chatnode.core import errors, ports, validation
 from chatnode.core.models import (
     ChatMessage,
     DeadLetter,
     Draft,
     Refusal,
     RefusalKind,
+    Revocation,
+    RevocationChanges,
+    RevocationKind,
+    RevocationState,
     Room,
     SearchHit,
     SearchQuery,
@@ -193,6 +198,40 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             stored BLOB,
             kept_at_ms INTEGER NOT NULL
         )""",
+    ),
+    # 5: accounts and revocations (``SqliteDirectory`` rule 1, ``SqliteRevocations``).
+    # Existing users get ids in row order, and keys: where names collide by key, the oldest
+    # account keeps the plain key, the others get "<key>#<name>" ('#' is in no valid name),
+    # so every account stays, reached by its exact name.
+    (
+        "ALTER TABLE users ADD COLUMN id INTEGER",
+        "ALTER TABLE users ADD COLUMN name_key TEXT",
+        "ALTER TABLE users ADD COLUMN revoked_before_ms INTEGER NOT NULL DEFAULT 0",
+        "UPDATE users SET id = rowid",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        "INSERT INTO counters (name, value) SELECT 'account_id', COALESCE(MAX(id), 0) FROM users",
+        """UPDATE users SET name_key = ranked.name_key FROM (
+            SELECT name, CASE
+                WHEN ROW_NUMBER() OVER (
+                    PARTITION BY chatnode_name_key(name) ORDER BY created_at_ms, name
+                ) = 1 THEN chatnode_name_key(name)
+                ELSE chatnode_name_key(name) || '#' || name
+            END AS name_key FROM users
+        ) AS ranked WHERE users.name = ranked.name""",
+        "CREATE UNIQUE INDEX users_by_id ON users(id)",
+        "CREATE UNIQUE INDEX users_by_name_key ON users(name_key)",
+        """CREATE TABLE revocations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            expires_at_ms INTEGER NOT NULL,
+            account_id INTEGER NOT NULL,
+            token_id TEXT NOT NULL
+        )""",
+        "CREATE INDEX revocations_by_token ON revocations(token_id)",
+        "CREATE INDEX revocations_by_account ON revocations(account_id, at_ms)",
+        "CREATE INDEX revocations_by_kind ON revocations(kind, at_ms)",
+        "CREATE INDEX revocations_by_expiry ON revocations(expires_at_ms)",
     ),
 )
 
@@ -299,6 +338,7 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.create_function("chatnode_name_key", 1, validation.name_key, deterministic=True)
         _migrate(conn)
         conn.execute("PRAGMA busy_timeout=0")
     except BaseException:
@@ -459,9 +499,19 @@ class SqliteDatabase(ClosesOnExit):
             await trio.to_thread.run_sync(close, limiter=self._limiter)
 
 
+_USER_COLUMNS: Final = "name, password_hash, is_admin, created_at_ms, id, revoked_before_ms"
+
+
 def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
-    name, password_hash, is_admin, created_at_ms = row
-    return User(name, password_hash, int(created_at_ms), bool(is_admin))
+    name, password_hash, is_admin, created_at_ms, account_id, revoked_before_ms = row
+    return User(
+        name,
+        password_hash,
+        int(created_at_ms),
+        bool(is_admin),
+        id=int(account_id),
+        revoked_before_ms=int(revoked_before_ms),
+    )
 
 
 def _room(row: sqlite3.Row | tuple[Any, ...]) -> Room:
@@ -469,13 +519,34 @@ def _room(row: sqlite3.Row | tuple[Any, ...]) -> Room:
     return Room(int(room_id), name, int(created_at_ms))
 
 
+def _select_user(conn: sqlite3.Connection, name: str) -> User | None:
+    row = conn.execute(
+        f"SELECT {_USER_COLUMNS} FROM users WHERE name = ? OR name_key = ?"
+        " ORDER BY name = ? DESC LIMIT 1",
+        (name, validation.name_key(name), name),
+    ).fetchone()
+    return None if row is None else _user(row)
+
+
+def _select_user_by_id(conn: sqlite3.Connection, account_id: int) -> User | None:
+    row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (account_id,)).fetchone()
+    return None if row is None else _user(row)
+
+
 @attrs.define(eq=False)
 class SqliteDirectory:
     """``ports.Directory`` on a :class:`SqliteDatabase`.
 
-    Names compare exactly (binary collation). Room ids come from ``AUTOINCREMENT``: increasing
-    from 1 and never reused. ``add_member`` checks the member limit and inserts in one
-    transaction, so concurrent joins never overfill a room.
+    Rules:
+
+    1. **Accounts.** Ids come from the ``account_id`` counter, taken in the transaction that
+       inserts the user: increasing, never reused (a deletion leaves the counter where it
+       is). Names are unique by ``name_key`` (``validation.name_key``, computed here; the
+       migration computes it with the same function registered in SQLite); an exact name is
+       looked up before a key, so accounts migrated with colliding names stay reachable.
+    2. Room ids come from ``AUTOINCREMENT``: increasing from 1 and never reused.
+       ``add_member`` checks the member limit and inserts in one transaction, so concurrent
+       joins never overfill a room.
     """
 
     _db: SqliteDatabase
@@ -490,31 +561,71 @@ class SqliteDirectory:
     async def create_user(
         self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
     ) -> User:
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: sqlite3.Connection) -> int:
             with _Transaction(conn):
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'account_id'")
+                (account_id,) = conn.execute(
+                    "SELECT value FROM counters WHERE name = 'account_id'"
+                ).fetchone()
                 conn.execute(
-                    "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
-                    " VALUES (?, ?, ?, ?)",
-                    (name, password_hash, int(is_admin), created_at_ms),
+                    "INSERT INTO users (id, name, name_key, password_hash, is_admin,"
+                    " created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        account_id,
+                        name,
+                        validation.name_key(name),
+                        password_hash,
+                        int(is_admin),
+                        created_at_ms,
+                    ),
                 )
+            return int(account_id)
 
         try:
-            await self._db.run(insert)
+            account_id = await self._db.run(insert)
         except sqlite3.IntegrityError as exc:
             raise errors.Conflict(
-                f"the user name {name!r} is already taken; choose another"
+                f"the user name {name!r} is already taken (names are compared ignoring case);"
+                " choose another"
             ) from exc
-        return User(name, password_hash, created_at_ms, is_admin)
+        return User(name, password_hash, created_at_ms, is_admin, id=account_id)
 
     async def get_user(self, name: str) -> User | None:
-        def select(conn: sqlite3.Connection) -> User | None:
-            row = conn.execute(
-                "SELECT name, password_hash, is_admin, created_at_ms FROM users WHERE name = ?",
-                (name,),
-            ).fetchone()
-            return None if row is None else _user(row)
+        return await self._db.run(partial(_select_user, name=name))
 
-        return await self._db.run(select)
+    async def get_user_by_id(self, account_id: int) -> User | None:
+        return await self._db.run(partial(_select_user_by_id, account_id=account_id))
+
+    async def set_password(
+        self, account_id: int, password_hash: str, *, revoked_before_ms: int
+    ) -> User | None:
+        def update(conn: sqlite3.Connection) -> User | None:
+            with _Transaction(conn):
+                conn.execute(
+                    "UPDATE users SET password_hash = ?,"
+                    " revoked_before_ms = MAX(revoked_before_ms, ?) WHERE id = ?",
+                    (password_hash, revoked_before_ms, account_id),
+                )
+                return _select_user_by_id(conn, account_id)
+
+        return await self._db.run(update)
+
+    async def set_admin(
+        self, name: str, is_admin: bool, *, revoked_before_ms: int = 0
+    ) -> User | None:
+        def update(conn: sqlite3.Connection) -> User | None:
+            with _Transaction(conn):
+                user = _select_user(conn, name)
+                if user is None:
+                    return None
+                conn.execute(
+                    "UPDATE users SET is_admin = ?,"
+                    " revoked_before_ms = MAX(revoked_before_ms, ?) WHERE id = ?",
+                    (int(is_admin), revoked_before_ms, user.id),
+                )
+                return _select_user_by_id(conn, user.id)
+
+        return await self._db.run(update)
 
     async def delete_all_users(self) -> int:
         def delete(conn: sqlite3.Connection) -> int:
@@ -608,6 +719,86 @@ def _is_member(conn: sqlite3.Connection, room_id: int, user: str) -> bool:
         "SELECT 1 FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
     ).fetchone()
     return row is not None
+
+
+# --- revocations ----------------------------------------------------------------------------
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@attrs.define(eq=False)
+class SqliteRevocations:
+    """``ports.Revocations`` on a :class:`SqliteDatabase`: the embedded node's, durable
+    across restarts (a sign-out stays signed out), and shared with every process that opens
+    the file (``chatnode users revoke-admin`` records there and the node follows).
+
+    One table is both the state and the changes: ``revocations`` rows in the order recorded
+    (``seq``, ``AUTOINCREMENT``: the cursor); ``lookup`` reads the latest times from it.
+    Recording also deletes the rows expired by then (except ``ALL``, which never expires),
+    so the table holds the revocations of live tokens. A row expired before a follower read
+    it ends no live token: the changes stay complete for what matters.
+    """
+
+    _db: SqliteDatabase
+
+    async def record(self, revocation: Revocation) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            with _Transaction(conn):
+                conn.execute(
+                    "DELETE FROM revocations WHERE expires_at_ms <= ? AND kind != 'all'",
+                    (_wall_ms(),),
+                )
+                conn.execute(
+                    "INSERT INTO revocations (kind, at_ms, expires_at_ms, account_id, token_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        revocation.kind.value,
+                        revocation.at_ms,
+                        revocation.expires_at_ms,
+                        revocation.account_id,
+                        revocation.token_id,
+                    ),
+                )
+
+        await self._db.run(insert)
+
+    async def lookup(self, *, account_id: int, token_id: str) -> RevocationState:
+        def select(conn: sqlite3.Connection) -> RevocationState:
+            token, account, everyone = conn.execute(
+                "SELECT"
+                " EXISTS (SELECT 1 FROM revocations WHERE token_id = ? AND kind = 'token'"
+                "  AND expires_at_ms > ?),"
+                " (SELECT MAX(at_ms) FROM revocations WHERE account_id = ? AND kind = 'account'"
+                "  AND expires_at_ms > ?),"
+                " (SELECT MAX(at_ms) FROM revocations WHERE kind = 'all')",
+                (token_id, now, account_id, now),
+            ).fetchone()
+            return RevocationState(bool(token), int(account or 0), int(everyone or 0))
+
+        now = _wall_ms()
+        return await self._db.run(select)
+
+    async def changes(self, cursor: str | None, *, limit: int = 1000) -> RevocationChanges:
+        def select(conn: sqlite3.Connection) -> RevocationChanges:
+            if cursor is None:
+                row = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'revocations'"
+                ).fetchone()
+                return RevocationChanges((), str(0 if row is None else int(row[0])))
+            rows = conn.execute(
+                "SELECT seq, kind, at_ms, expires_at_ms, account_id, token_id FROM revocations"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (int(cursor), max(1, limit)),
+            ).fetchall()
+            revocations = tuple(
+                Revocation(RevocationKind(kind), at, until, int(account), token)
+                for _, kind, at, until, account, token in rows
+            )
+            return RevocationChanges(revocations, str(rows[-1][0]) if rows else cursor)
+
+        return await self._db.run(select)
 
 
 # --- messages: the room log and the archive --------------------------------------------------
@@ -1034,3 +1225,6 @@ if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
     def _implements_ports(db: SqliteDatabase) -> tuple[ports.Directory, ports.Archive, ports.Bus]:
         return SqliteDirectory(db), SqliteArchive(db), SqliteBus(db)
+
+    def _implements_revocations(db: SqliteDatabase) -> ports.Revocations:
+        return SqliteRevocations(db)

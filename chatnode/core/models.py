@@ -54,10 +54,18 @@ def document_key(document: bytes) -> bytes:
 
 @attrs.frozen
 class User:
+    """An account. ``id`` is stable and never reused: a name registered again after its
+    account was deleted is a new account with a new id (tokens name the id). ``name`` is as
+    registered; names are unique by :func:`chatnode.core.validation.name_key`.
+    ``revoked_before_ms``: every token of the account issued at or before this time is
+    revoked (a password change, admin rights withdrawn); 0 if none."""
+
     name: str
     password_hash: str
     created_at_ms: int
     is_admin: bool = False
+    id: int = 0
+    revoked_before_ms: int = 0
 
 
 @attrs.frozen
@@ -214,3 +222,49 @@ class PresenceEntry:
     user: str
     node_id: str
     conn_id: str
+
+
+class RevocationKind(enum.Enum):
+    """What a :class:`Revocation` ends."""
+
+    TOKEN = "token"
+    """One token, by its id (a sign-out)."""
+    ACCOUNT = "account"
+    """Every token of one account issued at or before ``at_ms`` (a password change, admin
+    rights withdrawn)."""
+    ALL = "all"
+    """Every token issued at or before ``at_ms``: every account then existing was deleted."""
+
+
+@attrs.frozen
+class Revocation:
+    """Tokens that end before their expiry (``ports.Revocations``). ``expires_at_ms``: when
+    the last token it ends has expired anyway, so it may be forgotten (``ALL``: never)."""
+
+    kind: RevocationKind
+    at_ms: int
+    expires_at_ms: int
+    account_id: int = 0
+    token_id: str = ""
+
+
+@attrs.frozen
+class RevocationState:
+    """What the revocation store holds about one token: whether its id is revoked, and the
+    times at or before which its account's tokens (``account_before_ms``) and every token
+    (``all_before_ms``) are revoked (0: none)."""
+
+    token_revoked: bool = False
+    account_before_ms: int = 0
+    all_before_ms: int = 0
+
+
+@attrs.frozen
+class RevocationChanges:
+    """Revocations recorded after a cursor, oldest first, and the cursor to read on from.
+    ``complete`` is False when some recorded after the cursor were dropped unread (the log
+    is bounded): whoever follows the changes must then check again whatever they hold."""
+
+    revocations: tuple[Revocation, ...]
+    cursor: str
+    complete: bool = True

@@ -21,6 +21,9 @@ from chatnode.core.models import (
     Draft,
     PresenceEntry,
     Refusal,
+    Revocation,
+    RevocationChanges,
+    RevocationState,
     Room,
     SearchHit,
     SearchQuery,
@@ -47,14 +50,38 @@ class Closeable(Protocol):
 
 
 class Directory(Closeable, Protocol):
-    """Users, rooms and durable room membership (SQLite, MySQL)."""
+    """Users, rooms and durable room membership (SQLite, MySQL).
+
+    Accounts: each user gets an ``id`` at creation, increasing and never reused (a name
+    registered again after its account was deleted gets a new one). Names are unique by
+    ``validation.name_key`` (NFKC, case-folded): ``ann`` and ``ANN`` are one name.
+    Accounts migrated from before that rule whose names collide by key all stay, each
+    reached by its exact name; a different case of the name reaches the oldest of them.
+    """
 
     async def create_user(
         self, name: str, password_hash: str, *, created_at_ms: int, is_admin: bool = False
     ) -> User:
-        """Raise ``Conflict`` if the name is taken (names compare exactly)."""
+        """The new account, with its id. Raise ``Conflict`` if the name's key is taken."""
 
-    async def get_user(self, name: str) -> User | None: ...
+    async def get_user(self, name: str) -> User | None:
+        """The account named exactly ``name``, else the one whose name has ``name``'s key."""
+
+    async def get_user_by_id(self, account_id: int) -> User | None: ...
+
+    async def set_password(
+        self, account_id: int, password_hash: str, *, revoked_before_ms: int
+    ) -> User | None:
+        """Replace the account's password hash and revoke its tokens issued at or before
+        ``revoked_before_ms`` (the account's ``revoked_before_ms`` only moves forward), in one
+        write; the account as it is now, or None if there is none."""
+
+    async def set_admin(
+        self, name: str, is_admin: bool, *, revoked_before_ms: int = 0
+    ) -> User | None:
+        """Grant or withdraw admin rights of the account ``get_user(name)`` finds, and
+        revoke its tokens issued at or before ``revoked_before_ms`` (0: none), in one write;
+        the account as it is now, or None if there is none."""
 
     async def delete_all_users(self) -> int:
         """Delete every user and every membership; return how many users were deleted."""
@@ -270,18 +297,45 @@ class Presence(Closeable, Protocol):
 
 
 class Revocations(Protocol):
-    """What ends tokens before their expiry, kept where a directory outage does not reach it:
-    the node reads it when the directory cannot say whether a token's user still exists
-    (``core/auth.py`` ``UserChecks``). In process memory (embedded), in Redis (cluster: every
-    node reads what any node recorded).
+    """What ends tokens before their expiry, kept where a directory outage does not reach it
+    and shared by every node: in Redis (cluster), in the SQLite file (embedded; also read by
+    ``chatnode users`` commands), in process memory (tests). The node reads it when it checks
+    a token it does not trust yet, and follows its ``changes`` to end what other nodes
+    revoked (``core/auth.py`` ``UserChecks``).
 
-    Today one fact: the time before which every user was deleted (``DELETE /v1/users``). It
-    only moves forward.
+    Rules: a recorded :class:`~chatnode.core.models.Revocation` is readable by every instance
+    sharing the store (``lookup``) until its ``expires_at_ms`` at least; times only move
+    forward (an older time recorded after a newer one changes nothing); every record is
+    appended to the changes, which every node reads in the order recorded.
     """
 
-    async def record_users_deleted(self, at_ms: int) -> None:
-        """Every user that existed at ``at_ms`` (epoch ms) was deleted; a time earlier than the
-        one held changes nothing."""
+    async def record(self, revocation: Revocation) -> None: ...
 
-    async def users_deleted_at(self) -> int:
-        """The latest time recorded (epoch ms), 0 if none."""
+    async def lookup(self, *, account_id: int, token_id: str) -> RevocationState:
+        """What is recorded about this token and its account, and the latest ``ALL``."""
+
+    async def changes(self, cursor: str | None, *, limit: int = 1000) -> RevocationChanges:
+        """Revocations recorded after ``cursor``, oldest first, at most ``limit``, and the
+        cursor to read on from (``complete`` False if some were dropped unread). ``None``:
+        start now (nothing returned; the cursor of the newest record)."""
+
+
+class Tickets(Protocol):
+    """Single-use tickets that stand for a token for a few seconds, so that browsers keep
+    tokens out of WebSocket URLs: in Redis (cluster: a ticket is used once on any node), in
+    process memory (embedded).
+
+    Rules: ``redeem`` hands a ticket's token out once, to the first caller on any instance
+    sharing the store, and never after its lifetime; an account is issued at most
+    ``max_per_account`` tickets per window of one lifetime (the memory store's windows
+    slide; Redis's start at the account's first ticket).
+    """
+
+    async def issue(
+        self, ticket: str, token: str, *, account_id: int, ttl_ms: int, max_per_account: int
+    ) -> bool:
+        """Keep ``ticket`` for ``token`` for ``ttl_ms``; False (nothing kept) when the account
+        already had ``max_per_account`` tickets in the window."""
+
+    async def redeem(self, ticket: str) -> str | None:
+        """The token of a live ticket, forgotten at once; None if unknown, used or expired."""

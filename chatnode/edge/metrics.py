@@ -36,6 +36,9 @@ class Metrics:
             ("chatnode_archive_refused_total", "counter", archiver.refused if archiver else 0),
             ("chatnode_archive_conflicts_total", "counter", archiver.conflicts if archiver else 0),
             ("chatnode_draining", "gauge", int(self.draining)),
+            ("chatnode_login_failures_total", "counter", node.login_failures),
+            ("chatnode_password_work_refused_total", "counter", node.passwords.refused),
+            ("chatnode_revoked_connections_total", "counter", node.revoked_connections),
         ]
         for name, value in node.backends.bus.counters().items():
             values.append(

@@ -174,10 +174,30 @@ class Api:
 
     async def create_token(self, request: Request, match: re.Match[str]) -> Response:
         body = request.json()
-        token, expires_at_s = await self.node.issue_token(body.get("name"), body.get("password"))
+        token, expires_at_s = await self.node.issue_token(
+            body.get("name"), body.get("password"), client=request.client
+        )
         return Response.json(
             200, {"token": token, "token_type": "Bearer", "expires_at": expires_at_s}
         )
+
+    async def delete_token(self, request: Request, match: re.Match[str]) -> Response:
+        await self.node.sign_out(await self.claims(request))
+        return Response(204)
+
+    async def change_password(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        body = request.json()
+        token, expires_at_s = await self.node.change_password(
+            claims, body.get("password"), body.get("new_password"), client=request.client
+        )
+        return Response.json(
+            200, {"token": token, "token_type": "Bearer", "expires_at": expires_at_s}
+        )
+
+    async def create_ticket(self, request: Request, match: re.Match[str]) -> Response:
+        ticket, expires_at_s = await self.node.issue_ticket(request.bearer_token)
+        return Response.json(201, {"ticket": ticket, "expires_at": expires_at_s})
 
     async def history(self, request: Request, match: re.Match[str]) -> Response:
         await self.claims(request)
@@ -262,6 +282,9 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/users", Api.create_user),
     _route("DELETE", "/v1/users", Api.delete_users),
     _route("POST", "/v1/tokens", Api.create_token),
+    _route("DELETE", "/v1/tokens/current", Api.delete_token),
+    _route("PUT", "/v1/users/me/password", Api.change_password),
+    _route("POST", "/v1/tickets", Api.create_ticket),
     _route("GET", "/v1/messages/search", Api.search),
     _route("GET", "/healthz", Api.healthz),
     _route("GET", "/readyz", Api.readyz),

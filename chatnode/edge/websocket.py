@@ -55,7 +55,7 @@ import time
 import attrs
 import trio
 
-from chatnode.core import errors, framing, protocol, validation
+from chatnode.core import auth, errors, framing, protocol, validation
 from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.edge.admission import Admission, check_origin
 from chatnode.edge.http import Request, Response, error_response, send_refusal
@@ -245,6 +245,7 @@ class WsMember:
         "_started",
         "_stream",
         "_unsent",
+        "claims",
         "client",
         "close_code",
         "conn_id",
@@ -268,13 +269,14 @@ class WsMember:
         batcher: WriteBatcher,
         greeting: bytes,
         trailing: bytes,
+        claims: auth.Claims,
         client: str = "",
-        expires_at_s: int = 1 << 62,
     ) -> None:
         self.conn_id = conn_id
         self.user = user
+        self.claims = claims  # its token's, for revocation (a ``refresh`` replaces them)
         self.client = client  # the client's address, as admitted (``Admission``)
-        self.expires_at_s = expires_at_s  # wall-clock second its token expires
+        self.expires_at_s = claims.expires_at_s  # wall-clock second its token expires
         self.dialect = dialect
         self.room_id = room_id
         self.since = since
@@ -570,8 +572,9 @@ class WsMember:
             elif isinstance(frame, protocol.Ping):
                 self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
             elif isinstance(frame, protocol.Refresh):
-                claims = await room.refresh(frame.token, expires_at_s=self.expires_at_s)
+                claims = await room.refresh(frame.token, current=self.claims)
                 if not self._closing:  # the old token may have expired meanwhile
+                    self.claims = claims
                     self._batcher.expire_at(self, claims.expires_at_s)
                     self.send_nowait(
                         protocol.ws_text_frame(
@@ -621,7 +624,9 @@ async def accept_websocket(
         check_origin(request.headers, settings.allowed_origins)
         room_id, since = parse_join(request)
         dialect = check_handshake(request)
-        claims = await node.authenticate(request.bearer_token, user_param=request.query.get("user"))
+        ticket = request.query.get("ticket")
+        token = await node.redeem_ticket(ticket) if ticket else request.bearer_token
+        claims = await node.authenticate(token, user_param=request.query.get("user"))
         if not claims.user:
             raise errors.BadRequest(
                 "join needs ?user=<name> (insecure mode) or a token", code="user_required"
@@ -640,8 +645,8 @@ async def accept_websocket(
         batcher=batcher,
         greeting=handshake_response(request, dialect),
         trailing=trailing,
+        claims=claims,
         client=request.client,
-        expires_at_s=claims.expires_at_s,
     )
 
 

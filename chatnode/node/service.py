@@ -2,23 +2,34 @@
 room connections. Everything here is transport-neutral; ``edge/`` maps it to HTTP/WebSocket.
 
 Ownership: ``ChatNode.run`` owns the node's background tasks (bus receiver, archiver,
-presence heartbeat and reaper) in its nursery; connections are owned by the edge and enter a
-room through ``ChatNode.join``, an async context manager that leaves the room on exit, also on
-cancellation.
+presence heartbeat and reaper, revocation follower) in its nursery; connections are owned by
+the edge and enter a room through ``ChatNode.join``, an async context manager that leaves the
+room on exit, also on cancellation.
+
+Accounts and tokens (docs/security.md, "Accounts, passwords and tokens"): every scrypt call
+goes through ``PasswordWork`` (bounded); a token names an account by id and is checked by
+``auth.UserChecks``, the one place that decides what ends a token early. A revocation made
+here (sign-out, password change, deletion) is applied at once -- the connections it ends
+close with 4501 -- and recorded in ``Revocations``, whose changes every node follows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import attrs
 import trio
 
 from chatnode.core import auth, protocol, validation
 from chatnode.core.errors import (
+    Conflict,
     Forbidden,
     NotFound,
     OffsetUnknown,
@@ -30,14 +41,26 @@ from chatnode.core.models import (
     ChatMessage,
     Draft,
     PresenceEntry,
+    Revocation,
+    RevocationKind,
     Room,
     SearchHit,
     SearchQuery,
     User,
 )
-from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Presence, Revocations
+from chatnode.core.ports import (
+    Archive,
+    ArchiveFeed,
+    Bus,
+    Directory,
+    Presence,
+    Revocations,
+    Tickets,
+)
+from chatnode.core.protocol import CloseCode
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
+from chatnode.node.passwords import PasswordWork
 from chatnode.node.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -50,7 +73,6 @@ class NodeSettings:
     node_id: str
     jwt_secret: str
     token_ttl_s: float
-    admins: frozenset[str]
     insecure: bool
     password_cost_log2: int
     history_on_join: int
@@ -61,6 +83,11 @@ class NodeSettings:
     limits: validation.Limits = attrs.Factory(validation.Limits)
     archive_linger_s: float = 1.0
     replay_page_messages: int = 200
+    password_concurrency: int = 2
+    password_queue: int = 32
+    ticket_ttl_s: float = 30.0
+    tickets_per_account: int = 10
+    revocation_poll_s: float = 1.0
 
 
 @attrs.frozen
@@ -70,15 +97,67 @@ class Backends:
     archive: Archive
     presence: Presence
     revocations: Revocations
+    tickets: Tickets
     feed: ArchiveFeed | None = None
+
+
+class Holder(Member, Protocol):
+    """A member acting with a token (or insecure mode's claims): the node closes it with 4501
+    once what it knows ends the token (``auth.UserChecks``). ``claims`` is read at that time,
+    so a connection whose token is replaced updates it."""
+
+    @property
+    def claims(self) -> auth.Claims: ...
 
 
 USER_CHECK_TTL_S = 5.0
 USER_LOOKUP_RETRY_S = 1.0
+TICKET_RE = re.compile(r"[A-Za-z0-9_-]{20,64}")
+LOGGED_NAME_CHARS = 64
+CHANGES_PER_READ = 1000
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(
+        f"the user name {name!r} is already taken (names are compared ignoring case);"
+        " choose another"
+    )
+
+
+def account_revocation(account_id: int, at_ms: int, *, token_ttl_s: float) -> Revocation:
+    """Every token of the account issued at or before ``at_ms``: kept until the last of them
+    expired."""
+    return Revocation(
+        RevocationKind.ACCOUNT,
+        at_ms=at_ms,
+        expires_at_ms=at_ms + int(token_ttl_s * 1000),
+        account_id=account_id,
+    )
+
+
+async def set_admin(
+    directory: Directory,
+    revocations: Revocations,
+    name: str,
+    is_admin: bool,
+    *,
+    token_ttl_s: float,
+) -> User | None:
+    """Grant or withdraw the admin rights of the account ``name`` finds (``chatnode users
+    grant-admin | revoke-admin``): the flag is in the directory and tokens carry it from
+    their issue on. Withdrawing also revokes every token of the account issued until now,
+    in the directory and in ``revocations`` (the nodes follow it: the account's open
+    connections close with 4501). The account as it is now, None if there is none; raise
+    ``Unavailable`` if either store did not take it."""
+    at_ms = now_ms()
+    user = await directory.set_admin(name, is_admin, revoked_before_ms=0 if is_admin else at_ms)
+    if user is not None and not is_admin:
+        await revocations.record(account_revocation(user.id, at_ms, token_ttl_s=token_ttl_s))
+    return user
 
 
 class ChatNode:
@@ -97,14 +176,23 @@ class ChatNode:
         # Unknown names are checked against this hash so that a wrong name costs the same
         # time as a wrong password (no user enumeration by timing).
         self._decoy_hash = auth.hash_password("decoy", cost_log2=settings.password_cost_log2)
+        self.passwords = PasswordWork(
+            concurrency=settings.password_concurrency,
+            max_waiting=settings.password_queue,
+            cost_log2=settings.password_cost_log2,
+        )
         self._tokens = auth.TokenVerifier(settings.jwt_secret)
         self._users = auth.UserChecks(trust_s=USER_CHECK_TTL_S)
         self._lookups_resume_at = float("-inf")  # trio time
-        # Rooms are never deleted or renamed, and memberships end only with their user: what
-        # this node has seen once it need not ask the directory again (a rejoin, a reconnect
-        # storm or a MySQL outage costs no directory query).
+        self._revocation_reads_resume_at = float("-inf")  # trio time
+        self._holders: dict[int, dict[str, Holder]] = {}  # account id -> conn id -> member
+        self.login_failures = 0
+        self.revoked_connections = 0
+        # Rooms are never deleted or renamed, and memberships end only with their account:
+        # what this node has seen once it need not ask the directory again (a rejoin, a
+        # reconnect storm or a MySQL outage costs no directory query).
         self._rooms: dict[int, Room] = {}
-        self._members: set[tuple[int, str]] = set()
+        self._members: set[tuple[int, int]] = set()  # (room, account id)
         self._presence: set[PresenceEntry] = set()  # this node's live connections
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -114,6 +202,7 @@ class ChatNode:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.backends.bus.serve, self.hub)
             nursery.start_soon(self._presence_loop)
+            nursery.start_soon(self._follow_revocations)
             if self.archiver is not None:
                 await nursery.start(self.archiver.run)
             task_status.started()
@@ -162,37 +251,70 @@ class ChatNode:
     # -- users and tokens -----------------------------------------------------------------------
 
     async def create_user(self, name: object, password: object) -> User:
+        """A new account. Its password must be strong enough (``validation.new_password``);
+        the name must be free ignoring case (checked before hashing, and again by the
+        directory)."""
         limits = self.settings.limits
         name = validation.user_name(name, limits)
         if password is None and self.settings.insecure:
             password_hash = "!"  # the seed's open mode: a user without a password
         else:
-            secret = validation.password(password, limits)
-            password_hash = await trio.to_thread.run_sync(
-                lambda: auth.hash_password(secret, cost_log2=self.settings.password_cost_log2)
-            )
+            secret = validation.new_password(password, limits, user=name)
+            if await self.backends.directory.get_user(name) is not None:
+                raise _name_taken(name)
+            password_hash = await self.passwords.hash(secret)
         return await self.backends.directory.create_user(
-            name, password_hash, created_at_ms=now_ms(), is_admin=name in self.settings.admins
+            name, password_hash, created_at_ms=now_ms()
         )
 
-    async def issue_token(self, name: object, password: object) -> tuple[str, int]:
+    async def issue_token(
+        self, name: object, password: object, *, client: str = ""
+    ) -> tuple[str, int]:
+        """A token for the account, if the password is right; the admin flag is read from
+        the directory now. A failure is logged with the name and ``client`` (the address)
+        and counted (``login_failures``); the password never is."""
         if not isinstance(name, str) or not isinstance(password, str):
             raise Unauthorized("name and password are required", code="bad_credentials")
-        user = await self.backends.directory.get_user(name)
-        stored = user.password_hash if user else self._decoy_hash
-        ok = await trio.to_thread.run_sync(auth.verify_password, password, stored)
-        if user is None or not ok:
-            raise Unauthorized("wrong user name or password", code="bad_credentials")
-        now_s = int(time.time())
-        ttl_s = int(self.settings.token_ttl_s)
-        token = auth.issue_token(
-            user.name,
-            is_admin=user.is_admin or user.name in self.settings.admins,
-            secret=self.settings.jwt_secret,
-            now_s=now_s,
-            ttl_s=ttl_s,
+        user = await self._check_password(name, password, client=client)
+        token, claims = self._new_token(user)
+        return token, claims.expires_at_s
+
+    async def _check_password(self, name: str, password: str, *, client: str) -> User:
+        """The account ``name`` finds, if ``password`` is its password (bounded work,
+        ``PasswordWork``); else ``Unauthorized`` (``bad_credentials``), logged and counted."""
+        limits = self.settings.limits
+        plausible = (
+            0 < len(name) <= 4 * limits.max_user_name_chars
+            and 0 < len(password) <= limits.max_password_chars
         )
-        return token, now_s + ttl_s
+        user = await self.backends.directory.get_user(name) if plausible else None
+        ok = plausible and await self.passwords.verify(
+            password, user.password_hash if user is not None else self._decoy_hash
+        )
+        if user is None or not ok:
+            self.login_failures += 1
+            log.warning(
+                "sign-in failed: user %r from %s",
+                name[:LOGGED_NAME_CHARS],
+                client or "an unknown address",
+            )
+            raise Unauthorized("wrong user name or password", code="bad_credentials")
+        return user
+
+    def _new_token(self, user: User) -> tuple[str, auth.Claims]:
+        """A token of ``user``'s account, issued after every revocation of it this node knows
+        (the account's, the last deletion of everyone): a node whose clock is behind the one
+        that revoked still issues a live token."""
+        now = now_ms()
+        claims = auth.Claims(
+            user=user.name,
+            is_admin=user.is_admin,
+            expires_at_s=now // 1000 + int(self.settings.token_ttl_s),
+            issued_at_ms=max(now, user.revoked_before_ms + 1, self._users.all_deleted_at_ms + 1),
+            account_id=user.id,
+            token_id=auth.new_token_id(),
+        )
+        return auth.issue_token(claims, secret=self.settings.jwt_secret), claims
 
     async def authenticate(
         self, token: str | None, *, user_param: str | None = None
@@ -201,79 +323,283 @@ class ChatNode:
         user (or an anonymous admin when neither is given)."""
         if token:
             claims = self._tokens.verify(token, now_s=int(time.time()))
-            await self._check_user(claims)
+            await self._check_token(claims)
             return claims
         if self.settings.insecure:
             if user_param:
-                if await self.backends.directory.get_user(user_param) is None:
+                user = await self.backends.directory.get_user(user_param)
+                if user is None:
                     raise NotFound(
                         f"user {user_param!r} does not exist; create it first",
                         code="user_not_found",
                     )
-                return auth.Claims(user=user_param, is_admin=True, expires_at_s=2**62)
-            return auth.Claims(user="", is_admin=True, expires_at_s=2**62)
+                return auth.Claims(
+                    user=user.name,
+                    is_admin=True,
+                    expires_at_s=2**62,
+                    issued_at_ms=now_ms(),
+                    account_id=user.id,
+                )
+            return auth.Claims(user="", is_admin=True, expires_at_s=2**62, issued_at_ms=now_ms())
         raise Unauthorized(
-            "a token is required: POST /v1/tokens, then send 'Authorization: Bearer <token>' "
-            "or '?token=<token>'",
+            "a token is required: POST /v1/tokens, then send 'Authorization: Bearer <token>'"
+            " (WebSocket joins from a browser: '?ticket=' from POST /v1/tickets)",
             code="token_required",
         )
 
-    async def _check_user(self, claims: auth.Claims) -> None:
-        """Raise ``Unauthorized`` (``token_invalid``) unless the verified token's user may act
-        (``auth.UserChecks``' rules). A user the directory found is trusted for
-        ``USER_CHECK_TTL_S``: a REST call with a known token costs no directory query. When
-        the directory is unavailable the token is accepted unless its user is known deleted;
-        the failed lookup is followed by a read of ``Revocations`` (another node's deletion),
-        and the next lookup waits ``USER_LOOKUP_RETRY_S``, so that while the directory stays
-        down no check waits for it more than once a second per node."""
+    async def _check_token(self, claims: auth.Claims) -> None:
+        """Raise ``Unauthorized`` unless the verified token may act (``auth.UserChecks``'
+        rules). What this node knows of revocations decides first; a token the backends
+        accepted less than ``USER_CHECK_TTL_S`` ago needs no query (a REST call with a known
+        token costs none); otherwise the directory is asked for the account and the
+        revocation store for the token. While the directory is unavailable the token is
+        accepted unless known revoked, and the next lookup waits ``USER_LOOKUP_RETRY_S``, so
+        that no check waits for a dead directory more than once a second per node (the
+        revocation store likewise)."""
         users = self._users
-        if users.trusted(claims.user, trio.current_time()):
+        refusal = users.refusal(claims)
+        if refusal is not None:
+            raise refusal
+        if users.trusted(claims, trio.current_time()):
             return
+        user: User | None = None
+        answered = False
         if trio.current_time() >= self._lookups_resume_at:
             try:
-                user = await self.backends.directory.get_user(claims.user)
+                user = await self.backends.directory.get_user_by_id(claims.account_id)
+                answered = True
             except Unavailable:
                 self._lookups_resume_at = trio.current_time() + USER_LOOKUP_RETRY_S
-                await self._learn_revocations()
-            else:
-                if user is None:
-                    users.not_found(claims.user, at_ms=now_ms())
-                    raise Unauthorized("the token's user no longer exists", code="token_invalid")
-                users.found(claims.user, trio.current_time())
-                return
-        if users.known_deleted(claims):
-            raise Unauthorized("the token's user was deleted", code="token_invalid")
+        if answered and user is None:
+            users.not_found(claims.account_id, at_ms=now_ms())
+            self._close_refused(self._holders.get(claims.account_id, {}).values())
+            raise Unauthorized(
+                "the token's account no longer exists; create it again", code="token_invalid"
+            )
+        await self._read_revocations(claims)
+        if user is not None:
+            users.found(claims, user, trio.current_time())
+        else:
+            users.accept(claims, trio.current_time())
+        refusal = users.refusal(claims)
+        if refusal is not None:
+            raise refusal
 
-    async def _learn_revocations(self) -> None:
+    async def _read_revocations(self, claims: auth.Claims) -> None:
+        """What the revocation store holds about the token, into ``UserChecks``."""
+        if trio.current_time() < self._revocation_reads_resume_at:
+            return
         try:
-            at_ms = await self.backends.revocations.users_deleted_at()
+            state = await self.backends.revocations.lookup(
+                account_id=claims.account_id, token_id=claims.token_id
+            )
         except Unavailable:
+            self._revocation_reads_resume_at = trio.current_time() + USER_LOOKUP_RETRY_S
             log.warning(
-                "user checks: neither the directory nor revocations answer; "
-                "deciding from what this node knows",
+                "token checks: the revocation store does not answer; deciding from what this"
+                " node knows",
                 exc_info=True,
             )
             return
-        self._users.learned_users_deleted(at_ms=at_ms)
+        self._users.learn_state(claims, state)
+
+    async def sign_out(self, claims: auth.Claims) -> None:
+        """Revoke the token of ``claims`` on every node (``DELETE /v1/tokens/current``)."""
+        if not claims.token_id:
+            raise Unauthorized("signing out needs a token", code="token_required")
+        revocation = Revocation(
+            RevocationKind.TOKEN,
+            at_ms=now_ms(),
+            expires_at_ms=claims.expires_at_s * 1000,
+            account_id=claims.account_id,
+            token_id=claims.token_id,
+        )
+        await self._revoke(revocation, "a sign-out", required=True)
+
+    async def change_password(
+        self, claims: auth.Claims, password: object, new_password: object, *, client: str = ""
+    ) -> tuple[str, int]:
+        """Replace the account's password (the current one is checked like a sign-in) and
+        revoke every token issued until now, the one used included; return a new token."""
+        if not claims.token_id:
+            raise Unauthorized("changing a password needs a token", code="token_required")
+        if not isinstance(password, str):
+            raise Unauthorized("the current password is required", code="bad_credentials")
+        user = await self._check_password(claims.user, password, client=client)
+        if user.id != claims.account_id:
+            raise Unauthorized("wrong user name or password", code="bad_credentials")
+        secret = validation.new_password(new_password, self.settings.limits, user=user.name)
+        password_hash = await self.passwords.hash(secret)
+        cutoff = max(now_ms(), claims.issued_at_ms)
+        updated = await self.backends.directory.set_password(
+            user.id, password_hash, revoked_before_ms=cutoff
+        )
+        if updated is None:
+            raise Unauthorized(
+                "the token's account no longer exists; create it again", code="token_invalid"
+            )
+        await self._revoke(
+            account_revocation(updated.id, cutoff, token_ttl_s=self.settings.token_ttl_s),
+            "a password change",
+            required=False,
+        )
+        token, new_claims = self._new_token(updated)
+        return token, new_claims.expires_at_s
+
+    async def _revoke(self, revocation: Revocation, what: str, *, required: bool) -> None:
+        """Apply ``revocation`` here (connections it ends close at once), then record it for
+        every node. ``required``: a revocation the store did not take raises ``Unavailable``
+        (the caller retries: recording again is harmless); otherwise it is logged (the
+        directory holds it: other nodes learn it at their next lookup, within
+        ``USER_CHECK_TTL_S``, but their open connections stay open)."""
+        self._apply_revocation(revocation)
+        try:
+            await self.backends.revocations.record(revocation)
+        except Unavailable:
+            log.warning(
+                "%s was applied on this node but not recorded for the other nodes",
+                what,
+                exc_info=True,
+            )
+            if required:
+                raise
+
+    def _apply_revocation(self, revocation: Revocation) -> None:
+        """Learn ``revocation`` and close the connections of this node it ends (4501)."""
+        self._users.learn(revocation)
+        if revocation.kind is RevocationKind.ALL:
+            self._close_refused(self._all_holders())
+        else:
+            self._close_refused(self._holders.get(revocation.account_id, {}).values())
+
+    def _all_holders(self) -> list[Holder]:
+        return [holder for held in self._holders.values() for holder in held.values()]
+
+    def _close_refused(self, holders: Iterable[Holder]) -> None:
+        for holder in list(holders):
+            refusal = self._users.refusal(holder.claims)
+            if refusal is not None:
+                self.revoked_connections += 1
+                reason = "token revoked" if refusal.code == "token_revoked" else "account deleted"
+                holder.close_nowait(CloseCode.FORBIDDEN, f"{reason}; sign in again")
+
+    def _hold(self, member: Holder) -> dict[str, Holder]:
+        """Register ``member`` for revocations (``_release`` ends it); a token revoked since
+        it was checked is refused here. (Not a context manager: its suspended generator
+        would be memory every idle connection keeps.)"""
+        held = self._holders.setdefault(member.claims.account_id, {})
+        held[member.conn_id] = member
+        refusal = self._users.refusal(member.claims)
+        if refusal is not None:
+            self._release(member, held)
+            raise refusal
+        return held
+
+    def _release(self, member: Holder, held: dict[str, Holder]) -> None:
+        held.pop(member.conn_id, None)
+        account_id = member.claims.account_id
+        if not held and self._holders.get(account_id) is held:
+            del self._holders[account_id]
+
+    async def _follow_revocations(self) -> None:
+        """Apply what any node records (``Revocations.changes``), every ``revocation_poll_s``:
+        a revocation made on another node closes this node's connections it ends within that
+        time plus one read. When changes may have been missed (the store did not answer when
+        following began, or dropped records unread), every held connection's token is
+        checked again with the backends."""
+        cursor: str | None = None
+        missed = failing = False
+        while True:
+            try:
+                changes = await self.backends.revocations.changes(cursor, limit=CHANGES_PER_READ)
+            except Unavailable:
+                if not failing:
+                    log.warning("revocations: cannot read the changes; retrying", exc_info=True)
+                failing = True
+                missed = missed or cursor is None
+            else:
+                if failing:
+                    log.info("revocations: reading the changes again")
+                failing = False
+                for revocation in changes.revocations:
+                    self._apply_revocation(revocation)
+                cursor = changes.cursor
+                if missed or not changes.complete:
+                    missed = False
+                    await self._check_holders_again()
+                if len(changes.revocations) >= CHANGES_PER_READ:
+                    continue
+            await trio.sleep(self.settings.revocation_poll_s)
+
+    async def _check_holders_again(self) -> None:
+        """Check every held connection's token with the backends; close those refused."""
+        holders = self._all_holders()
+        log.info("revocations: checking the tokens of %d connections again", len(holders))
+        checked: set[str] = set()
+        for holder in holders:
+            claims = holder.claims
+            if not claims.token_id or claims.token_id in checked:
+                continue
+            checked.add(claims.token_id)
+            self._users.distrust(claims)
+            with contextlib.suppress(Unauthorized):  # closed below
+                await self._check_token(claims)
+        self._close_refused(holders)
+
+    async def issue_ticket(self, token: str | None) -> tuple[str, int]:
+        """A ticket that stands for ``token`` for ``ticket_ttl_s``, once, on any node (a
+        browser's WebSocket join: ``?ticket=`` keeps the token out of the URL). An account
+        gets at most ``tickets_per_account`` per ``ticket_ttl_s``."""
+        claims = await self.authenticate(token)
+        if not token or not claims.token_id:
+            raise Unauthorized("a ticket needs a token", code="token_required")
+        settings = self.settings
+        ticket = secrets.token_urlsafe(24)
+        issued = await self.backends.tickets.issue(
+            ticket,
+            token,
+            account_id=claims.account_id,
+            ttl_ms=int(settings.ticket_ttl_s * 1000),
+            max_per_account=settings.tickets_per_account,
+        )
+        if not issued:
+            raise RateLimited(
+                f"at most {settings.tickets_per_account} tickets per {settings.ticket_ttl_s:g} s"
+                " per account",
+                retry_after_s=settings.ticket_ttl_s,
+            )
+        return ticket, int(time.time() + settings.ticket_ttl_s)
+
+    async def redeem_ticket(self, ticket: str) -> str:
+        """The token a live ticket stands for; the ticket is used up, on every node."""
+        token = await self.backends.tickets.redeem(ticket) if TICKET_RE.fullmatch(ticket) else None
+        if token is None:
+            raise Unauthorized(
+                "the ticket is unknown, expired or already used; get a new one from"
+                " POST /v1/tickets",
+                code="ticket_invalid",
+            )
+        return token
 
     async def delete_all_users(self, claims: auth.Claims) -> int:
-        """Delete every user and membership; then record the deletion's time, for this node's
-        user checks and, through ``Revocations``, every node's while the directory is down.
-        A deletion that failed is not recorded (it may not have happened)."""
+        """Delete every user and membership; then revoke every token issued until now, on
+        this node at once (its connections close with 4501) and, through ``Revocations``,
+        on every node (also while the directory is down). A deletion that failed is not
+        recorded (it may not have happened)."""
         if not claims.is_admin:
             raise Forbidden("only an admin may delete users", code="admin_only")
         self._members.clear()
         deleted = await self.backends.directory.delete_all_users()
         at_ms = now_ms()
-        self._users.users_deleted(at_ms=at_ms)
-        try:
-            await self.backends.revocations.record_users_deleted(at_ms)
-        except Unavailable:
-            log.warning(
-                "users deleted but not recorded in revocations: during a directory "
-                "outage other nodes will not know",
-                exc_info=True,
-            )
+        await self._revoke(
+            Revocation(
+                RevocationKind.ALL,
+                at_ms=at_ms,
+                expires_at_ms=at_ms + int(self.settings.token_ttl_s * 1000),
+            ),
+            "a deletion of every user",
+            required=False,
+        )
         return deleted
 
     # -- rooms --------------------------------------------------------------------------------
@@ -303,15 +629,15 @@ class ChatNode:
             self._rooms[room_id] = room
         return room
 
-    async def _ensure_member(self, room_id: int, user: str) -> None:
-        if (room_id, user) in self._members:
+    async def _ensure_member(self, room_id: int, claims: auth.Claims) -> None:
+        if (room_id, claims.account_id) in self._members:
             return
         await self.backends.directory.add_member(
-            room_id, user, max_members=self.settings.limits.max_room_members
+            room_id, claims.user, max_members=self.settings.limits.max_room_members
         )
         if len(self._members) > 1_000_000:
             self._members.clear()
-        self._members.add((room_id, user))
+        self._members.add((room_id, claims.account_id))
 
     async def room_users(self, room_id: int) -> tuple[list[str], list[str]]:
         """(members, online) of a room."""
@@ -335,34 +661,39 @@ class ChatNode:
 
     @asynccontextmanager
     async def join(
-        self, room_id: int, member: Member, *, since: int | None = None
+        self, room_id: int, member: Holder, *, since: int | None = None
     ) -> AsyncIterator[RoomConnection]:
         """Enter a room: a seat, and the first page of its history, so that a refusal
         (unknown room, room full, history unavailable) comes before the caller answers the
         upgrade. The caller then runs ``RoomConnection.replay`` as the member can take it,
-        and the seat goes live (hub Rules 3 and 5). Leaves on exit."""
-        await self.room(room_id)
-        await self._ensure_member(room_id, member.user)
-        entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
-        session, seat = await self.hub.attach(room_id, member)
+        and the seat goes live (hub Rules 3 and 5). Leaves on exit. While in the room the
+        member is closed with 4501 once its token is revoked."""
+        held = self._hold(member)
         try:
-            self._presence.add(entry)
-            await self.backends.presence.add(entry)
-            connection = RoomConnection(self, session, seat, member)
-            await connection.prepare(since)
-            await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
-            yield connection
+            await self.room(room_id)
+            await self._ensure_member(room_id, member.claims)
+            entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
+            session, seat = await self.hub.attach(room_id, member)
+            try:
+                self._presence.add(entry)
+                await self.backends.presence.add(entry)
+                connection = RoomConnection(self, session, seat, member)
+                await connection.prepare(since)
+                await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
+                yield connection
+            finally:
+                self._presence.discard(entry)
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self.hub.detach(room_id, member)
+                    try:
+                        await self.backends.presence.remove(entry)
+                        await self._signal(
+                            room_id, protocol.presence_event(room_id, member.user, "leave")
+                        )
+                    except Exception:
+                        log.warning("presence cleanup failed for %s", entry, exc_info=True)
         finally:
-            self._presence.discard(entry)
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self.hub.detach(room_id, member)
-                try:
-                    await self.backends.presence.remove(entry)
-                    await self._signal(
-                        room_id, protocol.presence_event(room_id, member.user, "leave")
-                    )
-                except Exception:
-                    log.warning("presence cleanup failed for %s", entry, exc_info=True)
+            self._release(member, held)
 
     async def _signal(self, room_id: int, event: dict[str, object]) -> None:
         try:
@@ -514,17 +845,17 @@ class RoomConnection:
             await self._node.hub.restore(self.room_id)
             return await bus.publish(draft)
 
-    async def refresh(self, token: str, *, expires_at_s: int) -> auth.Claims:
-        """The claims of ``token`` if it may replace the connection's token: valid, of the
-        member's user, and expiring after ``expires_at_s`` (the connection's end now).
-        Otherwise ``Unauthorized``: the connection keeps its token."""
+    async def refresh(self, token: str, *, current: auth.Claims) -> auth.Claims:
+        """The claims of ``token`` if it may replace the connection's token (``current``):
+        valid, of the same account, and expiring later. Otherwise ``Unauthorized``: the
+        connection keeps its token."""
         claims = await self._node.authenticate(token)
-        if claims.user != self._member.user:
+        if claims.user != self._member.user or claims.account_id != current.account_id:
             raise Unauthorized(
                 "a refresh token must be for the user the connection joined as",
                 code="token_invalid",
             )
-        if claims.expires_at_s <= expires_at_s:
+        if claims.expires_at_s <= current.expires_at_s:
             raise Unauthorized(
                 "a refresh token must expire later than the connection's token",
                 code="token_invalid",

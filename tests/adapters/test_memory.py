@@ -29,3 +29,24 @@ async def test_an_instance_built_outside_trio_works_inside() -> None:
 
     assert await PRESENCE.online(1) == ["bob"]
     assert await PRESENCE.reap() == 0
+
+
+async def test_revocation_changes_dropped_unread_read_incomplete() -> None:
+    """``MemoryRevocations`` keeps the newest ``max_changes`` records: a follower whose cursor
+    is older than what was dropped is told so (``complete=False``) and reads on."""
+    from chatnode.adapters.memory import MemoryRevocations
+    from chatnode.core.models import Revocation, RevocationKind
+
+    store = MemoryRevocations(max_changes=3)
+    start = await store.changes(None)
+    revocations = [Revocation(RevocationKind.ALL, at, at + 1) for at in range(1, 6)]
+    for revocation in revocations[:3]:
+        await store.record(revocation)
+    caught_up = await store.changes(start.cursor)
+    assert caught_up.revocations == tuple(revocations[:3]) and caught_up.complete
+
+    for revocation in revocations[3:]:
+        await store.record(revocation)
+    behind = await store.changes(start.cursor)
+    assert behind.revocations == tuple(revocations[2:]) and not behind.complete
+    assert (await store.changes(caught_up.cursor)).complete

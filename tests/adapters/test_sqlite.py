@@ -177,6 +177,63 @@ async def test_a_version_1_database_keeps_its_index_and_indexes_new_messages(
     assert sorted(hit.message.text for hit in hits) == ["new news", "old news"]
 
 
+async def test_a_version_4_database_keeps_every_user_membership_and_message(
+    tmp_path: Path,
+) -> None:
+    """Migration 5 (accounts) on a database with users, rooms, memberships and messages:
+    every user stays (names colliding ignoring case too: the oldest keeps the name's key,
+    the others are reached by their exact name), each gets an id, and new ids continue above
+    them."""
+    path = tmp_path / "chatnode.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for step in _MIGRATIONS[:4]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO schema_version VALUES (1, 4)")
+        conn.executemany(
+            "INSERT INTO users (name, password_hash, is_admin, created_at_ms) VALUES (?, ?, ?, ?)",
+            [
+                ("ann", "h-ann", 0, 3),
+                ("ANN", "h-ANN", 1, 1),
+                ("Ann", "h-Ann", 0, 2),
+                ("bob", "h-bob", 0, 4),
+            ],
+        )
+        conn.execute("INSERT INTO rooms (name, created_at_ms) VALUES ('lobby', 1)")
+        conn.executemany(
+            "INSERT INTO memberships (room_id, user) VALUES (1, ?)", [("ann",), ("ANN",)]
+        )
+        conn.execute(
+            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
+            " VALUES (1, 1, 'ANN', 'kept', ?)",
+            (T0,),
+        )
+    conn.close()
+
+    async with await SqliteDatabase.open(path) as database:
+        directory = SqliteDirectory(database)
+        found = {name: await directory.get_user(name) for name in ("ann", "ANN", "Ann", "bob")}
+        oldest = await directory.get_user("aNN")
+        members = await directory.list_members(1)
+        history = await SqliteArchive(database).read(1, after_offset=0, up_to_offset=9, limit=9)
+        with pytest.raises(errors.Conflict):
+            await directory.create_user("aNn", "h", created_at_ms=9)
+        carol = await directory.create_user("carol", "h", created_at_ms=9)
+
+    assert {name: u.password_hash for name, u in found.items() if u} == {
+        "ann": "h-ann",
+        "ANN": "h-ANN",
+        "Ann": "h-Ann",
+        "bob": "h-bob",
+    }
+    ids = sorted(u.id for u in found.values() if u)
+    assert ids == [1, 2, 3, 4] and carol.id == 5
+    assert oldest is not None and oldest.name == "ANN" and oldest.is_admin
+    assert members == ["ANN", "ann"]
+    assert [m.text for m in history] == ["kept"]
+
+
 async def test_deleting_or_editing_messages_keeps_the_index_exact(db: SqliteDatabase) -> None:
     bus, archive = SqliteBus(db), SqliteArchive(db)
     for n in range(4):

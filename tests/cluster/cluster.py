@@ -57,6 +57,15 @@ class Cluster:
     def node_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.node_ports[i]}"
 
+    async def grant_admin(self, name: str) -> None:
+        """``chatnode users grant-admin NAME`` as an operator runs it against the cluster."""
+        import trio
+
+        from tests.e2e.harness import chatnode_cli
+
+        with trio.fail_after(30):
+            await chatnode_cli("users", "grant-admin", name, env=self.env)
+
 
 def cluster_env(**overrides: Any) -> dict[str, str]:
     urls = require_services()

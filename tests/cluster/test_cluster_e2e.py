@@ -24,9 +24,9 @@ pytestmark = [
 
 
 async def token_for(client: httpx.AsyncClient, name: str) -> str:
-    r = await client.post("/v1/users", json={"name": name, "password": "password123"})
+    r = await client.post("/v1/users", json={"name": name, "password": "correct-horse-battery"})
     assert r.status_code == 201, r.text
-    r = await client.post("/v1/tokens", json={"name": name, "password": "password123"})
+    r = await client.post("/v1/tokens", json={"name": name, "password": "correct-horse-battery"})
     token: str = r.json()["token"]
     return token
 

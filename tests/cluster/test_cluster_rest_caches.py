@@ -29,9 +29,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def token_for(client: httpx.AsyncClient, name: str) -> str:
-    r = await client.post("/v1/users", json={"name": name, "password": "password123"})
+    r = await client.post("/v1/users", json={"name": name, "password": "correct-horse-battery"})
     assert r.status_code == 201, r.text
-    r = await client.post("/v1/tokens", json={"name": name, "password": "password123"})
+    r = await client.post("/v1/tokens", json={"name": name, "password": "correct-horse-battery"})
     token: str = r.json()["token"]
     return token
 
@@ -74,11 +74,14 @@ async def test_new_rooms_show_on_the_writing_node_at_once_and_on_the_other_soon(
 
 async def test_a_remembered_token_stops_working_when_its_user_is_deleted() -> None:
     async with (
-        running_cluster(nodes=2, admins="root") as cluster,
+        running_cluster(nodes=2) as cluster,
         httpx.AsyncClient(base_url=cluster.node_url(0)) as one,
         httpx.AsyncClient(base_url=cluster.node_url(1)) as two,
     ):
-        root = await token_for(one, "root")
+        await token_for(one, "root")
+        await cluster.grant_admin("root")
+        r = await one.post("/v1/tokens", json={"name": "root", "password": "correct-horse-battery"})
+        root = r.json()["token"]
         ann = await token_for(one, "ann")
         for node in (one, two):
             for _ in range(2):  # verified, then remembered

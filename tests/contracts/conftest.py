@@ -9,6 +9,7 @@ an implementation's ``open(url)`` yields, per port:
     PRESENCE_IMPLS    PresenceRig: a Presence and an ``advance(seconds)`` for its clock
     ARCHIVE_FEED_IMPLS  FeedRig: feeds per consumer, the bus filling them, ``advance``
     REVOCATIONS_IMPLS NewRevocations: makes Revocations ("nodes") sharing one store
+    TICKETS_IMPLS     TicketsRig: makes Tickets ("nodes") sharing one store, ``advance``
 
 Add a real-service implementation with ``service_env`` set (see ``harness.py``): it is marked
 ``integration`` and gated on that environment variable (``CHATNODE_TEST_MYSQL_URL``,
@@ -30,8 +31,14 @@ import pytest
 import trio
 
 from chatnode.adapters.memory import MemoryPresence
-from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
-from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Revocations
+from chatnode.adapters.sqlite import (
+    SqliteArchive,
+    SqliteBus,
+    SqliteDatabase,
+    SqliteDirectory,
+    SqliteRevocations,
+)
+from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Revocations, Tickets
 
 from .harness import (
     FakeClock,
@@ -40,6 +47,7 @@ from .harness import (
     NewBus,
     NewRevocations,
     PresenceRig,
+    TicketsRig,
     impl_params,
     open_impl,
 )
@@ -268,6 +276,54 @@ async def memory_revocations(_url: str) -> AsyncIterator[NewRevocations]:
     yield new_revocations
 
 
+def sqlite_revocations(in_file: bool) -> Impl[NewRevocations]:
+    """Each "node" (or ``chatnode users`` process) on the same database."""
+
+    @asynccontextmanager
+    async def open_revocations(_url: str) -> AsyncIterator[NewRevocations]:
+        async with sqlite_database(in_file) as db:
+
+            async def new_revocations() -> Revocations:
+                await trio.lowlevel.checkpoint()
+                return SqliteRevocations(db)
+
+            yield new_revocations
+
+    return Impl(open_revocations)
+
+
+@asynccontextmanager
+async def memory_tickets(_url: str) -> AsyncIterator[TicketsRig]:
+    """One node: every call hands out the same store, on a fake clock."""
+    from chatnode.adapters.memory import MemoryTickets
+
+    clock = FakeClock()
+    tickets = MemoryTickets(clock=clock)
+
+    async def new_tickets() -> Tickets:
+        await trio.lowlevel.checkpoint()
+        return tickets
+
+    yield TicketsRig(new_tickets, clock.advance)
+
+
+@asynccontextmanager
+async def redis_tickets(url: str) -> AsyncIterator[TicketsRig]:
+    """Each "node" on a client of its own, under one key prefix; real time passes."""
+    from chatnode.adapters.redis import RedisTickets
+
+    async with redis_test_clients(url, count=2) as (clients, prefix):
+        made = 0
+
+        async def new_tickets() -> Tickets:
+            nonlocal made
+            made += 1
+            await trio.lowlevel.checkpoint()
+            return RedisTickets(clients[made % len(clients)], prefix)
+
+        yield TicketsRig(new_tickets, trio.sleep)
+
+
 @asynccontextmanager
 async def redis_revocations(url: str) -> AsyncIterator[NewRevocations]:
     """Each "node" on a client of its own, under one key prefix."""
@@ -318,7 +374,13 @@ ARCHIVE_FEED_IMPLS: dict[str, Impl[FeedRig]] = {
 }
 REVOCATIONS_IMPLS: dict[str, Impl[NewRevocations]] = {
     "memory": Impl(memory_revocations),
+    "sqlite-memory": sqlite_revocations(in_file=False),
+    "sqlite-file": sqlite_revocations(in_file=True),
     "redis": Impl(redis_revocations, service_env="CHATNODE_TEST_REDIS_URL"),
+}
+TICKETS_IMPLS: dict[str, Impl[TicketsRig]] = {
+    "memory": Impl(memory_tickets),
+    "redis": Impl(redis_tickets, service_env="CHATNODE_TEST_REDIS_URL"),
 }
 
 
@@ -345,6 +407,7 @@ _REGISTRIES: dict[str, dict[str, Any]] = {
     "presence_impl": PRESENCE_IMPLS,
     "feed_impl": ARCHIVE_FEED_IMPLS,
     "revocations_impl": REVOCATIONS_IMPLS,
+    "tickets_impl": TICKETS_IMPLS,
 }
 
 
@@ -391,4 +454,10 @@ async def feed_rig(feed_impl: str, deadline: None) -> AsyncIterator[FeedRig]:
 @pytest.fixture
 async def new_revocations(revocations_impl: str, deadline: None) -> AsyncIterator[NewRevocations]:
     async with open_impl(REVOCATIONS_IMPLS[revocations_impl]) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def tickets_rig(tickets_impl: str, deadline: None) -> AsyncIterator[TicketsRig]:
+    async with open_impl(TICKETS_IMPLS[tickets_impl]) as instance:
         yield instance

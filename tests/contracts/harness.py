@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.ports import ArchiveFeed, Bus, Presence, Revocations
+from chatnode.core.ports import ArchiveFeed, Bus, Presence, Revocations, Tickets
 
 T = TypeVar("T")
 
@@ -35,6 +35,15 @@ NewBus = Callable[[], Awaitable[Bus]]
 
 NewRevocations = Callable[[], Awaitable[Revocations]]
 """Makes one more node's Revocations on the store under test (the same store for all)."""
+
+
+@attrs.frozen
+class TicketsRig:
+    """Tickets of several nodes on one store, and a way to let time pass for it
+    (``advance``: a fake clock for memory, a real wait for Redis: keep lifetimes short)."""
+
+    new_tickets: Callable[[], Awaitable[Tickets]]
+    advance: Callable[[float], Awaitable[None]]
 
 
 @attrs.frozen

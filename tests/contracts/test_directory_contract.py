@@ -1,7 +1,8 @@
-"""The Directory contract: users, rooms and durable membership, for every implementation."""
+"""The Directory contract: accounts, rooms and durable membership, for every implementation."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 
@@ -24,14 +25,18 @@ async def test_create_and_get_user(directory: Directory) -> None:
     bob = await directory.create_user("bob", "h1", created_at_ms=T0)
     zoe = await directory.create_user("Zoë", "h2", created_at_ms=T0 + 1, is_admin=True)
 
-    assert bob == User("bob", "h1", T0, is_admin=False)
-    assert zoe == User("Zoë", "h2", T0 + 1, is_admin=True)
+    assert bob == User("bob", "h1", T0, is_admin=False, id=bob.id)
+    assert zoe == User("Zoë", "h2", T0 + 1, is_admin=True, id=zoe.id)
+    assert 0 < bob.id < zoe.id
     assert await directory.get_user("bob") == bob
     assert await directory.get_user("Zoë") == zoe
+    assert await directory.get_user_by_id(bob.id) == bob
+    assert await directory.get_user_by_id(zoe.id) == zoe
 
 
 async def test_get_unknown_user_is_none(directory: Directory) -> None:
     assert await directory.get_user("nobody") is None
+    assert await directory.get_user_by_id(12345) is None
 
 
 async def test_duplicate_user_name_conflicts(directory: Directory) -> None:
@@ -42,11 +47,66 @@ async def test_duplicate_user_name_conflicts(directory: Directory) -> None:
     assert await directory.get_user("bob") == original
 
 
-async def test_user_names_compare_exactly(directory: Directory) -> None:
-    await make_users(directory, "alice", "Alice", "alicé")
+async def test_user_names_are_unique_ignoring_case(directory: Directory) -> None:
+    ann = await directory.create_user("ann", "h1", created_at_ms=T0)
+    for other in ("ANN", "Ann"):
+        with pytest.raises(errors.Conflict):
+            await directory.create_user(other, "h2", created_at_ms=T0 + 5)
 
-    assert (await directory.get_user("Alice")) is not None
-    assert (await directory.get_user("ALICE")) is None
+    assert await directory.get_user("ANN") == ann  # found by its key, shown as registered
+    assert await directory.get_user("aNn") == ann
+    assert await directory.get_user("anne") is None
+
+
+async def test_concurrent_sign_ups_of_one_name_make_one_account(directory: Directory) -> None:
+    outcomes: list[str] = []
+
+    async def sign_up(name: str) -> None:
+        try:
+            await directory.create_user(name, "h", created_at_ms=T0)
+            outcomes.append("created")
+        except errors.Conflict:
+            outcomes.append("conflict")
+
+    async with trio.open_nursery() as nursery:
+        for name in ("eve", "EVE", "Eve", "eVe", "evE"):
+            nursery.start_soon(sign_up, name)
+
+    assert sorted(outcomes) == ["conflict"] * 4 + ["created"]
+
+
+async def test_account_ids_are_never_reused(directory: Directory) -> None:
+    first = await directory.create_user("ann", "h1", created_at_ms=T0)
+    await directory.delete_all_users()
+    again = await directory.create_user("ann", "h1", created_at_ms=T0 + 1)
+
+    assert again.id > first.id  # the same name, a new account
+    assert await directory.get_user_by_id(first.id) is None
+    assert await directory.get_user_by_id(again.id) == again
+
+
+async def test_set_password_revokes_earlier_tokens_in_one_write(directory: Directory) -> None:
+    ann = await directory.create_user("ann", "h1", created_at_ms=T0)
+    assert ann.revoked_before_ms == 0
+
+    changed = await directory.set_password(ann.id, "h2", revoked_before_ms=T0 + 10)
+    assert changed == User("ann", "h2", T0, id=ann.id, revoked_before_ms=T0 + 10)
+    assert await directory.get_user("ann") == changed
+    older = await directory.set_password(ann.id, "h3", revoked_before_ms=T0 + 5)
+    assert older is not None and older.revoked_before_ms == T0 + 10  # only moves forward
+    assert older.password_hash == "h3"
+    assert await directory.set_password(ann.id + 1000, "h4", revoked_before_ms=T0) is None
+
+
+async def test_set_admin_by_name_and_revoke_tokens_when_withdrawn(directory: Directory) -> None:
+    ann = await directory.create_user("ann", "h1", created_at_ms=T0)
+
+    granted = await directory.set_admin("ANN", True)
+    assert granted == attrs.evolve(ann, is_admin=True)
+    withdrawn = await directory.set_admin("ann", False, revoked_before_ms=T0 + 7)
+    assert withdrawn == attrs.evolve(ann, is_admin=False, revoked_before_ms=T0 + 7)
+    assert await directory.get_user_by_id(ann.id) == withdrawn
+    assert await directory.set_admin("nobody", True) is None
 
 
 async def test_delete_all_users_also_deletes_memberships(directory: Directory) -> None:

@@ -6,8 +6,10 @@ import base64
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,6 +20,10 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from chatnode.app import App
 from chatnode.config import Config
 
+PASSWORD = "correct-horse-battery"
+"""A password every test user may have: strong enough for ``validation.new_password``."""
+REPO = Path(__file__).resolve().parents[2]
+
 
 def node_config(data_dir: str, **overrides: Any) -> Config:
     values: dict[str, Any] = {
@@ -26,7 +32,6 @@ def node_config(data_dir: str, **overrides: Any) -> Config:
         "data_dir": data_dir,
         "password_cost_log2": 10,
         "node_id": "test-node",
-        "admins": "admin",
         "drain_timeout_s": 3.0,
     }
     values.update(overrides)
@@ -64,7 +69,7 @@ class Api:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def user_with_token(self, name: str, password: str = "password123") -> str:
+    async def user_with_token(self, name: str, password: str = PASSWORD) -> str:
         r = await self.client.post("/v1/chatrooms/users", json={"name": name, "password": password})
         assert r.status_code in (201, 409), r.text
         r = await self.client.post("/v1/tokens", json={"name": name, "password": password})
@@ -77,6 +82,31 @@ class Api:
         assert r.status_code == 201, r.text
         room_id: int = r.json()["id"]
         return room_id
+
+
+async def chatnode_cli(
+    *args: str, env: Mapping[str, str], check: bool = True
+) -> trio.CompletedProcess[bytes]:
+    """``python -m chatnode ARGS`` as an operator runs it, with only ``env`` (and PATH)."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "chatnode", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=REPO,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+async def grant_admin(node: RunningNode, name: str) -> None:
+    """``chatnode users grant-admin NAME`` on the node's data directory (its SQLite file)."""
+    with trio.fail_after(30):
+        await chatnode_cli(
+            "users", "grant-admin", name, env={"CHATNODE_DATA_DIR": node.app.config.data_dir}
+        )
 
 
 def auth(token: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from tests.e2e.harness import (
     api_client,
     auth,
+    grant_admin,
     join,
     messages,
     next_of_type,
@@ -26,9 +27,11 @@ from tests.e2e.harness import (
 async def test_rest_rooms_users_and_tokens(tmp_path: Path) -> None:
     async with running_node(node_config(str(tmp_path))) as node, api_client(node) as api:
         c = api.client
-        r = await c.post("/v1/chatrooms/users", json={"name": "ann", "password": "password123"})
+        r = await c.post(
+            "/v1/chatrooms/users", json={"name": "ann", "password": "correct-horse-battery"}
+        )
         assert r.status_code == 201 and r.json()["name"] == "ann"
-        r = await c.post("/v1/users", json={"name": "ann", "password": "password123"})
+        r = await c.post("/v1/users", json={"name": "ann", "password": "correct-horse-battery"})
         assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
         r = await c.post("/v1/tokens", json={"name": "ann", "password": "wrong-password"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "bad_credentials"
@@ -60,6 +63,8 @@ async def test_rest_rooms_users_and_tokens(tmp_path: Path) -> None:
 
         r = await c.delete("/v1/users", headers=auth(token))
         assert r.status_code == 403
+        await api.user_with_token("admin")  # not an admin yet: the flag is granted, below
+        await grant_admin(node, "admin")
         admin = await api.user_with_token("admin")
         r = await c.delete("/v1/users", headers=auth(admin))
         assert r.status_code == 200 and r.json()["deleted"] == 2
@@ -226,7 +231,7 @@ async def test_bad_input_gets_documented_errors_and_node_keeps_serving(tmp_path:
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         r = await c.post(
-            "/v1/chatrooms/users", json={"name": "bad name!", "password": "password123"}
+            "/v1/chatrooms/users", json={"name": "bad name!", "password": "correct-horse-battery"}
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name"
         r = await c.post("/v1/chatrooms/users", json={"name": "short", "password": "x"})

@@ -36,7 +36,7 @@ FAULT_SETTINGS: dict[str, Any] = {
     "cache_ttl_s": 1,
 }
 
-PASSWORD = "password123"
+PASSWORD = "correct-horse-battery"
 RESULTS_FILE = Path(tempfile.gettempdir()) / "chatnode-faults-results.txt"
 FIGURES: list[str] = []  # this session's figures, for the terminal summary (conftest.py)
 

@@ -32,6 +32,7 @@ from chatnode.adapters.migrations import (
 )
 from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
 from chatnode.config import Config
+from chatnode.core import errors
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
 from tests.contracts.harness import require_service
 from tests.es_cleanup import drop_es_prefix
@@ -161,10 +162,10 @@ def test_the_dead_letters_template_is_strict_and_keeps_documents_as_bytes() -> N
 @integration
 async def test_migrate_mysql_creates_the_database_and_applies_once(mysql_url: str) -> None:
     async with new_database_url(mysql_url) as url:
-        assert await migrate_mysql(url) == [1]
+        assert await migrate_mysql(url) == [1, 2]
         assert await migrate_mysql(url) == []
 
-        assert await applied_versions(url) == [1]
+        assert await applied_versions(url) == [1, 2]
         assert {"users", "rooms", "memberships", "schema_migrations"} <= await tables(url)
         async with MysqlDirectory.from_url(url) as directory:
             await directory.check()
@@ -182,8 +183,8 @@ async def test_concurrent_migrations_apply_each_file_once(mysql_url: str) -> Non
             for _ in range(4):
                 nursery.start_soon(run)
 
-        assert sorted(results) == [[], [], [], [1]]
-        assert await applied_versions(url) == [1]
+        assert sorted(results) == [[], [], [], [1, 2]]
+        assert await applied_versions(url) == [1, 2]
 
 
 @integration
@@ -204,6 +205,69 @@ async def test_an_interrupted_migration_runs_again_from_its_first_statement(
         assert await migrate_mysql(url, directory=tmp_path) == [2]
         assert await applied_versions(url) == [1, 2]
         assert {"a", "b", "c"} <= await tables(url)
+
+
+@integration
+async def test_accounts_migration_keeps_every_user_and_membership(
+    mysql_url: str, tmp_path: Path
+) -> None:
+    """0002 on a database of version 1 with users, rooms and memberships: every user stays
+    (names colliding ignoring case too: the oldest keeps the name's key, the others are
+    reached by their exact name), each gets an id, memberships stay; the file runs again
+    from its first statement as an interrupted migration would; new names collide ignoring
+    case."""
+    (tmp_path / "0001_init.sql").write_text((MYSQL_DIR / "0001_init.sql").read_text())
+    async with new_database_url(mysql_url) as url:
+        assert await migrate_mysql(url, directory=tmp_path) == [1]
+
+        def seed(conn: Connection) -> None:
+            cursor = conn.cursor()
+            cursor.executemany(
+                "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
+                " VALUES (%s, %s, %s, %s)",
+                [
+                    ("ann", "h-ann", 0, 3),
+                    ("ANN", "h-ANN", 1, 1),
+                    ("Ann", "h-Ann", 0, 2),
+                    ("bob", "h-bob", 0, 4),
+                ],
+            )
+            cursor.execute("INSERT INTO rooms (name, created_at_ms) VALUES ('lobby', 1)")
+            cursor.executemany(
+                "INSERT INTO memberships (room_id, user, joined_at_ms) VALUES (1, %s, 5)",
+                [("ann",), ("ANN",), ("bob",)],
+            )
+
+        async with MysqlPool.from_url(url, size=1) as pool:
+            await pool.run(seed)
+        assert await migrate_mysql(url) == [2]
+
+        def again(conn: Connection) -> None:  # an interrupted run starts over
+            cursor = conn.cursor()
+            for statement in mysql_migrations()[1].statements:
+                cursor.execute(statement)
+
+        async with MysqlPool.from_url(url, size=1) as pool:
+            await pool.run(again)
+
+        async with MysqlDirectory.from_url(url) as directory:
+            await directory.check()
+            found = {name: await directory.get_user(name) for name in ("ann", "ANN", "Ann")}
+            assert {name: u.password_hash for name, u in found.items() if u} == {
+                "ann": "h-ann",
+                "ANN": "h-ANN",
+                "Ann": "h-Ann",
+            }
+            ids = {u.id for u in found.values() if u}
+            assert len(ids) == 3 and 0 not in ids
+            oldest = await directory.get_user("aNN")  # another case: the oldest account
+            assert oldest is not None and oldest.name == "ANN" and oldest.is_admin
+            assert await directory.list_members(1) == ["ANN", "ann", "bob"]
+            for taken in ("aNn", "BOB"):
+                with pytest.raises(errors.Conflict):
+                    await directory.create_user(taken, "h", created_at_ms=9)
+            carol = await directory.create_user("carol", "h", created_at_ms=9)
+            assert carol.id > max(ids)
 
 
 @integration

@@ -1,5 +1,6 @@
 """Helpers of the security tests: nodes configured through the environment, raw WebSocket
-clients that misbehave on purpose, and the figures the tests measure (RSS, descriptors).
+clients that misbehave on purpose, and the figures the tests measure (RSS, descriptors,
+``/healthz`` latency, close codes, metrics).
 
 Nodes are configured with ``CHATNODE_*`` variables (:func:`node_env_config`), not ``Config``
 keyword arguments, so that a test runs unchanged against an older node that lacks a setting
@@ -11,18 +12,22 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import resource
 import socket
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from chatnode.config import Config, load_config
 from chatnode.core import framing
@@ -41,7 +46,6 @@ NODE_DEFAULTS = {
     "CHATNODE_PORT": "0",
     "CHATNODE_PASSWORD_COST_LOG2": "10",
     "CHATNODE_NODE_ID": "test-node",
-    "CHATNODE_ADMINS": "admin",
     "CHATNODE_DRAIN_TIMEOUT_S": "3",
     "CHATNODE_JWT_SECRET": "security-tests-secret-of-at-least-32-chars",
 }
@@ -55,11 +59,13 @@ def node_env_config(data_dir: str, **settings: Any) -> Config:
     return load_config(env)
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of ``pid`` (default: this process)."""
-    status = Path(f"/proc/{pid or 'self'}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
+def rss_bytes(pid: int | str | None = None, field: str = "VmRSS") -> int:
+    """A process's resident memory (``VmRSS``) or its peak so far (``VmHWM``), from /proc
+    (default: this process)."""
+    status = Path(f"/proc/{pid or 'self'}/status")
+    match = re.search(rf"^{field}:\s+(\d+) kB$", status.read_text(), re.M)
+    assert match, f"no {field} in {status}"
+    return int(match[1]) * 1024
 
 
 def open_fds(pid: int | None = None) -> int:
@@ -267,3 +273,49 @@ async def node_process(
 
 def nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- what the account tests measure ------------------------------------------------------
+
+
+@attrs.define
+class Probe:
+    """``GET /healthz`` one after another on one keep-alive connection, for as long as it
+    runs: what a load balancer's health check sees. ``latencies_s`` of every answer."""
+
+    client: httpx.AsyncClient
+    latencies_s: list[float] = attrs.Factory(list)
+    statuses: list[int] = attrs.Factory(list)
+
+    async def run(self, *, interval_s: float = 0.02) -> None:
+        while True:
+            started = time.perf_counter()
+            r = await self.client.get("/healthz")
+            self.latencies_s.append(time.perf_counter() - started)
+            self.statuses.append(r.status_code)
+            await trio.sleep(interval_s)
+
+    @property
+    def worst_ms(self) -> float:
+        return max(self.latencies_s, default=0.0) * 1000
+
+    @property
+    def median_ms(self) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[len(ordered) // 2] * 1000 if ordered else 0.0
+
+
+async def close_code(ws: WebSocketConnection) -> int | None:
+    """Read until the server closes the connection; its close code."""
+    try:
+        while True:
+            await ws.get_message()
+    except ConnectionClosed as closed:
+        return closed.reason.code if closed.reason else None
+
+
+def metric(text: str, name: str) -> float:
+    """The value of metric ``name`` in Prometheus text."""
+    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match[1])

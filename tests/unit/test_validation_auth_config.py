@@ -50,9 +50,8 @@ def test_password_hash_round_trip() -> None:
 
 
 def test_tokens_expire_and_are_signed() -> None:
-    token = auth.issue_token(
-        "ann", is_admin=False, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1000, ttl_s=60
-    )
+    claims = auth.Claims("ann", False, 1060, issued_at_ms=1_000_000, account_id=1, token_id="t1")
+    token = auth.issue_token(claims, secret="s1-a-secret-of-thirty-two-bytes!!")
     assert (
         auth.verify_token(token, secret="s1-a-secret-of-thirty-two-bytes!!", now_s=1059).user
         == "ann"
