@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -50,10 +52,16 @@ async def make_room(node: RunningNode, *users: str) -> tuple[dict[str, str], int
     return tokens, room
 
 
-def token_for(user: str, ttl_s: int) -> str:
-    return auth.issue_token(
-        user, is_admin=False, secret=SECRET, now_s=int(time.time()), ttl_s=ttl_s
+def token_for(token: str, ttl_s: int) -> str:
+    """A token of the account ``token`` (one the API issued) names, expiring in ``ttl_s``."""
+    now = time.time()
+    claims = attrs.evolve(
+        auth.verify_token(token, secret=SECRET, now_s=0),
+        expires_at_s=int(now) + ttl_s,
+        issued_at_ms=int(now * 1000),
+        token_id=secrets.token_urlsafe(12),
     )
+    return auth.issue_token(claims, secret=SECRET)
 
 
 def closes(node: RunningNode, code: int) -> int:
@@ -229,8 +237,8 @@ async def test_the_node_caps_its_connections_below_its_descriptor_limit() -> Non
     async with node_process({"CHATNODE_MAX_WEBSOCKETS_PER_USER": "100000"}, nofile=NOFILE) as proc:
         node_url = f"http://127.0.0.1:{proc.port}"
         async with httpx.AsyncClient(base_url=node_url, timeout=10) as client:
-            await client.post("/v1/users", json={"name": "ann", "password": "password123"})
-            r = await client.post("/v1/tokens", json={"name": "ann", "password": "password123"})
+            await client.post("/v1/users", json={"name": "ann", "password": "correct-horse-battery"})
+            r = await client.post("/v1/tokens", json={"name": "ann", "password": "correct-horse-battery"})
             token = r.json()["token"]
             r = await client.post("/v1/chatrooms", json={"name": "x"}, headers=bearer(token))
             room = r.json()["id"]
@@ -314,8 +322,8 @@ async def test_a_websocket_ends_when_its_token_expires_with_4500(tmp_path: Path)
     """Before: a WebSocket outlived its token for good. Now v1 and plain connections are
     closed with 4500 when the token they joined with expires."""
     async with running_node(node_env_config(str(tmp_path))) as node:
-        _, room = await make_room(node, "ann")
-        short = token_for("ann", ttl_s=2)
+        tokens, room = await make_room(node, "ann")
+        short = token_for(tokens["ann"], ttl_s=2)
         v1 = await upgrade(node.port, f"/v1/chatrooms/{room}/join?token={short}")
         plain = await upgrade(node.port, f"/v1/chatrooms/{room}/join?token={short}", v1=False)
         assert v1.status == plain.status == 101
@@ -333,11 +341,11 @@ async def test_a_refresh_frame_extends_a_websocket_only_with_its_users_later_tok
     the same user; another user's token or an invalid one gets an ``error`` frame and the
     connection keeps its old expiry (then closes with 4500 like one never refreshed)."""
     async with running_node(node_env_config(str(tmp_path))) as node:
-        _, room = await make_room(node, "ann", "bob")
+        tokens, room = await make_room(node, "ann", "bob")
         path = f"/v1/chatrooms/{room}/join?token="
-        refreshed = await upgrade(node.port, path + token_for("ann", ttl_s=3))
-        refused = await upgrade(node.port, path + token_for("ann", ttl_s=3))
-        control = await upgrade(node.port, path + token_for("ann", ttl_s=3))
+        refreshed = await upgrade(node.port, path + token_for(tokens["ann"], ttl_s=3))
+        refused = await upgrade(node.port, path + token_for(tokens["ann"], ttl_s=3))
+        control = await upgrade(node.port, path + token_for(tokens["ann"], ttl_s=3))
         streams = {
             name: FrameStream(a.sock, a.rest)
             for name, a in (("refreshed", refreshed), ("refused", refused), ("control", control))
@@ -353,15 +361,15 @@ async def test_a_refresh_frame_extends_a_websocket_only_with_its_users_later_tok
                 pass
             return got
 
-        later = token_for("ann", ttl_s=3600)
+        later = token_for(tokens["ann"], ttl_s=3600)
         got = await answer("refreshed", {"type": "refresh", "token": later, "id": "r1"})
         assert got["type"] == "refreshed" and got["id"] == "r1", got
         assert got["expires_at"] == auth.verify_token(later, secret=SECRET, now_s=0).expires_at_s
-        got = await answer("refused", {"type": "refresh", "token": token_for("bob", 3600)})
+        got = await answer("refused", {"type": "refresh", "token": token_for(tokens["bob"], 3600)})
         assert got["type"] == "error" and got["code"] == "token_invalid", got
         got = await answer("refused", {"type": "refresh", "token": "not.a.token"})
         assert got["type"] == "error" and got["code"] == "token_invalid", got
-        got = await answer("refused", {"type": "refresh", "token": token_for("ann", 1)})
+        got = await answer("refused", {"type": "refresh", "token": token_for(tokens["ann"], 1)})
         assert got["type"] == "error" and got["code"] == "token_invalid", got  # not later
 
         codes = {}
@@ -534,7 +542,7 @@ async def test_transfer_encoding_with_content_length_is_refused_and_closed(
     Now: 400 ``malformed_request`` and the connection is closed (on both the h11 path and
     the hand-written fast path, which hands such heads to h11)."""
     async with running_node(node_env_config(str(tmp_path))) as node:
-        body = b'{"name": "eve", "password": "password123"}'
+        body = b'{"name": "eve", "password": "correct-horse-battery"}'
         chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
         smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         requests = [
@@ -561,7 +569,7 @@ async def test_transfer_encoding_with_content_length_is_refused_and_closed(
             assert json.loads(rest)["error"]["code"] == "malformed_request"
             assert received.count(b"HTTP/1.1") == 1, received  # the smuggled GET is not read
         async with httpx.AsyncClient(base_url=node.http_url) as client:
-            r = await client.post("/v1/tokens", json={"name": "eve", "password": "password123"})
+            r = await client.post("/v1/tokens", json={"name": "eve", "password": "correct-horse-battery"})
             assert r.status_code == 401  # no user was created by either request
 
 
