@@ -1,5 +1,8 @@
-"""In-process Presence, Revocations and Tickets for the embedded single node (and any test
-that needs them).
+"""In-process Presence, Revocations, Tickets and RateLimits for the embedded single node
+(and any test that needs them).
+
+:class:`MemoryRateLimits` holds the token buckets of the node's rate limits; with one node
+there is nobody to share them with.
 
 :class:`MemoryRevocations` holds revocations for the nodes of one process (tests: the
 embedded node keeps them in its SQLite file, ``SqliteRevocations``). Token revocations are
@@ -34,6 +37,7 @@ import trio
 
 from chatnode.core import ports
 from chatnode.core.models import (
+    Grant,
     PresenceEntry,
     Revocation,
     RevocationChanges,
@@ -203,6 +207,40 @@ class MemoryTickets:
                 del self._counts[account]
 
 
+@attrs.define(eq=False)
+class MemoryRateLimits:
+    """``ports.RateLimits`` in process memory; every ``take`` is atomic (no await inside).
+
+    A bucket is ``(level, at)``: ``level`` tokens at clock time ``at``. Buckets that have
+    refilled are forgotten once the table doubled since the last sweep (a full bucket is the
+    same as none), so memory follows the keys used within their refill time.
+    """
+
+    clock: Callable[[], float] = attrs.field(default=trio.current_time, kw_only=True)
+    _buckets: dict[str, tuple[float, float, float]] = attrs.field(factory=dict, init=False)
+    _sweep_at: int = attrs.field(default=1024, init=False)
+
+    async def take(self, key: str, count: int, *, rate_per_s: float, burst: int) -> Grant:
+        await trio.lowlevel.checkpoint()
+        now = self.clock()
+        held = self._buckets.get(key)
+        level = float(burst)
+        if held is not None:
+            level = min(level, held[0] + max(0.0, now - held[1]) * rate_per_s)
+        granted = min(count, int(level))
+        if granted < 1:
+            return Grant(0, (1.0 - level) / rate_per_s)
+        level -= granted
+        self._buckets[key] = (level, now, now + (burst - level) / rate_per_s)
+        if len(self._buckets) >= self._sweep_at:
+            self._sweep(now)
+        return Grant(granted)
+
+    def _sweep(self, now: float) -> None:
+        self._buckets = {k: b for k, b in self._buckets.items() if b[2] > now}
+        self._sweep_at = max(1024, 2 * len(self._buckets))
+
+
 if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
     def _implements_port() -> ports.Presence:
@@ -213,3 +251,6 @@ if TYPE_CHECKING:  # mypy proves the adapters implement their ports
 
     def _implements_tickets() -> ports.Tickets:
         return MemoryTickets()
+
+    def _implements_rate_limits() -> ports.RateLimits:
+        return MemoryRateLimits()

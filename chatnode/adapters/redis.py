@@ -23,6 +23,8 @@ Everything a node keeps in Redis, under one key prefix ``P`` (``Config.key_prefi
                                                                           (redis_revocations)
     P:ticket:{ticket}                     string   a WebSocket ticket's token (PX 30 s)
     P:tickets:account:{id}                string   tickets issued to an account  (redis_tickets)
+    P:rate:{kind}:{key}                   string   a rate limit's bucket, PX until full
+                                                                          (redis_ratelimits)
 
 One module per concern, each with its rules in its docstring:
 
@@ -35,7 +37,9 @@ One module per concern, each with its rules in its docstring:
 - :mod:`.redis_presence`: :class:`RedisPresence` (``ports.Presence``);
 - :mod:`.redis_directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another;
 - :mod:`.redis_revocations`: :class:`RedisRevocations` (``ports.Revocations``);
-- :mod:`.redis_tickets`: :class:`RedisTickets` (``ports.Tickets``).
+- :mod:`.redis_tickets`: :class:`RedisTickets` (``ports.Tickets``);
+- :mod:`.redis_ratelimits`: :class:`RedisRateLimits` (``ports.RateLimits``), on a
+  :class:`RespClient` of its own.
 
 Requires Redis >= 7.0 (scripts declare ``#!lua``) on one address (a primary that moves must
 end the nodes' connections), not Redis Cluster (scripts compute key names). Run it with
@@ -68,6 +72,7 @@ from .redis_bus import RedisBus
 from .redis_connection import RedisClient, open_redis, redis_failures
 from .redis_directory import RedisCachedDirectory
 from .redis_presence import RedisPresence
+from .redis_ratelimits import RedisRateLimits
 from .redis_revocations import RedisRevocations
 from .redis_tickets import RedisTickets
 from .resp import RespClient
@@ -78,6 +83,7 @@ __all__ = [
     "RedisCachedDirectory",
     "RedisClient",
     "RedisPresence",
+    "RedisRateLimits",
     "RedisRevocations",
     "RedisTickets",
     "RespClient",

@@ -268,3 +268,12 @@ class RevocationChanges:
     revocations: tuple[Revocation, ...]
     cursor: str
     complete: bool = True
+
+
+@attrs.frozen
+class Grant:
+    """What a shared token bucket gave (``ports.RateLimits.take``): ``tokens`` taken (0 or
+    more), and when none was, the seconds until one will be there."""
+
+    tokens: int
+    retry_after_s: float = 0.0

@@ -19,6 +19,7 @@ from chatnode.core.models import (
     ChatMessage,
     DeadLetter,
     Draft,
+    Grant,
     PresenceEntry,
     Refusal,
     Revocation,
@@ -339,3 +340,21 @@ class Tickets(Protocol):
 
     async def redeem(self, ticket: str) -> str | None:
         """The token of a live ticket, forgotten at once; None if unknown, used or expired."""
+
+
+class RateLimits(Protocol):
+    """Token buckets shared by every node of a deployment: the budgets of per-user and
+    per-address rate limits (``node/ratelimit.py`` leases from them). In process memory
+    (embedded), in Redis (cluster: every node takes from the same buckets).
+
+    A bucket, named by ``key``, holds up to ``burst`` tokens, starts full and gains
+    ``rate_per_s`` tokens a second; a bucket left alone until full is the same as one never
+    used (an implementation may forget it). Each ``take`` is atomic: however many nodes take
+    from a bucket at once, no more tokens are handed out in all than it held.
+    """
+
+    async def take(self, key: str, count: int, *, rate_per_s: float, burst: int) -> Grant:
+        """Take up to ``count`` (>= 1) tokens from bucket ``key``: as many as it holds whole,
+        up to ``count``. When it holds less than one, nothing is taken and ``retry_after_s``
+        says when it will hold one. Every caller of a key passes the same rate and burst.
+        Raise ``Unavailable`` if the store cannot be reached."""

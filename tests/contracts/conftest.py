@@ -10,6 +10,7 @@ an implementation's ``open(url)`` yields, per port:
     ARCHIVE_FEED_IMPLS  FeedRig: feeds per consumer, the bus filling them, ``advance``
     REVOCATIONS_IMPLS NewRevocations: makes Revocations ("nodes") sharing one store
     TICKETS_IMPLS     TicketsRig: makes Tickets ("nodes") sharing one store, ``advance``
+    RATE_LIMITS_IMPLS RateLimitsRig: makes RateLimits ("nodes") sharing one store, ``advance``
 
 Add a real-service implementation with ``service_env`` set (see ``harness.py``): it is marked
 ``integration`` and gated on that environment variable (``CHATNODE_TEST_MYSQL_URL``,
@@ -38,7 +39,15 @@ from chatnode.adapters.sqlite import (
     SqliteDirectory,
     SqliteRevocations,
 )
-from chatnode.core.ports import Archive, ArchiveFeed, Bus, Directory, Revocations, Tickets
+from chatnode.core.ports import (
+    Archive,
+    ArchiveFeed,
+    Bus,
+    Directory,
+    RateLimits,
+    Revocations,
+    Tickets,
+)
 
 from .harness import (
     FakeClock,
@@ -47,6 +56,7 @@ from .harness import (
     NewBus,
     NewRevocations,
     PresenceRig,
+    RateLimitsRig,
     TicketsRig,
     impl_params,
     open_impl,
@@ -342,6 +352,43 @@ async def redis_revocations(url: str) -> AsyncIterator[NewRevocations]:
 
 
 @asynccontextmanager
+async def memory_rate_limits(_url: str) -> AsyncIterator[RateLimitsRig]:
+    """One node on a fake clock: every call hands out the same store."""
+    from chatnode.adapters.memory import MemoryRateLimits
+
+    clock = FakeClock()
+    limits = MemoryRateLimits(clock=clock)
+
+    async def new_limits() -> RateLimits:
+        await trio.lowlevel.checkpoint()
+        return limits
+
+    yield RateLimitsRig(new_limits, clock.advance)
+
+
+@asynccontextmanager
+async def redis_rate_limits(url: str) -> AsyncIterator[RateLimitsRig]:
+    """Each "node" on a RespClient of its own, under one key prefix; Redis' clock is real."""
+    from chatnode.adapters.redis import RespClient
+    from chatnode.adapters.redis_ratelimits import RedisRateLimits
+
+    async with redis_test_clients(url) as (_, prefix):
+        clients: list[RespClient] = []
+
+        async def new_limits() -> RateLimits:
+            client = RespClient.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S)
+            clients.append(client)
+            await trio.lowlevel.checkpoint()
+            return RedisRateLimits(client, prefix)
+
+        try:
+            yield RateLimitsRig(new_limits, trio.sleep)
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+@asynccontextmanager
 async def memory_presence(_url: str) -> AsyncIterator[PresenceRig]:
     clock = FakeClock()
     presence = MemoryPresence(clock=clock)
@@ -382,6 +429,10 @@ TICKETS_IMPLS: dict[str, Impl[TicketsRig]] = {
     "memory": Impl(memory_tickets),
     "redis": Impl(redis_tickets, service_env="CHATNODE_TEST_REDIS_URL"),
 }
+RATE_LIMITS_IMPLS: dict[str, Impl[RateLimitsRig]] = {
+    "memory": Impl(memory_rate_limits),
+    "redis": Impl(redis_rate_limits, service_env="CHATNODE_TEST_REDIS_URL"),
+}
 
 
 @pytest.fixture
@@ -408,6 +459,7 @@ _REGISTRIES: dict[str, dict[str, Any]] = {
     "feed_impl": ARCHIVE_FEED_IMPLS,
     "revocations_impl": REVOCATIONS_IMPLS,
     "tickets_impl": TICKETS_IMPLS,
+    "rate_limits_impl": RATE_LIMITS_IMPLS,
 }
 
 
@@ -460,4 +512,10 @@ async def new_revocations(revocations_impl: str, deadline: None) -> AsyncIterato
 @pytest.fixture
 async def tickets_rig(tickets_impl: str, deadline: None) -> AsyncIterator[TicketsRig]:
     async with open_impl(TICKETS_IMPLS[tickets_impl]) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def rate_limits_rig(rate_limits_impl: str, deadline: None) -> AsyncIterator[RateLimitsRig]:
+    async with open_impl(RATE_LIMITS_IMPLS[rate_limits_impl]) as instance:
         yield instance

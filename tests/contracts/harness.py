@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.ports import ArchiveFeed, Bus, Presence, Revocations, Tickets
+from chatnode.core.ports import ArchiveFeed, Bus, Presence, RateLimits, Revocations, Tickets
 
 T = TypeVar("T")
 
@@ -194,4 +194,18 @@ class FeedRig:
     publish: Callable[[Draft], Awaitable[ChatMessage]]
     new_feed: Callable[[str], ArchiveFeed]
     claim_idle_ms: int
+    advance: Callable[[float], Awaitable[None]]
+
+
+NewRateLimits = Callable[[], Awaitable[RateLimits]]
+"""Makes one more node's RateLimits on the store under test (the same buckets for all)."""
+
+
+@attrs.frozen
+class RateLimitsRig:
+    """RateLimits "nodes" sharing one store, and a way to let time pass for its buckets:
+    ``advance(seconds)`` returns once at least that much time passed for the implementation
+    (a fake clock for memory, a real wait for Redis: keep it short)."""
+
+    new_limits: NewRateLimits
     advance: Callable[[float], Awaitable[None]]
