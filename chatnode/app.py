@@ -26,6 +26,7 @@ from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.server import EdgeServer
 from chatnode.edge.websocket import WsSettings
+from chatnode.node.ratelimit import Rate, Rates
 from chatnode.node.service import Backends, ChatNode, NodeSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,22 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         ticket_ttl_s=config.ticket_ttl_s,
         tickets_per_account=config.tickets_per_account,
         revocation_poll_s=config.revocation_poll_s,
+        rates=rates(config),
+    )
+
+
+def rates(config: Config) -> Rates:
+    return Rates(
+        pings=Rate(config.rate_pings_per_s, config.rate_ping_burst),
+        typing_interval_s=config.typing_interval_s,
+        room_creations=Rate.every(config.room_create_interval_s, config.room_create_burst),
+        logins_per_address=Rate.every(config.login_address_interval_s, config.login_address_burst),
+        login_failures_per_account=Rate.every(
+            config.login_failures_interval_s, config.login_failures_burst
+        ),
+        signups_per_address=Rate.every(
+            config.signup_address_interval_s, config.signup_address_burst
+        ),
     )
 
 
@@ -71,7 +88,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
     """The configured backends, closed on exit."""
     async with AsyncExitStack() as stack:
         if config.embedded:
-            from chatnode.adapters.memory import MemoryPresence, MemoryTickets
+            from chatnode.adapters.memory import MemoryPresence, MemoryRateLimits, MemoryTickets
             from chatnode.adapters.sqlite import (
                 SqliteArchive,
                 SqliteBus,
@@ -90,6 +107,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
                 presence=MemoryPresence(),
                 revocations=SqliteRevocations(db),
                 tickets=MemoryTickets(),
+                rate_limits=MemoryRateLimits(),
             )
         else:
             from chatnode.adapters.cluster import open_cluster_backends

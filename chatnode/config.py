@@ -203,8 +203,44 @@ class Config:
     send_backlog_bytes: int = _setting(
         1 << 20, "per-connection unsent bytes before slow-consumer disconnect"
     )
-    rate_messages_per_s: float = _setting(20.0, "sustained messages per second per connection")
-    rate_burst: int = _setting(40, "message burst allowed per connection")
+    rate_messages_per_s: float = _setting(
+        20.0,
+        "sustained chat messages per second per user, all their connections and nodes together",
+    )
+    rate_burst: int = _setting(
+        40,
+        "chat messages a user may send at once (all connections and nodes together); v1 gets"
+        " `rate_limited`, the plain dialect is slowed down",
+    )
+    rate_pings_per_s: float = _setting(1.0, "sustained v1 `ping` frames per second per user")
+    rate_ping_burst: int = _setting(10, "v1 `ping` frames a user may send at once")
+    typing_interval_s: float = _setting(
+        2.0, "a user's `typing` is forwarded at most once per room in this time; the rest dropped"
+    )
+    room_create_burst: int = _setting(10, "rooms a user may create at once (admins: no limit)")
+    room_create_interval_s: float = _setting(
+        60.0, "then one more room per user every this many seconds"
+    )
+    login_address_burst: int = _setting(
+        20, "`POST /v1/tokens` requests one client address may make at once"
+    )
+    login_address_interval_s: float = _setting(
+        1.0, "then one more token request per address every this many seconds"
+    )
+    login_failures_burst: int = _setting(
+        10,
+        "wrong passwords one user may get at once, from all addresses; past them every attempt"
+        " (even the right password) gets 429 until the next is due",
+    )
+    login_failures_interval_s: float = _setting(
+        60.0, "then one more wrong password per user every this many seconds"
+    )
+    signup_address_burst: int = _setting(
+        10, "users one client address may create at once (every `POST /v1/users` counts)"
+    )
+    signup_address_interval_s: float = _setting(
+        60.0, "then one more user per address every this many seconds"
+    )
     presence_ttl_s: float = _setting(
         15.0, "node heartbeat lifetime; a dead node's presence is reaped after it"
     )
@@ -336,6 +372,17 @@ def _validate(config: Config) -> None:
         ),
         (config.rate_messages_per_s > 0, "CHATNODE_RATE_MESSAGES_PER_S must be > 0"),
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
+        (config.rate_pings_per_s > 0, "CHATNODE_RATE_PINGS_PER_S must be > 0"),
+        (config.rate_ping_burst >= 1, "CHATNODE_RATE_PING_BURST must be >= 1"),
+        (config.typing_interval_s > 0, "CHATNODE_TYPING_INTERVAL_S must be > 0"),
+        (config.room_create_burst >= 1, "CHATNODE_ROOM_CREATE_BURST must be >= 1"),
+        (config.room_create_interval_s > 0, "CHATNODE_ROOM_CREATE_INTERVAL_S must be > 0"),
+        (config.login_address_burst >= 1, "CHATNODE_LOGIN_ADDRESS_BURST must be >= 1"),
+        (config.login_address_interval_s > 0, "CHATNODE_LOGIN_ADDRESS_INTERVAL_S must be > 0"),
+        (config.login_failures_burst >= 1, "CHATNODE_LOGIN_FAILURES_BURST must be >= 1"),
+        (config.login_failures_interval_s > 0, "CHATNODE_LOGIN_FAILURES_INTERVAL_S must be > 0"),
+        (config.signup_address_burst >= 1, "CHATNODE_SIGNUP_ADDRESS_BURST must be >= 1"),
+        (config.signup_address_interval_s > 0, "CHATNODE_SIGNUP_ADDRESS_INTERVAL_S must be > 0"),
         (0 <= config.archive_linger_s <= 10, "CHATNODE_ARCHIVE_LINGER_S must be 0..10"),
         (config.dedup_window_s >= 1, "CHATNODE_DEDUP_WINDOW_S must be >= 1"),
         (_networks_ok(config.trusted_proxies), "CHATNODE_TRUSTED_PROXIES: not IP networks"),

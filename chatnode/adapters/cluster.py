@@ -15,6 +15,7 @@ from chatnode.adapters.redis_bus import RedisBus
 from chatnode.adapters.redis_connection import open_redis
 from chatnode.adapters.redis_directory import RedisCachedDirectory
 from chatnode.adapters.redis_presence import RedisPresence
+from chatnode.adapters.redis_ratelimits import RedisRateLimits
 from chatnode.adapters.redis_revocations import RedisRevocations
 from chatnode.adapters.redis_tickets import RedisTickets
 from chatnode.adapters.resp import RespClient
@@ -52,6 +53,12 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             client_name=f"chatnode:{node_id}:archive-reads",
         )
         stack.push_async_callback(feed_reads.aclose)
+        limits_client = RespClient.from_url(  # its own: a lease never waits behind the bus
+            config.redis_url,
+            timeout_s=config.backend_timeout_s,
+            client_name=f"chatnode:{node_id}:limits",
+        )
+        stack.push_async_callback(limits_client.aclose)
         directory = MysqlDirectory.from_url(
             config.mysql_url,
             pool_size=config.mysql_pool_size,
@@ -91,4 +98,5 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 lease_ms=int(config.archive_claim_idle_s * 1000),
                 reads=feed_reads,
             ),
+            rate_limits=RedisRateLimits(limits_client, config.key_prefix),
         )

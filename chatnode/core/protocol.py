@@ -234,6 +234,15 @@ def typing_event(room_id: int, user: str) -> dict[str, Any]:
     return {"type": "typing", "chatroom": room_id, "user": user}
 
 
+MEMBER_REMOVED = "member_removed"
+
+
+def member_removed_event(room_id: int, user: str) -> dict[str, Any]:
+    """Between nodes only (never sent to clients): ``user`` is no longer a member of the
+    room; every node closes that user's connections to it (4501)."""
+    return {"type": MEMBER_REMOVED, "chatroom": room_id, "user": user}
+
+
 # -- WebSocket framing (RFC 6455 §5.2; the rest is in ``core/framing.py``) ----------------------
 
 

@@ -39,7 +39,10 @@ class Metrics:
             ("chatnode_login_failures_total", "counter", node.login_failures),
             ("chatnode_password_work_refused_total", "counter", node.passwords.refused),
             ("chatnode_revoked_connections_total", "counter", node.revoked_connections),
+            ("chatnode_rooms_created_total", "counter", node.rooms_created),
         ]
+        for name, value in node.limits.counters().items():
+            values.append((f"chatnode_{name}", "counter", value))
         for name, value in node.backends.bus.counters().items():
             values.append(
                 (f"chatnode_{name}", "counter" if name.endswith("_total") else "gauge", value)

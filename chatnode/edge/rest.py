@@ -149,10 +149,17 @@ class Api:
         return Response(200, body)
 
     async def create_room(self, request: Request, match: re.Match[str]) -> Response:
-        await self.claims(request)
+        claims = await self.claims(request)
         body = request.json(required=False)
-        room = await self.node.create_room(body.get("name"))
+        room = await self.node.create_room(body.get("name"), claims=claims)
         return Response.json(201, room_json(room))
+
+    async def remove_member(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        room_id = int(match["room"])
+        user = validation.user_name(match["user"], self.node.settings.limits)
+        removed = await self.node.remove_member(claims, room_id, user)
+        return Response.json(200, {"chatroom": room_id, "user": user, "removed": removed})
 
     async def room_users(self, request: Request, match: re.Match[str]) -> Response:
         await self.claims(request)
@@ -165,7 +172,9 @@ class Api:
 
     async def create_user(self, request: Request, match: re.Match[str]) -> Response:
         body = request.json()
-        user = await self.node.create_user(body.get("name"), body.get("password"))
+        user = await self.node.create_user(
+            body.get("name"), body.get("password"), client=request.client
+        )
         return Response.json(201, {"name": user.name, "created_at": user.created_at_ms})
 
     async def delete_users(self, request: Request, match: re.Match[str]) -> Response:
@@ -279,6 +288,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", ROOM + "/users", Api.room_users),
     _route("GET", ROOM + "/messages", Api.history),
     _route("GET", ROOM + "/join", Api.join_without_upgrade),
+    _route("DELETE", ROOM + "/members/(?P<user>[^/]+)", Api.remove_member),
     _route("POST", "/v1/users", Api.create_user),
     _route("DELETE", "/v1/users", Api.delete_users),
     _route("POST", "/v1/tokens", Api.create_token),

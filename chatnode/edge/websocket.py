@@ -564,12 +564,15 @@ class WsMember:
             if isinstance(frame, protocol.Rejected):
                 raise frame.error
             if isinstance(frame, protocol.Send):
+                if self.dialect is Dialect.PLAIN:
+                    await self._send_paced(room, frame.text)
+                    return
                 message = await room.send(frame.text, frame.client_id)
-                if self.dialect is Dialect.V1:
-                    self.send_nowait(
-                        protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))
-                    )
+                self.send_nowait(
+                    protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))
+                )
             elif isinstance(frame, protocol.Ping):
+                await room.ping()
                 self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
             elif isinstance(frame, protocol.Refresh):
                 claims = await room.refresh(frame.token, current=self.claims)
@@ -585,6 +588,18 @@ class WsMember:
                 await room.typing()
         except errors.ChatError as exc:
             self._reject(exc, getattr(frame, "client_id", None))
+
+    async def _send_paced(self, room: RoomConnection, text: str) -> None:
+        """Plain dialect: a message over the user's rate waits for its turn instead of being
+        refused (the client cannot read an error). The reader reads nothing meanwhile, so
+        the kernel's buffers fill and TCP slows the sender down: a pasted paragraph arrives
+        whole, at the user's rate. A connection closing meanwhile sends nothing more."""
+        while not self._closing:
+            try:
+                await room.send(text)
+                return
+            except errors.RateLimited as exc:
+                await trio.sleep(exc.retry_after_s)
 
     def _reject(self, exc: errors.ChatError, client_id: str | None) -> None:
         """v1: an error frame, the connection lives on. Plain: the client cannot read errors,
@@ -602,8 +617,6 @@ class WsMember:
             self.close_nowait(CloseCode.MESSAGE_TOO_BIG, exc.message[:120])
         elif isinstance(exc, errors.Unavailable):
             self.close_nowait(CloseCode.BACKEND_UNAVAILABLE, "backend unavailable; reconnect")
-        elif isinstance(exc, errors.RateLimited):
-            self.close_nowait(CloseCode.RATE_LIMITED, "too many messages; slow down and reconnect")
         else:
             self.close_nowait(CloseCode.MESSAGE_REJECTED, f"{exc.code}: {exc.message}"[:120])
 

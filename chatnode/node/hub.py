@@ -33,6 +33,14 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    backoff), until ``hole_wait_s`` after the room's history first lacked messages: then the
    messages are taken as lost (logged, counted in ``history_holes``) and the range served
    without them.
+8. A membership that ends ends everywhere. ``RoomSession.members`` are the users (name ->
+   account id) whose membership this node confirmed while subscribed to the room: a rejoin
+   of the same account asks the directory nothing. A ``member_removed`` signal
+   (``ChatNode.remove_member``, on every node through the bus) drops the user from it and
+   closes that user's connections to the room with 4501; ``removals`` counts them, so a
+   confirmation that raced a removal is not kept. The table lives and dies with the
+   session: a node that is not subscribed, and so hears no removal, remembers no
+   membership.
 """
 
 from __future__ import annotations
@@ -109,6 +117,8 @@ class RoomSession:
     recent: deque[ChatMessage] = attrs.field(init=False)
     load_lock: trio.Lock = attrs.Factory(trio.Lock)
     history_loads: int = 0
+    members: dict[str, int] = attrs.Factory(dict)  # Rule 8: name -> account id
+    removals: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.recent = deque(maxlen=self.cache_size)
@@ -381,10 +391,23 @@ class Hub:
         session = self._sessions.get(room_id)
         if session is None:
             return
+        if event.get("type") == protocol.MEMBER_REMOVED:
+            self._removed(session, str(event.get("user")))
+            return
         frame = protocol.ws_text_frame(protocol.event_frame(event))
         for seat in session.seats.values():
             if seat.live and seat.member.dialect is Dialect.V1:
                 seat.member.send_nowait(frame)
+
+    def _removed(self, session: RoomSession, user: str) -> None:
+        """Rule 8: ``user`` is no longer a member; their connections to the room close."""
+        session.members.pop(user, None)
+        session.removals += 1
+        for seat in list(session.seats.values()):
+            if seat.member.user == user:
+                seat.member.close_nowait(
+                    CloseCode.FORBIDDEN, "no longer a member of this room; join again to be one"
+                )
 
     async def resubscribed(self) -> None:
         """After a bus reconnect: catch every subscribed room up from the room log, and give
@@ -400,6 +423,12 @@ class Hub:
                     self._fan_out(session, message)
 
     # -- operations -------------------------------------------------------------------------
+
+    def forget_members(self) -> None:
+        """Forget every membership confirmed so far (Rule 8): every user was deleted."""
+        for session in self._sessions.values():
+            session.members.clear()
+            session.removals += 1
 
     def close_all(self, code: CloseCode, reason: str) -> None:
         for session in self._sessions.values():

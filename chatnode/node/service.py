@@ -54,6 +54,7 @@ from chatnode.core.ports import (
     Bus,
     Directory,
     Presence,
+    RateLimits,
     Revocations,
     Tickets,
 )
@@ -61,7 +62,7 @@ from chatnode.core.protocol import CloseCode
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
 from chatnode.node.passwords import PasswordWork
-from chatnode.node.ratelimit import TokenBucket
+from chatnode.node.ratelimit import Limiter, NodeLimits, Rate, Rates, address_key
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class NodeSettings:
     ticket_ttl_s: float = 30.0
     tickets_per_account: int = 10
     revocation_poll_s: float = 1.0
+    rates: Rates = attrs.Factory(Rates)
 
 
 @attrs.frozen
@@ -99,6 +101,8 @@ class Backends:
     revocations: Revocations
     tickets: Tickets
     feed: ArchiveFeed | None = None
+    rate_limits: RateLimits | None = None
+    """The shared buckets of the rate limits; None: each node limits alone."""
 
 
 class Holder(Member, Protocol):
@@ -188,11 +192,15 @@ class ChatNode:
         self._holders: dict[int, dict[str, Holder]] = {}  # account id -> conn id -> member
         self.login_failures = 0
         self.revoked_connections = 0
-        # Rooms are never deleted or renamed, and memberships end only with their account:
-        # what this node has seen once it need not ask the directory again (a rejoin, a
-        # reconnect storm or a MySQL outage costs no directory query).
+        # Rooms are never deleted or renamed: what this node has seen once it need not ask the
+        # directory again. (Memberships can end: the hub keeps those it confirmed, Rule 8.)
         self._rooms: dict[int, Room] = {}
-        self._members: set[tuple[int, int]] = set()  # (room, account id)
+        self.limits = NodeLimits(
+            Rate(settings.rate_messages_per_s, settings.rate_burst),
+            settings.rates,
+            backends.rate_limits,
+        )
+        self.rooms_created = 0
         self._presence: set[PresenceEntry] = set()  # this node's live connections
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -250,10 +258,22 @@ class ChatNode:
 
     # -- users and tokens -----------------------------------------------------------------------
 
-    async def create_user(self, name: object, password: object) -> User:
+    async def _within(self, limiter: Limiter, key: str, what: str) -> None:
+        """Spend one token of ``key``; raise ``RateLimited`` saying ``what`` when there is none."""
+        wait_s = await limiter.take(key)
+        if wait_s:
+            raise RateLimited(f"{what}; retry in {wait_s:.0f} s", retry_after_s=wait_s)
+
+    async def create_user(self, name: object, password: object, *, client: str = "") -> User:
         """A new account. Its password must be strong enough (``validation.new_password``);
         the name must be free ignoring case (checked before hashing, and again by the
-        directory)."""
+        directory). ``client`` (the caller's address) is limited to ``signups_per_address``,
+        every request counted, before anything else is done."""
+        await self._within(
+            self.limits.signups_per_address,
+            address_key(client),
+            "too many users created from your address",
+        )
         limits = self.settings.limits
         name = validation.user_name(name, limits)
         if password is None and self.settings.insecure:
@@ -272,7 +292,45 @@ class ChatNode:
     ) -> tuple[str, int]:
         """A token for the account, if the password is right; the admin flag is read from
         the directory now. A failure is logged with the name and ``client`` (the address)
-        and counted (``login_failures``); the password never is."""
+        and counted (``login_failures``); the password never is.
+
+        Every request of ``client`` counts against ``logins_per_address``; every wrong
+        password of an account (its name ignoring case) against ``login_failures_per_account``,
+        spent before the password is checked and given back unless it was wrong: once an
+        account is out of attempts even the right password gets 429 (a guesser learns
+        nothing) until the next one is due. Any name is limited alike (no hint whether the
+        user exists)."""
+        await self._within(
+            self.limits.logins_per_address,
+            address_key(client),
+            "too many token requests from your address",
+        )
+        failures = self.limits.login_failures
+        account = (
+            validation.name_key(name)
+            if isinstance(name, str)
+            and len(name) <= 256
+            and validation.USER_NAME_RE.fullmatch(name)
+            else None
+        )
+        if account is None:
+            return await self._checked_token(name, password, client=client)
+        await self._within(
+            failures, account, "too many wrong passwords for this user; wait before trying"
+        )
+        try:
+            issued = await self._checked_token(name, password, client=client)
+        except Unauthorized:
+            raise  # a wrong password: it counts
+        except BaseException:
+            failures.give_back(account)
+            raise
+        failures.give_back(account)
+        return issued
+
+    async def _checked_token(
+        self, name: object, password: object, *, client: str
+    ) -> tuple[str, int]:
         if not isinstance(name, str) or not isinstance(password, str):
             raise Unauthorized("name and password are required", code="bad_credentials")
         user = await self._check_password(name, password, client=client)
@@ -588,7 +646,7 @@ class ChatNode:
         recorded (it may not have happened)."""
         if not claims.is_admin:
             raise Forbidden("only an admin may delete users", code="admin_only")
-        self._members.clear()
+        self.hub.forget_members()
         deleted = await self.backends.directory.delete_all_users()
         at_ms = now_ms()
         await self._revoke(
@@ -604,11 +662,15 @@ class ChatNode:
 
     # -- rooms --------------------------------------------------------------------------------
 
-    async def create_room(self, name: object) -> Room:
+    async def create_room(self, name: object, *, claims: auth.Claims) -> Room:
+        """Create a room; a user (not an admin) is limited to ``room_creations``."""
         if name is None:
             name = "room"
         name = validation.room_name(name, self.settings.limits)
+        if not claims.is_admin:
+            await self._within(self.limits.room_creations, claims.user, "too many rooms created")
         room = await self.backends.directory.create_room(name, created_at_ms=now_ms())
+        self.rooms_created += 1
         try:  # the room starts at offset 0 on the bus: its first message needs no archive read
             await self.backends.bus.restore(room.id, last_offset=0)
         except Unavailable as exc:
@@ -629,15 +691,34 @@ class ChatNode:
             self._rooms[room_id] = room
         return room
 
-    async def _ensure_member(self, room_id: int, claims: auth.Claims) -> None:
-        if (room_id, claims.account_id) in self._members:
+    async def _ensure_member(self, session: RoomSession, claims: auth.Claims) -> None:
+        """Make the claims' account a member of the session's room unless this node confirmed
+        it while subscribed (hub Rule 8); ``RoomFull``, ``NotFound``, ``Unavailable``."""
+        if session.members.get(claims.user) == claims.account_id:
             return
+        removals = session.removals
         await self.backends.directory.add_member(
-            room_id, claims.user, max_members=self.settings.limits.max_room_members
+            session.room_id, claims.user, max_members=self.settings.limits.max_room_members
         )
-        if len(self._members) > 1_000_000:
-            self._members.clear()
-        self._members.add((room_id, claims.account_id))
+        if session.removals == removals:  # no removal raced the confirmation
+            session.members[claims.user] = claims.account_id
+
+    async def remove_member(self, claims: auth.Claims, room_id: int, name: str) -> bool:
+        """End the membership of the user ``name`` (ignoring case) in the room: themselves,
+        or anyone for an admin. The seat is free at once; every node closes the user's
+        connections to the room (4501, hub Rule 8). Whether they were a member; the user may
+        join again later (a new membership, within the room's limit). Idempotent: retry it
+        after ``Unavailable`` (the signal to the nodes may not have gone out)."""
+        if validation.name_key(name) != validation.name_key(claims.user) and not claims.is_admin:
+            raise Forbidden(
+                "only the member themselves or an admin may remove a member", code="admin_only"
+            )
+        await self.room(room_id)
+        user = await self.backends.directory.get_user(name)
+        name = user.name if user is not None else name
+        removed = await self.backends.directory.remove_member(room_id, name)
+        await self.backends.bus.signal(room_id, protocol.member_removed_event(room_id, name))
+        return removed
 
     async def room_users(self, room_id: int) -> tuple[list[str], list[str]]:
         """(members, online) of a room."""
@@ -667,14 +748,18 @@ class ChatNode:
         (unknown room, room full, history unavailable) comes before the caller answers the
         upgrade. The caller then runs ``RoomConnection.replay`` as the member can take it,
         and the seat goes live (hub Rules 3 and 5). Leaves on exit. While in the room the
-        member is closed with 4501 once its token is revoked."""
+        member is closed with 4501 once its token is revoked, or its membership ends. The
+        membership is checked once the seat is taken: a removal signalled from then on finds
+        it (hub Rule 8)."""
         held = self._hold(member)
         try:
             await self.room(room_id)
-            await self._ensure_member(room_id, member.claims)
             entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
             session, seat = await self.hub.attach(room_id, member)
+            entered = False
             try:
+                await self._ensure_member(session, member.claims)
+                entered = True
                 self._presence.add(entry)
                 await self.backends.presence.add(entry)
                 connection = RoomConnection(self, session, seat, member)
@@ -686,10 +771,11 @@ class ChatNode:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self.hub.detach(room_id, member)
                     try:
-                        await self.backends.presence.remove(entry)
-                        await self._signal(
-                            room_id, protocol.presence_event(room_id, member.user, "leave")
-                        )
+                        if entered:
+                            await self.backends.presence.remove(entry)
+                            await self._signal(
+                                room_id, protocol.presence_event(room_id, member.user, "leave")
+                            )
                     except Exception:
                         log.warning("presence cleanup failed for %s", entry, exc_info=True)
         finally:
@@ -720,14 +806,17 @@ class ChatNode:
 
 
 class RoomConnection:
-    """One member's presence in one room, owned by its connection task."""
+    """One member's presence in one room, owned by its connection task. Its messages, pings
+    and typing count against the user's limits, shared by all their connections on every
+    node (``node/ratelimit.py``)."""
 
     def __init__(self, node: ChatNode, session: RoomSession, seat: Seat, member: Member) -> None:
         self._node = node
         self._session = session
         self._seat = seat
         self._member = member
-        self._bucket = TokenBucket(node.settings.rate_messages_per_s, node.settings.rate_burst)
+        self._limits = node.limits
+        self._typing_key = f"{session.room_id}:{member.user}"
         self.head = 0
         self._after = 0
         self._gap: tuple[int, int] | None = None
@@ -831,10 +920,11 @@ class RoomConnection:
         """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``. A
         ``client_id`` the member already sent in this room within the dedup window gets the
         earlier message back, nothing new is stored (the way to retry a send)."""
-        wait_s = self._bucket.take(trio.current_time())
+        wait_s = await self._limits.messages.take(self._member.user)
         if wait_s:
             raise RateLimited(
-                f"too many messages; at most {self._node.settings.rate_messages_per_s:g}/s",
+                f"too many messages; at most {self._node.settings.rate_messages_per_s:g}/s"
+                " per user",
                 retry_after_s=wait_s,
             )
         draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
@@ -862,7 +952,20 @@ class RoomConnection:
             )
         return claims
 
+    async def ping(self) -> None:
+        """Allow a v1 ``ping``; raise ``RateLimited`` past the user's ping rate."""
+        wait_s = await self._limits.pings.take(self._member.user)
+        if wait_s:
+            rate = self._limits.pings.rate
+            raise RateLimited(
+                f"too many pings; at most {rate.per_s:g}/s per user", retry_after_s=wait_s
+            )
+
     async def typing(self) -> None:
+        """Tell the room the member is typing: at most once per ``typing_interval_s`` per
+        user and room; the rest are dropped silently."""
+        if await self._limits.typing.take(self._typing_key):
+            return
         await self._node._signal(
             self.room_id, protocol.typing_event(self.room_id, self._member.user)
         )

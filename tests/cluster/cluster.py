@@ -80,6 +80,12 @@ def cluster_env(**overrides: Any) -> dict[str, str]:
         "CHATNODE_PASSWORD_COST_LOG2": "10",
         "CHATNODE_RATE_MESSAGES_PER_S": "100000",
         "CHATNODE_RATE_BURST": "100000",
+        # Tests make many users, tokens and rooms from one address (tests/security/ sets these
+        # limits back to what they try to exceed).
+        "CHATNODE_SIGNUP_ADDRESS_BURST": "100000",
+        "CHATNODE_LOGIN_ADDRESS_BURST": "100000",
+        "CHATNODE_LOGIN_FAILURES_BURST": "100000",
+        "CHATNODE_ROOM_CREATE_BURST": "100000",
         "CHATNODE_LOG_LEVEL": "INFO",
     }
     env.update({f"CHATNODE_{k.upper()}": str(v) for k, v in overrides.items()})

@@ -219,6 +219,24 @@ async def test_room_full_at_the_limit_but_members_may_rejoin(directory: Director
     assert await directory.list_members(room.id) == ["a", "c"]
 
 
+async def test_a_member_who_left_comes_back_only_as_a_new_member(directory: Directory) -> None:
+    """Leaving frees the seat at once; coming back takes a seat again, within the limit
+    (``DELETE /v1/chatrooms/{id}/members/{name}``, then a join)."""
+    await make_users(directory, "a", "b", "c")
+    room = await directory.create_room("small", created_at_ms=T0)
+    await directory.add_member(room.id, "a", max_members=2)
+    await directory.add_member(room.id, "b", max_members=2)
+
+    assert await directory.remove_member(room.id, "a") is True
+    assert await directory.list_members(room.id) == ["b"]
+    assert await directory.add_member(room.id, "c", max_members=2) is True
+    with pytest.raises(errors.RoomFull):
+        await directory.add_member(room.id, "a", max_members=2)
+    assert await directory.remove_member(room.id, "c") is True
+    assert await directory.add_member(room.id, "a", max_members=2) is True
+    assert await directory.list_members(room.id) == ["a", "b"]
+
+
 async def test_concurrent_joins_never_overfill_a_room(directory: Directory) -> None:
     names = [f"user{n:02}" for n in range(20)]
     await make_users(directory, *names)

@@ -33,6 +33,12 @@ def node_config(data_dir: str, **overrides: Any) -> Config:
         "password_cost_log2": 10,
         "node_id": "test-node",
         "drain_timeout_s": 3.0,
+        # Tests make many users, tokens and rooms from one address; tests/security/ sets these
+        # limits back to what they try to exceed.
+        "signup_address_burst": 100_000,
+        "login_address_burst": 100_000,
+        "login_failures_burst": 100_000,
+        "room_create_burst": 100_000,
     }
     values.update(overrides)
     return Config(**values)

@@ -206,3 +206,23 @@ async def test_last_member_leaving_unsubscribes(setup: tuple[Hub, GatedBus]) -> 
     await publish(bus, 1)
     assert await watcher.until(2) == [1, 2]
     assert bob.offsets == [] and ann.offsets == []
+
+
+async def test_a_removed_member_is_closed_and_forgotten(setup: tuple[Hub, GatedBus]) -> None:
+    from chatnode.core import protocol
+
+    hub, bus = setup
+    bus.gate.set()
+    ann1, ann2, bob = FakeMember("ann/1"), FakeMember("ann/2"), FakeMember("bob")
+    ann1.user = ann2.user = "ann"
+    for m in (ann1, ann2, bob):
+        await join(hub, m)
+    session = hub._sessions[1]
+    session.members.update({"ann", "bob"})
+    removals = session.removals
+    await hub.signal(1, protocol.member_removed_event(1, "ann"))
+    assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN and bob.closed is None
+    assert session.members == {"bob"} and session.removals == removals + 1
+    assert bob.frames == []  # between nodes only
+    await hub.signal(2, protocol.member_removed_event(2, "bob"))  # a room without a session
+    assert bob.closed is None

@@ -1,0 +1,148 @@
+"""Memberships end (hub Rule 8, ``ChatNode.remove_member``): a removal closes the user's
+connections to the room (4501) and the node forgets the membership it confirmed, also when
+the removal races the confirmation of a join. One embedded node (SQLite, in-process bus);
+a gate holds the directory's ``add_member`` open, so the race is not left to timing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from chatnode.adapters.memory import MemoryPresence, MemoryRevocations
+from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
+from chatnode.core import auth
+from chatnode.core.errors import Forbidden
+from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.node.service import Backends, ChatNode, NodeSettings
+from tests.unit.test_hub import FakeMember
+
+T0 = 1_700_000_000_000
+ADMIN = auth.Claims("root", True, 2**40)
+
+
+@attrs.define(eq=False)
+class GatedDirectory:
+    """A SqliteDirectory whose ``add_member`` waits for ``gate`` (when set up) and counts."""
+
+    inner: SqliteDirectory
+    gate: trio.Event | None = None
+    entered: trio.Event = attrs.Factory(trio.Event)
+    adds: int = 0
+
+    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+        self.adds += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self.inner.add_member(room_id, user, max_members=max_members)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@attrs.frozen
+class Rig:
+    node: ChatNode
+    directory: GatedDirectory
+    room_id: int
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with await SqliteDatabase.open(":memory:") as db:
+        directory = GatedDirectory(SqliteDirectory(db))
+        for name in ("ann", "bob", "root"):
+            await directory.create_user(name, "!", created_at_ms=T0)
+        room = await directory.create_room("lobby", created_at_ms=T0)
+        settings = NodeSettings(
+            node_id="n1",
+            jwt_secret="a-secret-of-at-least-thirty-two-bytes",
+            token_ttl_s=3600,
+            admins=frozenset({"root"}),
+            insecure=False,
+            password_cost_log2=2,
+            history_on_join=10,
+            max_replay=100,
+            rate_messages_per_s=10,
+            rate_burst=10,
+            presence_ttl_s=15,
+        )
+        backends = Backends(
+            directory=directory,  # type: ignore[arg-type]
+            bus=SqliteBus(db),
+            archive=SqliteArchive(db),
+            presence=MemoryPresence(),
+            revocations=MemoryRevocations(),
+        )
+        node = ChatNode(settings, backends)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            yield Rig(node, directory, room.id)
+            nursery.cancel_scope.cancel()
+
+
+class Member(FakeMember):
+    """A FakeMember of ``user`` whose close can be waited for."""
+
+    def __init__(self, conn_id: str, user: str) -> None:
+        super().__init__(conn_id, Dialect.V1)
+        self.user = user
+        self.was_closed = trio.Event()
+
+    def close_nowait(self, code: CloseCode, reason: str) -> None:
+        super().close_nowait(code, reason)
+        self.was_closed.set()
+
+
+def member(conn_id: str, user: str) -> Member:
+    return Member(conn_id, user)
+
+
+async def test_a_removal_closes_every_connection_of_the_user_to_the_room(rig: Rig) -> None:
+    node = rig.node
+    ann1, ann2, bob = member("c1", "ann"), member("c2", "ann"), member("c3", "bob")
+    async with (
+        node.join(rig.room_id, ann1),
+        node.join(rig.room_id, ann2),
+        node.join(rig.room_id, bob),
+    ):
+        assert rig.directory.adds == 2  # ann's second connection: confirmed already
+        with pytest.raises(Forbidden):
+            await node.remove_member(auth.Claims("bob", False, 2**40), rig.room_id, "ann")
+        assert await node.remove_member(auth.Claims("ann", False, 2**40), rig.room_id, "ann")
+        with trio.fail_after(5):
+            await ann2.was_closed.wait()  # the in-process bus delivers on its next pass
+        assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN
+        assert bob.closed is None
+        assert not any(f.get("type") == "member_removed" for f in bob.frames)  # nodes only
+    assert await rig.directory.list_members(rig.room_id) == ["bob"]
+
+
+async def test_a_removal_racing_a_join_is_not_forgotten(rig: Rig) -> None:
+    """A join whose membership the directory confirms while a removal goes out is closed,
+    and the node does not keep the confirmation: the user's next join asks again."""
+    node = rig.node
+    bob, ann = member("c1", "bob"), member("c2", "ann")
+    async with node.join(rig.room_id, bob):  # keeps the room's session open
+        rig.directory.gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def joining() -> None:
+                async with node.join(rig.room_id, ann):
+                    pass
+
+            nursery.start_soon(joining)
+            await rig.directory.entered.wait()  # ann's add_member is in flight
+            assert await node.remove_member(ADMIN, rig.room_id, "ann") is False
+            with trio.fail_after(5):
+                await ann.was_closed.wait()
+            rig.directory.gate.set()
+        assert ann.closed == CloseCode.FORBIDDEN
+        adds = rig.directory.adds
+        async with node.join(rig.room_id, member("c3", "ann")):
+            pass
+        assert rig.directory.adds == adds + 1
