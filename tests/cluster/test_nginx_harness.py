@@ -44,6 +44,7 @@ def node_env(data_dir: Path, node_id: str) -> dict[str, str]:
         "CHATNODE_PASSWORD_COST_LOG2": "10",
         "CHATNODE_DRAIN_TIMEOUT_S": "2",
         "CHATNODE_LOG_LEVEL": "WARNING",
+        "CHATNODE_SIGNUP_ADDRESS_BURST": "1000",  # 16 users from this test's one address
     }
 
 
