@@ -164,3 +164,29 @@ def test_an_ipv6_client_counts_as_its_64() -> None:
     assert address_key("2001:db8:1:2:aaaa::1") != address_key("2001:db8:1:3::1")
     assert address_key("::ffff:192.0.2.7") == "192.0.2.7" == address_key("192.0.2.7")
     assert address_key("unix") == "unix"
+
+
+def test_the_node_defaults_are_the_configuration_defaults() -> None:
+    from chatnode.app import rates
+    from chatnode.config import Config
+    from chatnode.node.ratelimit import Rates
+
+    assert rates(Config()) == Rates()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CHATNODE_RATE_PING_BURST",
+        "CHATNODE_TYPING_INTERVAL_S",
+        "CHATNODE_ROOM_CREATE_BURST",
+        "CHATNODE_LOGIN_ADDRESS_INTERVAL_S",
+        "CHATNODE_LOGIN_FAILURES_BURST",
+        "CHATNODE_SIGNUP_ADDRESS_INTERVAL_S",
+    ],
+)
+def test_a_limit_of_zero_is_refused_naming_its_setting(variable: str) -> None:
+    from chatnode.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=variable):
+        load_config({variable: "0"})
