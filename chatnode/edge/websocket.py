@@ -593,13 +593,15 @@ class WsMember:
         """Plain dialect: a message over the user's rate waits for its turn instead of being
         refused (the client cannot read an error). The reader reads nothing meanwhile, so
         the kernel's buffers fill and TCP slows the sender down: a pasted paragraph arrives
-        whole, at the user's rate. A connection closing meanwhile sends nothing more."""
+        whole, at the user's rate. A connection closing meanwhile sends nothing more; one
+        held back is not idle (rule 3): its client is sending."""
         while not self._closing:
             try:
                 await room.send(text)
                 return
             except errors.RateLimited as exc:
                 await trio.sleep(exc.retry_after_s)
+                self._quiet_pings = 0
 
     def _reject(self, exc: errors.ChatError, client_id: str | None) -> None:
         """v1: an error frame, the connection lives on. Plain: the client cannot read errors,

@@ -588,3 +588,34 @@ async def test_a_pasted_paragraph_in_the_plain_dialect_is_slowed_not_cut(tmp_pat
     print(f"\n plain paste of 200 lines: all delivered in {elapsed:.2f}s (no 4004)")
     assert lines == own == [f"line {i:03}" for i in range(200)]
     assert elapsed >= (200 - burst) / rate * 0.8  # it was slowed down to the user's rate
+
+
+async def test_a_plain_client_held_back_is_not_idle(tmp_path: Path) -> None:
+    """While the node holds a pasting client back it reads nothing, pongs included: that
+    client is sending, not idle, and is not closed with 4003 however long the wait."""
+    config = node_config(
+        str(tmp_path),
+        rate_messages_per_s=5.0,
+        rate_burst=2,
+        ws_ping_interval_s=0.25,
+        ws_idle_timeout_s=1.0,
+    )
+    async with running_node(config) as node, api_client(node) as api:
+        token = await api.user_with_token("oldtimer")
+        room = await api.create_room(token)
+        async with join(node, room, token=token, v1=False) as paster:
+            started = trio.current_time()
+            for i in range(20):
+                await paster.send_message(f"line {i:02}")
+            own: list[str] = []
+            try:
+                while len(own) < 20:
+                    own.append(json.loads(await paster.get_message())["message"])
+            except ConnectionClosed as exc:
+                raise AssertionError(
+                    f"closed with {exc.reason.code} after {len(own)} lines"
+                ) from None
+            elapsed = trio.current_time() - started
+    print(f"\n plain paste held back {elapsed:.2f}s with a 1 s idle timeout: not closed")
+    assert own == [f"line {i:02}" for i in range(20)]
+    assert elapsed > 2 * config.ws_idle_timeout_s
