@@ -48,6 +48,11 @@ NODE_DEFAULTS = {
     "CHATNODE_NODE_ID": "test-node",
     "CHATNODE_DRAIN_TIMEOUT_S": "3",
     "CHATNODE_JWT_SECRET": "security-tests-secret-of-at-least-32-chars",
+    # Many users, tokens and rooms from this one address (test_limits.py tries the defaults).
+    "CHATNODE_SIGNUP_ADDRESS_BURST": "100000",
+    "CHATNODE_LOGIN_ADDRESS_BURST": "100000",
+    "CHATNODE_LOGIN_FAILURES_BURST": "100000",
+    "CHATNODE_ROOM_CREATE_BURST": "100000",
 }
 
 
