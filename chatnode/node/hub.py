@@ -40,7 +40,7 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    closes that user's connections to the room with 4501; ``removals`` counts them, so a
    confirmation that raced a removal is not kept. The table lives and dies with the
    session: a node that is not subscribed, and so hears no removal, remembers no
-   membership.
+   membership; after a bus reconnect (signals may have been missed) every table is emptied.
 """
 
 from __future__ import annotations
@@ -411,7 +411,9 @@ class Hub:
 
     async def resubscribed(self) -> None:
         """After a bus reconnect: catch every subscribed room up from the room log, and give
-        the bus back what it lost of a room this node saw further (Rule 6)."""
+        the bus back what it lost of a room this node saw further (Rule 6). Removals
+        signalled meanwhile were missed: every confirmed membership is forgotten (Rule 8)."""
+        self.forget_members()
         for session in list(self._sessions.values()):
             if not session.ready.is_set():
                 continue
@@ -425,7 +427,8 @@ class Hub:
     # -- operations -------------------------------------------------------------------------
 
     def forget_members(self) -> None:
-        """Forget every membership confirmed so far (Rule 8): every user was deleted."""
+        """Forget every membership confirmed so far (Rule 8): every user was deleted, or
+        removals may have been missed."""
         for session in self._sessions.values():
             session.members.clear()
             session.removals += 1

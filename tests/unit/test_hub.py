@@ -226,3 +226,14 @@ async def test_a_removed_member_is_closed_and_forgotten(setup: tuple[Hub, GatedB
     assert bob.frames == []  # between nodes only
     await hub.signal(2, protocol.member_removed_event(2, "bob"))  # a room without a session
     assert bob.closed is None
+
+
+async def test_a_bus_reconnect_forgets_confirmed_memberships(setup: tuple[Hub, GatedBus]) -> None:
+    """Removals signalled while the bus was away were missed (Rule 8)."""
+    hub, bus = setup
+    bus.gate.set()
+    await join(hub, FakeMember("ann"))
+    session = hub._sessions[1]
+    session.members.add("ann")
+    await hub.resubscribed()
+    assert session.members == set()
