@@ -29,8 +29,10 @@ from trio_websocket import (
 
 from chatnode.config import Config
 from tests.e2e.harness import (
+    PASSWORD,
     api_client,
     auth,
+    grant_admin,
     join,
     next_of_type,
     node_config,
@@ -39,7 +41,6 @@ from tests.e2e.harness import (
 )
 
 DEFAULTS = Config()
-PASSWORD = "password123"
 SECURE_LIMITS: dict[str, Any] = {
     # The e2e and cluster harnesses raise these for the other tests; here they are the defaults.
     "signup_address_burst": DEFAULTS.signup_address_burst,
@@ -84,8 +85,8 @@ async def token_of(api: httpx.AsyncClient, name: str, address: str = "192.0.2.1"
 
 
 async def test_password_guessing_is_refused_past_the_account_limit(tmp_path: Path) -> None:
-    """60 wrong passwords, each from another address (no per-address limit helps), then the
-    right one: past ``login_failures_burst`` every attempt gets 429 -- the right password
+    """60 wrong passwords, each from another address (no per-address limit helps) and the
+    name in three cases (one account), then the right one: past ``login_failures_burst`` every attempt gets 429 -- the right password
     too, so the guesser learns nothing -- and so does the real user, from anywhere, until
     the next attempt is due (the documented price: docs/security.md)."""
     burst = DEFAULTS.login_failures_burst
@@ -100,7 +101,7 @@ async def test_password_guessing_is_refused_past_the_account_limit(tmp_path: Pat
         for i in range(60):
             r = await api.client.post(
                 "/v1/tokens",
-                json={"name": "victim", "password": f"guess-{i:04}"},
+                json={"name": ("victim", "Victim", "VICTIM")[i % 3], "password": f"guess-{i:04}"},
                 headers=from_address(f"198.51.100.{i + 1}"),
             )
             statuses.append(r.status_code)
@@ -245,6 +246,7 @@ async def test_room_creation_is_limited_per_user(tmp_path: Path) -> None:
     ):
         await make_user(api.client, "ann")
         await make_user(api.client, "admin", address="192.0.2.2")
+        await grant_admin(node, "admin")
         ann = await token_of(api.client, "ann")
         admin = await token_of(api.client, "admin")
         statuses = []
@@ -475,12 +477,13 @@ async def test_a_full_room_frees_a_seat_when_a_member_leaves() -> None:
     if not nginx_available():
         pytest.skip("nginx not installed (scripts/services install)")
     async with (
-        running_cluster(nodes=2, max_room_members=3, admins="admin") as cluster,
+        running_cluster(nodes=2, max_room_members=3) as cluster,
         httpx.AsyncClient(base_url=cluster.url) as api,
     ):
         names = ("ann", "bob", "cid", "dan", "admin")
         for name in names:
             await make_user(api, name)
+        await cluster.grant_admin("admin")
         tokens = {name: await token_of(api, name) for name in names}
         room = (await api.post("/v1/chatrooms", headers=auth(tokens["ann"]))).json()["id"]
 

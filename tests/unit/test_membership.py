@@ -12,7 +12,7 @@ import attrs
 import pytest
 import trio
 
-from chatnode.adapters.memory import MemoryPresence, MemoryRevocations
+from chatnode.adapters.memory import MemoryPresence, MemoryRevocations, MemoryTickets
 from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
 from chatnode.core import auth
 from chatnode.core.errors import Forbidden
@@ -21,7 +21,7 @@ from chatnode.node.service import Backends, ChatNode, NodeSettings
 from tests.unit.test_hub import FakeMember
 
 T0 = 1_700_000_000_000
-ADMIN = auth.Claims("root", True, 2**40)
+ADMIN = auth.Claims("root", True, 2**40, account_id=3)
 
 
 @attrs.define(eq=False)
@@ -49,22 +49,23 @@ class Rig:
     node: ChatNode
     directory: GatedDirectory
     room_id: int
+    accounts: dict[str, int]
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     async with await SqliteDatabase.open(":memory:") as db:
         directory = GatedDirectory(SqliteDirectory(db))
+        accounts = {}
         for name in ("ann", "bob", "root"):
-            await directory.create_user(name, "!", created_at_ms=T0)
+            accounts[name] = (await directory.create_user(name, "!", created_at_ms=T0)).id
         room = await directory.create_room("lobby", created_at_ms=T0)
         settings = NodeSettings(
             node_id="n1",
             jwt_secret="a-secret-of-at-least-thirty-two-bytes",
             token_ttl_s=3600,
-            admins=frozenset({"root"}),
             insecure=False,
-            password_cost_log2=2,
+            password_cost_log2=10,
             history_on_join=10,
             max_replay=100,
             rate_messages_per_s=10,
@@ -77,20 +78,24 @@ async def rig() -> AsyncIterator[Rig]:
             archive=SqliteArchive(db),
             presence=MemoryPresence(),
             revocations=MemoryRevocations(),
+            tickets=MemoryTickets(),
         )
         node = ChatNode(settings, backends)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            yield Rig(node, directory, room.id)
+            assert accounts == ACCOUNTS
+            yield Rig(node, directory, room.id, accounts)
             nursery.cancel_scope.cancel()
 
 
 class Member(FakeMember):
-    """A FakeMember of ``user`` whose close can be waited for."""
+    """A FakeMember of ``user`` (a Holder: claims of its account) whose close can be waited
+    for."""
 
-    def __init__(self, conn_id: str, user: str) -> None:
+    def __init__(self, conn_id: str, user: str, account_id: int) -> None:
         super().__init__(conn_id, Dialect.V1)
         self.user = user
+        self.claims = auth.Claims(user, False, 2**40, account_id=account_id)
         self.was_closed = trio.Event()
 
     def close_nowait(self, code: CloseCode, reason: str) -> None:
@@ -98,8 +103,11 @@ class Member(FakeMember):
         self.was_closed.set()
 
 
+ACCOUNTS = {"ann": 1, "bob": 2, "root": 3}
+
+
 def member(conn_id: str, user: str) -> Member:
-    return Member(conn_id, user)
+    return Member(conn_id, user, ACCOUNTS[user])
 
 
 async def test_a_removal_closes_every_connection_of_the_user_to_the_room(rig: Rig) -> None:
@@ -112,8 +120,8 @@ async def test_a_removal_closes_every_connection_of_the_user_to_the_room(rig: Ri
     ):
         assert rig.directory.adds == 2  # ann's second connection: confirmed already
         with pytest.raises(Forbidden):
-            await node.remove_member(auth.Claims("bob", False, 2**40), rig.room_id, "ann")
-        assert await node.remove_member(auth.Claims("ann", False, 2**40), rig.room_id, "ann")
+            await node.remove_member(member("x", "bob").claims, rig.room_id, "ann")
+        assert await node.remove_member(member("y", "ann").claims, rig.room_id, "ann")
         with trio.fail_after(5):
             await ann2.was_closed.wait()  # the in-process bus delivers on its next pass
         assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN
@@ -146,3 +154,15 @@ async def test_a_removal_racing_a_join_is_not_forgotten(rig: Rig) -> None:
         async with node.join(rig.room_id, member("c3", "ann")):
             pass
         assert rig.directory.adds == adds + 1
+
+
+async def test_a_membership_is_confirmed_for_an_account_not_a_name(rig: Rig) -> None:
+    """A name registered again is another account: what the node confirmed for the old one
+    does not stand for it."""
+    node = rig.node
+    async with node.join(rig.room_id, member("c1", "ann")):
+        adds = rig.directory.adds
+        async with node.join(rig.room_id, member("c2", "ann")):
+            assert rig.directory.adds == adds
+        async with node.join(rig.room_id, Member("c3", "ann", account_id=42)):
+            assert rig.directory.adds == adds + 1
