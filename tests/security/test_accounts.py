@@ -67,7 +67,13 @@ async def test_token_requests_cannot_exhaust_memory_or_stall_the_node(tmp_path: 
     Before: every request ran scrypt at once in Trio's 40 worker threads, 16 MiB each (RSS
     48 -> 818 MB, /healthz up to 861 ms). Now at most ``password_concurrency`` (2) run,
     ``password_queue`` (32) wait, the rest get 503 with Retry-After at once."""
-    env = {"CHATNODE_DATA_DIR": str(tmp_path), "CHATNODE_NODE_ID": "test-node"}
+    env = {
+        "CHATNODE_DATA_DIR": str(tmp_path),
+        "CHATNODE_NODE_ID": "test-node",
+        # One address: its token-request limit (test_limits.py) would refuse most of these
+        # before any scrypt; this test measures the scrypt bound behind it.
+        "CHATNODE_LOGIN_ADDRESS_BURST": "1000",
+    }
     async with started_node_process(env) as node:
         url = f"http://127.0.0.1:{node.port}"
         async with (
