@@ -259,6 +259,8 @@ class Chatnode(System):
             # seeding of the extras sends faster from one connection.
             CHATNODE_RATE_MESSAGES_PER_S="100000",
             CHATNODE_RATE_BURST="100000",
+            # The setup creates thousands of users from one address.
+            CHATNODE_SIGNUP_ADDRESS_BURST="100000",
             CHATNODE_DRAIN_TIMEOUT_S="3",
         )
         return env
