@@ -329,6 +329,7 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
     await nursery.start(bus.serve, recorder)
     await bus.subscribe(1)
     first = await bus.publish(draft(1, "first"))
+    await recorder.wait_for_messages(1, 1)  # through the proxy before the cut (not caught up)
 
     proxy.refusing = True
     proxy.cut()
