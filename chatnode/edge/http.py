@@ -41,53 +41,6 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 @attrs.frozen
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes = b""
-    client: str = ""
-    """The client's address as the edge determined it (:class:`TrustedProxies`): the peer's,
-    or the one a trusted proxy (nginx) forwarded; ``"unix"`` for a Unix-socket peer that
-    forwarded none."""
-    max_json_depth: int = validation.DEFAULT_MAX_JSON_DEPTH
-    """The deepest body :meth:`json` decodes (``Limits.max_json_depth``)."""
-
-    def json(self, *, required: bool = True) -> dict[str, Any]:
-        """The body's JSON object (``core/validation.py`` Rule 2), or ``invalid_json``."""
-        if not self.body.strip():
-            if required:
-                raise errors.BadRequest("a JSON object body is required", code="invalid_json")
-            return {}
-        value = validation.json_value(self.body, max_depth=self.max_json_depth)
-        if not isinstance(value, dict):
-            raise errors.BadRequest("body must be a JSON object", code="invalid_json")
-        return value
-
-    @property
-    def bearer_token(self) -> str | None:
-        header = self.headers.get("authorization", "")
-        if header[:7].lower() == "bearer ":
-            return header[7:].strip() or None
-        return self.query.get("token") or None
-
-
-@attrs.frozen
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def json(
-        cls, status: int, value: object, headers: tuple[tuple[str, str], ...] = ()
-    ) -> Response:
-        return cls(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
-
-
-@attrs.frozen
 class TrustedProxies:
     """Peers whose ``X-Real-IP`` / ``X-Forwarded-For`` headers name the client: the networks
     given (nginx's addresses), and every Unix-socket peer (only processes on this host reach
@@ -129,6 +82,70 @@ class TrustedProxies:
 
 NO_PROXIES: TrustedProxies = TrustedProxies()
 """Only Unix-socket peers are trusted."""
+
+
+@attrs.frozen
+class ConnectionInfo:
+    """What every request of one connection shares: its peer's address (``""``: a Unix
+    socket), the proxies trusted to name the client, and the deepest JSON a body may hold.
+    Made once per connection: a request carries it by reference."""
+
+    peer: str = ""
+    proxies: TrustedProxies = NO_PROXIES
+    max_json_depth: int = validation.DEFAULT_MAX_JSON_DEPTH
+
+
+NO_CONNECTION_INFO: ConnectionInfo = ConnectionInfo()
+
+
+@attrs.frozen
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes = b""
+    connection: ConnectionInfo = NO_CONNECTION_INFO
+
+    @property
+    def client(self) -> str:
+        """The client's address as the edge determines it (:class:`TrustedProxies`): the
+        peer's, or the one a trusted proxy (nginx) forwarded; ``"unix"`` for a Unix-socket
+        peer that forwarded none. Worked out when asked: most requests never ask."""
+        connection = self.connection
+        return connection.proxies.client(connection.peer, self.headers)
+
+    def json(self, *, required: bool = True) -> dict[str, Any]:
+        """The body's JSON object (``core/validation.py`` Rule 2), or ``invalid_json``."""
+        if not self.body.strip():
+            if required:
+                raise errors.BadRequest("a JSON object body is required", code="invalid_json")
+            return {}
+        value = validation.json_value(self.body, max_depth=self.connection.max_json_depth)
+        if not isinstance(value, dict):
+            raise errors.BadRequest("body must be a JSON object", code="invalid_json")
+        return value
+
+    @property
+    def bearer_token(self) -> str | None:
+        header = self.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            return header[7:].strip() or None
+        return self.query.get("token") or None
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def json(
+        cls, status: int, value: object, headers: tuple[tuple[str, str], ...] = ()
+    ) -> Response:
+        return cls(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
 
 
 def peer_address(stream: trio.SocketStream) -> str:
@@ -209,18 +226,13 @@ async def serve_http_connection(
     received = bytearray()
     timeout_s = limits.handshake_timeout_s
     upgraded = False
-    peer = peer_address(stream)
+    connection = ConnectionInfo(peer_address(stream), proxies, limits.max_json_depth)
     try:
         while True:
-            read = await _read_request(stream, received, limits, timeout_s, idle)
+            read = await _read_request(stream, received, limits, timeout_s, idle, connection)
             if read is None:
                 return None
             request, keep_alive = read
-            request = attrs.evolve(
-                request,
-                client=proxies.client(peer, request.headers),
-                max_json_depth=limits.max_json_depth,
-            )
             if is_websocket_upgrade(request):
                 answer = await upgrade(request, stream, bytes(received))
                 if isinstance(answer, Response):
@@ -251,6 +263,7 @@ async def _read_request(
     limits: Limits,
     timeout_s: float,
     idle: IdleConnections,
+    connection: ConnectionInfo = NO_CONNECTION_INFO,
 ) -> tuple[Request, bool] | None:
     """The next request (taken off ``received``, which keeps the bytes past it) and whether the
     connection stays open after its response; or None if the connection is done: closed by the
@@ -275,11 +288,11 @@ async def _read_request(
     else:
         deadline = math.inf  # the head is here already: h11 sets a deadline for the body
     if end >= 0 and end <= limits.max_header_bytes:
-        simple = parse_simple_head(bytes(received[:end]))
+        simple = parse_simple_head(bytes(received[:end]), connection)
         if simple is not None:
             del received[: end + 4]
             return simple
-    return await _read_with_h11(stream, received, eof, limits, deadline, idle)
+    return await _read_with_h11(stream, received, eof, limits, deadline, idle, connection)
 
 
 async def _receive_head(
@@ -313,7 +326,9 @@ _HEADER_FIELD = re.compile(rb"(%s):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[
 _SIMPLE_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 
 
-def parse_simple_head(head: bytes) -> tuple[Request, bool] | None:
+def parse_simple_head(
+    head: bytes, connection: ConnectionInfo = NO_CONNECTION_INFO
+) -> tuple[Request, bool] | None:
     """The request of a head (without its blank line) and whether it keeps the connection
     alive, or None when the head is not simple: then h11 reads it, and answers it if malformed.
 
@@ -353,7 +368,7 @@ def parse_simple_head(head: bytes) -> tuple[Request, bool] | None:
         return None
     path, _, query = target.decode("latin-1").partition("?")
     query_args = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
-    return Request(method.decode(), path, query_args, headers), not close
+    return Request(method.decode(), path, query_args, headers, b"", connection), not close
 
 
 async def _read_with_h11(
@@ -363,6 +378,7 @@ async def _read_with_h11(
     limits: Limits,
     deadline: float,
     idle: IdleConnections,
+    connection: ConnectionInfo = NO_CONNECTION_INFO,
 ) -> tuple[Request, bool] | None:
     """Read one request that is not simple with h11, fed the bytes already received: its body
     must arrive within ``handshake_timeout_s`` of its head. ``received`` then holds the bytes
@@ -375,7 +391,7 @@ async def _read_with_h11(
     with trio.CancelScope(deadline=deadline) as waiting:
         idle.add(waiting)
         try:
-            read = await _read_h11_request(conn, stream, limits, waiting)
+            read = await _read_h11_request(conn, stream, limits, waiting, connection)
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             code = "headers_too_large" if status == 431 else "malformed_request"
@@ -396,7 +412,11 @@ async def _read_with_h11(
 
 
 async def _read_h11_request(
-    conn: h11.Connection, stream: trio.SocketStream, limits: Limits, scope: trio.CancelScope
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    limits: Limits,
+    scope: trio.CancelScope,
+    connection: ConnectionInfo = NO_CONNECTION_INFO,
 ) -> tuple[Request, bool] | None:
     """The request with its body (none for an upgrade) and whether it keeps the connection
     alive, or None if the client closed first or the head was over the limit (answered). Sets
@@ -425,14 +445,14 @@ async def _read_h11_request(
     path, query = parse_target(event.target)
     headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
     method = event.method.decode()
-    connection = b",".join(value for name, value in event.headers if name == b"connection")
-    close = b"close" in (token.strip() for token in connection.lower().split(b","))
+    tokens = b",".join(value for name, value in event.headers if name == b"connection")
+    close = b"close" in (token.strip() for token in tokens.lower().split(b","))
     keep_alive = event.http_version >= b"1.1" and not close  # as h11 decides
     if is_websocket_upgrade(Request(method, path, query, headers)):
-        return Request(method, path, query, headers), keep_alive
+        return Request(method, path, query, headers, b"", connection), keep_alive
     scope.deadline = trio.current_time() + limits.handshake_timeout_s
     body = await _read_body(conn, stream, limits.max_body_bytes)
-    return Request(method, path, query, headers, body), keep_alive
+    return Request(method, path, query, headers, body, connection), keep_alive
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event:

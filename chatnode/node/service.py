@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -115,6 +115,9 @@ class Holder(Member, Protocol):
 
 
 USER_CHECK_TTL_S = 5.0
+ANONYMOUS_ADMIN: Final = auth.Claims(user="", is_admin=True, expires_at_s=2**62)
+"""Insecure mode's caller without a token or ``?user=``: no account, no token (a value made
+once: it is every such request's)."""
 USER_LOOKUP_RETRY_S = 1.0
 TICKET_RE = re.compile(r"[A-Za-z0-9_-]{20,64}")
 LOGGED_NAME_CHARS = 64
@@ -398,7 +401,7 @@ class ChatNode:
                     issued_at_ms=now_ms(),
                     account_id=user.id,
                 )
-            return auth.Claims(user="", is_admin=True, expires_at_s=2**62, issued_at_ms=now_ms())
+            return ANONYMOUS_ADMIN
         raise Unauthorized(
             "a token is required: POST /v1/tokens, then send 'Authorization: Bearer <token>'"
             " (WebSocket joins from a browser: '?ticket=' from POST /v1/tickets)",
