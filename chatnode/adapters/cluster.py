@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from chatnode.adapters.elasticsearch import EsArchive
-from chatnode.adapters.migrations import migrate
 from chatnode.adapters.mysql import MysqlDirectory
+from chatnode.adapters.mysql.migrations import migrate
 from chatnode.adapters.redis_archive_feed import RedisArchiveFeed
 from chatnode.adapters.redis_bus import RedisBus
 from chatnode.adapters.redis_connection import open_redis

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from chatnode.adapters.elasticsearch import bulk_body, bulk_outcome, usable
-from chatnode.adapters.es_http import HttpPool, HttpUnreachable
+from chatnode.adapters.elasticsearch.http import HttpPool, HttpUnreachable
 from chatnode.core.models import ChatMessage
 
 Answer = Callable[[h11.Request, bytes], Awaitable[tuple[int, list[bytes]]]]

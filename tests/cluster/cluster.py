@@ -93,7 +93,7 @@ def cluster_env(**overrides: Any) -> dict[str, str]:
 
 
 async def migrate_env(env: dict[str, str]) -> None:
-    from chatnode.adapters.migrations import migrate
+    from chatnode.adapters.mysql.migrations import migrate
     from chatnode.config import load_config
 
     config: Config = load_config(env)

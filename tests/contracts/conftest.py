@@ -116,8 +116,8 @@ def sqlite_buses(in_file: bool) -> Impl[NewBus]:
 async def mysql_test_database(url: str) -> AsyncIterator[str]:
     """A new, migrated database ``chatnode_test_<hex>`` on the server of ``url`` (whose user
     may create it); yields its URL; dropped on exit."""
-    from chatnode.adapters.migrations import migrate_mysql
     from chatnode.adapters.mysql import MysqlUrl, close_quietly
+    from chatnode.adapters.mysql.migrations import migrate_mysql
 
     server = MysqlUrl.parse(url)
     name = f"chatnode_test_{secrets.token_hex(6)}"
@@ -153,7 +153,7 @@ async def open_mysql_directory(url: str) -> AsyncIterator[Directory]:
 async def es_test_prefix(url: str) -> AsyncIterator[str]:
     """A migrated archive index under a new prefix ``chatnode-test-<hex>``; yields the
     prefix; the index and its template are deleted on exit."""
-    from chatnode.adapters.migrations import migrate_elasticsearch
+    from chatnode.adapters.mysql.migrations import migrate_elasticsearch
     from tests.es_cleanup import drop_es_prefix
 
     prefix = f"chatnode-test-{secrets.token_hex(6)}"

@@ -18,7 +18,8 @@ pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip instal
 import MySQLdb
 
 from chatnode.adapters.elasticsearch import dead_letters_index, es_client, messages_index
-from chatnode.adapters.migrations import (
+from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
+from chatnode.adapters.mysql.migrations import (
     MYSQL_DIR,
     MigrationError,
     dead_letters_template,
@@ -30,7 +31,6 @@ from chatnode.adapters.migrations import (
     shipped_mysql_version,
     split_sql,
 )
-from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
 from chatnode.config import Config
 from chatnode.core import errors
 from tests.contracts.conftest import es_test_prefix, mysql_test_database

@@ -56,12 +56,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
-"""``migrations/`` at the root of the source tree (the deployment ships the tree)."""
-
-MYSQL_DIR: Final = MIGRATIONS_DIR / "mysql"
-ES_TEMPLATE: Final = MIGRATIONS_DIR / "elasticsearch" / "messages_template.json"
-ES_DEAD_LETTERS_TEMPLATE: Final = MIGRATIONS_DIR / "elasticsearch" / "dead_letters_template.json"
+MYSQL_DIR: Final = Path(__file__).resolve().parent / "schema"
+ES_TEMPLATE: Final = (
+    Path(__file__).resolve().parents[1] / "elasticsearch" / "schema" / "messages_template.json"
+)
+ES_DEAD_LETTERS_TEMPLATE: Final = ES_TEMPLATE.parent / "dead_letters_template.json"
 
 _FILE_RE: Final = re.compile(r"(\d+)_([A-Za-z0-9_\-]+)\.sql")
 _UNKNOWN_DATABASE: Final = 1049

@@ -40,7 +40,7 @@ Guarantees:
 - **Search** matches every word of the query in ``message`` (standard analyzer), filters on
   room, user and an inclusive time range, and ranks by score, then newest first.
 
-The archive talks to ES through :class:`~chatnode.adapters.es_http.HttpPool` (why: its module
+The archive talks to ES through :class:`~chatnode.adapters.elasticsearch.http.HttpPool` (why: its module
 header, measured), with request bodies built here: the bulk body is one bytes format per
 document (its id read from the document's head), ~0.45 µs per document; it was ~0.7 µs when
 each message was encoded here, and decoding the feed's entries into messages cost ~2.4 µs
@@ -72,7 +72,7 @@ import trio
 from elastic_transport import HttpxAsyncHttpNode
 from elasticsearch import ApiError, AsyncElasticsearch
 
-from chatnode.adapters.es_http import HttpPool, HttpResponse, HttpUnreachable
+from chatnode.adapters.elasticsearch.http import HttpPool, HttpResponse, HttpUnreachable
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import (

@@ -501,7 +501,7 @@ class MysqlDirectory(ClosesOnExit):
         return cls(MysqlPool.from_url(url, size=pool_size, statement_timeout_s=statement_timeout_s))
 
     async def check(self) -> None:
-        from chatnode.adapters.migrations import read_mysql_version, shipped_mysql_version
+        from chatnode.adapters.mysql.migrations import read_mysql_version, shipped_mysql_version
 
         needed = shipped_mysql_version()
         current = await self.pool.run(read_mysql_version)
