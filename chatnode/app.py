@@ -90,6 +90,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
         if config.embedded:
             from chatnode.adapters.memory import MemoryPresence, MemoryRateLimits, MemoryTickets
             from chatnode.adapters.sqlite import (
+                LocalBroker,
                 SqliteArchive,
                 SqliteBus,
                 SqliteDatabase,
@@ -102,7 +103,7 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
             stack.push_async_callback(db.aclose)
             yield Backends(
                 directory=SqliteDirectory(db),
-                bus=SqliteBus(db, dedup_window_s=config.dedup_window_s),
+                bus=SqliteBus(db, LocalBroker(), dedup_window_s=config.dedup_window_s),
                 archive=SqliteArchive(db),
                 presence=MemoryPresence(),
                 revocations=SqliteRevocations(db),

@@ -33,6 +33,7 @@ import trio
 
 from chatnode.adapters.memory import MemoryPresence
 from chatnode.adapters.sqlite import (
+    LocalBroker,
     SqliteArchive,
     SqliteBus,
     SqliteDatabase,
@@ -99,10 +100,11 @@ def sqlite_buses(in_file: bool) -> Impl[NewBus]:
     @asynccontextmanager
     async def open_buses(_url: str) -> AsyncIterator[NewBus]:
         async with sqlite_database(in_file) as db:
+            broker = LocalBroker()  # the nodes share the database, so its order too
 
             async def new_bus() -> Bus:
                 await trio.lowlevel.checkpoint()
-                return SqliteBus(db)
+                return SqliteBus(db, broker)
 
             yield new_bus
 
