@@ -155,7 +155,7 @@ async def open_mysql_directory(url: str) -> AsyncIterator[Directory]:
 async def es_test_prefix(url: str) -> AsyncIterator[str]:
     """A migrated archive index under a new prefix ``chatnode-test-<hex>``; yields the
     prefix; the index and its template are deleted on exit."""
-    from chatnode.adapters.mysql.migrations import migrate_elasticsearch
+    from chatnode.adapters.elasticsearch.migrations import migrate_elasticsearch
     from tests.es_cleanup import drop_es_prefix
 
     prefix = f"chatnode-test-{secrets.token_hex(6)}"

@@ -38,6 +38,8 @@ import trio
 _RECEIVE_BYTES: Final = 256 * 1024
 _MAX_LINE_BYTES: Final = 64 * 1024
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+"""Answers meaning the server cannot serve the request now: retry later."""
 
 
 class HttpUnreachable(Exception):
