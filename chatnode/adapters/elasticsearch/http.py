@@ -4,25 +4,32 @@ Why not elasticsearch-py here: its ``AsyncElasticsearch`` on httpx spent 18-20 �
 per archived document (9-10 ms per 500-document bulk: request building, serializing the NDJSON
 lines one by one, the transport's node pool and retry layers, httpx) and ~2.5 ms per search;
 the same bulk body POSTed through this client costs ~1.2 ms, most of it the kernel's copy of
-the body, and a search ~0.7 ms. Why not h11 either: one request/response cycle through h11's
-state machine costs ~95 µs, most of a search's own CPU; ES answers plain HTTP/1.1 (a
-``Content-Length`` or a chunked body), which the few lines below read. elasticsearch-py
-remains the admin client (``chatnode migrate``, tests); the archive's every call goes through
-here.
+the body, and a search ~0.7 ms (docs/benchmarks.md). elasticsearch-py remains the admin client
+(``admin.py``: ``chatnode migrate``, tests); the archive's every call goes through here.
 
 Rules:
 
-1. **Keep-alive pool.** A request takes an idle connection (the most recently used) or opens
-   one; a connection whose exchange completed cleanly goes back to the pool, at most
+1. **h11 reads and writes HTTP.** Each connection has an ``h11.Connection`` in the client
+   role: it writes the request head and frames the body, and parses the response (status,
+   ``Content-Length``, chunked, a body delimited by the end of the connection, 1xx answers,
+   keep-alive), so chatnode has no hand-written HTTP response parser to keep in step with
+   h11, which the edge (``edge/http.py``) reads requests with. This module does the I/O: a
+   socket stream per connection, the pool, the failures. The price: an exchange through h11
+   costs ~100-150 µs of CPU where a hand parser took ~10-15 µs (canned answers, no socket,
+   on a loaded 2-core machine), ~0.1 µs per document of a 1,000-document bulk.
+2. **Keep-alive pool.** A request takes an idle connection (the most recently used) or opens
+   one; a connection whose exchange completed cleanly (h11 agrees both sides are ready for
+   the next cycle, and nothing came after the response) goes back to the pool, at most
    ``max_idle`` of them. Anything else -- an error, a cancellation, ``Connection: close``, a
    body delimited by the end of the connection -- closes it: a connection is never reused in
    an unknown state.
-2. **Every request must be idempotent.** A request on a reused connection that fails before
+3. **Every request must be idempotent.** A request on a reused connection that fails before
    any byte of a response arrived (the server had closed the idle connection) is sent again on
    the next idle connection, or a new one, as browsers do.
-3. **Failures are one exception.** Refused, reset, TLS errors, an answer that is not HTTP/1.x
-   and an early EOF raise :class:`HttpUnreachable`. No timeouts here: the caller wraps a
-   request in ``fail_after``; a cancelled request closes its connection.
+4. **Failures are one exception.** Refused, reset, TLS errors, an answer h11 cannot read
+   (not HTTP/1.x, a head still unfinished past 64 KiB, a malformed chunk) and an early EOF raise
+   :class:`HttpUnreachable`. No timeouts here: the caller wraps a request in ``fail_after``;
+   a cancelled request closes its connection.
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from typing import Final
 from urllib.parse import unquote, urlsplit
 
 import attrs
+import h11
 import trio
 
 _RECEIVE_BYTES: Final = 256 * 1024
-_MAX_LINE_BYTES: Final = 64 * 1024
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_MAX_HEAD_BYTES: Final = 64 * 1024
 UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 """Answers meaning the server cannot serve the request now: retry later."""
 
@@ -52,86 +59,52 @@ class HttpResponse:
     body: bytes
 
 
+def _new_h11() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
+
+
 @attrs.define(eq=False)
 class _Connection:
     stream: trio.abc.Stream
-    buffer: bytearray = attrs.Factory(bytearray)
+    http: h11.Connection = attrs.Factory(_new_h11)
     answered: bool = False
     """Some byte of the current exchange's response came (the connection was not stale)."""
 
-    async def exchange(self, request: bytes, *, head_only: bool) -> tuple[HttpResponse, bool]:
-        """Send ``request``, read its response; return it and whether the connection may be
-        reused. ``head_only``: the request was HEAD (no body follows the headers)."""
+    async def exchange(self, request: h11.Request, body: bytes) -> tuple[HttpResponse, bool]:
+        """Send ``request`` and its ``body``, read the response; return it and whether the
+        connection may be reused (module rule 2)."""
         self.answered = False
-        await self.stream.send_all(request)
+        http = self.http
+        head = http.send(request) or b""
+        http.send_with_data_passthrough(h11.Data(data=body))  # framed by its Content-Length
+        http.send(h11.EndOfMessage())
+        await self.stream.send_all(head + body)
+        status = 0
+        parts: list[bytes] = []
         while True:
-            version, status, headers = await self._head()
-            if status >= 200:
-                break  # a 1xx answer (100 Continue) is followed by the real one
-        reusable = version == b"HTTP/1.1" and headers.get(b"connection") != b"close"
-        if head_only or status in _NO_BODY_STATUSES:
-            body = b""
-        elif headers.get(b"transfer-encoding", b"").endswith(b"chunked"):
-            body = await self._chunked()
-        elif (length := headers.get(b"content-length")) is not None:
-            body = await self._exactly(int(length))
-        else:  # delimited by the end of the connection
-            while True:
-                try:
-                    await self._fill()
-                except _Closed:
-                    break
-            body, reusable = bytes(self.buffer), False
-            self.buffer.clear()
-        return HttpResponse(status, body), reusable and not self.buffer
-
-    async def _head(self) -> tuple[bytes, int, dict[bytes, bytes]]:
-        version, _, rest = (await self._line()).partition(b" ")
-        if not version.startswith(b"HTTP/1."):
-            raise HttpUnreachable(f"not an HTTP/1.x answer: {version[:40]!r}")
-        status = int(rest[:3])
-        headers = {}
-        while line := await self._line():
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip().lower()
-        return version, status, headers
-
-    async def _chunked(self) -> bytes:
-        parts = []
-        while size := int((await self._line()).partition(b";")[0], 16):
-            parts.append(await self._exactly(size))
-            if await self._line():
-                raise HttpUnreachable("a chunk longer than its size")
-        while await self._line():  # trailers
-            pass
-        return b"".join(parts)
-
-    async def _line(self) -> bytes:
-        while (end := self.buffer.find(b"\r\n")) < 0:
-            if len(self.buffer) > _MAX_LINE_BYTES:
-                raise HttpUnreachable("an answer line longer than 64 KiB")
-            await self._fill()
-        line = bytes(self.buffer[:end])
-        del self.buffer[: end + 2]
-        return line
-
-    async def _exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
-
-    async def _fill(self) -> None:
-        data = await self.stream.receive_some(_RECEIVE_BYTES)
-        if not data:
-            raise _Closed("the server closed the connection")
-        self.answered = True
-        self.buffer += data
-
-
-class _Closed(HttpUnreachable):
-    """EOF from the server."""
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(_RECEIVE_BYTES)
+                if data:
+                    self.answered = True
+                # b"": the end of the connection; TLS streams hand out bytearrays
+                http.receive_data(data if isinstance(data, bytes) else bytes(data))
+            elif isinstance(event, h11.Response):
+                status = event.status_code  # (an InformationalResponse, 1xx, is skipped)
+            elif isinstance(event, h11.Data):
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise HttpUnreachable("the server closed the connection")
+        reusable = (
+            http.our_state is h11.DONE
+            and http.their_state is h11.DONE
+            and not http.trailing_data[0]
+        )
+        if reusable:
+            http.start_next_cycle()
+        return HttpResponse(status, b"".join(parts)), reusable
 
 
 @attrs.define(eq=False)
@@ -172,34 +145,36 @@ class HttpPool:
     ) -> HttpResponse:
         """Send one request (``target`` is the path and query under the URL's path) and return
         the whole response. Raises :class:`HttpUnreachable`."""
-        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
-        head = f"{method} {self.base_path}{target} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
-        head += f"Content-Length: {len(body)}\r\n"
+        headers = [("Host", self._host_header), ("Content-Length", str(len(body)))]
         if body:
-            head += f"Content-Type: {content_type}\r\n"
+            headers.append(("Content-Type", content_type))
         if self.authorization:
-            head += f"Authorization: {self.authorization}\r\n"
-        request = (head + "\r\n").encode() + body
-        head_only = method == "HEAD"
+            headers.append(("Authorization", self.authorization))
+        request = h11.Request(method=method, target=self.base_path + target, headers=headers)
         while self._idle:
             connection = self._idle.pop()
             try:
-                return await self._exchange(connection, request, head_only)
+                return await self._exchange(connection, request, body)
             except HttpUnreachable:
                 if connection.answered:
                     raise
-                # An idle connection the server had closed (rule 2): try the next one.
-        return await self._exchange(await self._connect(), request, head_only)
+                # An idle connection the server had closed (rule 3): try the next one.
+        return await self._exchange(await self._connect(), request, body)
+
+    @property
+    def _host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"{host}:{self.port}"
 
     async def _exchange(
-        self, connection: _Connection, request: bytes, head_only: bool
+        self, connection: _Connection, request: h11.Request, body: bytes
     ) -> HttpResponse:
         try:
-            response, reusable = await connection.exchange(request, head_only=head_only)
+            response, reusable = await connection.exchange(request, body)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await trio.aclose_forcefully(connection.stream)
             raise HttpUnreachable(f"connection to {self.host}:{self.port} lost: {exc!r}") from exc
-        except ValueError as exc:  # a number that is not one
+        except h11.RemoteProtocolError as exc:  # not HTTP/1.x, a cut body, a head too long
             await trio.aclose_forcefully(connection.stream)
             raise HttpUnreachable(f"not a valid HTTP answer: {exc}") from exc
         except BaseException:
