@@ -1,5 +1,6 @@
 """``chatnode serve | migrate | config | chat | dead-letters | users`` — the process edge:
-reads the environment and flags once into a ``Config`` and hands it to ``app.py``."""
+reads the environment and flags once into a ``Config`` and hands it to ``app.py`` (``serve``)
+or to ``wiring.py`` (the backends of ``migrate``, ``dead-letters`` and ``users``)."""
 
 from __future__ import annotations
 

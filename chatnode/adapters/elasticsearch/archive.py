@@ -1,10 +1,10 @@
 """The cluster Archive: every message in Elasticsearch, searchable.
 
 One document per message in the index ``<prefix>-messages`` (mapping and settings:
-``migrations/elasticsearch/messages_template.json``, put by ``chatnode migrate``), with the
-seed's fields ``chatroom``, ``user``, ``message``, ``timestamp`` (epoch ms) plus ``offset``.
-Dead letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
-(``dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
+``schema/messages_template.json``, put by ``chatnode migrate``: ``migrations.py``), with the
+fields ``chatroom``, ``offset``, ``user``, ``message``, ``timestamp`` (epoch ms). Dead
+letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
+(``schema/dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
 ``_id`` its digest, the documents as ``binary`` (base64: kept byte for byte).
 
 Guarantees:
@@ -40,15 +40,15 @@ Guarantees:
 - **Search** matches every word of the query in ``message`` (standard analyzer), filters on
   room, user and an inclusive time range, and ranks by score, then newest first.
 
-The archive talks to ES through :class:`~chatnode.adapters.elasticsearch.http.HttpPool` (why: its module
-header, measured), with request bodies built here: the bulk body is one bytes format per
-document (its id read from the document's head), ~0.45 µs per document; it was ~0.7 µs when
-each message was encoded here, and decoding the feed's entries into messages cost ~2.4 µs
-more. Each attempt is bounded by
+The archive talks to ES through :class:`~chatnode.adapters.elasticsearch.http.HttpPool` (why:
+its module docstring, measured), with request bodies built in ``documents.py``: the bulk body
+is one bytes format per document as the feed handed it out (its id read from the document's
+head), ~0.45 µs per document, where encoding each message here would cost ~0.7 µs and
+decoding the feed's entries into messages ~2.4 µs more. Each attempt is bounded by
 ``request_timeout_s``; a connection failure or timeout is retried ``max_retries`` times at
 once. ``GET /`` is never called: the test distribution has no root endpoint; ``check()`` uses
-``_cluster/health``. elasticsearch-py (:func:`es_client`) stays the admin client of
-``chatnode migrate`` and the tests.
+``_cluster/health``. elasticsearch-py (``admin.py``) stays the admin client of ``chatnode
+migrate`` and the tests.
 
 Errors: connection errors, timeouts, 408/429/5xx answers, a missing index (run ``chatnode
 migrate``) and a bulk item ES may accept later map to
