@@ -132,7 +132,7 @@ def test_badly_named_or_duplicate_files_are_refused(tmp_path: Path) -> None:
         mysql_migrations(tmp_path)
 
 
-def test_the_template_matches_the_prefix_and_the_seed_fields() -> None:
+def test_the_template_matches_the_prefix_and_the_message_fields() -> None:
     template = messages_template("acme")
 
     assert template["index_patterns"] == ["acme-messages*"]

@@ -237,12 +237,8 @@ async def test_the_node_caps_its_connections_below_its_descriptor_limit() -> Non
     async with node_process({"CHATNODE_MAX_WEBSOCKETS_PER_USER": "100000"}, nofile=NOFILE) as proc:
         node_url = f"http://127.0.0.1:{proc.port}"
         async with httpx.AsyncClient(base_url=node_url, timeout=10) as client:
-            await client.post(
-                "/v1/users", json={"name": "ann", "password": "correct-horse-battery"}
-            )
-            r = await client.post(
-                "/v1/tokens", json={"name": "ann", "password": "correct-horse-battery"}
-            )
+            await client.post("/v1/users", json={"name": "ann", "password": "correct-horse-battery"})
+            r = await client.post("/v1/tokens", json={"name": "ann", "password": "correct-horse-battery"})
             token = r.json()["token"]
             r = await client.post("/v1/chatrooms", json={"name": "x"}, headers=bearer(token))
             room = r.json()["id"]
@@ -573,9 +569,7 @@ async def test_transfer_encoding_with_content_length_is_refused_and_closed(
             assert json.loads(rest)["error"]["code"] == "malformed_request"
             assert received.count(b"HTTP/1.1") == 1, received  # the smuggled GET is not read
         async with httpx.AsyncClient(base_url=node.http_url) as client:
-            r = await client.post(
-                "/v1/tokens", json={"name": "eve", "password": "correct-horse-battery"}
-            )
+            r = await client.post("/v1/tokens", json={"name": "eve", "password": "correct-horse-battery"})
             assert r.status_code == 401  # no user was created by either request
 
 
