@@ -8,14 +8,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/chatnode/venv
-# The source tree is shipped, not just the package: `chatnode migrate` reads migrations/ at the
-# root of the tree (chatnode/adapters/migrations.py), so chatnode is installed in editable
-# mode from /opt/chatnode/src and that tree is what the runtime image runs.
+# chatnode is installed in editable mode from /opt/chatnode/src and that tree is what the
+# runtime image runs; the schema `chatnode migrate` applies is package data (chatnode/adapters/).
 WORKDIR /opt/chatnode/src
 # README.md* : the readme is optional for the build (the glob may match nothing).
 COPY pyproject.toml README.md* ./
 COPY chatnode ./chatnode
-COPY migrations ./migrations
 RUN /opt/chatnode/venv/bin/pip install -e ".[cluster]" \
  && /opt/chatnode/venv/bin/python -m compileall -q chatnode
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import trio
 
 from chatnode.adapters.elasticsearch import EsArchive, bulk_body, es_client, messages_index
-from chatnode.adapters.migrations import migrate_elasticsearch
+from chatnode.adapters.elasticsearch.migrations import migrate_elasticsearch
 from chatnode.adapters.redis import RedisArchiveFeed, RespClient
 from chatnode.cli import GC_YOUNG_THRESHOLD
 from chatnode.core.models import ArchiveEntry, ChatMessage

@@ -1,5 +1,6 @@
-"""Composition root: config -> adapters -> node -> edge. The only module that picks backends.
+"""The application: config -> backends (``wiring.py``) -> node -> edge, run and drained.
 
+``wiring.py`` picks and builds the backends; this module builds the node and the edge on them.
 ``App.run`` owns everything in nested nurseries (node tasks, then the edge). ``request_stop``
 (SIGTERM/SIGINT in the CLI, tests call it directly) drains: stop accepting, close WebSockets
 with 4000 (reconnect elsewhere), wait for connections up to ``drain_timeout_s``, flush the
@@ -12,22 +13,18 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import trio
 
-from chatnode import datadir
-from chatnode.config import Config, ConfigError, resolve_secret
-from chatnode.core.ports import Archive, Directory, Revocations
+from chatnode.config import Config, resolve_secret
 from chatnode.core.protocol import CloseCode
 from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.server import EdgeServer
 from chatnode.edge.websocket import WsSettings
 from chatnode.node.ratelimit import Rate, Rates
-from chatnode.node.service import Backends, ChatNode, NodeSettings
+from chatnode.node.service import ChatNode, NodeSettings
+from chatnode.wiring import open_backends
 
 log = logging.getLogger(__name__)
 
@@ -81,96 +78,6 @@ def connection_caps(config: Config) -> admission.Caps:
         per_user=config.max_websockets_per_user,
         per_address=config.max_websockets_per_address,
     )
-
-
-@asynccontextmanager
-async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]:
-    """The configured backends, closed on exit."""
-    async with AsyncExitStack() as stack:
-        if config.embedded:
-            from chatnode.adapters.memory import MemoryPresence, MemoryRateLimits, MemoryTickets
-            from chatnode.adapters.sqlite import (
-                SqliteArchive,
-                SqliteBus,
-                SqliteDatabase,
-                SqliteDirectory,
-                SqliteRevocations,
-            )
-
-            open_data_dir(config)
-            db = await SqliteDatabase.open(sqlite_path(config))
-            stack.push_async_callback(db.aclose)
-            yield Backends(
-                directory=SqliteDirectory(db),
-                bus=SqliteBus(db, dedup_window_s=config.dedup_window_s),
-                archive=SqliteArchive(db),
-                presence=MemoryPresence(),
-                revocations=SqliteRevocations(db),
-                tickets=MemoryTickets(),
-                rate_limits=MemoryRateLimits(),
-            )
-        else:
-            from chatnode.adapters.cluster import open_cluster_backends
-
-            yield await stack.enter_async_context(open_cluster_backends(config, node_id))
-
-
-def open_data_dir(config: Config) -> None:
-    """The embedded node's data directory, created 0700 if missing, a warning if others may
-    list it (``chatnode/datadir.py``); ``ConfigError`` if it cannot be made."""
-    path = Path(config.data_dir)
-    try:
-        datadir.make_private_dir(path)
-        datadir.warn_if_shared(path)
-    except OSError as exc:
-        raise ConfigError(f"CHATNODE_DATA_DIR={path}: {exc.strerror}") from None
-
-
-def sqlite_path(config: Config) -> str:
-    """The embedded node's database file."""
-    return os.path.join(config.data_dir, "chatnode.sqlite3")
-
-
-@asynccontextmanager
-async def open_accounts(config: Config) -> AsyncIterator[tuple[Directory, Revocations]]:
-    """The configured directory and revocation store alone (``chatnode users``), closed on
-    exit: the embedded node's SQLite file (the node follows what is recorded there), or
-    MySQL and Redis."""
-    if config.embedded:
-        from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory, SqliteRevocations
-
-        async with await SqliteDatabase.open(sqlite_path(config)) as db:
-            yield SqliteDirectory(db), SqliteRevocations(db)
-    else:
-        from chatnode.adapters.mysql import MysqlDirectory
-        from chatnode.adapters.redis import RedisRevocations, open_redis
-
-        async with (
-            open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
-            MysqlDirectory.from_url(
-                config.mysql_url, pool_size=1, statement_timeout_s=config.backend_timeout_s
-            ) as directory,
-        ):
-            yield directory, RedisRevocations(redis, config.key_prefix)
-
-
-@asynccontextmanager
-async def open_archive(config: Config) -> AsyncIterator[Archive]:
-    """The configured archive alone (``chatnode dead-letters``), closed on exit."""
-    if config.embedded:
-        from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
-
-        async with await SqliteDatabase.open(sqlite_path(config)) as db:
-            yield SqliteArchive(db)
-    else:
-        from chatnode.adapters.elasticsearch import EsArchive
-
-        async with EsArchive.from_url(
-            config.elasticsearch_url,
-            prefix=config.key_prefix,
-            request_timeout_s=config.backend_timeout_s,
-        ) as archive:
-            yield archive
 
 
 class App:

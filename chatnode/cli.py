@@ -1,5 +1,6 @@
 """``chatnode serve | migrate | config | chat | dead-letters | users`` — the process edge:
-reads the environment and flags once into a ``Config`` and hands it to ``app.py``."""
+reads the environment and flags once into a ``Config`` and hands it to ``app.py`` (``serve``)
+or to ``wiring.py`` (the backends of ``migrate``, ``dead-letters`` and ``users``)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", help="embedded data directory (CHATNODE_DATA_DIR)")
     serve.add_argument(
-        "--insecure", action="store_true", default=None, help="seed's open mode (CHATNODE_INSECURE)"
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="insecure mode: anyone joins as any user with ?user=, admin needs no token;"
+        " never expose it (CHATNODE_INSECURE)",
     )
 
     sub.add_parser(
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embedded mode: the SQLite schema is migrated when the node starts; nothing to do"
             )
             return 0
-        from chatnode.adapters.cluster import migrate
+        from chatnode.wiring import migrate
 
         migrated: int = trio.run(migrate, config)
         return migrated
@@ -159,8 +164,8 @@ def dead_letter_line(letter: DeadLetter) -> str:
 
 
 async def _dead_letters(config: Any, limit: int) -> int:
-    from chatnode.app import open_archive
     from chatnode.core.errors import Unavailable
+    from chatnode.wiring import open_archive
 
     try:
         async with open_archive(config) as archive:
@@ -175,9 +180,9 @@ async def _dead_letters(config: Any, limit: int) -> int:
 
 async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
     """``chatnode users grant-admin | revoke-admin NAME``: one line, exit code 0 or 1."""
-    from chatnode.app import open_accounts
     from chatnode.core.errors import Unavailable
     from chatnode.node.service import set_admin
+    from chatnode.wiring import open_accounts
 
     failed: list[BaseException] = []
     user = None

@@ -68,7 +68,7 @@ class Config:
         "embedded mode: where chatnode.sqlite3 and the token secret live (made 0700, files 0600)",
     )
     insecure: bool = _setting(
-        False, "seed's open mode: `?user=` joins without a token, admin calls need none"
+        False, "insecure mode: `?user=` joins without a token, admin calls need none"
     )
     node_id: str = _setting(
         "", "this node's id in presence and the archive stream's lease (default: host-pid)"

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.adapters.sqlite import (
-    _MIGRATIONS,
+    MIGRATIONS,
     SCHEMA_VERSION,
+    LocalBroker,
     SqliteArchive,
     SqliteBus,
     SqliteDatabase,
@@ -42,12 +43,12 @@ async def test_data_and_schema_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path) as first:
         await SqliteDirectory(first).create_user("bob", "h", created_at_ms=T0)
-        await SqliteBus(first).publish(Draft(1, "bob", "kept", T0))
+        await SqliteBus(first, LocalBroker()).publish(Draft(1, "bob", "kept", T0))
 
     async with await SqliteDatabase.open(path) as second:
         assert await second.schema_version() == SCHEMA_VERSION
         assert await SqliteDirectory(second).get_user("bob") is not None
-        assert await SqliteBus(second).last_offset(1) == 1
+        assert await SqliteBus(second, LocalBroker()).last_offset(1) == 1
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -83,17 +84,17 @@ async def test_a_closed_database_is_unavailable(db: SqliteDatabase) -> None:
     with pytest.raises(errors.Unavailable):
         await SqliteDirectory(db).get_user("bob")
     with pytest.raises(errors.Unavailable):
-        await SqliteBus(db).publish(Draft(1, "bob", "appended on the loop", T0))
+        await SqliteBus(db, LocalBroker()).publish(Draft(1, "bob", "appended on the loop", T0))
 
 
 async def test_an_append_failing_on_the_loop_is_unavailable(db: SqliteDatabase) -> None:
     await db.run(lambda c: c.execute("PRAGMA query_only=1"))  # every write: SQLITE_READONLY
 
     with pytest.raises(errors.Unavailable):
-        await SqliteBus(db).publish(Draft(1, "bob", "refused", T0))
+        await SqliteBus(db, LocalBroker()).publish(Draft(1, "bob", "refused", T0))
 
     await db.run(lambda c: c.execute("PRAGMA query_only=0"))
-    assert (await SqliteBus(db).publish(Draft(1, "bob", "accepted", T0))).offset == 1
+    assert (await SqliteBus(db, LocalBroker()).publish(Draft(1, "bob", "accepted", T0))).offset == 1
 
 
 async def test_a_locked_database_is_unavailable_then_recovers(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ async def test_sql_errors_are_bugs_not_unavailability(db: SqliteDatabase) -> Non
 
 
 async def test_a_published_message_is_archived_and_searchable_at_once(db: SqliteDatabase) -> None:
-    bus, archive = SqliteBus(db), SqliteArchive(db)
+    bus, archive = SqliteBus(db, LocalBroker()), SqliteArchive(db)
 
     message = await bus.publish(Draft(1, "bob", "embedded durability", T0))
     await archive.store(documents([message]))  # an archiver re-storing it changes nothing
@@ -133,13 +134,13 @@ async def test_a_published_message_is_archived_and_searchable_at_once(db: Sqlite
 async def test_offsets_continue_after_archived_messages(db: SqliteDatabase) -> None:
     await SqliteArchive(db).store(documents([ChatMessage(1, 41, "bob", "imported", T0)]))
 
-    message = await SqliteBus(db).publish(Draft(1, "bob", "next", T0))
+    message = await SqliteBus(db, LocalBroker()).publish(Draft(1, "bob", "next", T0))
 
     assert message.offset == 42
 
 
 async def test_a_publish_cancelled_before_it_starts_publishes_nothing(db: SqliteDatabase) -> None:
-    bus = SqliteBus(db)
+    bus = SqliteBus(db, LocalBroker())
     with trio.CancelScope() as scope:
         scope.cancel()
         await bus.publish(Draft(1, "bob", "never", T0))
@@ -157,7 +158,7 @@ async def test_a_version_1_database_keeps_its_index_and_indexes_new_messages(
 ) -> None:
     path = tmp_path / "chatnode.db"
     with sqlite3.connect(path, isolation_level=None) as conn:  # schema 1: an FTS5 insert trigger
-        for statement in _MIGRATIONS[0]:
+        for statement in MIGRATIONS[0]:
             conn.execute(statement)
         conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
         conn.execute("INSERT INTO schema_version VALUES (1, 1)")
@@ -169,7 +170,7 @@ async def test_a_version_1_database_keeps_its_index_and_indexes_new_messages(
     conn.close()
 
     async with await SqliteDatabase.open(path) as database:
-        new = await SqliteBus(database).publish(Draft(1, "bob", "new news", T0))
+        new = await SqliteBus(database, LocalBroker()).publish(Draft(1, "bob", "new news", T0))
         hits = await SqliteArchive(database).search(SearchQuery("news"))
         await database.run(fts_integrity_check)
 
@@ -186,7 +187,7 @@ async def test_a_version_4_database_keeps_every_user_membership_and_message(
     them."""
     path = tmp_path / "chatnode.db"
     with sqlite3.connect(path, isolation_level=None) as conn:
-        for step in _MIGRATIONS[:4]:
+        for step in MIGRATIONS[:4]:
             for statement in step:
                 conn.execute(statement)
         conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
@@ -235,7 +236,7 @@ async def test_a_version_4_database_keeps_every_user_membership_and_message(
 
 
 async def test_deleting_or_editing_messages_keeps_the_index_exact(db: SqliteDatabase) -> None:
-    bus, archive = SqliteBus(db), SqliteArchive(db)
+    bus, archive = SqliteBus(db, LocalBroker()), SqliteArchive(db)
     for n in range(4):
         await bus.publish(Draft(1, "bob", f"word{n} common", T0))
     await archive.search(SearchQuery("common"))  # offsets 1-4 indexed
@@ -265,7 +266,7 @@ async def test_a_publish_meeting_another_connections_lock_waits_in_the_worker(
 ) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path, busy_timeout_ms=10_000) as database:
-        bus = SqliteBus(database)
+        bus = SqliteBus(database, LocalBroker())
         await bus.publish(Draft(1, "bob", "m1", T0))
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -291,7 +292,7 @@ async def test_a_publish_cancelled_while_it_waits_in_the_worker_completes(
 ) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path, busy_timeout_ms=10_000) as database:
-        bus, recorder = SqliteBus(database), Recorder()
+        bus, recorder = SqliteBus(database, LocalBroker()), Recorder()
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # the append waits for this lock in the worker
         published: list[ChatMessage] = []
@@ -323,7 +324,7 @@ async def test_a_publish_cancelled_while_it_waits_in_the_worker_completes(
 async def test_upkeep_indexes_and_checkpoints_in_batches(tmp_path: Path) -> None:
     path = tmp_path / "chatnode.db"
     async with await SqliteDatabase.open(path) as database:
-        bus = SqliteBus(database)
+        bus = SqliteBus(database, LocalBroker())
         for n in range(1500):  # about 6,000 WAL pages without checkpoints
             await bus.publish(Draft(1 + n % 3, "bob", f"message {n}", T0))
         other = sqlite3.connect(path, isolation_level=None)
@@ -361,7 +362,7 @@ class GatedRecorder(Recorder):
 
 
 async def test_a_full_inbox_drops_then_reports_resubscribed(db: SqliteDatabase) -> None:
-    bus = SqliteBus(db, inbox_size=2)
+    bus = SqliteBus(db, LocalBroker(), inbox_size=2)
     recorder = GatedRecorder()
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.serve, recorder)
@@ -388,7 +389,7 @@ async def test_a_full_inbox_drops_then_reports_resubscribed(db: SqliteDatabase) 
 
 
 async def test_a_bus_serves_once_at_a_time(db: SqliteDatabase) -> None:
-    bus = SqliteBus(db)
+    bus = SqliteBus(db, LocalBroker())
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.serve, Recorder())
         with pytest.raises(RuntimeError, match="already serving"):
@@ -397,7 +398,7 @@ async def test_a_bus_serves_once_at_a_time(db: SqliteDatabase) -> None:
 
 
 async def test_a_bus_can_serve_again_after_stopping(db: SqliteDatabase) -> None:
-    bus = SqliteBus(db)
+    bus = SqliteBus(db, LocalBroker())
     for attempt in range(2):
         recorder = Recorder()
         async with trio.open_nursery() as nursery:
@@ -411,7 +412,8 @@ async def test_a_bus_can_serve_again_after_stopping(db: SqliteDatabase) -> None:
 async def test_signals_must_be_json_and_each_handler_gets_its_own_copy(
     db: SqliteDatabase,
 ) -> None:
-    bus_a, bus_b = SqliteBus(db), SqliteBus(db)
+    broker = LocalBroker()
+    bus_a, bus_b = SqliteBus(db, broker), SqliteBus(db, broker)
     seen_a, seen_b = Recorder(), Recorder()
     event: dict[str, Any] = {"type": "typing", "users": ["bob"]}
     async with trio.open_nursery() as nursery:
@@ -469,7 +471,7 @@ def test_any_query_is_a_valid_fts5_expression(text: str) -> None:
 async def test_a_client_id_is_forgotten_after_the_dedup_window(tmp_path: Path) -> None:
     db = await SqliteDatabase.open(tmp_path / "dedup.sqlite3")
     try:
-        bus = SqliteBus(db, dedup_window_s=60)
+        bus = SqliteBus(db, LocalBroker(), dedup_window_s=60)
         first = await bus.publish(Draft(1, "bob", "hi", 1_000_000, client_id="c1"))
         within = await bus.publish(Draft(1, "bob", "hi", 1_059_999, client_id="c1"))
         after = await bus.publish(Draft(1, "bob", "hi", 1_060_000, client_id="c1"))

@@ -93,8 +93,8 @@ def cluster_env(**overrides: Any) -> dict[str, str]:
 
 
 async def migrate_env(env: dict[str, str]) -> None:
-    from chatnode.adapters.migrations import migrate
     from chatnode.config import load_config
+    from chatnode.wiring import migrate
 
     config: Config = load_config(env)
     assert await migrate(config) == 0

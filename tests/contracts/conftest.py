@@ -33,6 +33,7 @@ import trio
 
 from chatnode.adapters.memory import MemoryPresence
 from chatnode.adapters.sqlite import (
+    LocalBroker,
     SqliteArchive,
     SqliteBus,
     SqliteDatabase,
@@ -99,10 +100,11 @@ def sqlite_buses(in_file: bool) -> Impl[NewBus]:
     @asynccontextmanager
     async def open_buses(_url: str) -> AsyncIterator[NewBus]:
         async with sqlite_database(in_file) as db:
+            broker = LocalBroker()  # the nodes share the database, so its order too
 
             async def new_bus() -> Bus:
                 await trio.lowlevel.checkpoint()
-                return SqliteBus(db)
+                return SqliteBus(db, broker)
 
             yield new_bus
 
@@ -116,8 +118,8 @@ def sqlite_buses(in_file: bool) -> Impl[NewBus]:
 async def mysql_test_database(url: str) -> AsyncIterator[str]:
     """A new, migrated database ``chatnode_test_<hex>`` on the server of ``url`` (whose user
     may create it); yields its URL; dropped on exit."""
-    from chatnode.adapters.migrations import migrate_mysql
     from chatnode.adapters.mysql import MysqlUrl, close_quietly
+    from chatnode.adapters.mysql.migrations import migrate_mysql
 
     server = MysqlUrl.parse(url)
     name = f"chatnode_test_{secrets.token_hex(6)}"
@@ -153,7 +155,7 @@ async def open_mysql_directory(url: str) -> AsyncIterator[Directory]:
 async def es_test_prefix(url: str) -> AsyncIterator[str]:
     """A migrated archive index under a new prefix ``chatnode-test-<hex>``; yields the
     prefix; the index and its template are deleted on exit."""
-    from chatnode.adapters.migrations import migrate_elasticsearch
+    from chatnode.adapters.elasticsearch.migrations import migrate_elasticsearch
     from tests.es_cleanup import drop_es_prefix
 
     prefix = f"chatnode-test-{secrets.token_hex(6)}"

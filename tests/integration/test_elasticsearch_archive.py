@@ -13,7 +13,7 @@ import trio
 
 pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
 
-import chatnode.adapters.elasticsearch as es_adapter
+import chatnode.adapters.elasticsearch.archive as es_adapter
 from chatnode.adapters.elasticsearch import EsArchive, es_client
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, DeadLetter, Refusal, RefusalKind, SearchQuery

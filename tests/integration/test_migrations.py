@@ -18,21 +18,23 @@ pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip instal
 import MySQLdb
 
 from chatnode.adapters.elasticsearch import dead_letters_index, es_client, messages_index
-from chatnode.adapters.migrations import (
-    MYSQL_DIR,
-    MigrationError,
+from chatnode.adapters.elasticsearch.migrations import (
     dead_letters_template,
     messages_template,
-    migrate,
     migrate_elasticsearch,
+)
+from chatnode.adapters.migration import MigrationError
+from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
+from chatnode.adapters.mysql.migrations import (
+    SCHEMA_DIR,
     migrate_mysql,
     mysql_migrations,
     shipped_mysql_version,
     split_sql,
 )
-from chatnode.adapters.mysql import Connection, MysqlDirectory, MysqlPool, MysqlUrl, close_quietly
 from chatnode.config import Config
 from chatnode.core import errors
+from chatnode.wiring import migrate
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
 from tests.contracts.harness import require_service
 from tests.es_cleanup import drop_es_prefix
@@ -111,7 +113,7 @@ def test_split_sql_drops_comments_and_splits_at_line_ending_semicolons() -> None
 
 
 def test_the_shipped_migrations_are_numbered_from_1() -> None:
-    migrations = mysql_migrations(MYSQL_DIR)
+    migrations = mysql_migrations(SCHEMA_DIR)
 
     assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
     assert shipped_mysql_version() == len(migrations)
@@ -130,7 +132,7 @@ def test_badly_named_or_duplicate_files_are_refused(tmp_path: Path) -> None:
         mysql_migrations(tmp_path)
 
 
-def test_the_template_matches_the_prefix_and_the_seed_fields() -> None:
+def test_the_template_matches_the_prefix_and_the_message_fields() -> None:
     template = messages_template("acme")
 
     assert template["index_patterns"] == ["acme-messages*"]
@@ -216,7 +218,7 @@ async def test_accounts_migration_keeps_every_user_and_membership(
     reached by their exact name), each gets an id, memberships stay; the file runs again
     from its first statement as an interrupted migration would; new names collide ignoring
     case."""
-    (tmp_path / "0001_init.sql").write_text((MYSQL_DIR / "0001_init.sql").read_text())
+    (tmp_path / "0001_init.sql").write_text((SCHEMA_DIR / "0001_init.sql").read_text())
     async with new_database_url(mysql_url) as url:
         assert await migrate_mysql(url, directory=tmp_path) == [1]
 

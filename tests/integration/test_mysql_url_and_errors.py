@@ -8,7 +8,7 @@ pytest.importorskip("MySQLdb", reason="needs the cluster extra: pip install -e '
 
 import MySQLdb
 
-from chatnode.adapters.mysql import MysqlUrl, _keeps_connection, mysql_error
+from chatnode.adapters.mysql import MysqlUrl, keeps_connection, mysql_error
 from chatnode.core import errors
 
 
@@ -56,9 +56,9 @@ def test_error_mapping(exc: MySQLdb.Error, kind: type[Exception] | None, keeps: 
     mapped = mysql_error(exc)
 
     assert (None if mapped is None else type(mapped)) is kind
-    assert _keeps_connection(exc) is keeps
+    assert keeps_connection(exc) is keeps
 
 
 def test_domain_errors_keep_the_connection_and_bugs_do_not() -> None:
-    assert _keeps_connection(errors.RoomFull("full"))
-    assert not _keeps_connection(RuntimeError("bug"))
+    assert keeps_connection(errors.RoomFull("full"))
+    assert not keeps_connection(RuntimeError("bug"))

@@ -11,7 +11,7 @@ import pytest
 import trio
 from wsproto.frame_protocol import FrameDecoder
 
-from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase
+from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
 from chatnode.core.models import ChatMessage, Draft
 from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
@@ -53,7 +53,7 @@ class GatedBus(SqliteBus):
     """read_log waits for ``gate`` and counts calls."""
 
     def __init__(self, db: SqliteDatabase) -> None:
-        super().__init__(db)
+        super().__init__(db, LocalBroker())
         self.gate = trio.Event()
         self.entered = trio.Event()
         self.log_reads = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import trio
 
-from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase
+from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
 from chatnode.node.hub import Hub, RoomSession, Seat
 from tests.unit.test_hub import FakeMember, LossyHandler, _frame, publish
 
@@ -27,7 +27,7 @@ async def catch_up(hub: Hub, session: RoomSession, seat: Seat, sent_up_to: int) 
 
 async def test_a_seat_queues_a_bounded_number_and_the_rest_comes_from_history() -> None:
     async with await SqliteDatabase.open(":memory:") as db:
-        bus = SqliteBus(db)
+        bus = SqliteBus(db, LocalBroker())
         hub = Hub(bus, SqliteArchive(db), cache_size=CACHE)
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.serve, LossyHandler(hub))
@@ -50,7 +50,7 @@ async def test_a_seat_queues_a_bounded_number_and_the_rest_comes_from_history() 
 
 async def test_a_queue_over_max_bytes_is_sent_from_history_instead() -> None:
     async with await SqliteDatabase.open(":memory:") as db:
-        bus = SqliteBus(db)
+        bus = SqliteBus(db, LocalBroker())
         hub = Hub(bus, SqliteArchive(db), cache_size=1000)
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.serve, LossyHandler(hub))

@@ -13,7 +13,13 @@ import pytest
 import trio
 
 from chatnode.adapters.memory import MemoryPresence, MemoryRevocations, MemoryTickets
-from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
+from chatnode.adapters.sqlite import (
+    LocalBroker,
+    SqliteArchive,
+    SqliteBus,
+    SqliteDatabase,
+    SqliteDirectory,
+)
 from chatnode.core import auth
 from chatnode.core.errors import Forbidden
 from chatnode.core.protocol import CloseCode, Dialect
@@ -74,7 +80,7 @@ async def rig() -> AsyncIterator[Rig]:
         )
         backends = Backends(
             directory=directory,  # type: ignore[arg-type]
-            bus=SqliteBus(db),
+            bus=SqliteBus(db, LocalBroker()),
             archive=SqliteArchive(db),
             presence=MemoryPresence(),
             revocations=MemoryRevocations(),

@@ -16,7 +16,13 @@ import trio
 import trio.testing
 
 from chatnode.adapters.memory import MemoryPresence, MemoryRevocations, MemoryTickets
-from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
+from chatnode.adapters.sqlite import (
+    LocalBroker,
+    SqliteArchive,
+    SqliteBus,
+    SqliteDatabase,
+    SqliteDirectory,
+)
 from chatnode.core import auth
 from chatnode.core.errors import Unauthorized, Unavailable
 from chatnode.core.models import Revocation, RevocationKind, RevocationState, User
@@ -239,7 +245,7 @@ async def rig() -> AsyncIterator[Rig]:
         revocations = MemoryRevocations()
         backends = Backends(
             directory=directory,  # type: ignore[arg-type]
-            bus=SqliteBus(db),
+            bus=SqliteBus(db, LocalBroker()),
             archive=SqliteArchive(db),
             presence=MemoryPresence(),
             revocations=revocations,

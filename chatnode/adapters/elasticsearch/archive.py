@@ -1,10 +1,10 @@
 """The cluster Archive: every message in Elasticsearch, searchable.
 
 One document per message in the index ``<prefix>-messages`` (mapping and settings:
-``migrations/elasticsearch/messages_template.json``, put by ``chatnode migrate``), with the
-seed's fields ``chatroom``, ``user``, ``message``, ``timestamp`` (epoch ms) plus ``offset``.
-Dead letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
-(``dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
+``schema/messages_template.json``, put by ``chatnode migrate``: ``migrations.py``), with the
+fields ``chatroom``, ``offset``, ``user``, ``message``, ``timestamp`` (epoch ms). Dead
+letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
+(``schema/dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
 ``_id`` its digest, the documents as ``binary`` (base64: kept byte for byte).
 
 Guarantees:
@@ -40,15 +40,15 @@ Guarantees:
 - **Search** matches every word of the query in ``message`` (standard analyzer), filters on
   room, user and an inclusive time range, and ranks by score, then newest first.
 
-The archive talks to ES through :class:`~chatnode.adapters.es_http.HttpPool` (why: its module
-header, measured), with request bodies built here: the bulk body is one bytes format per
-document (its id read from the document's head), ~0.45 µs per document; it was ~0.7 µs when
-each message was encoded here, and decoding the feed's entries into messages cost ~2.4 µs
-more. Each attempt is bounded by
+The archive talks to ES through :class:`~chatnode.adapters.elasticsearch.http.HttpPool` (why:
+its module docstring, measured), with request bodies built in ``documents.py``: the bulk body
+is one bytes format per document as the feed handed it out (its id read from the document's
+head), ~0.45 µs per document, where encoding each message here would cost ~0.7 µs and
+decoding the feed's entries into messages ~2.4 µs more. Each attempt is bounded by
 ``request_timeout_s``; a connection failure or timeout is retried ``max_retries`` times at
 once. ``GET /`` is never called: the test distribution has no root endpoint; ``check()`` uses
-``_cluster/health``. elasticsearch-py (:func:`es_client`) stays the admin client of
-``chatnode migrate`` and the tests.
+``_cluster/health``. elasticsearch-py (``admin.py``) stays the admin client of ``chatnode
+migrate`` and the tests.
 
 Errors: connection errors, timeouts, 408/429/5xx answers, a missing index (run ``chatnode
 migrate``) and a bulk item ES may accept later map to
@@ -58,21 +58,35 @@ raise :class:`EsRequestError`.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import elastic_transport
 import trio
-from elastic_transport import HttpxAsyncHttpNode
-from elasticsearch import ApiError, AsyncElasticsearch
 
-from chatnode.adapters.es_http import HttpPool, HttpResponse, HttpUnreachable
+from chatnode.adapters.elasticsearch.documents import (
+    BULK_FILTERS,
+    SEARCH_SORT,
+    bulk_body,
+    bulk_outcome,
+    dead_letter_of,
+    dead_letter_source,
+    message_of,
+    range_query,
+    same_document,
+    search_query,
+    stored_document,
+    usable,
+)
+from chatnode.adapters.elasticsearch.http import (
+    UNAVAILABLE_STATUSES,
+    HttpPool,
+    HttpResponse,
+    HttpUnreachable,
+)
+from chatnode.adapters.elasticsearch.indices import dead_letters_index, messages_index
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import (
@@ -90,15 +104,7 @@ log = logging.getLogger(__name__)
 MAX_WINDOW: Final = 10_000
 """ES's ``index.max_result_window``: the most hits one search returns."""
 
-_PREFIX_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.\-]*")
-_UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
-_REFUSED_ITEM_STATUS: Final = 400
-_CONFLICT_ITEM_STATUS: Final = 409
-_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 _SOURCE: Final = ["chatroom", "offset", "user", "message", "timestamp"]
-_BULK_FILTERS: Final = ("errors", "errors,items.*.status,items.*.error.type,items.*.error.reason")
-"""A bulk is sent answering only ``errors``; if some item failed, again for every item's
-outcome (see the module guarantees)."""
 _BULK_ACCEPTED: Final = b'{"errors":false'
 _MGET_FILTER: Final = "docs._id,docs.found,docs._source"
 _DEAD_LETTER_SOURCE: Final = ["kind", "document", "reason", "stored", "kept_at"]
@@ -108,231 +114,12 @@ _PAGED_HITS_FILTER: Final = _HITS_FILTER + ",hits.hits.sort"
 _NDJSON: Final = "application/x-ndjson"
 
 
-def messages_index(prefix: str) -> str:
-    """The archive index for ``prefix``; raise ``ValueError`` if ES would refuse the name."""
-    if not _PREFIX_RE.fullmatch(prefix) or len(prefix) > 200:
-        raise ValueError(
-            f"the index prefix {prefix!r} must be lowercase letters, digits, '_', '.', '-' "
-            "(an Elasticsearch index name)"
-        )
-    return f"{prefix}-messages"
-
-
-def dead_letters_index(prefix: str) -> str:
-    """The dead letters' index for ``prefix`` (``ValueError`` as :func:`messages_index`)."""
-    messages_index(prefix)
-    return f"{prefix}-dead-letters"
-
-
 class EsRequestError(Exception):
     """ES refused a request for a reason retrying cannot fix (a bug: a malformed query)."""
 
     def __init__(self, action: str, status: int, body: bytes) -> None:
         super().__init__(f"Elasticsearch refused to {action} (HTTP {status}): {body[:500]!r}")
         self.status = status
-
-
-# -- the admin client (chatnode migrate, tests) --------------------------------------------------
-
-
-def es_client(
-    url: str, *, request_timeout_s: float = 5.0, max_retries: int = 1
-) -> AsyncElasticsearch:
-    """An elasticsearch-py ``AsyncElasticsearch`` that works under Trio, for administration.
-
-    It uses the httpx async node, never sniffs (sniffing raises under Trio) and retries with
-    ``retry_backoff_base=0`` (a backoff sleeps with ``asyncio.sleep``, which fails under Trio).
-    Nothing connects until the first request.
-    """
-    return AsyncElasticsearch(
-        url,
-        node_class=HttpxAsyncHttpNode,
-        request_timeout=request_timeout_s,
-        retry_on_timeout=True,
-        max_retries=max_retries,
-        retry_backoff_base=0,
-        retry_backoff_cap=0,
-        sniff_on_start=False,
-        sniff_on_node_failure=False,
-        sniff_before_requests=False,
-    )
-
-
-@contextmanager
-def es_errors(action: str) -> Iterator[None]:
-    """Map what means "Elasticsearch cannot serve this now" to ``Unavailable`` (for
-    :func:`es_client` calls)."""
-    try:
-        yield
-    except (elastic_transport.ConnectionError, elastic_transport.ConnectionTimeout) as exc:
-        raise errors.Unavailable(f"Elasticsearch is unreachable ({action}): {exc}") from exc
-    except ApiError as exc:
-        if exc.meta.status in _UNAVAILABLE_STATUSES:
-            raise errors.Unavailable(
-                f"Elasticsearch could not {action} (HTTP {exc.meta.status}): {exc.message}"
-            ) from exc
-        if exc.error == "index_not_found_exception":
-            raise errors.Unavailable(
-                f"the archive index is missing ({action}); run `chatnode migrate`"
-            ) from exc
-        raise
-
-
-# -- the archive ---------------------------------------------------------------------------------
-
-
-def _clean(text: str) -> str:
-    """``text`` as valid UTF-8: a lone surrogate (JSON allows "\\ud800") becomes U+FFFD."""
-    return _SURROGATE_RE.sub("\ufffd", text)
-
-
-def bulk_body(documents: Sequence[bytes]) -> bytes:
-    """The NDJSON body of a ``_bulk`` request creating each document under its key.
-
-    ``ValueError`` if one is not a message document or holds a newline (it would split its
-    NDJSON line): :func:`usable` sorts those out."""
-    body = b"".join(
-        [
-            b'{"create":{"_id":"%b"}}\n%b\n' % (document_key(document), document)
-            for document in documents
-        ]
-    )
-    if body.count(b"\n") != 2 * len(documents):
-        raise ValueError("a document holds a newline")
-    return body
-
-
-def usable(documents: Sequence[bytes]) -> tuple[list[bytes], list[tuple[bytes, str]]]:
-    """``documents`` split into those :func:`bulk_body` takes and the others, with why."""
-    good: list[bytes] = []
-    bad: list[tuple[bytes, str]] = []
-    for document in documents:
-        try:
-            bulk_body([document])
-        except ValueError as exc:
-            bad.append((document, f"not sent: {exc}"))
-        else:
-            good.append(document)
-    return good, bad
-
-
-def _message(source: dict[str, Any]) -> ChatMessage:
-    return ChatMessage(
-        int(source["chatroom"]),
-        int(source["offset"]),
-        str(source["user"]),
-        str(source["message"]),
-        int(source["timestamp"]),
-    )
-
-
-@attrs.frozen
-class BulkOutcome:
-    """What ES did not take of a bulk request."""
-
-    retry: list[str]
-    """Reasons of items ES may accept later (any failure status but 400 and 409)."""
-    refused: list[tuple[int, str]]
-    """Positions and reasons of items ES can never accept (400)."""
-    conflicts: list[int] = attrs.Factory(list)
-    """Positions of items whose id holds a document already (409): the same or another."""
-
-
-def bulk_outcome(response: dict[str, Any]) -> BulkOutcome:
-    """Classify the items of a ``_bulk`` response (filtered by ``_BULK_FILTERS[1]``)."""
-    outcome = BulkOutcome([], [])
-    if not response.get("errors"):
-        return outcome
-    for position, item in enumerate(response.get("items", [])):
-        (result,) = item.values()
-        status = int(result.get("status", 0))
-        if status < 300:
-            continue
-        if status == _CONFLICT_ITEM_STATUS:
-            outcome.conflicts.append(position)
-            continue
-        error = result.get("error") or {}
-        reason = f"HTTP {status} {error.get('type')}: {error.get('reason')}"
-        if status == _REFUSED_ITEM_STATUS:
-            outcome.refused.append((position, reason))
-        else:
-            outcome.retry.append(reason)
-    return outcome
-
-
-def stored_document(source: dict[str, Any]) -> bytes:
-    """The bytes of a stored ``_source`` as ES was sent them, if it was sent compact, in its
-    keys' order, non-ASCII unescaped: what every archive document is (``ChatMessage.document``)."""
-    try:
-        return json.dumps(source, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate: only an escaped form has bytes
-        return json.dumps(source, separators=(",", ":")).encode()
-
-
-def same_document(document: bytes, source: dict[str, Any]) -> bool:
-    """Whether ``source``, stored under ``document``'s id, holds the same message: the same
-    bytes, or the same fields and values however encoded."""
-    if stored_document(source) == document:
-        return True
-    try:
-        return bool(json.loads(document) == source)
-    except ValueError:  # not JSON (UnicodeDecodeError is one): a refused one, never sent
-        return False
-
-
-def _dead_letter_source(letter: DeadLetter) -> bytes:
-    refusal = letter.refusal
-    stored = refusal.stored
-    source = {
-        "digest": letter.digest,
-        "kind": refusal.kind.value,
-        "key": refusal.key,
-        "document": base64.b64encode(refusal.document).decode(),
-        "stored": None if stored is None else base64.b64encode(stored).decode(),
-        "reason": refusal.reason,
-        "kept_at": letter.kept_at_ms,
-    }
-    return json.dumps(source, separators=(",", ":")).encode()
-
-
-def _dead_letter(source: dict[str, Any]) -> DeadLetter:
-    stored = source.get("stored")
-    refusal = Refusal(
-        RefusalKind(source["kind"]),
-        base64.b64decode(source["document"]),
-        str(source["reason"]),
-        None if stored is None else base64.b64decode(stored),
-    )
-    return DeadLetter(refusal, int(source["kept_at"]))
-
-
-def _range_query(room_id: int, offsets: dict[str, int]) -> dict[str, Any]:
-    return {"bool": {"filter": [{"term": {"chatroom": room_id}}, {"range": {"offset": offsets}}]}}
-
-
-def _search_query(query: SearchQuery) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = []
-    if query.room_id is not None:
-        filters.append({"term": {"chatroom": query.room_id}})
-    if query.user is not None:
-        filters.append({"term": {"user": _clean(query.user)}})
-    if query.from_ms is not None or query.to_ms is not None:
-        bounds = {"gte": query.from_ms, "lte": query.to_ms}
-        filters.append({"range": {"timestamp": {k: v for k, v in bounds.items() if v is not None}}})
-    return {
-        "bool": {
-            "must": [{"match": {"message": {"query": _clean(query.text), "operator": "and"}}}],
-            "filter": filters,
-        }
-    }
-
-
-_SEARCH_SORT: Final = [
-    {"_score": "desc"},
-    {"timestamp": "desc"},
-    {"chatroom": "asc"},
-    {"offset": "desc"},
-]
 
 
 @attrs.define(eq=False)
@@ -414,7 +201,7 @@ class EsArchive(ClosesOnExit):
         if not self._index_seen:
             await self._require_index(self.index)
             self._index_seen = True
-        for filter_path in _BULK_FILTERS:
+        for filter_path in BULK_FILTERS:
             response = await self._request(
                 "POST",
                 f"/{self.index}/_bulk?filter_path={filter_path}",
@@ -477,12 +264,12 @@ class EsArchive(ClosesOnExit):
             await self._require_index(self.dead_letter_index)
             self._dead_letter_index_seen = True
         body = b"".join(
-            b'{"create":{"_id":"%b"}}\n%b\n' % (letter.digest.encode(), _dead_letter_source(letter))
+            b'{"create":{"_id":"%b"}}\n%b\n' % (letter.digest.encode(), dead_letter_source(letter))
             for letter in letters
         )
         response = await self._request(
             "POST",
-            f"/{self.dead_letter_index}/_bulk?filter_path={_BULK_FILTERS[1]}",
+            f"/{self.dead_letter_index}/_bulk?filter_path={BULK_FILTERS[1]}",
             body,
             action="keep dead letters",
             content_type=_NDJSON,
@@ -510,7 +297,7 @@ class EsArchive(ClosesOnExit):
             index=self.dead_letter_index,
             source=_DEAD_LETTER_SOURCE,
         )
-        return [_dead_letter(hit["_source"]) for hit in hits]
+        return [dead_letter_of(hit["_source"]) for hit in hits]
 
     async def _require_index(self, index: str) -> None:
         """A bulk write would auto-create a missing index with dynamic mappings that the real
@@ -530,17 +317,17 @@ class EsArchive(ClosesOnExit):
         if limit <= 0 or up_to_offset <= after_offset:
             await trio.lowlevel.checkpoint()
             return []
-        query = _range_query(room_id, {"gt": after_offset, "lte": up_to_offset})
+        query = range_query(room_id, {"gt": after_offset, "lte": up_to_offset})
         hits = await self._scan(query, [{"offset": "asc"}], limit, "read history")
-        return [_message(hit["_source"]) for hit in hits]
+        return [message_of(hit["_source"]) for hit in hits]
 
     async def tail(self, room_id: int, *, up_to_offset: int, limit: int) -> list[ChatMessage]:
         if limit <= 0:
             await trio.lowlevel.checkpoint()
             return []
-        query = _range_query(room_id, {"lte": up_to_offset})
+        query = range_query(room_id, {"lte": up_to_offset})
         hits = await self._scan(query, [{"offset": "desc"}], limit, "read history")
-        return [_message(hit["_source"]) for hit in reversed(hits)]
+        return [message_of(hit["_source"]) for hit in reversed(hits)]
 
     async def last_offset(self, room_id: int) -> int:
         query = {"term": {"chatroom": room_id}}
@@ -552,9 +339,9 @@ class EsArchive(ClosesOnExit):
             await trio.lowlevel.checkpoint()
             return []
         hits = await self._scan(
-            _search_query(query), _SEARCH_SORT, query.limit, "search", scored=True
+            search_query(query), SEARCH_SORT, query.limit, "search", scored=True
         )
-        return [SearchHit(_message(hit["_source"]), float(hit["_score"] or 0.0)) for hit in hits]
+        return [SearchHit(message_of(hit["_source"]), float(hit["_score"] or 0.0)) for hit in hits]
 
     async def _scan(
         self,
@@ -632,7 +419,7 @@ class EsArchive(ClosesOnExit):
 
 def _answer_error(action: str, response: HttpResponse) -> Exception:
     """The exception for an answer that is not a success (see the module header)."""
-    if response.status in _UNAVAILABLE_STATUSES:
+    if response.status in UNAVAILABLE_STATUSES:
         return errors.Unavailable(
             f"Elasticsearch could not {action} (HTTP {response.status}): {response.body[:300]!r}"
         )
