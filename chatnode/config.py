@@ -1,6 +1,7 @@
 """Configuration: one frozen ``Config``, built once at the edge of the process from
 ``CHATNODE_*`` environment variables, an optional TOML file (``CHATNODE_CONFIG``) and command
-line flags, in increasing precedence. Nothing below ``app.py`` reads the environment.
+line flags, in increasing precedence. Nothing below the composition root (``cli.py``,
+``wiring.py``, ``app.py``) reads the environment: adapters take plain values.
 
 Every setting is listed in ``SETTINGS`` with its variable, type, default and meaning; the
 README's configuration table is generated from it (``chatnode config --markdown``).
@@ -68,7 +69,7 @@ class Config:
         "embedded mode: where chatnode.sqlite3 and the token secret live (made 0700, files 0600)",
     )
     insecure: bool = _setting(
-        False, "seed's open mode: `?user=` joins without a token, admin calls need none"
+        False, "insecure mode: `?user=` joins without a token, admin calls need none"
     )
     node_id: str = _setting(
         "", "this node's id in presence and the archive stream's lease (default: host-pid)"
