@@ -7,7 +7,7 @@ The directory holds the SQLite database (password hashes, every message) and the
    (``mkdir(mode=...)``, ``os.open(..., 0o600)``), never made wider and narrowed after: there
    is no moment when another local user could open one. SQLite gives the database's -wal and
    -shm files the database file's mode, so the SQLite adapter creates that file first, 0600
-   (``adapters/sqlite/``, which narrows its own files as rule 2 says).
+   (``adapters/sqlite/runner.py``, which narrows its own files as rule 2 says).
 2. **A file of ours that others may read is narrowed** to 0600, with a warning: the secret
    (here), the database and its -wal and -shm (the adapter). Such a file comes from an older
    chatnode or was copied in; its name says it is ours.

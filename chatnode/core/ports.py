@@ -2,8 +2,7 @@
 
 Each port has implementations in ``chatnode/adapters/`` (SQLite/memory always; MySQL, Redis,
 Elasticsearch for the cluster) and one contract test suite in ``tests/contracts/`` that every
-implementation passes. ``wiring.py`` (the composition root) is the only place that picks
-one.
+implementation passes. ``wiring.py`` is the only place that picks and builds one.
 
 Errors: an implementation raises :class:`chatnode.core.errors.Unavailable` when its backend
 cannot be reached (the caller may retry), and the domain errors named on each method; any other
