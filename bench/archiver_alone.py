@@ -9,7 +9,8 @@ a scratch prefix, then runs one ``Archiver`` (``RedisArchiveFeed`` + ``EsArchive
 is acknowledged, and prints the rate and this process's CPU per message
 (``time.process_time``). ``--gc serve`` applies ``chatnode serve``'s collector settings,
 ``off`` disables the collector. Runs on the project's ``.venv`` (it imports chatnode); the
-defaults are ``scripts/services``' Redis and Elasticsearch. The stream, index and template
+defaults are ``scripts/services``' Redis and Elasticsearch (``CHATNODE_TEST_REDIS_URL``,
+``CHATNODE_TEST_ES_URL``, as ``scripts/services env`` sets them). The stream, index and template
 are removed at the end. The full benchmark's archiver figure is ``bench/run --full
 --systems none --extras archiver`` (two nodes, against ES's raw rate); this isolates the
 node's share (docs/benchmarks.md, "What limits").
@@ -30,7 +31,7 @@ from chatnode.adapters.elasticsearch import EsArchive, bulk_body, es_client, mes
 from chatnode.adapters.elasticsearch.migrations import migrate_elasticsearch
 from chatnode.adapters.redis import RedisArchiveFeed, RespClient
 from chatnode.cli import GC_YOUNG_THRESHOLD
-from chatnode.core.models import ArchiveEntry, ChatMessage
+from chatnode.core.models import ArchiveEntry, ChatMessage, DeadLetter
 from chatnode.node.archiver import Archiver
 
 SEED_CHUNK = 5000
@@ -60,6 +61,9 @@ class CountingFeed:
         if self.acked >= self.goal:
             self.done.set()
 
+    async def keep_reading(self) -> bool:
+        return await self.feed.keep_reading()
+
     async def release(self) -> None:
         await self.feed.release()
 
@@ -70,6 +74,9 @@ class NullArchive:
     async def store(self, documents: Sequence[bytes]) -> None:
         bulk_body(documents)
         await trio.lowlevel.checkpoint()
+
+    async def keep_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Nothing is refused: no letters to keep."""
 
 
 async def seed(redis: RespClient, stream: str, count: int) -> None:
@@ -87,13 +94,16 @@ async def seed(redis: RespClient, stream: str, count: int) -> None:
 async def main(args: argparse.Namespace) -> None:
     prefix = f"archiver-alone-{secrets.token_hex(4)}"
     redis = RespClient.from_url(args.redis_url, timeout_s=30.0)
+    reads = RespClient.from_url(args.redis_url)  # the feed's blocking XREAD: its own connection
     stream = f"{prefix}:archive"
     try:
         await seed(redis, stream, args.messages)
         await migrate_elasticsearch(args.es_url, prefix)
         async with EsArchive.from_url(args.es_url, prefix=prefix) as es_archive:
             archive = NullArchive() if args.null_archive else es_archive
-            feed = CountingFeed(RedisArchiveFeed(redis, prefix, consumer="alone"), args.messages)
+            feed = CountingFeed(
+                RedisArchiveFeed(redis, prefix, consumer="alone", reads=reads), args.messages
+            )
             archiver = Archiver(feed, archive, batch_size=args.batch)  # type: ignore[arg-type]
             if args.gc == "serve":
                 gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -112,6 +122,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await redis.call("DEL", stream, f"{stream}:lease")
         await redis.aclose()
+        await reads.aclose()
         es = es_client(args.es_url)
         try:
             index = messages_index(prefix)
@@ -134,7 +145,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--gc", choices=["default", "serve", "off"], default="serve")
     parser.add_argument("--null-archive", action="store_true")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:63791/0")
-    parser.add_argument("--es-url", default="http://127.0.0.1:19200")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("CHATNODE_TEST_REDIS_URL", "redis://127.0.0.1:63791/0"),
+    )
+    parser.add_argument(
+        "--es-url", default=os.environ.get("CHATNODE_TEST_ES_URL", "http://127.0.0.1:19200")
+    )
     parser.add_argument("--es-pid", type=int, help="report this process's CPU per message too")
     trio.run(main, parser.parse_args())

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, LOADGEN_CPUS, RESULTS, LoadGenProc, cpu_seconds, log, raise_nofile
-from runner import CLUSTER_WORKLOAD, SINGLE_WORKLOAD
+from settings import CLUSTER_WORKLOAD, SINGLE_WORKLOAD
 from systems import ChatnodeCluster, ChatnodeSingle, Redis
 
 PY_SPY = BENCH / ".venv" / "bin" / "py-spy"
@@ -192,7 +192,7 @@ def main() -> int:
             time.sleep(1.0)
             c0 = cpu_seconds(system.server_pids())
             if args.rest:
-                from runner import wrk
+                from rest import wrk
 
                 w = wrk(f"http://127.0.0.1:{system.entry_port}/v1/chatrooms", int(args.seconds - 2))
                 log(f"wrk: {w}")

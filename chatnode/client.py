@@ -7,18 +7,29 @@ import sys
 from urllib.parse import urlencode
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    open_websocket_url,
-)
+
+try:
+    from trio_websocket import (
+        ConnectionClosed,
+        ConnectionRejected,
+        HandshakeError,
+        open_websocket_url,
+    )
+except ImportError as exc:  # the `client` extra is not installed: chat() says so
+    _missing: ImportError | None = exc
+else:
+    _missing = None
+
+MISSING_EXTRA = "chatnode: `chatnode chat` needs the client extra: pip install 'chatnode[client]'"
 
 
 async def chat(base_url: str, room: int, user: str | None, token: str | None) -> int:
     """Join and chat until the connection ends; a refused join is one line on stderr and
     exit status 1. The token goes in the ``Authorization`` header, never in the URL (where
-    proxies log it)."""
+    proxies log it). Without the ``client`` extra, one line on stderr and exit status 1."""
+    if _missing is not None:
+        print(MISSING_EXTRA, file=sys.stderr)
+        return 1
     url = f"{base_url.rstrip('/')}/v1/chatrooms/{room}/join"
     if user:
         url += "?" + urlencode({"user": user})

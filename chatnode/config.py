@@ -1,6 +1,7 @@
 """Configuration: one frozen ``Config``, built once at the edge of the process from
 ``CHATNODE_*`` environment variables, an optional TOML file (``CHATNODE_CONFIG``) and command
-line flags, in increasing precedence. Nothing below ``app.py`` reads the environment.
+line flags, in increasing precedence. Nothing below the composition root (``cli.py``,
+``wiring.py``, ``app.py``) reads the environment: adapters take plain values.
 
 Every setting is listed in ``SETTINGS`` with its variable, type, default and meaning; the
 README's configuration table is generated from it (``chatnode config --markdown``).

@@ -9,8 +9,8 @@ The directory holds the SQLite database (password hashes, every message) and the
    -shm files the database file's mode, so the SQLite adapter creates that file first, 0600
    (``adapters/sqlite/runner.py``, which narrows its own files as rule 2 says).
 2. **A file of ours that others may read is narrowed** to 0600, with a warning: the secret
-   (here), the database and its -wal and -shm (the adapter). They were made by an older
-   chatnode or copied in; their names say they are ours.
+   (here), the database and its -wal and -shm (the adapter). Such a file comes from an older
+   chatnode or was copied in; its name says it is ours.
 3. **A directory is only warned about.** An existing data directory that others may list
    keeps its mode, with a warning that names the fix: the files in it are private already
    (rules 1 and 2), and the directory may be one the operator shares on purpose (a mount

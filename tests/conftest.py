@@ -1,7 +1,10 @@
-"""Shared test setup: every async test runs under a ``fail_after`` guard so nothing hangs.
+"""Shared test setup: the one hung-test stopper.
 
-The guard wraps the test function itself: under pytest-trio a fixture runs in its own task, so
-a ``fail_after`` in a fixture would not cover the test body.
+Every async test runs, with its trio fixtures, under a ``fail_after`` deadline: the whole
+``trio.run`` of the test is bounded, so a hang in a fixture's setup or teardown fails the test
+as a hang in its body does. The deadline is ``TEST_TIMEOUT_S`` unless the test (or a conftest,
+for its directory) marks it ``@pytest.mark.deadline(seconds)``. pytest-trio runs a test with
+the runner of its ``trio`` mark; the mark added here comes first, so it is the one used.
 """
 
 from __future__ import annotations
@@ -14,19 +17,33 @@ from typing import Any
 import pytest
 import trio
 
-TEST_TIMEOUT_S = 60
+TEST_TIMEOUT_S = 60.0
 
 
-def _with_deadline(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    @functools.wraps(test)
-    async def guarded(*args: Any, **kwargs: Any) -> None:
-        with trio.fail_after(TEST_TIMEOUT_S):
-            await test(*args, **kwargs)
+def run_with_deadline(
+    seconds: float, async_fn: Callable[[], Awaitable[Any]], **run_kwargs: Any
+) -> Any:
+    """``trio.run(async_fn, **run_kwargs)``, failing with ``trio.TooSlowError`` after
+    ``seconds`` (on the run's clock: a test's mock clock counts)."""
 
-    return guarded
+    async def bounded() -> Any:
+        with trio.fail_after(seconds):
+            return await async_fn()
+
+    return trio.run(bounded, **run_kwargs)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "deadline(seconds): this async test's limit (default TEST_TIMEOUT_S)"
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after every conftest had its say (``deadline`` marks)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            item.obj = _with_deadline(item.obj)
+            mark = item.get_closest_marker("deadline")
+            seconds = float(mark.args[0]) if mark else TEST_TIMEOUT_S
+            run = functools.partial(run_with_deadline, seconds)
+            item.add_marker(pytest.mark.trio(run=run), append=False)

@@ -23,8 +23,8 @@ Rules:
    a few bulk requests a second, not one per message).
 5. **Messages pass through as documents.** The feed hands out each message as its archive
    document (``ChatMessage.document``, made when it was published) and the archive takes them
-   so: nothing on this path decodes or re-encodes a message (it cost the node ~3 µs of its
-   ~7 µs per message while catching up a backlog).
+   so: nothing on this path decodes or re-encodes a message (that would cost the node ~3 µs
+   per message, as much again as the rest of its work, while catching up a backlog).
 6. **It archives only while its feed reads.** While a batch is being stored, a task calls
    ``feed.keep_reading()`` every ``keep_reading_every_s``, whatever the archiver waits for (a
    slot while every bulk in flight retries, a linger, a drain): the feed renews its lease, or
@@ -82,14 +82,12 @@ class Archiver:
     feed: ArchiveFeed
     archive: Archive
     batch_size: int = 1000
-    """Messages per bulk request. Catching up a backlog (bench/, archiver-only runs, when the
-    feed still read through a consumer group) the node spent ~4.3 µs per message with 500,
-    ~3.2 with 1,000 and ~2.6 with 2,000 (each batch costs ~0.4 ms of node CPU whatever its
-    size); Redis ~2.3, ~2.0, ~1.9. (With the lease's plain XREAD, 1,000: node 2.6-3.2 µs,
-    Redis 0.56-0.7.)"""
+    """Messages per bulk request. Each batch costs ~0.4 ms of node CPU whatever its size:
+    ~0.4 µs per message at 1,000, of the node's 2.6-3.2 µs (Redis 0.56-0.7 µs) catching up a
+    backlog; half as many doubles that share (docs/benchmarks.md, "What limits")."""
     wait_ms: int = 1000
     """How long a take waits for traffic. Idle, the archiver's loop wakes once per wait: at
-    100 ms that was ~18 of an idle node's ~24 wakeups a second (``strace -c``), CPU a loaded
+    100 ms it would be ~18 of an idle node's ~24 wakeups a second (``strace -c``), CPU a loaded
     node pays too. A drain waits for a take under way, so it may take up to this much
     longer."""
     linger_s: float = 0.25

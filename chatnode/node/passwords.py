@@ -2,9 +2,9 @@
 
 scrypt is made to be expensive: at the default cost (``2**14``, r=8) one call holds 16 MiB
 and a core for ~50 ms. Anyone can ask for one (``POST /v1/tokens`` needs no account), so
-unbounded it is the cheapest way to take a node down: 48 concurrent token requests ran 40
+unbounded it is the cheapest way to take a node down: 48 concurrent token requests run 40
 scrypt threads at once (Trio's default thread limit), RSS 48 -> 818 MB, `/healthz` up to
-861 ms (issue 14, attack 4; ``tests/security/test_accounts.py``).
+861 ms (docs/security.md; ``tests/security/test_accounts.py``).
 
 Rules of :class:`PasswordWork`:
 

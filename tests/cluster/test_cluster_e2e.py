@@ -1,4 +1,4 @@
-"""The seed's deployment for real: two chatnode processes behind nginx on MySQL, Redis and
+"""The clustered deployment for real: two chatnode processes behind nginx on MySQL, Redis and
 Elasticsearch; one room's members spread over both nodes."""
 
 from __future__ import annotations

@@ -437,20 +437,13 @@ RATE_LIMITS_IMPLS: dict[str, Impl[RateLimitsRig]] = {
 }
 
 
-@pytest.fixture
-async def deadline(nursery: trio.Nursery) -> None:
-    """Fail a test still running after ``TEST_DEADLINE_S``: nothing hangs the suite.
-
-    Every port fixture below depends on it, so every contract test is guarded. (Under
-    pytest-trio a ``fail_after`` in a fixture would not cover the test, which runs in its own
-    task; a fixture's crashing task cancels the tests that depend on that fixture.)
-    """
-
-    async def watchdog() -> None:
-        await trio.sleep(TEST_DEADLINE_S)
-        raise TimeoutError(f"the test ran longer than {TEST_DEADLINE_S} s")
-
-    nursery.start_soon(watchdog)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every contract test here is bounded by ``TEST_DEADLINE_S`` (the root conftest's
+    stopper: the test and its fixtures, setup and teardown)."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.deadline(TEST_DEADLINE_S))
 
 
 _REGISTRIES: dict[str, dict[str, Any]] = {
@@ -476,48 +469,48 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def directory(directory_impl: str, deadline: None) -> AsyncIterator[Directory]:
+async def directory(directory_impl: str) -> AsyncIterator[Directory]:
     async with open_impl(DIRECTORY_IMPLS[directory_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def archive(archive_impl: str, deadline: None) -> AsyncIterator[Archive]:
+async def archive(archive_impl: str) -> AsyncIterator[Archive]:
     async with open_impl(ARCHIVE_IMPLS[archive_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def new_bus(bus_impl: str, deadline: None) -> AsyncIterator[NewBus]:
+async def new_bus(bus_impl: str) -> AsyncIterator[NewBus]:
     async with open_impl(BUS_IMPLS[bus_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def presence_rig(presence_impl: str, deadline: None) -> AsyncIterator[PresenceRig]:
+async def presence_rig(presence_impl: str) -> AsyncIterator[PresenceRig]:
     async with open_impl(PRESENCE_IMPLS[presence_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def feed_rig(feed_impl: str, deadline: None) -> AsyncIterator[FeedRig]:
+async def feed_rig(feed_impl: str) -> AsyncIterator[FeedRig]:
     async with open_impl(ARCHIVE_FEED_IMPLS[feed_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def new_revocations(revocations_impl: str, deadline: None) -> AsyncIterator[NewRevocations]:
+async def new_revocations(revocations_impl: str) -> AsyncIterator[NewRevocations]:
     async with open_impl(REVOCATIONS_IMPLS[revocations_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def tickets_rig(tickets_impl: str, deadline: None) -> AsyncIterator[TicketsRig]:
+async def tickets_rig(tickets_impl: str) -> AsyncIterator[TicketsRig]:
     async with open_impl(TICKETS_IMPLS[tickets_impl]) as instance:
         yield instance
 
 
 @pytest.fixture
-async def rate_limits_rig(rate_limits_impl: str, deadline: None) -> AsyncIterator[RateLimitsRig]:
+async def rate_limits_rig(rate_limits_impl: str) -> AsyncIterator[RateLimitsRig]:
     async with open_impl(RATE_LIMITS_IMPLS[rate_limits_impl]) as instance:
         yield instance

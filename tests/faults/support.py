@@ -1,5 +1,7 @@
-"""What every fault scenario shares: settings with small timeouts, users and rooms, the
-zero-loss / zero-duplicate / offset-order check of a room, Elasticsearch completeness, node
+"""What every fault scenario shares: the setup (``fault_cluster``: a cluster with small
+timeouts, an API client, the nodes' logs on failure; ``fault_proxy``: a fault-injecting proxy
+in front of a test service), users and rooms, the zero-loss / zero-duplicate / offset-order
+check of a room, Elasticsearch completeness, node
 metrics, Redis inspection, and the figures each scenario measures (printed, appended to
 ``RESULTS_FILE`` and summarised at the end of the pytest run)."""
 
@@ -12,10 +14,11 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import coredis
 import httpx
@@ -23,11 +26,13 @@ import pytest
 import trio
 
 from chatnode.adapters.elasticsearch import es_client, messages_index
-from tests.cluster.cluster import Cluster
+from tests.cluster.cluster import Cluster, require_services, running_cluster
 from tests.cluster.harness import http_get, nginx_available
+from tests.fault_proxy import FaultProxy
 from tests.faults.client import FaultClient
 
-# Small timeouts, so each fault resolves in seconds (DESIGN.md §4-§5 with test-sized knobs).
+# Small timeouts, so each fault resolves in seconds (docs/faults.md's guarantees with test-sized
+# knobs).
 FAULT_SETTINGS: dict[str, Any] = {
     "presence_ttl_s": 2,
     "archive_claim_idle_s": 2,
@@ -85,6 +90,46 @@ async def node_logs_on_failure(cluster: Cluster, lines: int = 60) -> AsyncIterat
                 if error_log.exists():
                     print("----- nginx error.log tail -----")
                     print("\n".join(error_log.read_text().splitlines()[-lines:]))
+
+
+@asynccontextmanager
+async def fault_cluster(
+    nodes: int = 2,
+    *,
+    node_env: Mapping[str, str] | Callable[[dict[str, str]], Mapping[str, str]] | None = None,
+    per_node_env: Sequence[Mapping[str, str]] = (),
+    **settings: Any,
+) -> AsyncIterator[tuple[Cluster, httpx.AsyncClient]]:
+    """The setup of a scenario: ``nodes`` nodes behind nginx with ``FAULT_SETTINGS``
+    (``settings`` override or add to them; ``node_env``, ``per_node_env`` as for
+    ``running_cluster``) and an API client through nginx; the nodes' logs are printed if the
+    body fails. Fails (CI) or skips without nginx."""
+    require_tools()
+    async with (
+        running_cluster(
+            nodes,
+            node_env=node_env,
+            per_node_env=per_node_env,
+            **{**FAULT_SETTINGS, **settings},
+        ) as cluster,
+        httpx.AsyncClient(base_url=cluster.url) as api,
+        node_logs_on_failure(cluster),
+    ):
+        yield cluster, api
+
+
+@asynccontextmanager
+async def fault_proxy(service_env: str) -> AsyncIterator[FaultProxy]:
+    """A ``FaultProxy`` in front of the test service whose URL ``service_env`` holds
+    (``CHATNODE_TEST_ES_URL``, ``CHATNODE_TEST_MYSQL_URL``), serving until the body ends."""
+    require_tools()
+    port = urlsplit(require_services()[service_env]).port
+    assert port is not None, service_env
+    async with trio.open_nursery() as background:
+        proxy = FaultProxy(port)
+        await background.start(proxy.serve)
+        yield proxy
+        background.cancel_scope.cancel()
 
 
 # -- users, rooms, clients ----------------------------------------------------------------------
@@ -241,7 +286,7 @@ def verify_room(
     head: int | None = None,
     left: Sequence[FaultClient] = (),
 ) -> dict[int, tuple[str, str]]:
-    """The guarantees of DESIGN.md §4 for one room, from what the clients saw:
+    """The guarantees of docs/faults.md for one room, from what the clients saw:
 
     - each client received offsets ``since+1 .. head``, each once, in offset order;
     - all clients agree on the message at each offset;

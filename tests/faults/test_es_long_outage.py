@@ -18,21 +18,19 @@ import itertools
 import time
 
 import attrs
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import Cluster, require_services, running_cluster
-from tests.faults.proxy import FaultProxy
+from tests.cluster.cluster import Cluster
 from tests.faults.support import (
     FAULT_SETTINGS,
     clients_on_nodes,
     close_all,
+    fault_cluster,
+    fault_proxy,
     make_room,
     make_users,
-    node_logs_on_failure,
     record,
-    require_tools,
     send_series,
     send_until,
     settle_all,
@@ -88,48 +86,39 @@ def reading_turns(cluster: Cluster) -> list[Turn]:
 
 
 async def test_a_long_elasticsearch_outage_hands_the_stream_over_one_reader_at_a_time() -> None:
-    require_tools()
-    es_port = int(require_services()["CHATNODE_TEST_ES_URL"].rsplit(":", 1)[1])
-    async with trio.open_nursery() as background:
-        proxy = FaultProxy(es_port)
-        await background.start(proxy.serve)
-        async with (
-            running_cluster(
-                nodes=2,
-                node_env={"CHATNODE_ELASTICSEARCH_URL": f"http://127.0.0.1:{proxy.port}"},
-                archive_linger_s=LINGER_S,
-                **FAULT_SETTINGS,
-            ) as cluster,
-            node_logs_on_failure(cluster),
-        ):
-            async with httpx.AsyncClient(base_url=cluster.url) as api:
-                tokens = await make_users(api, [f"u{i}" for i in range(4)])
-                room = await make_room(api, tokens["u0"])
-            clients = clients_on_nodes(cluster, tokens, room, [0, 0, 1, 1])
-            async with trio.open_nursery() as nursery:
-                await start_all(nursery, clients)
-                async with trio.open_nursery() as traffic:
-                    for client in clients:
-                        traffic.start_soon(send_series, client, 5, INTERVAL_S, "before ")
-                before = await settle_all(clients)
-                await wait_archived(cluster, room, before, timeout_s=10)
+    async with (
+        fault_proxy("CHATNODE_TEST_ES_URL") as proxy,
+        fault_cluster(
+            node_env={"CHATNODE_ELASTICSEARCH_URL": f"http://127.0.0.1:{proxy.port}"},
+            archive_linger_s=LINGER_S,
+        ) as (cluster, api),
+    ):
+        tokens = await make_users(api, [f"u{i}" for i in range(4)])
+        room = await make_room(api, tokens["u0"])
+        clients = clients_on_nodes(cluster, tokens, room, [0, 0, 1, 1])
+        async with trio.open_nursery() as nursery:
+            await start_all(nursery, clients)
+            async with trio.open_nursery() as traffic:
+                for client in clients:
+                    traffic.start_soon(send_series, client, 5, INTERVAL_S, "before ")
+            before = await settle_all(clients)
+            await wait_archived(cluster, room, before, timeout_s=10)
 
-                proxy.cut()
-                cut_at = time.time()
-                stop = trio.Event()
-                async with trio.open_nursery() as traffic:  # chat goes on throughout
-                    for client in clients:
-                        traffic.start_soon(send_until, client, stop, INTERVAL_S, "during ")
-                    await trio.sleep(OUTAGE_S)  # the fault lasts this long
-                    proxy.restore()
-                    restored_at = time.time()
-                    stop.set()
-                head = await settle_all(clients)
-                await wait_archived(cluster, room, head, timeout_s=20)
-                caught_up_s = time.time() - restored_at
-                turns = reading_turns(cluster)
-                await close_all(clients)
-            background.cancel_scope.cancel()
+            proxy.cut()
+            cut_at = time.time()
+            stop = trio.Event()
+            async with trio.open_nursery() as traffic:  # chat goes on throughout
+                for client in clients:
+                    traffic.start_soon(send_until, client, stop, INTERVAL_S, "during ")
+                await trio.sleep(OUTAGE_S)  # the fault lasts this long
+                proxy.restore()
+                restored_at = time.time()
+                stop.set()
+            head = await settle_all(clients)
+            await wait_archived(cluster, room, head, timeout_s=20)
+            caught_up_s = time.time() - restored_at
+            turns = reading_turns(cluster)
+            await close_all(clients)
 
     shown = "; ".join(
         f"{t.node} {t.start - cut_at:+.2f}..{t.end - cut_at:+.2f} s ({t.ended_by})" for t in turns

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.faults.support import (
     FAULT_SETTINGS,
     archive_reader,
     clients_on_nodes,
     close_all,
+    fault_cluster,
     make_room,
     make_users,
-    node_logs_on_failure,
     record,
-    require_tools,
     send_until,
     settle_all,
     start_all,
@@ -49,19 +46,13 @@ async def refuses(port: int) -> bool:
 
 
 async def test_sigterm_drains_one_node_while_traffic_flows() -> None:
-    require_tools()
-    settings = {**FAULT_SETTINGS, "archive_claim_idle_s": CLAIM_IDLE_S}
-    async with (
-        running_cluster(nodes=2, **settings) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-        node_logs_on_failure(cluster),
-    ):
+    async with fault_cluster(archive_claim_idle_s=CLAIM_IDLE_S) as (cluster, api):
         names = [f"u{i}" for i in range(6)]
         tokens = await make_users(api, names)
         room = await make_room(api, tokens["u0"])
         clients = clients_on_nodes(cluster, tokens, room, [0, 0, 0, 1, 1, 1])
         stopping, survivor = cluster.nodes
-        drain_timeout_s = float(settings["drain_timeout_s"])
+        drain_timeout_s = float(FAULT_SETTINGS["drain_timeout_s"])
 
         async with trio.open_nursery() as nursery:
             await start_all(nursery, clients)

@@ -25,21 +25,19 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from chatnode.node.service import USER_CHECK_TTL_S
-from tests.cluster.cluster import Cluster, require_services, running_cluster
+from tests.cluster.cluster import Cluster
 from tests.faults.client import FaultClient
-from tests.faults.proxy import FaultProxy
 from tests.faults.support import (
-    FAULT_SETTINGS,
     PASSWORD,
     auth,
     clients_on_nodes,
     close_all,
+    fault_cluster,
+    fault_proxy,
     make_room,
     make_users,
-    node_logs_on_failure,
     node_ws,
     record,
-    require_tools,
     send_series,
     send_until,
     settle_all,
@@ -138,11 +136,8 @@ async def traffic(clients: Sequence[FaultClient], count: int, tag: str) -> None:
 
 
 async def test_mysql_outage_takes_down_only_what_needs_mysql() -> None:
-    require_tools()
-    mysql_port = int(require_services()["CHATNODE_TEST_MYSQL_URL"].rsplit(":", 1)[1].split("/")[0])
-    async with trio.open_nursery() as background:
-        proxy = FaultProxy(mysql_port)
-        await background.start(proxy.serve)
+    async with fault_proxy("CHATNODE_TEST_MYSQL_URL") as proxy:
+        mysql_port = proxy.upstream_port
 
         def through_proxy(env: dict[str, str]) -> dict[str, str]:
             """The nodes reach the cluster's database through the proxy; migrations and
@@ -151,10 +146,8 @@ async def test_mysql_outage_takes_down_only_what_needs_mysql() -> None:
             return {"CHATNODE_MYSQL_URL": url}
 
         async with (
-            running_cluster(nodes=2, node_env=through_proxy, **FAULT_SETTINGS) as cluster,
-            httpx.AsyncClient(base_url=cluster.url) as api,
+            fault_cluster(node_env=through_proxy) as (cluster, api),
             httpx.AsyncClient(base_url=cluster.node_url(0)) as node1_api,
-            node_logs_on_failure(cluster),
         ):
             names = ["u0", "u1", "u2", "u3"]
             tokens = await make_users(api, [*names, "v", "late"])
@@ -256,7 +249,6 @@ async def test_mysql_outage_takes_down_only_what_needs_mysql() -> None:
                 everyone = [*back, late]
                 head = await settle_all(everyone)
                 await close_all([*everyone, v_back])
-        background.cancel_scope.cancel()
 
     verify_room(everyone, "6 mysql outage", head=head, left=left[:4])
     verify_room([v_back], "6 mysql outage, side room", left=[v])

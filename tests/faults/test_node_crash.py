@@ -20,22 +20,20 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.cluster.cluster import require_services, running_cluster
-from tests.faults.proxy import FaultProxy
 from tests.faults.support import (
     FAULT_SETTINGS,
     archive_backlog,
     archive_reader,
     clients_on_nodes,
     close_all,
+    fault_cluster,
+    fault_proxy,
     make_room,
     make_users,
-    node_logs_on_failure,
     node_ws,
     online,
     presence_entries,
     record,
-    require_tools,
     send_series,
     settle_all,
     start_all,
@@ -61,21 +59,11 @@ async def watch_reaping(
 
 
 async def test_kill_9_one_node_while_traffic_flows() -> None:
-    require_tools()
-    es_port = int(require_services()["CHATNODE_TEST_ES_URL"].rsplit(":", 1)[1])
-    async with trio.open_nursery() as background:
-        es_proxy = FaultProxy(es_port)
-        await background.start(es_proxy.serve)
+    async with fault_proxy("CHATNODE_TEST_ES_URL") as es_proxy:
         es_proxy.cut()  # node1 cannot archive: its taken entries stay unacknowledged
-        async with (
-            running_cluster(
-                nodes=2,
-                per_node_env=[{"CHATNODE_ELASTICSEARCH_URL": f"http://127.0.0.1:{es_proxy.port}"}],
-                **FAULT_SETTINGS,
-            ) as cluster,
-            httpx.AsyncClient(base_url=cluster.url) as api,
-            node_logs_on_failure(cluster),
-        ):
+        async with fault_cluster(
+            per_node_env=[{"CHATNODE_ELASTICSEARCH_URL": f"http://127.0.0.1:{es_proxy.port}"}]
+        ) as (cluster, api):
             names = [f"u{i}" for i in range(6)]
             tokens = await make_users(api, [*names, "ghost"])
             room = await make_room(api, tokens["u0"])
@@ -142,7 +130,6 @@ async def test_kill_9_one_node_while_traffic_flows() -> None:
                 assert survivor.returncode is None  # nothing restarted
                 await close_all(clients)
                 nursery.cancel_scope.cancel()  # the ghost task
-            background.cancel_scope.cancel()
 
     verify_room(clients, "2 node crash", head=PER_CLIENT * len(clients))
     for client in clients[:3]:  # the victim's clients came back on the survivor

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.faults.client import FaultClient
 from tests.faults.support import (
-    FAULT_SETTINGS,
     close_all,
+    fault_cluster,
     make_room,
     make_users,
-    node_logs_on_failure,
     node_metric,
     record,
     redis_client,
-    require_tools,
     send_series,
     settle_all,
     verify_room,
@@ -43,12 +39,7 @@ LOADS = "chatnode_history_loads_total"
 
 
 async def test_reconnect_storm_reads_history_once_per_room_per_node() -> None:
-    require_tools()
-    async with (
-        running_cluster(nodes=2, room_log_length=10, **FAULT_SETTINGS) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-        node_logs_on_failure(cluster),
-    ):
+    async with fault_cluster(room_log_length=10) as (cluster, api):
         names = [f"s{i}" for i in range(ROOMS)] + [f"u{i}" for i in range(USERS)]
         tokens = await make_users(api, names)
         rooms = [await make_room(api, tokens["s0"], f"storm{i}") for i in range(ROOMS)]

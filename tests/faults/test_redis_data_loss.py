@@ -25,22 +25,19 @@ import re
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.faults.client import FaultClient
 from tests.faults.redis_server import EVERYSEC, VOLATILE, DedicatedRedis, dedicated_redis
 from tests.faults.support import (
-    FAULT_SETTINGS,
     clients_on_nodes,
     close_all,
     es_messages,
+    fault_cluster,
     history,
     make_room,
     make_users,
-    node_logs_on_failure,
     probe_reaches_everyone,
     record,
     require_tools,
@@ -96,9 +93,7 @@ async def test_redis_losing_data_loses_no_acknowledged_message(loss: str) -> Non
     scenario = f"9 redis {loss}"
     async with (
         dedicated_redis(LOSSES[loss]) as redis,
-        running_cluster(nodes=2, redis_url=redis.url, **FAULT_SETTINGS) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-        node_logs_on_failure(cluster),
+        fault_cluster(redis_url=redis.url) as (cluster, api),
     ):
         names = [f"u{i}" for i in range(4)]
         tokens = await make_users(api, [*names, "probe"])

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.faults.client import FaultClient
 from tests.faults.redis_server import dedicated_redis
 from tests.faults.support import (
-    FAULT_SETTINGS,
     clients_on_nodes,
     close_all,
+    fault_cluster,
     make_room,
     make_users,
-    node_logs_on_failure,
     online,
     probe_reaches_everyone,
     record,
@@ -49,12 +46,7 @@ OUTAGE_S = 2.5
 
 async def test_redis_crash_and_restart_under_traffic() -> None:
     require_tools("redis-server")
-    async with (
-        dedicated_redis() as redis,
-        running_cluster(nodes=2, redis_url=redis.url, **FAULT_SETTINGS) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-        node_logs_on_failure(cluster),
-    ):
+    async with dedicated_redis() as redis, fault_cluster(redis_url=redis.url) as (cluster, api):
         names = [f"u{i}" for i in range(4)]
         tokens = await make_users(api, [*names, "probe"])
         room = await make_room(api, tokens["u0"])

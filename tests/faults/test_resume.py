@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.faults.client import FaultClient
 from tests.faults.support import (
-    FAULT_SETTINGS,
     close_all,
+    fault_cluster,
     make_room,
     make_users,
     node_ws,
     record,
-    require_tools,
     settle_all,
     start_all,
     verify_room,
@@ -28,11 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_resume_with_since_on_the_other_node() -> None:
-    require_tools()
-    async with (
-        running_cluster(nodes=2, **FAULT_SETTINGS) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-    ):
+    async with fault_cluster() as (cluster, api):
         tokens = await make_users(api, ["ann", "bob"])
         room = await make_room(api, tokens["ann"])
 

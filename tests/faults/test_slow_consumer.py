@@ -18,22 +18,18 @@ import statistics
 import struct
 import time
 
-import httpx
 import pytest
 import trio
 
-from tests.cluster.cluster import running_cluster
 from tests.e2e.harness import raw_websocket
 from tests.faults.client import FaultClient
 from tests.faults.support import (
-    FAULT_SETTINGS,
     clients_on_nodes,
     close_all,
+    fault_cluster,
     make_room,
     make_users,
-    node_logs_on_failure,
     record,
-    require_tools,
     settle_all,
     start_all,
     verify_room,
@@ -72,12 +68,7 @@ def parse_frames(data: bytes) -> tuple[list[bytes], int | None]:
 
 
 async def test_slow_consumer_is_cut_off_and_the_room_is_not_slowed() -> None:
-    require_tools()
-    async with (
-        running_cluster(nodes=2, send_backlog_bytes=BACKLOG_BYTES, **FAULT_SETTINGS) as cluster,
-        httpx.AsyncClient(base_url=cluster.url) as api,
-        node_logs_on_failure(cluster),
-    ):
+    async with fault_cluster(send_backlog_bytes=BACKLOG_BYTES) as (cluster, api):
         tokens = await make_users(api, ["fast1", "fast2", "sender", "slow"])
         room = await make_room(api, tokens["sender"])
         clients = clients_on_nodes(

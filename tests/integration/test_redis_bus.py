@@ -23,9 +23,8 @@ from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
+from tests.fault_proxy import FaultProxy
 from tests.redis_support import OpeningRedisBus
-
-from .tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +58,10 @@ async def redis(redis_url: str) -> AsyncIterator[tuple[RedisClient, str, RespCli
 @pytest.fixture
 async def proxied(
     redis_url: str, nursery: trio.Nursery
-) -> AsyncIterator[tuple[TcpProxy, RespClient]]:
+) -> AsyncIterator[tuple[FaultProxy, RespClient]]:
     """A proxy in front of the test server and a bus client connected through it."""
     parts = urlsplit(redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    proxy = FaultProxy(parts.port or 6379, parts.hostname or "127.0.0.1")
     port = await nursery.start(proxy.serve)
     client = RespClient.from_url(f"redis://127.0.0.1:{port}{parts.path}", timeout_s=2.0)
     try:
@@ -284,7 +283,7 @@ async def test_concurrent_subscribes_of_one_room_all_return(
 
 
 async def test_a_frozen_connection_is_dropped_by_the_keepalive(
-    proxied: tuple[TcpProxy, RespClient],
+    proxied: tuple[FaultProxy, RespClient],
     redis: tuple[RedisClient, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:
@@ -318,7 +317,7 @@ async def test_the_keepalive_is_answered_with_no_room_subscribed(
 
 
 async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
-    proxied: tuple[TcpProxy, RespClient],
+    proxied: tuple[FaultProxy, RespClient],
     redis: tuple[RedisClient, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:
@@ -332,7 +331,7 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
     await recorder.wait_for_messages(1, 1)  # through the proxy before the cut (not caught up)
 
     proxy.refusing = True
-    proxy.cut()
+    proxy.drop()
     for call in (
         lambda: bus.publish(draft(1, "lost")),
         lambda: bus.last_offset(1),
@@ -351,7 +350,7 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
 
 
 async def test_serve_waits_for_redis_before_it_is_started(
-    proxied: tuple[TcpProxy, RespClient],
+    proxied: tuple[FaultProxy, RespClient],
     redis: tuple[RedisClient, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:

@@ -1,0 +1,73 @@
+"""What the benchmark runs and what it must meet: the modes, the workloads, the targets of
+issue 5 (they live here and nowhere else: no unit test asserts a timing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "steps": [1000, 5000],
+        "step_s": 8.0,
+        "rounds": 1,
+        "warmup_s": 3.0,
+        "idle_per_node": 1000,
+        "history_msgs": 20_000,
+        "archiver_rounds": 1,
+        "join_samples": 100,
+        "search_samples": 200,
+        "rest_s": 5,
+    },
+    "full": {
+        "steps": [1000, 5000, 20000, 40000],
+        "step_s": 15.0,
+        "rounds": 3,
+        "warmup_s": 5.0,
+        "idle_per_node": 5000,
+        "history_msgs": 100_000,
+        "archiver_rounds": 3,
+        "join_samples": 300,
+        "search_samples": 500,
+        "rest_s": 10,
+    },
+}
+
+CLUSTER_WORKLOAD = {"rooms": 10, "members": 100, "senders": 10}
+SINGLE_WORKLOAD = {"rooms": 3, "members": 100, "senders": 10}
+P99_LIMIT_MS = 100.0
+OVERLOAD_P99_MS = 2000.0  # past this a step is overloaded and higher steps are skipped
+
+TARGETS = {
+    "cpu_vs_websockets": 1.0,
+    "cpu_vs_socketio": 0.33,
+    "cpu_single_vs_lws": 1.5,
+    "knee_min": 40_000,
+    "idle_kib": 10.0,
+    "rest_ratio": 0.05,
+    "join_log_p99_ms": 25.0,
+    "join_es_p99_ms": 60.0,
+    "search_added_p50_ms": 2.0,
+    "archiver_ratio": 0.8,
+}
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "delta",
+    "echo",
+    "falcon",
+    "garnet",
+    "harbor",
+    "indigo",
+    "jasper",
+    "kestrel",
+    "lagoon",
+    "marble",
+    "nectar",
+    "orchid",
+    "pepper",
+]
+
+
+EXTRAS = ("archiver", "join", "search", "idle", "rest", "peers")
+"""The extras on chatnode's cluster, in the order they run (``--extras`` picks some)."""
