@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from chatnode.adapters.redis_bus import RedisBus
+from chatnode.adapters.redis.bus import RedisBus
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
 

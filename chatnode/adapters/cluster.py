@@ -10,15 +10,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from chatnode.adapters.elasticsearch import EsArchive
 from chatnode.adapters.migrations import migrate
 from chatnode.adapters.mysql import MysqlDirectory
-from chatnode.adapters.redis_archive_feed import RedisArchiveFeed
-from chatnode.adapters.redis_bus import RedisBus
-from chatnode.adapters.redis_connection import open_redis
-from chatnode.adapters.redis_directory import RedisCachedDirectory
-from chatnode.adapters.redis_presence import RedisPresence
-from chatnode.adapters.redis_ratelimits import RedisRateLimits
-from chatnode.adapters.redis_revocations import RedisRevocations
-from chatnode.adapters.redis_tickets import RedisTickets
-from chatnode.adapters.resp import RespClient
+from chatnode.adapters.redis.archive_feed import RedisArchiveFeed
+from chatnode.adapters.redis.bus import RedisBus
+from chatnode.adapters.redis.client import RespClient
+from chatnode.adapters.redis.connection import open_redis
+from chatnode.adapters.redis.directory import RedisCachedDirectory
+from chatnode.adapters.redis.presence import RedisPresence
+from chatnode.adapters.redis.ratelimits import RedisRateLimits
+from chatnode.adapters.redis.revocations import RedisRevocations
+from chatnode.adapters.redis.tickets import RedisTickets
 from chatnode.config import Config
 from chatnode.node.service import Backends
 

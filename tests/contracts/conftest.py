@@ -370,7 +370,7 @@ async def memory_rate_limits(_url: str) -> AsyncIterator[RateLimitsRig]:
 async def redis_rate_limits(url: str) -> AsyncIterator[RateLimitsRig]:
     """Each "node" on a RespClient of its own, under one key prefix; Redis' clock is real."""
     from chatnode.adapters.redis import RespClient
-    from chatnode.adapters.redis_ratelimits import RedisRateLimits
+    from chatnode.adapters.redis.ratelimits import RedisRateLimits
 
     async with redis_test_clients(url) as (_, prefix):
         clients: list[RespClient] = []

@@ -199,7 +199,7 @@ async def test_a_reader_counts_its_lease_lost_once_it_may_have_expired(
 async def test_each_turn_is_logged_from_its_start_to_its_end(
     redis: tuple[RedisClient, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="chatnode.adapters.redis_archive_feed")
+    caplog.set_level(logging.INFO, logger="chatnode.adapters.redis.archive_feed")
     _, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
     await publish_some(bus, 1)
@@ -213,7 +213,7 @@ async def test_each_turn_is_logged_from_its_start_to_its_end(
     turns = [
         r.getMessage().split("n1 ", 1)[1].split(":")[0]
         for r in caplog.records
-        if r.name == "chatnode.adapters.redis_archive_feed"
+        if r.name == "chatnode.adapters.redis.archive_feed"
     ]
     assert turns == [
         "reads the archive stream",

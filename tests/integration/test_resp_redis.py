@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from chatnode.adapters.redis import RedisClient, RespClient
-from chatnode.adapters.resp import RespError, Script
+from chatnode.adapters.redis.client import RespError, Script
 from chatnode.core import errors
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service

@@ -90,7 +90,7 @@ from coredis.commands.script import Script
 from chatnode.core import errors, ports
 from chatnode.core.models import Room, User
 
-from .redis_connection import RedisClient, any_reply, is_unavailable
+from .connection import RedisClient, any_reply, is_unavailable
 
 log = logging.getLogger(__name__)
 

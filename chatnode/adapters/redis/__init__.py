@@ -67,15 +67,15 @@ Wiring, in ``cluster.py``::
 
 from __future__ import annotations
 
-from .redis_archive_feed import RedisArchiveFeed
-from .redis_bus import RedisBus
-from .redis_connection import RedisClient, open_redis, redis_failures
-from .redis_directory import RedisCachedDirectory
-from .redis_presence import RedisPresence
-from .redis_ratelimits import RedisRateLimits
-from .redis_revocations import RedisRevocations
-from .redis_tickets import RedisTickets
-from .resp import RespClient
+from .archive_feed import RedisArchiveFeed
+from .bus import RedisBus
+from .client import RespClient
+from .connection import RedisClient, open_redis, redis_failures
+from .directory import RedisCachedDirectory
+from .presence import RedisPresence
+from .ratelimits import RedisRateLimits
+from .revocations import RedisRevocations
+from .tickets import RedisTickets
 
 __all__ = [
     "RedisArchiveFeed",

@@ -41,7 +41,7 @@ from coredis.commands.script import Script
 from chatnode.core import ports
 from chatnode.core.models import Revocation, RevocationChanges, RevocationKind, RevocationState
 
-from .redis_connection import RedisClient, any_reply, redis_failures
+from .connection import RedisClient, any_reply, redis_failures
 
 # KEYS: the record's key, the changes stream. ARGV: kind, at ms, expires ms, account id,
 # token id, changes to keep. Returns the stream id of the record.

@@ -1,6 +1,6 @@
 """The archive stream as ``ports.ArchiveFeed``: :class:`RedisArchiveFeed`.
 
-:class:`~chatnode.adapters.redis_bus.RedisBus` appends every published message to
+:class:`~chatnode.adapters.redis.bus.RedisBus` appends every published message to
 ``P:archive`` as one field, ``d``, the message's archive document (``ChatMessage.document``;
 see the bus's module docstring for the key layout). Entries an older chatnode wrote (fields
 r, o, u, t, ts) are read too, encoded into documents here.
@@ -65,8 +65,8 @@ import trio
 from chatnode.core import ports
 from chatnode.core.models import ArchiveEntry, ChatMessage
 
-from .redis_bus import BusKeys
-from .resp import Reply, RespClient, Script
+from .bus import BusKeys
+from .client import Reply, RespClient, Script
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from chatnode.adapters.resp import RedisAddress, RespConnection, RespError, check, encode
+from chatnode.adapters.redis.client import RedisAddress, RespConnection, RespError, check, encode
 from chatnode.core import errors
 
 

@@ -1,5 +1,5 @@
 """Room traffic through Redis: :class:`RedisBus` (``ports.Bus``); the archive stream it feeds
-is read by :class:`~chatnode.adapters.redis_archive_feed.RedisArchiveFeed`. Needs Redis >= 7.0.
+is read by :class:`~chatnode.adapters.redis.archive_feed.RedisArchiveFeed`. Needs Redis >= 7.0.
 
 Keys (``P`` is the deployment's key prefix, room ids are decimal)::
 
@@ -92,7 +92,7 @@ import trio
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
 
-from .resp import Reply, RespClient, RespConnection, RespError, Script
+from .client import Reply, RespClient, RespConnection, RespError, Script
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class RedisBus:
     """``ports.Bus`` on Redis (rules in the module docstring). ``serve`` once at a time.
 
     The client belongs to the caller: ``aclose`` does not close it. It is
-    :class:`~chatnode.adapters.resp.RespClient`, not coredis: this is the per-message path.
+    :class:`~chatnode.adapters.redis.client.RespClient`, not coredis: this is the per-message path.
     """
 
     _redis: RespClient

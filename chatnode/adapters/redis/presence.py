@@ -34,7 +34,7 @@ from coredis.commands.script import Script
 from chatnode.core import ports
 from chatnode.core.models import PresenceEntry
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .connection import RedisClient, int_reply, redis_failures
 
 # KEYS: room hash, node entries, nodes. ARGV: entry, user, member, node id.
 _ADD_LUA: Final = """#!lua

@@ -20,7 +20,7 @@ from coredis.commands.script import Script
 
 from chatnode.core import ports
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .connection import RedisClient, int_reply, redis_failures
 
 # KEYS: the ticket, the account's counter. ARGV: token, lifetime ms, max per account.
 # Returns 1 if the ticket was stored, 0 if the account is over its bound.
