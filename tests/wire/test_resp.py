@@ -1,16 +1,20 @@
-"""The RESP client's rules against a scripted server, on an in-memory stream and on a real
-socket pair (read and written by descriptor): pipelining, replies matched in order whoever
-reads, error replies, a silent or broken server."""
+"""RESP2 without I/O (``chatnode.wire.resp``): commands encoded as arrays of bulk strings; every
+kind of reply parsed, nested, nil, empty, errors inside arrays; replies cut anywhere, down to a
+byte at a time; a large bulk string over many feeds; bytes that are not RESP. Hypothesis checks
+that generated replies come back the same through any chunking, that commands survive any
+argument, and that garbage gives ``ProtocolError`` or replies, never another error or a hang."""
 
 from __future__ import annotations
 
-import hiredis
-import pytest
-import trio
-import trio.testing
+from typing import Any
 
-from chatnode.adapters.redis.client import RedisAddress, RespConnection, RespError, check, encode
-from chatnode.core import errors
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatnode.wire.resp import ProtocolError, ReplyParser, RespError, encode
+
+# -- commands (rule 1) --------------------------------------------------------------------------
 
 
 def test_commands_are_arrays_of_bulk_strings() -> None:
@@ -19,259 +23,200 @@ def test_commands_are_arrays_of_bulk_strings() -> None:
     )
 
 
+def test_empty_and_negative_arguments() -> None:
+    assert encode(["ECHO", b""]) == b"*2\r\n$4\r\nECHO\r\n$0\r\n\r\n"
+    assert encode(["INCRBY", "k", -5]) == b"*3\r\n$6\r\nINCRBY\r\n$1\r\nk\r\n$2\r\n-5\r\n"
+    assert encode([]) == b"*0\r\n"
+
+
+@given(st.lists(st.one_of(st.binary(), st.text(), st.integers()), min_size=1, max_size=20))
+def test_any_command_reads_back_as_its_arguments(args: list[bytes | str | int]) -> None:
+    """A command parses as an array of bulk strings: what Redis reads is what was meant."""
+    expected = [
+        a.encode() if isinstance(a, str) else b"%d" % a if isinstance(a, int) else a for a in args
+    ]
+    assert ReplyParser().feed(encode(args)) == [expected]
+
+
+# -- replies (rules 2-3) ------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("url", "address"),
+    ("raw", "reply"),
     [
-        ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, db=2)),
-        ("redis://localhost", RedisAddress("localhost", 6379)),
-        (
-            "rediss://u%40x:p%3Aw@cache:7000/0",
-            RedisAddress("cache", 7000, tls=True, username="u@x", password="p:w"),
-        ),
-        ("redis://:secret@h:1?db=3", RedisAddress("h", 1, password="secret", db=3)),
-        ("unix:///run/redis.sock?db=1", RedisAddress(unix_path="/run/redis.sock", db=1)),
+        (b"+OK\r\n", b"OK"),
+        (b"+\r\n", b""),
+        (b":0\r\n", 0),
+        (b":-42\r\n", -42),
+        (b":9223372036854775807\r\n", 2**63 - 1),
+        (b"$5\r\nhello\r\n", b"hello"),
+        (b"$0\r\n\r\n", b""),
+        (b"$-1\r\n", None),
+        (b"$4\r\na\r\nb\r\n", b"a\r\nb"),  # a bulk string carries its length: any bytes
+        (b"*-1\r\n", None),
+        (b"*0\r\n", []),
+        (b"*3\r\n:1\r\n$-1\r\n*0\r\n", [1, None, []]),
+        (b"*2\r\n*2\r\n*1\r\n:1\r\n$1\r\nx\r\n*-1\r\n", [[[1], b"x"], None]),
+        (b"*1\r\n" * 20 + b":7\r\n", [[[[[[[[[[[[[[[[[[[[7]]]]]]]]]]]]]]]]]]]]),
     ],
 )
-def test_urls(url: str, address: RedisAddress) -> None:
-    assert RedisAddress.from_url(url) == address
+def test_each_kind_of_reply(raw: bytes, reply: object) -> None:
+    assert ReplyParser().feed(raw) == [reply]
 
 
-def test_not_a_redis_url() -> None:
-    with pytest.raises(ValueError, match="not a Redis URL"):
-        RedisAddress.from_url("http://127.0.0.1:6379")
+def test_an_error_reply_is_a_value_also_inside_an_array() -> None:
+    (top,) = ReplyParser().feed(b"-WRONGTYPE Operation against a key\r\n")
+    assert isinstance(top, RespError) and top.prefix == b"WRONGTYPE"
+    assert str(top) == "WRONGTYPE Operation against a key"
+    (array,) = ReplyParser().feed(b"*3\r\n:1\r\n-ERR inside\r\n$1\r\nz\r\n")
+    assert isinstance(array, list) and array[0] == 1 and array[2] == b"z"
+    assert isinstance(array[1], RespError) and array[1].prefix == b"ERR"
+    (bare,) = ReplyParser().feed(b"-NOSCRIPT\r\n")
+    assert isinstance(bare, RespError) and bare.prefix == b"NOSCRIPT"
 
 
-def test_error_replies_raise_and_not_now_replies_are_unavailable() -> None:
-    assert check(b"OK") == b"OK"
-    with pytest.raises(RespError, match="WRONGTYPE"):
-        check(RespError("WRONGTYPE Operation against a key"))
-    for reply in ("LOADING Redis is loading", "OOM command not allowed", "READONLY replica"):
-        with pytest.raises(errors.Unavailable):
-            check(RespError(reply))
+def test_replies_come_out_in_order_as_they_complete() -> None:
+    parser = ReplyParser()
+    assert parser.feed(b"+A\r\n:1\r\n$3\r\nab") == [b"A", 1]
+    assert parser.feed(b"c\r\n*2\r\n") == [b"abc"]
+    assert parser.feed(b":1\r\n") == []
+    assert parser.feed(b":2\r\n+B\r\n") == [[1, 2], b"B"]
+    assert parser.feed(b"") == []
 
 
-class Server:
-    """The far end of a connection: reads commands, answers when told to."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.parser = hiredis.Reader()
-        self.commands: list[list[bytes]] = []
-        self.writes = 0
-
-    async def read_commands(self, count: int) -> list[list[bytes]]:
-        while len(self.commands) < count:
-            data = await self.stream.receive_some(65536)
-            assert data, "client closed"
-            self.writes += 1
-            self.parser.feed(data)
-            while (command := self.parser.gets()) is not False:
-                self.commands.append(command)
-        return self.commands[:count]
-
-    async def answer(self, raw: bytes) -> None:
-        await self.stream.send_all(raw)
-
-
-TRANSPORTS = ["memory", "socket"]
-
-
-def pair(transport: str, timeout_s: float = 5.0) -> tuple[RespConnection, Server]:
-    client: trio.abc.Stream
-    server: trio.abc.Stream
-    if transport == "memory":
-        client, server = trio.testing.memory_stream_pair()
-    else:
-        a, b = trio.socket.socketpair()
-        client, server = trio.SocketStream(a), trio.SocketStream(b)
-    return RespConnection(client, timeout_s=timeout_s, name="t"), Server(server)
-
-
-async def echo_twenty_calls(conn: RespConnection, server: Server) -> None:
-    """Twenty concurrent ECHO calls, answered in the order received, in two parts cut inside
-    a reply (the parser waits): each caller must get its own reply."""
-    replies: dict[int, object] = {}
-
-    async def call(n: int) -> None:
-        replies[n] = await conn.call("ECHO", n)
-
-    async with trio.open_nursery() as nursery:
-        for n in range(20):
-            nursery.start_soon(call, n)
-        commands = await server.read_commands(20)
-        answer = b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for _, arg in commands)
-        await server.answer(answer[:37])
-        await trio.testing.wait_all_tasks_blocked()
-        await server.answer(answer[37:])
-
-    assert sorted(commands) == sorted([b"ECHO", str(n).encode()] for n in range(20))
-    assert replies == {n: str(n).encode() for n in range(20)}
-
-
-async def test_calls_of_one_scheduler_pass_leave_in_one_write_and_get_their_own_replies() -> None:
-    conn, server = pair("memory")
-    await echo_twenty_calls(conn, server)
-    assert server.writes == 1
-
-
-async def test_on_a_socket_calls_are_written_at_once_and_get_their_own_replies() -> None:
-    conn, server = pair("socket")
-    await echo_twenty_calls(conn, server)
-    passes = 0
-
-    # The write itself is no scheduler pass: the command is out before the caller yields.
-    class Counter(trio.abc.Instrument):
-        def before_run_loop(self) -> None: ...
-
-        def after_io_wait(self, timeout: float) -> None:
-            nonlocal passes
-            passes += 1
-
-    async def answer_one() -> None:
-        await server.read_commands(21)
-        await server.answer(b"+PONG\r\n")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(answer_one)
-        await trio.testing.wait_all_tasks_blocked()
-        trio.lowlevel.add_instrument(Counter())
-        assert await conn.call("PING") == b"PONG"
-    assert passes <= 3  # write, server reads and answers, client reads: no pass to write
-
-
-async def test_a_write_the_socket_does_not_take_whole_is_finished_in_order() -> None:
-    conn, server = pair("socket")
-    big = b"x" * 4_000_000  # more than the socket buffers hold
-    got: dict[str, object] = {}
-
-    async def call(*args: str | bytes) -> None:
-        got[str(args[0])] = await conn.call(*args)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(call, "SET", "k", big)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(call, "GET", "k")  # queued behind the unfinished write
-        commands = await server.read_commands(2)
-        await server.answer(b"+OK\r\n$1\r\nv\r\n")
-    assert commands == [[b"SET", b"k", big], [b"GET", b"k"]]
-    assert got == {"SET": b"OK", "GET": b"v"}
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(transport: str) -> None:
-    conn, server = pair(transport)
+def test_a_reply_fed_a_byte_at_a_time() -> None:
+    raw = b"*3\r\n$5\r\nhello\r\n*2\r\n:-1\r\n-ERR x\r\n$-1\r\n"
+    parser = ReplyParser()
     got: list[object] = []
-    first = trio.CancelScope()
-
-    async def cancelled() -> None:
-        with first:
-            await conn.call("GET", "a")
-
-    async def second() -> None:
-        got.append(await conn.call("GET", "b"))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(cancelled)
-        await trio.testing.wait_all_tasks_blocked()  # "a" is sent, its caller reads
-        nursery.start_soon(second)
-        await server.read_commands(2)
-        first.cancel()  # the reader goes away before any reply
-        await trio.testing.wait_all_tasks_blocked()
-        await server.answer(b"$1\r\nA\r\n$1\r\nB\r\n")
-
-    assert got == [b"B"]
+    for i in range(len(raw)):
+        got += parser.feed(raw[i : i + 1])
+        assert got == [] or i == len(raw) - 1  # nothing before the last byte
+    assert len(got) == 1 and isinstance(got[0], list)
+    assert got[0][0] == b"hello" and got[0][2] is None
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_error_replies_are_returned_to_their_caller_only(transport: str) -> None:
-    conn, server = pair(transport)
+def test_a_large_bulk_string_over_many_feeds() -> None:
+    payload = bytes(range(256)) * 40_000  # 10 MB, "\r\n" inside
+    raw = b"$%d\r\n%b\r\n+after\r\n" % (len(payload), payload)
+    parser = ReplyParser()
     got: list[object] = []
-
-    async def call(*args: str) -> None:
-        got.append(await conn.call(*args))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(call, "INCR", "x")
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(call, "PING")
-        await server.read_commands(2)
-        await server.answer(b"-WRONGTYPE not a number\r\n+PONG\r\n")
-
-    assert isinstance(got[0], RespError) and str(got[0]) == "WRONGTYPE not a number"
-    assert got[1] == b"PONG"
+    for start in range(0, len(raw), 65_536):
+        got += parser.feed(raw[start : start + 65_536])
+    assert got == [payload, b"after"]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_silent_server_fails_the_call_and_the_connection(transport: str) -> None:
-    conn, server = pair(transport, timeout_s=0.05)
-    with pytest.raises(errors.Unavailable, match="no reply within"):
-        await conn.call("PING")
-    assert conn.broken
-    with pytest.raises(errors.Unavailable):
-        await conn.call("PING")  # never reused
-    assert len(await server.read_commands(1)) == 1
+# -- bytes that are not RESP (rule 4) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_closed_connection_fails_every_waiting_call(transport: str) -> None:
-    conn, server = pair(transport)
-    failures: list[str] = []
-
-    async def call() -> None:
-        try:
-            await conn.call("PING")
-        except errors.Unavailable as exc:
-            failures.append(str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(3):
-            nursery.start_soon(call)
-        await server.read_commands(3)
-        await server.stream.aclose()
-
-    assert len(failures) == 3
-    assert conn.broken
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_reply_nobody_asked_for_fails_the_connection(transport: str) -> None:
-    conn, server = pair(transport)
-    got: list[object] = []
-
-    async def call() -> None:
-        got.append(await conn.call("PING"))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(call)
-        await server.read_commands(1)
-        await server.answer(b"+PONG\r\n+EXTRA\r\n")
-
-    assert got == [b"PONG"]
-    assert conn.broken
-    with pytest.raises(errors.Unavailable, match="protocol error"):
-        await conn.call("PING")
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"!unknown type\r\n",
+        b"hello\r\n",  # an inline command is not a reply
+        b":12x\r\n",
+        b"$-5\r\n",
+        b"$abc\r\n",
+        b"*-2\r\n",
+        b"*99999999999999999999\r\n",
+        b"\xff\xfe",
+    ],
+)
+def test_bytes_that_are_not_resp_raise_and_the_parser_stays_failed(raw: bytes) -> None:
+    parser = ReplyParser()
+    with pytest.raises(ProtocolError):
+        parser.feed(raw)
+    with pytest.raises(ProtocolError):
+        parser.feed(b"+OK\r\n")  # the framing is lost: nothing after is trusted
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_pushes_are_received_in_batches_and_sends_are_flushed_by_the_writer(
-    transport: str,
+def test_replies_before_garbage_are_lost_with_the_connection() -> None:
+    """A feed that raises returns nothing: the caller drops the connection and fails every
+    caller waiting on it, including those whose replies came before the garbage."""
+    with pytest.raises(ProtocolError):
+        ReplyParser().feed(b"+OK\r\n!garbage\r\n")
+
+
+# -- Hypothesis ---------------------------------------------------------------------------------
+
+_errors = st.from_regex(r"\A[A-Z]{1,12}( [ -~]{0,40})?\Z").map(RespError)
+_leaves = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.binary(max_size=300),
+    _errors,
+)
+_replies = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=6), max_leaves=30)
+
+
+def encode_reply(reply: Any, *, simple: bool = False) -> bytes:
+    """The bytes Redis would send for ``reply`` (nil as a nil bulk string or nil array)."""
+    if reply is None:
+        return b"$-1\r\n" if simple else b"*-1\r\n"
+    if isinstance(reply, RespError):
+        return b"-%b\r\n" % str(reply).encode()
+    if isinstance(reply, int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, bytes):
+        if simple and b"\r" not in reply and b"\n" not in reply:
+            return b"+%b\r\n" % reply
+        return b"$%d\r\n%b\r\n" % (len(reply), reply)
+    return b"*%d\r\n" % len(reply) + b"".join(encode_reply(r, simple=simple) for r in reply)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal replies (RespError compared by message)."""
+    if isinstance(a, RespError) or isinstance(b, RespError):
+        return type(a) is type(b) and str(a) == str(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    replies=st.lists(_replies, min_size=1, max_size=8),
+    simple=st.booleans(),
+    data=st.data(),
+)
+def test_generated_replies_survive_any_chunking(
+    replies: list[Any], simple: bool, data: st.DataObject
 ) -> None:
-    conn, server = pair(transport)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn.write_forever)
-        conn.send_nowait("SUBSCRIBE", "a", "b")
-        assert await server.read_commands(1) == [[b"SUBSCRIBE", b"a", b"b"]]
-        await server.answer(
-            b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"
-            b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"
-            b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"
-        )
-        pushes = await conn.receive()
-        await server.stream.aclose()
-        with pytest.raises(errors.Unavailable):
-            await conn.receive()
-    assert pushes == [
-        [b"subscribe", b"a", 1],
-        [b"subscribe", b"b", 2],
-        [b"message", b"a", b"hi"],
-    ]
+    raw = b"".join(encode_reply(r, simple=simple) for r in replies)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(raw)), max_size=30)))
+    parser = ReplyParser()
+    got: list[Any] = []
+    start = 0
+    for cut in [*cuts, len(raw)]:
+        got += parser.feed(raw[start:cut])
+        start = cut
+    assert len(got) == len(replies)
+    assert all(same(g, r) for g, r in zip(got, replies, strict=True))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=10))
+def test_garbage_gives_replies_or_a_protocol_error_and_always_returns(
+    chunks: list[bytes],
+) -> None:
+    parser = ReplyParser()
+    for chunk in chunks:
+        try:
+            parser.feed(chunk)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                parser.feed(b"+OK\r\n")
+            return
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prefix=_replies,
+    noise=st.binary(min_size=1, max_size=32).filter(lambda b: b[:1] not in b"+-:$*_#,%~>|=(!"),
+)
+def test_a_wrong_type_byte_after_good_replies_is_a_protocol_error(
+    prefix: Any, noise: bytes
+) -> None:
+    parser = ReplyParser()
+    assert len(parser.feed(encode_reply(prefix))) == 1
+    with pytest.raises(ProtocolError):
+        parser.feed(noise)

@@ -91,8 +91,9 @@ import trio
 
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
+from chatnode.wire.resp import Reply, RespError
 
-from .client import Reply, RespClient, RespConnection, RespError, Script
+from .client import RespClient, RespConnection, Script
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +352,8 @@ class _Link:
 class RedisBus:
     """``ports.Bus`` on Redis (rules in the module docstring). ``serve`` once at a time.
 
-    The client belongs to the caller: ``aclose`` does not close it. It is
-    :class:`~chatnode.adapters.redis.client.RespClient`, not coredis: this is the per-message path.
+    The client belongs to the caller: ``aclose`` does not close it. Its command connection
+    should be the bus's alone: publishing is on the per-message path.
     """
 
     _redis: RespClient
