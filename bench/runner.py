@@ -1005,7 +1005,7 @@ def machine() -> dict[str, Any]:
             str(chatnode_py),
             "-c",
             "import importlib.metadata as m; print(', '.join(f'{p} '+m.version(p) "
-            "for p in ('trio','wsproto','h11','coredis','elasticsearch')))",
+            "for p in ('trio','wsproto','h11','hiredis','elasticsearch')))",
         ),
         "nginx": cmd("nginx", "-v").replace("nginx version: ", ""),
         "redis": cmd("redis-server", "--version").split(" sha=")[0],

@@ -143,10 +143,10 @@ async def open_accounts(config: Config) -> AsyncIterator[tuple[Directory, Revoca
             yield SqliteDirectory(db), SqliteRevocations(db)
     else:
         from chatnode.adapters.mysql import MysqlDirectory
-        from chatnode.adapters.redis import RedisRevocations, open_redis
+        from chatnode.adapters.redis import RedisRevocations, RespClient
 
         async with (
-            open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
+            RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
             MysqlDirectory.from_url(
                 config.mysql_url, pool_size=1, statement_timeout_s=config.backend_timeout_s
             ) as directory,

@@ -13,7 +13,6 @@ from chatnode.adapters.mysql import MysqlDirectory
 from chatnode.adapters.redis.archive_feed import RedisArchiveFeed
 from chatnode.adapters.redis.bus import RedisBus
 from chatnode.adapters.redis.client import RespClient
-from chatnode.adapters.redis.connection import open_redis
 from chatnode.adapters.redis.directory import RedisCachedDirectory
 from chatnode.adapters.redis.presence import RedisPresence
 from chatnode.adapters.redis.ratelimits import RedisRateLimits
@@ -28,13 +27,12 @@ __all__ = ["migrate", "open_cluster_backends"]
 @asynccontextmanager
 async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[Backends]:
     async with AsyncExitStack() as stack:
-        redis = await stack.enter_async_context(
-            open_redis(
-                config.redis_url,
-                timeout_s=config.backend_timeout_s,
-                client_name=f"chatnode:{node_id}",
-            )
+        redis = RespClient.from_url(  # presence, directory cache, revocations, tickets
+            config.redis_url,
+            timeout_s=config.backend_timeout_s,
+            client_name=f"chatnode:{node_id}",
         )
+        stack.push_async_callback(redis.aclose)
         bus_client = RespClient.from_url(
             config.redis_url,
             timeout_s=config.backend_timeout_s,

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import coredis
 import httpx
 import pytest
 import trio
@@ -26,6 +25,7 @@ from chatnode.adapters.elasticsearch import es_client, messages_index
 from tests.cluster.cluster import Cluster
 from tests.cluster.harness import http_get, nginx_available
 from tests.faults.client import FaultClient
+from tests.redis_support import RedisAdmin
 
 # Small timeouts, so each fault resolves in seconds (DESIGN.md §4-§5 with test-sized knobs).
 FAULT_SETTINGS: dict[str, Any] = {
@@ -382,9 +382,8 @@ async def node_metric(port: int, name: str) -> float:
 
 
 @asynccontextmanager
-async def redis_client(cluster: Cluster) -> AsyncIterator[coredis.Redis[bytes]]:
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
-    async with client:
+async def redis_client(cluster: Cluster) -> AsyncIterator[RedisAdmin]:
+    async with RedisAdmin.from_url(cluster.env["CHATNODE_REDIS_URL"]) as client:
         yield client
 
 
