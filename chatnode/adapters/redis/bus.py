@@ -75,6 +75,10 @@ Durability: with the recommended Redis settings (``appendonly yes``, ``appendfsy
 ``maxmemory-policy noeviction``) Redis loses nothing a node acknowledged; rules 6 and 7 make a
 Redis that does lose data lose none of the messages the nodes that published or delivered
 them still hold (docs/faults.md: what is measured, and the window left).
+
+Why one file of ~800 lines: its parts (the scripts, the pub/sub link, the messages kept until
+archived) share one state, the rooms subscribed and their floors (rules 3, 6, 7), and each
+rule above is needed to keep that state right.
 """
 
 from __future__ import annotations
