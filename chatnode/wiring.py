@@ -80,21 +80,23 @@ async def open_embedded_backends(config: Config) -> AsyncIterator[Backends]:
 
 @asynccontextmanager
 async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[Backends]:
-    """MySQL, Redis and Elasticsearch as ``config`` names them. Redis: one coredis client
-    (presence, revocations, tickets, the directory's cache) and four RESP clients, each with a
-    connection of its own (the bus; the archive feed's commands and its blocking reads; the
-    rate limits, so a lease never waits behind the bus)."""
+    """MySQL, Redis and Elasticsearch as ``config`` names them. Redis: five clients, each with
+    a connection of its own: presence, revocations, tickets and the directory's cache share
+    one; the bus has one (every call is on the per-message path); the archive feed has one for
+    its commands and one for its blocking reads; the rate limits have one, so a lease never
+    waits behind the bus."""
     from chatnode.adapters.elasticsearch import EsArchive
     from chatnode.adapters.mysql import MysqlDirectory
-    from chatnode.adapters.redis_archive_feed import RedisArchiveFeed
-    from chatnode.adapters.redis_bus import RedisBus
-    from chatnode.adapters.redis_connection import open_redis
-    from chatnode.adapters.redis_directory import RedisCachedDirectory
-    from chatnode.adapters.redis_presence import RedisPresence
-    from chatnode.adapters.redis_ratelimits import RedisRateLimits
-    from chatnode.adapters.redis_revocations import RedisRevocations
-    from chatnode.adapters.redis_tickets import RedisTickets
-    from chatnode.adapters.resp import RespClient
+    from chatnode.adapters.redis import (
+        RedisArchiveFeed,
+        RedisBus,
+        RedisCachedDirectory,
+        RedisPresence,
+        RedisRateLimits,
+        RedisRevocations,
+        RedisTickets,
+        RespClient,
+    )
 
     prefix, timeout_s = config.key_prefix, config.backend_timeout_s
 
@@ -105,9 +107,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             stack.push_async_callback(client.aclose)
             return client
 
-        redis = await stack.enter_async_context(
-            open_redis(config.redis_url, timeout_s=timeout_s, client_name=f"chatnode:{node_id}")
-        )
+        redis = resp_client(f"chatnode:{node_id}")
         bus_client = resp_client(f"chatnode:{node_id}")
         feed_client = resp_client(f"chatnode:{node_id}:archiver")
         feed_reads = resp_client(f"chatnode:{node_id}:archive-reads")
@@ -179,11 +179,10 @@ async def open_accounts(config: Config) -> AsyncIterator[tuple[Directory, Revoca
             yield SqliteDirectory(db), SqliteRevocations(db)
     else:
         from chatnode.adapters.mysql import MysqlDirectory
-        from chatnode.adapters.redis_connection import open_redis
-        from chatnode.adapters.redis_revocations import RedisRevocations
+        from chatnode.adapters.redis import RedisRevocations, RespClient
 
         async with (
-            open_redis(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
+            RespClient.from_url(config.redis_url, timeout_s=config.backend_timeout_s) as redis,
             MysqlDirectory.from_url(
                 config.mysql_url, pool_size=1, statement_timeout_s=config.backend_timeout_s
             ) as directory,

@@ -4,8 +4,8 @@ Run with `scripts/services smoke` (which exports the CHATNODE_TEST_* URLs and pi
 repo's .venv python). Everything runs under **trio** to prove the clients chatnode uses work
 there:
 
-* Redis through coredis (anyio-based, so it runs on trio natively): set/get, pub/sub round
-  trip, Lua via ``eval`` and ``register_script``, ``decode_responses`` on and off.
+* Redis through chatnode's own client (``chatnode.adapters.redis``): set/get, pub/sub round
+  trip, a Lua script.
 * Elasticsearch 9 through ``AsyncElasticsearch(node_class="httpxasync", retry_backoff_base=0)``:
   create index, bulk 3 docs, refresh, search, delete index.
 * MariaDB through the ``mariadb`` CLI as the chatnode user over TCP, including creating and
@@ -46,126 +46,59 @@ async def check(name: str, fn) -> None:
         record(name, False, repr(exc))
 
 
-# --------------------------------------------------------------------------- redis / coredis
+# --------------------------------------------------------------------------- redis
 async def redis_checks(url: str) -> None:
-    import coredis
+    from chatnode.adapters.redis import RespClient
+    from chatnode.adapters.redis.client import Script
 
     suffix = uuid.uuid4().hex[:8]
 
-    async def basic_str() -> str:
-        # from_url() only builds the client; connections are opened inside `async with`.
-        client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client:
+    async def basic() -> str:
+        async with RespClient.from_url(url) as client:
             key = f"smoke:{suffix}:str"
-            assert await client.set(key, "héllo", ex=60) is True
-            got = await client.get(key)
-            assert got == "héllo", got
-            assert await client.incr(f"smoke:{suffix}:n") == 1
-            await client.delete([key, f"smoke:{suffix}:n"])  # keys are passed as a list
-            return f"get -> {got!r} (str, decode_responses=True)"
-
-    async def basic_bytes() -> str:
-        client = coredis.Redis.from_url(url)  # decode_responses defaults to False
-        async with client:
-            key = f"smoke:{suffix}:bytes"
-            await client.set(key, b"\x00\xff")
-            got = await client.get(key)
-            assert got == b"\x00\xff", got
-            await client.delete([key])
-            return f"get -> {got!r} (bytes, default)"
+            assert await client.call("SET", key, "héllo", "EX", 60) == b"OK"
+            got = await client.call("GET", key)
+            assert got == "héllo".encode(), got
+            await client.call("SET", key, b"\x00\xff")
+            raw = await client.call("GET", key)
+            assert raw == b"\x00\xff", raw
+            assert await client.call("INCR", f"smoke:{suffix}:n") == 1
+            await client.call("DEL", key, f"smoke:{suffix}:n")
+            return f"get -> {got!r}, {raw!r}"
 
     async def pubsub_roundtrip() -> str:
         channel = f"smoke:{suffix}:chan"
-        client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client:
-            # PubSub is itself an async context manager (it runs a reader task in its own
-            # task group); subscribe() returns once the server acknowledged the subscription.
-            async with client.pubsub(ignore_subscribe_messages=True) as ps:
-                await ps.subscribe(channel)
-                receivers = await client.publish(channel, "ping-1")
-                # GOTCHA: get_message() takes ONE item off the queue; the subscribe ack is
-                # such an item and, when ignored, comes back as None. Loop until a message.
-                skipped = 0
-                with trio.fail_after(5):
-                    while (msg := await ps.get_message()) is None:
-                        skipped += 1
-                assert msg["data"] == "ping-1", msg
-                assert msg["channel"] == channel and msg["type"] == "message", msg
-
-                # the same subscription consumed as an async iterator from a trio task
-                got: list[str] = []
-
-                async def consume() -> None:
-                    async for m in ps:
-                        got.append(m["data"])
-                        if len(got) == 2:
-                            return
-
+        async with RespClient.from_url(url) as client:
+            conn = await client.connect()
+            try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(consume)
-                    await client.publish(channel, "ping-2")
-                    await client.publish(channel, "ping-3")
-                assert got == ["ping-2", "ping-3"], got
-                await ps.unsubscribe(channel)
-            return (f"publish reached {receivers} subscriber(s); get_message returned None "
-                    f"{skipped}x (ignored subscribe ack) before the message; async-for ok")
-
-    async def pubsub_pattern_handler() -> str:
-        received = trio.Event()
-        seen: list[object] = []
-
-        def handler(message) -> None:  # sync or async callables are accepted
-            seen.append(message["data"])
-            received.set()
-
-        client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client, client.pubsub(
-            ignore_subscribe_messages=True,
-            pattern_handlers={f"smoke:{suffix}:p.*": handler},
-        ) as ps:
-            assert ps.subscribed
-            await client.publish(f"smoke:{suffix}:p.x", "via-pattern")
-            with trio.fail_after(5):
-                await received.wait()
-        assert seen == ["via-pattern"], seen
-        return "psubscribe with a callback handler ok"
+                    nursery.start_soon(conn.write_forever)
+                    conn.send_nowait("SUBSCRIBE", channel)
+                    pushes = await conn.receive()
+                    assert pushes[0] == [b"subscribe", channel.encode(), 1], pushes
+                    receivers = await client.call("PUBLISH", channel, "ping-1")
+                    pushes = await conn.receive()
+                    assert pushes == [[b"message", channel.encode(), b"ping-1"]], pushes
+                    nursery.cancel_scope.cancel()
+            finally:
+                await conn.aclose()
+            return f"publish reached {receivers} subscriber(s)"
 
     async def lua() -> str:
-        client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client:
+        async with RespClient.from_url(url) as client:
             key = f"smoke:{suffix}:lua"
-            r1 = await client.eval(
-                "return redis.call('INCRBY', KEYS[1], ARGV[1])", keys=[key], args=[5]
+            script = Script(
+                f"-- {suffix}\nlocal v = redis.call('INCRBY', KEYS[1], ARGV[1]); return {{v, ARGV[2]}}"
             )
-            assert r1 == 5, r1
-            script = client.register_script(
-                "local v = redis.call('INCRBY', KEYS[1], ARGV[1]); return {v, ARGV[2]}"
-            )
-            r2 = await script(keys=[key], args=[2, "tag"])  # EVALSHA, falls back to EVAL
-            r3 = await script(keys=[key], args=[1, "again"])
-            assert r2 == [7, "tag"] and r3 == [8, "again"], (r2, r3)
-            await client.delete([key])
-            return f"eval -> {r1!r}; register_script -> {r2!r}, {r3!r}"
+            r1 = await script.run(client, [key], [2, "tag"])  # NOSCRIPT, then EVAL
+            r2 = await script.run(client, [key], [1, "again"])  # EVALSHA
+            assert r1 == [2, b"tag"] and r2 == [3, b"again"], (r1, r2)
+            await client.call("DEL", key)
+            return f"script -> {r1!r}, {r2!r}"
 
-    async def pipeline() -> str:
-        client = coredis.Redis.from_url(url, decode_responses=True)
-        async with client:
-            key = f"smoke:{suffix}:pipe"
-            async with client.pipeline(transaction=True) as pipe:
-                r_set = pipe.set(key, "1")
-                r_incr = pipe.incr(key)
-                pipe.expire(key, 60)
-            # results are awaited after the block executed the pipeline
-            assert await r_set is True and await r_incr == 2
-            await client.delete([key])
-            return "pipeline (MULTI/EXEC) ok"
-
-    await check("redis: set/get (decode_responses=True)", basic_str)
-    await check("redis: set/get bytes", basic_bytes)
+    await check("redis: set/get", basic)
     await check("redis: pub/sub round trip", pubsub_roundtrip)
-    await check("redis: pattern subscription with handler", pubsub_pattern_handler)
-    await check("redis: Lua eval + register_script", lua)
-    await check("redis: pipeline", pipeline)
+    await check("redis: Lua script (EVALSHA, EVAL)", lua)
 
 
 # --------------------------------------------------------------------------- elasticsearch

@@ -142,14 +142,10 @@ async def _drop_index(env: dict[str, str]) -> None:
 
 
 async def _drop_keys(env: dict[str, str]) -> None:
-    import coredis
+    from tests.redis_support import RedisAdmin
 
-    prefix = env["CHATNODE_KEY_PREFIX"]
-    redis: coredis.Redis[bytes] = coredis.Redis.from_url(env["CHATNODE_REDIS_URL"])
-    async with redis:
-        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(keys)
+    async with RedisAdmin.from_url(env["CHATNODE_REDIS_URL"]) as redis:
+        await redis.delete_prefix(env["CHATNODE_KEY_PREFIX"])
 
 
 @asynccontextmanager

@@ -9,7 +9,6 @@ import json
 import sys
 from typing import Any
 
-import coredis
 import httpx
 import pytest
 import trio
@@ -21,6 +20,7 @@ from tests.cluster.cluster import Cluster, running_cluster
 from tests.cluster.harness import REPO, nginx_available, node_env
 from tests.cluster.test_cluster_e2e import chat_messages, read_until_live, token_for
 from tests.faults.support import node_metric
+from tests.redis_support import RedisAdmin
 
 pytestmark = [
     pytest.mark.integration,
@@ -96,8 +96,7 @@ async def test_a_message_whose_id_holds_another_is_kept_logged_and_counted_never
         assert json.loads(letter["stored"]) == json.loads(ghost.document)
 
         # The same message archived again (a takeover reads it twice): stored, nothing kept.
-        redis: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
-        async with redis:
+        async with RedisAdmin.from_url(cluster.env["CHATNODE_REDIS_URL"]) as redis:
             await redis.xadd(f"{cluster.prefix}:archive", {"d": sent[2].document})
         assert await wait_counts(port, 4) == (3, 1, 0)
         assert len(await dead_letters_cli(cluster)) == 1

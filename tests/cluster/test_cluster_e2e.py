@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import coredis
 import httpx
 import pytest
 import trio
@@ -14,6 +13,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.cluster.cluster import running_cluster
 from tests.cluster.harness import nginx_available
+from tests.redis_support import RedisAdmin
 
 pytestmark = [
     pytest.mark.integration,
@@ -125,8 +125,7 @@ async def test_late_joiner_gets_history_from_elasticsearch_beyond_the_room_log()
                 await ws.send_message(json.dumps({"type": "send", "message": f"m{i}"}))
             await chat_messages(ws, total)
 
-        redis: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
-        async with redis:
+        async with RedisAdmin.from_url(cluster.env["CHATNODE_REDIS_URL"]) as redis:
             first = await redis.xrange(f"{cluster.prefix}:room:{room}:log", count=1)
         first_logged = int(first[0].identifier.split(b"-")[0])
         assert first_logged > 1, (

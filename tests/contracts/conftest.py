@@ -181,27 +181,24 @@ REDIS_TEST_TIMEOUT_S = 5.0
 
 @asynccontextmanager
 async def redis_test_clients(url: str, count: int = 1) -> AsyncIterator[tuple[list[Any], str]]:
-    """``count`` clients of the Redis at ``url`` (one per "node") and a new key prefix
-    ``chatnode-test-<hex>``; every key under the prefix is deleted on exit."""
-    from chatnode.adapters.redis import open_redis
+    """``count`` clients (:class:`~tests.redis_support.RedisAdmin`) of the Redis at ``url``
+    (one per "node") and a new key prefix ``chatnode-test-<hex>``; every key under the
+    prefix is deleted on exit."""
+    from tests.redis_support import RedisAdmin
 
     prefix = f"chatnode-test-{secrets.token_hex(6)}"
     async with AsyncExitStack() as stack:
         clients = [
-            await stack.enter_async_context(open_redis(url, timeout_s=REDIS_TEST_TIMEOUT_S))
+            await stack.enter_async_context(
+                RedisAdmin.from_url(url, timeout_s=REDIS_TEST_TIMEOUT_S)
+            )
             for _ in range(count)
         ]
         try:
             yield clients, prefix
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(REDIS_TEST_TIMEOUT_S):
-                await delete_redis_prefix(clients[0], prefix)
-
-
-async def delete_redis_prefix(redis: Any, prefix: str) -> None:
-    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
-    for start in range(0, len(keys), 1000):
-        await redis.delete(keys[start : start + 1000])
+                await clients[0].delete_prefix(prefix)
 
 
 @asynccontextmanager
@@ -371,8 +368,7 @@ async def memory_rate_limits(_url: str) -> AsyncIterator[RateLimitsRig]:
 @asynccontextmanager
 async def redis_rate_limits(url: str) -> AsyncIterator[RateLimitsRig]:
     """Each "node" on a RespClient of its own, under one key prefix; Redis' clock is real."""
-    from chatnode.adapters.redis import RespClient
-    from chatnode.adapters.redis_ratelimits import RedisRateLimits
+    from chatnode.adapters.redis import RedisRateLimits, RespClient
 
     async with redis_test_clients(url) as (_, prefix):
         clients: list[RespClient] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from chatnode.adapters.resp import RespClient
+from chatnode.adapters.redis.client import RespClient
 from chatnode.core import errors
 from tests.cluster.harness import free_port
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import coredis
 import httpx
 import pytest
 import trio
@@ -30,6 +29,7 @@ from tests.cluster.cluster import Cluster, require_services, running_cluster
 from tests.cluster.harness import http_get, nginx_available
 from tests.fault_proxy import FaultProxy
 from tests.faults.client import FaultClient
+from tests.redis_support import RedisAdmin
 
 # Small timeouts, so each fault resolves in seconds (docs/faults.md's guarantees with test-sized
 # knobs).
@@ -427,9 +427,8 @@ async def node_metric(port: int, name: str) -> float:
 
 
 @asynccontextmanager
-async def redis_client(cluster: Cluster) -> AsyncIterator[coredis.Redis[bytes]]:
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(cluster.env["CHATNODE_REDIS_URL"])
-    async with client:
+async def redis_client(cluster: Cluster) -> AsyncIterator[RedisAdmin]:
+    async with RedisAdmin.from_url(cluster.env["CHATNODE_REDIS_URL"]) as client:
         yield client
 
 

@@ -16,12 +16,13 @@ import trio
 pytest.importorskip("elasticsearch", reason="needs the cluster extra: pip install -e '.[cluster]'")
 
 from chatnode.adapters.elasticsearch import EsArchive
-from chatnode.adapters.redis import RedisArchiveFeed, RedisClient, RespClient
+from chatnode.adapters.redis import RedisArchiveFeed, RespClient
 from chatnode.core.models import ChatMessage, RefusalKind
 from chatnode.core.ports import ArchiveRefused
 from chatnode.node.archiver import Archiver
 from tests.contracts.conftest import es_test_prefix, redis_test_clients
 from tests.contracts.harness import require_service
+from tests.redis_support import RedisAdmin
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ T0 = 1_700_000_000_000
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str, list[RespClient]]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str, list[RespClient]]]:
     """An admin client, the test's key prefix and two clients for feeds (a feed's blocking
     read holds its client's connection)."""
     url = require_service("CHATNODE_TEST_REDIS_URL")
@@ -49,11 +50,10 @@ async def archive() -> AsyncIterator[EsArchive]:
         yield archive
 
 
-async def fill(redis: RedisClient, prefix: str, room_id: int, offsets: range) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for offset in offsets:
-            message = ChatMessage(room_id, offset, "bob", f"m{offset}", T0 + offset)
-            pipe.xadd(f"{prefix}:archive", {"d": message.document})
+async def fill(redis: RedisAdmin, prefix: str, room_id: int, offsets: range) -> None:
+    for offset in offsets:
+        message = ChatMessage(room_id, offset, "bob", f"m{offset}", T0 + offset)
+        await redis.xadd(f"{prefix}:archive", {"d": message.document})
 
 
 async def test_a_document_elasticsearch_cannot_index_is_refused_after_the_others(
@@ -73,7 +73,7 @@ async def test_a_document_elasticsearch_cannot_index_is_refused_after_the_others
 
 
 async def test_a_message_under_an_id_that_holds_another_is_a_kept_dead_letter(
-    redis: tuple[RedisClient, str, list[RespClient]], archive: EsArchive
+    redis: tuple[RedisAdmin, str, list[RespClient]], archive: EsArchive
 ) -> None:
     client, prefix, feeds = redis
     key = f"{prefix}:archive"
@@ -107,16 +107,15 @@ async def test_a_message_under_an_id_that_holds_another_is_a_kept_dead_letter(
 
 
 async def test_two_archivers_catch_up_a_backlog_and_dead_letter_bad_messages(
-    redis: tuple[RedisClient, str, list[RespClient]], archive: EsArchive
+    redis: tuple[RedisAdmin, str, list[RespClient]], archive: EsArchive
 ) -> None:
     client, prefix, feeds = redis
     key = f"{prefix}:archive"
     await fill(client, prefix, 1, range(1, 1201))
-    async with client.pipeline(transaction=False) as pipe:
-        # an entry in an older chatnode's layout that ES refuses (a date beyond its range),
-        # and one whose document is not a message document (never sent)
-        pipe.xadd(key, {"r": 2, "o": 1, "u": "bob", "t": "x", "ts": 10**19})
-        pipe.xadd(key, {"d": b'{"chatroom":2,"offset":2,"garbage'})
+    # an entry in an older chatnode's layout that ES refuses (a date beyond its range),
+    # and one whose document is not a message document (never sent)
+    await client.xadd(key, {"r": 2, "o": 1, "u": "bob", "t": "x", "ts": 10**19})
+    await client.xadd(key, {"d": b'{"chatroom":2,"offset":2,"garbage'})
     await fill(client, prefix, 1, range(1201, 3001))
     # A lease longer than the test's deadline: the second archiver reads only because the
     # first one released the feed when it was drained.

@@ -13,12 +13,12 @@ import pytest
 import trio
 import trio.testing
 
-from chatnode.adapters.redis import RedisArchiveFeed, RedisClient, RespClient
+from chatnode.adapters.redis import RedisArchiveFeed, RespClient
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
-from tests.redis_support import OpeningRedisBus
+from tests.redis_support import OpeningRedisBus, RedisAdmin
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ async def reading(feed: RedisArchiveFeed) -> RedisArchiveFeed:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str, OpeningRedisBus, RespClient]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str, OpeningRedisBus, RespClient]]:
     """An admin client, the test's key prefix, a bus publishing under it and a client for
     the feeds."""
     url = require_service("CHATNODE_TEST_REDIS_URL")
@@ -57,7 +57,7 @@ async def redis() -> AsyncIterator[tuple[RedisClient, str, OpeningRedisBus, Resp
 
 
 async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowledged(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
@@ -75,7 +75,7 @@ async def test_acknowledged_entries_leave_the_stream_below_the_oldest_unacknowle
 
 
 async def test_an_ack_does_not_wait_behind_a_blocked_read(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     reads = RespClient(feeds.address, timeout_s=5.0)
@@ -100,7 +100,7 @@ async def test_an_ack_does_not_wait_behind_a_blocked_read(
 
 
 async def test_the_lease_names_the_reader_and_is_released(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=5000))
@@ -113,7 +113,7 @@ async def test_the_lease_names_the_reader_and_is_released(
 
 
 async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, _bus, _ = redis
     client = RespClient.from_url(require_service("CHATNODE_TEST_REDIS_URL"), timeout_s=0.5)
@@ -127,7 +127,7 @@ async def test_a_wait_longer_than_the_clients_timeout_is_cut_to_fit_it(
 
 
 async def test_a_reader_that_lost_its_lease_stops_reading(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = await reading(RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300))
@@ -142,7 +142,7 @@ async def test_a_reader_that_lost_its_lease_stops_reading(
 
 
 async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     stuck = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
@@ -163,7 +163,7 @@ async def test_a_reader_whose_batch_is_not_archived_in_time_hands_over(
 
 
 async def test_an_ack_never_trims_when_the_lease_is_another_nodes(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
@@ -179,7 +179,7 @@ async def test_an_ack_never_trims_when_the_lease_is_another_nodes(
 
 
 async def test_a_reader_counts_its_lease_lost_once_it_may_have_expired(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
@@ -197,9 +197,9 @@ async def test_a_reader_counts_its_lease_lost_once_it_may_have_expired(
 
 
 async def test_each_turn_is_logged_from_its_start_to_its_end(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="chatnode.adapters.redis_archive_feed")
+    caplog.set_level(logging.INFO, logger="chatnode.adapters.redis.archive_feed")
     _, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
     await publish_some(bus, 1)
@@ -213,7 +213,7 @@ async def test_each_turn_is_logged_from_its_start_to_its_end(
     turns = [
         r.getMessage().split("n1 ", 1)[1].split(":")[0]
         for r in caplog.records
-        if r.name == "chatnode.adapters.redis_archive_feed"
+        if r.name == "chatnode.adapters.redis.archive_feed"
     ]
     assert turns == [
         "reads the archive stream",
@@ -224,7 +224,7 @@ async def test_each_turn_is_logged_from_its_start_to_its_end(
 
 
 async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, _bus, feeds = redis
     calls: list[object] = []
@@ -252,7 +252,7 @@ async def test_a_waiting_node_asks_for_the_lease_every_tenth_of_it(
 
 
 async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     message = await bus.publish(draft(1, "taken by an old node, never acknowledged"))
@@ -268,7 +268,7 @@ async def test_the_consumer_group_of_an_older_chatnode_is_dropped(
 
 
 async def test_a_node_restarted_under_the_same_name_reads_at_once(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     before = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=60_000)
@@ -283,7 +283,7 @@ async def test_a_node_restarted_under_the_same_name_reads_at_once(
 
 
 async def test_a_feed_started_late_gets_what_was_published_before(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     _, prefix, bus, feeds = redis
     published = [await bus.publish(draft(1, f"m{n}")) for n in range(3)]
@@ -296,7 +296,7 @@ async def test_a_feed_started_late_gets_what_was_published_before(
 
 
 async def test_a_stream_that_vanished_is_read_again(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1", lease_ms=300)
@@ -314,7 +314,7 @@ async def test_a_stream_that_vanished_is_read_again(
 
 
 async def test_a_malformed_entry_is_dropped_not_handed_out(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")
@@ -329,7 +329,7 @@ async def test_a_malformed_entry_is_dropped_not_handed_out(
 
 
 async def test_entries_an_older_chatnode_wrote_are_decoded_by_name_and_checked(
-    redis: tuple[RedisClient, str, OpeningRedisBus, RespClient],
+    redis: tuple[RedisAdmin, str, OpeningRedisBus, RespClient],
 ) -> None:
     client, prefix, bus, feeds = redis
     feed = RedisArchiveFeed(feeds, prefix, reads=feeds, consumer="n1")

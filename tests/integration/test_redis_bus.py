@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import attrs
-import coredis
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisClient, RespClient, open_redis
+from chatnode.adapters.redis import RespClient
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
@@ -24,7 +23,7 @@ from chatnode.node.hub import Hub
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
 from tests.fault_proxy import FaultProxy
-from tests.redis_support import OpeningRedisBus
+from tests.redis_support import OpeningRedisBus, RedisAdmin
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +40,11 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[tuple[RedisClient, str, RespClient]]:
+async def redis(redis_url: str) -> AsyncIterator[tuple[RedisAdmin, str, RespClient]]:
     """An admin client, the test's key prefix (its keys are deleted at the end), and a bus
     client whose connections are named after the prefix (so a test kills only its own)."""
-    async with (
-        redis_test_clients(redis_url) as (_, prefix),
-        open_redis(redis_url, timeout_s=5.0) as client,
-    ):
+    async with redis_test_clients(redis_url) as (clients, prefix):
+        client = clients[0]
         resp = RespClient.from_url(redis_url, timeout_s=5.0, client_name=prefix)
         try:
             yield client, prefix, resp
@@ -70,26 +67,18 @@ async def proxied(
         await client.aclose()
 
 
-async def kill_pubsub(redis: RedisClient, name: str) -> int:
+async def kill_pubsub(redis: RedisAdmin, name: str) -> int:
     """CLIENT KILL the pub/sub connections named ``name``; return how many."""
-    ids = [
-        int(info["id"])
-        for info in await redis.client_list(type_=coredis.PureToken.PUBSUB)
-        if info["name"] == name
-    ]
-    for client_id in ids:
-        await redis.client_kill(identifier=client_id)
-    return len(ids)
+    return await redis.kill_clients_named(name, kind="pubsub")
 
 
-async def subscribers(redis: RedisClient, channel: bytes) -> int:
+async def subscribers(redis: RedisAdmin, channel: bytes) -> int:
     """How many connections are subscribed to ``channel`` (PUBSUB NUMSUB)."""
-    counts = await redis.pubsub_numsub(channel)
-    return int(next(iter(counts.values()), 0))
+    return await redis.pubsub_numsub(channel)
 
 
 async def test_killed_pubsub_connection_reconnects_resubscribes_and_tells_the_node(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
@@ -133,7 +122,7 @@ class CatchUpFailsOnce(Recorder):
 
 
 async def test_a_failed_catch_up_is_retried_on_a_new_connection(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.01)
@@ -173,7 +162,7 @@ class FakeMember:
 
 
 async def test_the_hub_fills_the_gap_of_a_reconnect_from_the_room_log(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
@@ -198,7 +187,7 @@ async def test_the_hub_fills_the_gap_of_a_reconnect_from_the_room_log(
 
 
 async def test_many_reconnects_leave_one_pubsub_connection(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     admin, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.01)
@@ -216,7 +205,7 @@ async def test_many_reconnects_leave_one_pubsub_connection(
 
 
 async def test_a_subscribe_whose_connection_dies_raises_unavailable(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, min_backoff_s=0.5)
@@ -236,7 +225,7 @@ async def test_a_subscribe_whose_connection_dies_raises_unavailable(
 
 
 async def test_subscribe_before_serve_raises_unavailable(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     _, prefix, resp = redis
     with pytest.raises(errors.Unavailable):
@@ -244,7 +233,7 @@ async def test_subscribe_before_serve_raises_unavailable(
 
 
 async def test_subscribe_unsubscribe_churn_keeps_acks_straight(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix)
@@ -262,7 +251,7 @@ async def test_subscribe_unsubscribe_churn_keeps_acks_straight(
 
 
 async def test_concurrent_subscribes_of_one_room_all_return(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     _, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix)
@@ -284,7 +273,7 @@ async def test_concurrent_subscribes_of_one_room_all_return(
 
 async def test_a_frozen_connection_is_dropped_by_the_keepalive(
     proxied: tuple[FaultProxy, RespClient],
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
@@ -302,7 +291,7 @@ async def test_a_frozen_connection_is_dropped_by_the_keepalive(
 
 
 async def test_the_keepalive_is_answered_with_no_room_subscribed(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     _, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, keepalive_s=0.05)
@@ -318,7 +307,7 @@ async def test_the_keepalive_is_answered_with_no_room_subscribed(
 
 async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
     proxied: tuple[FaultProxy, RespClient],
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
@@ -351,7 +340,7 @@ async def test_an_outage_fails_calls_and_the_bus_recovers_after_it(
 
 async def test_serve_waits_for_redis_before_it_is_started(
     proxied: tuple[FaultProxy, RespClient],
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
     nursery: trio.Nursery,
 ) -> None:
     proxy, client = proxied
@@ -375,7 +364,7 @@ async def test_serve_waits_for_redis_before_it_is_started(
 
 
 async def test_the_room_log_is_trimmed_and_read_from_its_start(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix, room_log_length=10)
@@ -391,7 +380,7 @@ async def test_the_room_log_is_trimmed_and_read_from_its_start(
 
 
 async def test_a_lost_counter_continues_from_the_log(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix)
@@ -406,7 +395,7 @@ async def test_a_lost_counter_continues_from_the_log(
 
 
 async def test_publish_writes_the_archive_stream(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix)
@@ -427,7 +416,7 @@ async def test_publish_writes_the_archive_stream(
 
 
 async def test_foreign_payloads_on_a_room_channel_are_ignored(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = OpeningRedisBus(resp, prefix)

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisBus, RedisClient, RespClient, open_redis
+from chatnode.adapters.redis import RedisBus, RespClient
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
 from chatnode.node.hub import Hub
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
+from tests.redis_support import RedisAdmin
 from tests.unit.test_hub import FakeMember
 
 pytestmark = pytest.mark.integration
@@ -29,11 +30,12 @@ def draft(room_id: int, text: str, client_id: str | None = None, user: str = "bo
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str, RespClient]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str, RespClient]]:
     """An admin client, the test's key prefix (its keys are deleted at the end) and a bus
     client."""
     url = require_service("CHATNODE_TEST_REDIS_URL")
-    async with redis_test_clients(url) as (_, prefix), open_redis(url, timeout_s=5.0) as client:
+    async with redis_test_clients(url) as (clients, prefix):
+        client = clients[0]
         resp = RespClient.from_url(url, timeout_s=5.0)
         try:
             yield client, prefix, resp
@@ -50,12 +52,12 @@ async def command(*args: str | bytes) -> object:
         await admin.aclose()
 
 
-async def lose_room(client: RedisClient, bus: RedisBus, room_id: int) -> None:
+async def lose_room(client: RedisAdmin, bus: RedisBus, room_id: int) -> None:
     """What a Redis restarted without its data leaves of a room: nothing."""
     await client.delete([bus.keys.offset(room_id), bus.keys.log(room_id)])
 
 
-async def rewind_room(client: RedisClient, bus: RedisBus, kept: list[ChatMessage]) -> None:
+async def rewind_room(client: RedisAdmin, bus: RedisBus, kept: list[ChatMessage]) -> None:
     """What a Redis that came back with older data leaves of a room: its counter and log as
     they were when ``kept`` (its first messages) were all it had."""
     room_id = kept[0].room_id
@@ -72,7 +74,7 @@ async def rewind_room(client: RedisClient, bus: RedisBus, kept: list[ChatMessage
 
 
 async def test_a_room_the_bus_never_held_is_unknown_until_restored(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     _, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -85,7 +87,7 @@ async def test_a_room_the_bus_never_held_is_unknown_until_restored(
 
 
 async def test_a_subscribed_room_whose_counter_was_lost_continues_above_what_the_node_saw(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -105,7 +107,7 @@ async def test_a_subscribed_room_whose_counter_was_lost_continues_above_what_the
 
 
 async def test_a_counter_behind_what_the_node_saw_is_not_reused(
-    redis: tuple[RedisClient, str, RespClient], nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -123,7 +125,7 @@ async def test_a_counter_behind_what_the_node_saw_is_not_reused(
 
 
 async def test_a_seed_from_the_archive_waits_until_the_nodes_could_restore(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     _, prefix, resp = redis
     settling = RedisBus(resp, prefix, settle_s=30)
@@ -140,7 +142,7 @@ async def test_a_seed_from_the_archive_waits_until_the_nodes_could_restore(
 
 
 async def test_restore_refills_the_log_tail_and_never_lowers_the_counter(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -162,7 +164,7 @@ async def test_restore_refills_the_log_tail_and_never_lowers_the_counter(
 
 
 async def test_kept_messages_are_forgotten_once_the_stream_moved_past_them(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -182,7 +184,7 @@ async def test_kept_messages_are_forgotten_once_the_stream_moved_past_them(
 
 
 async def test_kept_messages_go_back_to_the_stream_after_redis_lost_them(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -206,7 +208,7 @@ async def test_kept_messages_go_back_to_the_stream_after_redis_lost_them(
 
 
 async def test_kept_messages_are_bounded_by_bytes(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     _, prefix, resp = redis
     bus = RedisBus(resp, prefix, keep_bytes=1000)
@@ -222,7 +224,7 @@ async def test_kept_messages_are_bounded_by_bytes(
 
 
 async def test_a_client_id_sent_again_gets_the_first_offset_and_stores_nothing(
-    redis: tuple[RedisClient, str, RespClient],
+    redis: tuple[RedisAdmin, str, RespClient],
 ) -> None:
     client, prefix, resp = redis
     node_a, node_b = RedisBus(resp, prefix), RedisBus(resp, prefix)
@@ -264,7 +266,7 @@ async def joined_hub(
 
 
 async def test_after_a_wipe_the_hub_restores_the_counter_and_the_log_from_its_session(
-    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive, nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], archive: SqliteArchive, nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -283,7 +285,7 @@ async def test_after_a_wipe_the_hub_restores_the_counter_and_the_log_from_its_se
 
 
 async def test_a_publish_after_a_rollback_restores_the_room_before_it_continues(
-    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive, nursery: trio.Nursery
+    redis: tuple[RedisAdmin, str, RespClient], archive: SqliteArchive, nursery: trio.Nursery
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -305,7 +307,7 @@ async def test_a_publish_after_a_rollback_restores_the_room_before_it_continues(
 
 
 async def test_history_reads_holes_in_the_log_from_the_archive(
-    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive
+    redis: tuple[RedisAdmin, str, RespClient], archive: SqliteArchive
 ) -> None:
     _, prefix, resp = redis
     bus = RedisBus(resp, prefix)
@@ -321,7 +323,7 @@ async def test_history_reads_holes_in_the_log_from_the_archive(
 
 
 async def test_a_room_without_a_session_continues_above_the_archive(
-    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive
+    redis: tuple[RedisAdmin, str, RespClient], archive: SqliteArchive
 ) -> None:
     _, prefix, resp = redis
     bus = RedisBus(resp, prefix, settle_s=0)
@@ -333,7 +335,7 @@ async def test_a_room_without_a_session_continues_above_the_archive(
 
 
 async def test_a_history_the_archive_does_not_hold_yet_is_refused_not_cut(
-    redis: tuple[RedisClient, str, RespClient], archive: SqliteArchive
+    redis: tuple[RedisAdmin, str, RespClient], archive: SqliteArchive
 ) -> None:
     client, prefix, resp = redis
     bus = RedisBus(resp, prefix, room_log_length=10)

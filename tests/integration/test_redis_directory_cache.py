@@ -17,13 +17,14 @@ import attrs
 import pytest
 import trio
 
-from chatnode.adapters.redis import RedisCachedDirectory, RedisClient, open_redis
-from chatnode.adapters.redis_directory import ENTRY_OVERHEAD_BYTES
+from chatnode.adapters.redis import RedisCachedDirectory, RespClient
+from chatnode.adapters.redis.directory import ENTRY_OVERHEAD_BYTES
 from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory
 from chatnode.core import errors
 from chatnode.core.ports import Directory
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
+from tests.redis_support import RedisAdmin
 
 pytestmark = pytest.mark.integration
 
@@ -97,13 +98,13 @@ async def inner() -> AsyncIterator[CountingDirectory]:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str]]:
     async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
         yield clients[0], prefix
 
 
 @pytest.fixture
-def cached(inner: CountingDirectory, redis: tuple[RedisClient, str]) -> RedisCachedDirectory:
+def cached(inner: CountingDirectory, redis: tuple[RedisAdmin, str]) -> RedisCachedDirectory:
     """The Redis layer alone (rules 1-4): no node-local layer, every read asks Redis."""
     client, prefix = redis
     return RedisCachedDirectory(inner, client, prefix, ttl_s=60.0, local_ttl_s=0.0)  # type: ignore[arg-type]
@@ -202,7 +203,7 @@ async def test_a_read_that_overlaps_a_write_never_caches_stale_data(
 
 
 async def test_a_lost_version_key_never_revives_old_entries(
-    cached: RedisCachedDirectory, inner: CountingDirectory, redis: tuple[RedisClient, str]
+    cached: RedisCachedDirectory, inner: CountingDirectory, redis: tuple[RedisAdmin, str]
 ) -> None:
     room = await cached.create_room("one", created_at_ms=T0)
     assert await cached.list_members(room.id) == []
@@ -216,7 +217,7 @@ async def test_a_lost_version_key_never_revives_old_entries(
 
 
 async def test_entries_expire_after_the_ttl(
-    inner: CountingDirectory, redis: tuple[RedisClient, str]
+    inner: CountingDirectory, redis: tuple[RedisAdmin, str]
 ) -> None:
     client, prefix = redis
     cached = RedisCachedDirectory(inner, client, prefix, ttl_s=0.3)  # type: ignore[arg-type]
@@ -231,8 +232,8 @@ async def test_entries_expire_after_the_ttl(
 
 
 async def test_without_redis_everything_reads_through(inner: CountingDirectory) -> None:
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
-        cached = RedisCachedDirectory(inner, client, "nowhere")  # type: ignore[arg-type]
+    async with RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
+        cached = RedisCachedDirectory(inner, client, "nowhere")
         room = await cached.create_room("one", created_at_ms=T0)
         assert await cached.add_member(room.id, "bob", max_members=10)
 
@@ -367,7 +368,7 @@ async def test_unchanged_redis_bytes_keep_the_decoded_value(
 
 
 async def test_the_local_layer_is_bounded(
-    inner: CountingDirectory, redis: tuple[RedisClient, str]
+    inner: CountingDirectory, redis: tuple[RedisAdmin, str]
 ) -> None:
     client, prefix = redis
     two_empty_pages = 2 * (ENTRY_OVERHEAD_BYTES + len(b"[]"))
@@ -446,8 +447,8 @@ async def test_a_confirmed_membership_is_known_to_every_node_while_the_directory
         assert not await node.add_member(room.id, "bob", max_members=10)
         with pytest.raises(errors.Unavailable):  # a new membership needs the directory
             await node.add_member(room.id, "carol", max_members=10)
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as nowhere:
-        without_redis = RedisCachedDirectory(inner, nowhere, a.prefix)  # type: ignore[arg-type]
+    async with RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0) as nowhere:
+        without_redis = RedisCachedDirectory(inner, nowhere, a.prefix)
         with pytest.raises(errors.Unavailable):  # neither answers: the directory's error
             await without_redis.add_member(room.id, "alice", max_members=10)
         with pytest.raises(errors.Unavailable):

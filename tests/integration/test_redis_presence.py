@@ -7,27 +7,28 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chatnode.adapters.redis import RedisClient, RedisPresence, open_redis
+from chatnode.adapters.redis import RedisPresence, RespClient
 from chatnode.core import errors
 from chatnode.core.models import PresenceEntry
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
+from tests.redis_support import RedisAdmin
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str]]:
     async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
         yield clients[0], prefix
 
 
-async def keys_of(client: RedisClient, prefix: str) -> set[str]:
-    return {key.decode() async for key in client.scan_iter(match=f"{prefix}:*")}
+async def keys_of(client: RedisAdmin, prefix: str) -> set[str]:
+    return {key.decode() async for key in client.scan_iter(f"{prefix}:*")}
 
 
 async def test_removing_every_entry_leaves_only_node_bookkeeping(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisAdmin, str],
 ) -> None:
     client, prefix = redis
     presence = RedisPresence(client, prefix)
@@ -46,7 +47,7 @@ async def test_removing_every_entry_leaves_only_node_bookkeeping(
     }
 
 
-async def test_reaping_a_dead_node_removes_all_its_keys(redis: tuple[RedisClient, str]) -> None:
+async def test_reaping_a_dead_node_removes_all_its_keys(redis: tuple[RedisAdmin, str]) -> None:
     client, prefix = redis
     presence = RedisPresence(client, prefix)
     for room in (1, 2, 3):
@@ -57,7 +58,7 @@ async def test_reaping_a_dead_node_removes_all_its_keys(redis: tuple[RedisClient
     assert await keys_of(client, prefix) == set()
 
 
-async def test_names_with_separators_stay_apart(redis: tuple[RedisClient, str]) -> None:
+async def test_names_with_separators_stay_apart(redis: tuple[RedisAdmin, str]) -> None:
     client, prefix = redis
     presence = RedisPresence(client, prefix)
     tricky = PresenceEntry(1, 'a "b" 1 c', "node 1", "conn|1 ")
@@ -72,7 +73,7 @@ async def test_names_with_separators_stay_apart(redis: tuple[RedisClient, str]) 
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
+    async with RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=1.0) as client:
         presence = RedisPresence(client, "nowhere")
         entry = PresenceEntry(1, "bob", "n1", "c1")
         for call in (

@@ -94,3 +94,22 @@ async def test_the_bus_survives_a_real_redis_restart(tmp_path: Path, nursery: tr
             nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
+
+
+async def test_the_client_fails_while_redis_is_down_and_reconnects_after(tmp_path: Path) -> None:
+    """The client alone across a real restart: every call while Redis is down is
+    ``Unavailable``; the first one after it gets a new connection (the next ``serial``, so a
+    caller comparing replies knows they come from another run of the server)."""
+    require_service("CHATNODE_TEST_REDIS_URL")
+    port = free_port()
+    async with RespClient.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=2.0) as client:
+        async with private_redis(port, tmp_path) as server:
+            assert await client.call_tracked("SET", "k", "v") == (b"OK", 1)
+            server.terminate()
+            await server.wait()
+        for _ in range(3):
+            with pytest.raises(errors.Unavailable):
+                await client.call("GET", "k")
+        async with private_redis(port, tmp_path):
+            assert await client.call_tracked("GET", "k") == (b"v", 2)  # AOF kept it
+            assert client.connects == 2

@@ -8,18 +8,20 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import trio
 
-from chatnode.adapters.redis import RedisClient, RedisRevocations, open_redis
+from chatnode.adapters.redis import RedisRevocations, RespClient
 from chatnode.core import errors
 from chatnode.core.models import Revocation, RevocationKind
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
+from tests.redis_support import RedisAdmin
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[tuple[RedisClient, str]]:
+async def redis() -> AsyncIterator[tuple[RedisAdmin, str]]:
     async with redis_test_clients(require_service("CHATNODE_TEST_REDIS_URL")) as (clients, prefix):
         yield clients[0], prefix
 
@@ -30,7 +32,7 @@ def token(n: int) -> Revocation:
 
 
 async def test_a_follower_behind_the_trimming_reads_incomplete(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisAdmin, str],
 ) -> None:
     client, prefix = redis
     store = RedisRevocations(client, prefix, max_changes=10)
@@ -51,20 +53,29 @@ async def test_a_follower_behind_the_trimming_reads_incomplete(
     assert (await store.changes(behind.cursor)).complete
 
 
+async def redis_time_ms(client: RedisAdmin) -> int:
+    seconds, micros = await client.call("TIME")  # type: ignore[misc]
+    assert isinstance(seconds, bytes) and isinstance(micros, bytes)
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def test_a_stream_lost_with_redis_data_reads_incomplete(
-    redis: tuple[RedisClient, str],
+    redis: tuple[RedisAdmin, str],
 ) -> None:
     client, prefix = redis
     store = RedisRevocations(client, prefix)
     await store.record(token(1))
     cursor = (await store.changes(None)).cursor
     await client.delete([f"{prefix}:revoked:changes"])  # what a Redis restarted empty holds
+    # A restart takes longer than a millisecond: the new stream's first id is past the cursor.
+    while await redis_time_ms(client) <= int(cursor.split("-")[0]):  # noqa: ASYNC110 - Redis clock
+        await trio.sleep(0.001)
     await store.record(token(2))
     after = await store.changes(cursor)
     assert [r.token_id for r in after.revocations] == ["t2"] and not after.complete
 
 
-async def test_keys_expire_with_the_tokens_they_end(redis: tuple[RedisClient, str]) -> None:
+async def test_keys_expire_with_the_tokens_they_end(redis: tuple[RedisAdmin, str]) -> None:
     client, prefix = redis
     store = RedisRevocations(client, prefix)
     await store.record(token(1))
@@ -78,7 +89,7 @@ async def test_keys_expire_with_the_tokens_they_end(redis: tuple[RedisClient, st
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:
-    async with open_redis("redis://127.0.0.1:1/0", timeout_s=0.5) as client:
+    async with RespClient.from_url("redis://127.0.0.1:1/0", timeout_s=0.5) as client:
         store = RedisRevocations(client, "p")
         with pytest.raises(errors.Unavailable):
             await store.record(token(1))

@@ -16,8 +16,8 @@ Rules:
 3. **Refusing writes nothing.** A take that gets no token leaves the key as it is.
 
 The node calls it once per lease of a batch of tokens (``node/ratelimit.py``), not per
-message. It runs on a :class:`~chatnode.adapters.resp.RespClient` of its own: the bus's
-connection stays the bus's. The client belongs to the caller.
+message. Its client should be its own (a lease never waits behind the bus's publishes); the
+client belongs to the caller.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import attrs
 from chatnode.core import ports
 from chatnode.core.models import Grant
 
-from .resp import RespClient, Script
+from .client import RespClient, Script
 
 # KEYS: the bucket. ARGV: tokens wanted, rate per second, burst.
 # Returns {tokens taken, ms until one token is there (when none was taken)}.

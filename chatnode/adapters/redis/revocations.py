@@ -36,16 +36,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import attrs
-from coredis.commands.script import Script
 
 from chatnode.core import ports
 from chatnode.core.models import Revocation, RevocationChanges, RevocationKind, RevocationState
+from chatnode.wire.resp import Reply
 
-from .redis_connection import RedisClient, any_reply, redis_failures
+from .client import RespClient, Script
 
 # KEYS: the record's key, the changes stream. ARGV: kind, at ms, expires ms, account id,
 # token id, changes to keep. Returns the stream id of the record.
-_RECORD_LUA: Final = """#!lua
+_RECORD: Final = Script("""#!lua
 local kind, at, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if kind == 'all' then
   local held = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -70,11 +70,11 @@ else
 end
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
   'k', kind, 'a', ARGV[2], 'e', ARGV[3], 'u', ARGV[4], 't', ARGV[5])
-"""
+""")
 
 # KEYS: the changes stream. ARGV: cursor (a stream id), count.
 # Returns {1 if nothing after the cursor can have been dropped else 0, entries after it}.
-_CHANGES_LUA: Final = """#!lua
+_CHANGES: Final = Script("""#!lua
 local start = ARGV[1] == '0-0'
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {start and 1 or 0, {}}
@@ -93,7 +93,7 @@ elseif #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 1 then
   intact = 1
 end
 return {intact, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
-"""
+""")
 
 MAX_CHANGES: Final = 10_000
 
@@ -103,15 +103,9 @@ class RedisRevocations:
     """``ports.Revocations`` in Redis (layout and rules in the module docstring). Redis
     failures raise ``Unavailable``. The client belongs to the caller."""
 
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
     max_changes: int = attrs.field(default=MAX_CHANGES, kw_only=True)
-    _record: Script[bytes] = attrs.field(init=False)
-    _changes: Script[bytes] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._record = self._redis.register_script(_RECORD_LUA)
-        self._changes = self._redis.register_script(_CHANGES_LUA)
 
     @property
     def _users_deleted_key(self) -> str:
@@ -142,50 +136,66 @@ class RedisRevocations:
             revocation.token_id,
             self.max_changes,
         ]
-        with redis_failures("recording a revocation"):
-            await self._record(keys=[key, self._changes_key], args=args, callback=any_reply)
+        await _RECORD.run(self._redis, [key, self._changes_key], args)
 
     async def lookup(self, *, account_id: int, token_id: str) -> RevocationState:
         keys = [self._token_key(token_id), self._account_key(account_id), self._users_deleted_key]
-        with redis_failures("reading revocations"):
-            token, account, everyone = await self._redis.mget(keys)
-        return RevocationState(
-            token_revoked=token is not None,
-            account_before_ms=0 if account is None else int(account),
-            all_before_ms=0 if everyone is None else int(everyone),
-        )
+        match await self._redis.call("MGET", *keys):
+            case [token, account, everyone]:
+                return RevocationState(
+                    token_revoked=token is not None,
+                    account_before_ms=_int_or_zero(account),
+                    all_before_ms=_int_or_zero(everyone),
+                )
+            case reply:
+                raise TypeError(f"MGET returned {reply!r:.200}")
 
     async def changes(self, cursor: str | None, *, limit: int = 1000) -> RevocationChanges:
         if cursor is None:
-            with redis_failures("reading the newest revocation"):
-                newest = await self._redis.xrevrange(self._changes_key, "+", "-", count=1)
-            identifier = newest[0].identifier if newest else "0-0"
-            if isinstance(identifier, bytes):
-                identifier = identifier.decode()
-            return RevocationChanges((), identifier)
-        with redis_failures("reading revocations"):
-            reply = await self._changes(
-                keys=[self._changes_key], args=[cursor, max(1, limit)], callback=any_reply
-            )
-        assert isinstance(reply, list) and len(reply) == 2, reply
-        intact, entries = reply
+            newest = await self._redis.call("XREVRANGE", self._changes_key, "+", "-", "COUNT", 1)
+            match newest:
+                case [[bytes(identifier), _]]:
+                    return RevocationChanges((), identifier.decode())
+                case []:
+                    return RevocationChanges((), "0-0")
+            raise TypeError(f"XREVRANGE returned {newest!r:.200}")
+        reply = await _CHANGES.run(self._redis, [self._changes_key], [cursor, max(1, limit)])
+        match reply:
+            case [int(intact), list(entries)]:
+                pass
+            case _:
+                raise TypeError(f"the changes script returned {reply!r:.200}")
         revocations = []
-        for identifier, fields in entries:
-            values = dict(zip(fields[::2], fields[1::2], strict=True))
+        for entry in entries:
+            match entry:
+                case [bytes(identifier), list(fields)] if len(fields) % 2 == 0:
+                    values = dict(zip(fields[::2], fields[1::2], strict=True))
+                case _:
+                    raise TypeError(f"a malformed revocation entry: {entry!r:.200}")
             revocations.append(
                 Revocation(
-                    RevocationKind(values[b"k"].decode()),
-                    at_ms=int(values[b"a"]),
-                    expires_at_ms=int(values[b"e"]),
-                    account_id=int(values[b"u"]),
-                    token_id=values[b"t"].decode(),
+                    RevocationKind(_text(values[b"k"])),
+                    at_ms=int(_text(values[b"a"])),
+                    expires_at_ms=int(_text(values[b"e"])),
+                    account_id=int(_text(values[b"u"])),
+                    token_id=_text(values[b"t"]),
                 )
             )
             cursor = identifier.decode()
         return RevocationChanges(tuple(revocations), cursor, complete=intact == 1)
 
 
+def _text(value: Reply) -> str:
+    if not isinstance(value, bytes):
+        raise TypeError(f"a revocation field that is not a string: {value!r:.200}")
+    return value.decode()
+
+
+def _int_or_zero(value: Reply) -> int:
+    return 0 if value is None else int(_text(value))
+
+
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
-    def _implements_port(redis: RedisClient) -> ports.Revocations:
+    def _implements_port(redis: RespClient) -> ports.Revocations:
         return RedisRevocations(redis, "p")

@@ -1,8 +1,8 @@
 """The archive stream as ``ports.ArchiveFeed``: :class:`RedisArchiveFeed`.
 
-:class:`~chatnode.adapters.redis_bus.RedisBus` appends every published message to
+:class:`~chatnode.adapters.redis.bus.RedisBus` appends every published message to
 ``P:archive`` as one field, ``d``, the message's archive document (``ChatMessage.document``;
-see the bus's module docstring for the key layout). Entries an older chatnode wrote (fields
+see the bus's module docstring for the key layout). Entries in the five-field layout (fields
 r, o, u, t, ts) are read too, encoded into documents here.
 
 Rules:
@@ -35,22 +35,22 @@ Rules:
    calls (renew, hand over, trim, release) run one at a time, so a renewal under way cannot
    take the lease back after a hand-over.
 
-Why not a consumer group: every node reading its share through XREADGROUP made Redis keep a
+Why not a consumer group: every node reading its share through XREADGROUP makes Redis keep a
 pending list entry per message (XREADGROUP ~1.2 µs per entry of Redis CPU, XACK ~0.3 µs more,
 and the node encoding every id into the XACK), where XREAD costs ~0.3 µs and the trim ~0.02
 (``INFO commandstats``, 100,000 entries in 1,000-entry reads). While a backlog is caught up
 that path runs beside Elasticsearch on the same cores, so its cost is Elasticsearch's loss;
-and one node keeps Elasticsearch as busy as two did (the archiver keeps several bulks in
+and one node keeps Elasticsearch as busy as two (the archiver keeps several bulks in
 flight). The price: after a takeover, entries acknowledged after an older unacknowledged one
 are handed out again too (at most the bulks in flight; stored twice under the same id).
 
 Cost per entry in the node: hiredis's parse, the entry's check and its ``ArchiveEntry`` tuple
 of id and document (~0.5 µs, a 1,000-entry reply, the collector frozen; decoding the five
-fields of the older layout into a message costs ~2.4 µs more); an ``ack`` of a whole batch is
-one XTRIM. The feed has clients of its own, and its blocking reads a connection of their own
-(``reads``): ``XREAD ... BLOCK`` holds its connection, and an ``ack`` issued meanwhile on it
-waited behind the read for up to ``wait_ms`` (the archiver's 1 s): the last acknowledgements
-of a backlog, and the stream's trim, came up to a second late.
+fields of the five-field layout into a message costs ~2.4 µs more); an ``ack`` of a whole
+batch is one XTRIM. The feed has clients of its own, and its blocking reads a connection of
+their own (``reads``): ``XREAD ... BLOCK`` holds its connection, and an ``ack`` issued on it
+meanwhile would wait behind the read for up to ``wait_ms`` (the archiver's 1 s): the last
+acknowledgements of a backlog, and the stream's trim, would come up to a second late.
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ import trio
 
 from chatnode.core import ports
 from chatnode.core.models import ArchiveEntry, ChatMessage
+from chatnode.wire.resp import Reply
 
-from .redis_bus import BusKeys
-from .resp import Reply, RespClient, Script
+from .bus import BusKeys
+from .client import RespClient, Script
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ ASK_EVERY_S: Final = 1.0
 
 # KEYS: lease, archive stream. ARGV: consumer, lease ms. Take the lease if nobody holds it,
 # or renew ours. Returns 1 if we held it already (renewed), 2 if we took it, 0 if another
-# consumer holds it. Taking it drops the consumer group of chatnode before 2026-12-07, if the
-# stream still has one (its pending list would only hold ids, never read again).
+# consumer holds it. Taking it destroys the stream's consumer group "archivers" if it has one:
+# nothing reads through it, and its pending list would hold ids forever.
 _LEASE: Final = Script("""#!lua
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
@@ -116,7 +117,7 @@ def _document(fields: Reply) -> bytes:
     ``TypeError``/``AttributeError`` if it holds none.
 
     On every archived message's path: ``[b"d", document]`` is taken as it is (the archive
-    refuses a document that is not one); the older layout (r, o, u, t, ts, in any order) is
+    refuses a document that is not one); the five-field layout (r, o, u, t, ts, in any order) is
     decoded and encoded."""
     if type(fields) is list and len(fields) == 2 and fields[0] == _DOCUMENT:
         document = fields[1]

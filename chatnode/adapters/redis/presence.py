@@ -29,36 +29,35 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
-from coredis.commands.script import Script
 
 from chatnode.core import ports
 from chatnode.core.models import PresenceEntry
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .client import RespClient, Script
 
 # KEYS: room hash, node entries, nodes. ARGV: entry, user, member, node id.
-_ADD_LUA: Final = """#!lua
+_ADD: Final = Script("""#!lua
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[4])
 return 1
-"""
+""")
 
 # KEYS: room hash, node entries. ARGV: entry, member.
-_REMOVE_LUA: Final = """#!lua
+_REMOVE: Final = Script("""#!lua
 redis.call('SREM', KEYS[2], ARGV[2])
 return redis.call('HDEL', KEYS[1], ARGV[1])
-"""
+""")
 
 # KEYS: heartbeat, nodes. ARGV: ttl ms, node id.
-_HEARTBEAT_LUA: Final = """#!lua
+_HEARTBEAT: Final = Script("""#!lua
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 return 1
-"""
+""")
 
 # KEYS: heartbeat, node entries, nodes. ARGV: node id, room hash key prefix.
-_REAP_NODE_LUA: Final = """#!lua
+_REAP_NODE: Final = Script("""#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
@@ -72,28 +71,19 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
 return removed
-"""
+""")
 
 
 @attrs.define(eq=False)
 class RedisPresence:
-    """``ports.Presence`` in Redis (layout and rules in the module docstring).
+    """``ports.Presence`` in Redis (layout and rules in the module docstring). Redis failures
+    raise ``Unavailable``.
 
     The client belongs to the caller: ``aclose`` does not close it.
     """
 
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
-    _add: Script[bytes] = attrs.field(init=False)
-    _remove: Script[bytes] = attrs.field(init=False)
-    _heartbeat: Script[bytes] = attrs.field(init=False)
-    _reap_node: Script[bytes] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._add = self._redis.register_script(_ADD_LUA)
-        self._remove = self._redis.register_script(_REMOVE_LUA)
-        self._heartbeat = self._redis.register_script(_HEARTBEAT_LUA)
-        self._reap_node = self._redis.register_script(_REAP_NODE_LUA)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -121,61 +111,59 @@ class RedisPresence:
     # -- ports.Presence -----------------------------------------------------------------------
 
     async def check(self) -> None:
-        with redis_failures("PING"):
-            await self._redis.ping()
+        await self._redis.call("PING")
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
     async def add(self, entry: PresenceEntry) -> None:
         field = self._entry_field(entry)
-        with redis_failures("presence add"):
-            await self._add(
-                keys=[
-                    self._room_key(entry.room_id),
-                    self._entries_key(entry.node_id),
-                    self._nodes_key,
-                ],
-                args=[field, entry.user, f"{entry.room_id} {field}", entry.node_id],
-                callback=int_reply,
-            )
+        await _ADD.run(
+            self._redis,
+            [self._room_key(entry.room_id), self._entries_key(entry.node_id), self._nodes_key],
+            [field, entry.user, f"{entry.room_id} {field}", entry.node_id],
+        )
 
     async def remove(self, entry: PresenceEntry) -> None:
         field = self._entry_field(entry)
-        with redis_failures("presence remove"):
-            await self._remove(
-                keys=[self._room_key(entry.room_id), self._entries_key(entry.node_id)],
-                args=[field, f"{entry.room_id} {field}"],
-                callback=int_reply,
-            )
+        await _REMOVE.run(
+            self._redis,
+            [self._room_key(entry.room_id), self._entries_key(entry.node_id)],
+            [field, f"{entry.room_id} {field}"],
+        )
 
     async def online(self, room_id: int) -> list[str]:
-        with redis_failures("presence online"):
-            users = await self._redis.hvals(self._room_key(room_id))
-        return sorted({user.decode() for user in users})
+        users = await self._redis.call("HVALS", self._room_key(room_id))
+        if not isinstance(users, list):
+            raise TypeError(f"HVALS returned {users!r:.200}")
+        return sorted({user.decode() for user in users if isinstance(user, bytes)})
 
     async def heartbeat(self, node_id: str, *, ttl_ms: int) -> None:
-        with redis_failures("presence heartbeat"):
-            await self._heartbeat(
-                keys=[self._alive_key(node_id), self._nodes_key],
-                args=[ttl_ms, node_id],
-                callback=int_reply,
-            )
+        await _HEARTBEAT.run(
+            self._redis, [self._alive_key(node_id), self._nodes_key], [ttl_ms, node_id]
+        )
 
     async def reap(self) -> int:
+        nodes = await self._redis.call("SMEMBERS", self._nodes_key)
+        if not isinstance(nodes, list):
+            raise TypeError(f"SMEMBERS returned {nodes!r:.200}")
         removed = 0
-        with redis_failures("presence reap"):
-            for raw in await self._redis.smembers(self._nodes_key):
-                node_id = raw.decode()
-                removed += await self._reap_node(
-                    keys=[self._alive_key(node_id), self._entries_key(node_id), self._nodes_key],
-                    args=[node_id, self._room_key_prefix],
-                    callback=int_reply,
-                )
+        for raw in nodes:
+            if not isinstance(raw, bytes):
+                raise TypeError(f"SMEMBERS returned {nodes!r:.200}")
+            node_id = raw.decode()
+            count = await _REAP_NODE.run(
+                self._redis,
+                [self._alive_key(node_id), self._entries_key(node_id), self._nodes_key],
+                [node_id, self._room_key_prefix],
+            )
+            if not isinstance(count, int):
+                raise TypeError(f"the reap script returned {count!r:.200}")
+            removed += count
         return removed
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
-    def _implements_port(redis: RedisClient) -> ports.Presence:
+    def _implements_port(redis: RespClient) -> ports.Presence:
         return RedisPresence(redis, "p")

@@ -1,5 +1,5 @@
 """Room traffic through Redis: :class:`RedisBus` (``ports.Bus``); the archive stream it feeds
-is read by :class:`~chatnode.adapters.redis_archive_feed.RedisArchiveFeed`. Needs Redis >= 7.0.
+is read by :class:`~chatnode.adapters.redis.archive_feed.RedisArchiveFeed`. Needs Redis >= 7.0.
 
 Keys (``P`` is the deployment's key prefix, room ids are decimal)::
 
@@ -75,6 +75,10 @@ Durability: with the recommended Redis settings (``appendonly yes``, ``appendfsy
 ``maxmemory-policy noeviction``) Redis loses nothing a node acknowledged; rules 6 and 7 make a
 Redis that does lose data lose none of the messages the nodes that published or delivered
 them still hold (docs/faults.md: what is measured, and the window left).
+
+Why one file of ~800 lines: its parts (the scripts, the pub/sub link, the messages kept until
+archived) share one state, the rooms subscribed and their floors (rules 3, 6, 7), and each
+rule above is needed to keep that state right.
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ import trio
 
 from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
+from chatnode.wire.resp import Reply, RespError
 
-from .resp import Reply, RespClient, RespConnection, RespError, Script
+from .client import RespClient, RespConnection, Script
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +356,8 @@ class _Link:
 class RedisBus:
     """``ports.Bus`` on Redis (rules in the module docstring). ``serve`` once at a time.
 
-    The client belongs to the caller: ``aclose`` does not close it. It is
-    :class:`~chatnode.adapters.resp.RespClient`, not coredis: this is the per-message path.
+    The client belongs to the caller: ``aclose`` does not close it. Its command connection
+    should be the bus's alone: publishing is on the per-message path.
     """
 
     _redis: RespClient

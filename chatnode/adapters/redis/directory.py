@@ -1,7 +1,7 @@
 """A Redis cache in front of any Directory: :class:`RedisCachedDirectory`.
 
-Seed 002 caches "the list of chat rooms" and "the users list of each chat room" in Redis; the
-rooms and the memberships the directory confirmed are kept too, so that they stay known while
+The list of chat rooms and the users list of each chat room are cached in Redis; the rooms
+and the memberships the directory confirmed are kept too, so that they stay known while
 the directory is down (rule 6). Keys (``P`` is the deployment's key prefix; ``{v}`` are
 version tokens)::
 
@@ -65,10 +65,10 @@ Rules that make it correct:
 Why rule 6: a MySQL outage must not stop members from rejoining their rooms on any node
 (docs/faults.md, scenario 6); only a new membership needs MySQL.
 
-Why rule 5: ``GET /v1/chatrooms`` cost ~1.2 ms of node CPU per request with a Lua read through
-coredis and a JSON decode into 100 ``Room`` objects on every request (docs/benchmarks.md,
-profile 5); with the local layer a request asks Redis about ten times a second per page, not
-on every request.
+Why rule 5: ``GET /v1/chatrooms`` costs ~1.2 ms of node CPU per request with a Lua read through
+a Redis client library and a JSON decode into 100 ``Room`` objects on every request, 75-88 µs
+with the local layer (docs/benchmarks.md, profile 5): a request asks Redis about ten times a
+second per page, not on every request.
 
 The inner directory belongs to the cache (``aclose`` closes it); the Redis client does not.
 """
@@ -85,12 +85,11 @@ from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import attrs
 import trio
-from coredis.commands.script import Script
 
 from chatnode.core import errors, ports
 from chatnode.core.models import Room, User
 
-from .redis_connection import RedisClient, any_reply, is_unavailable
+from .client import RespClient, Script
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ K = TypeVar("K", bound=Hashable)
 
 # KEYS: version keys. ARGV: fresh token (for a missing version), cache key head, cache key tail.
 # Returns {cache key, cached value or false}.
-_READ_LUA: Final = """#!lua
+_READ: Final = Script("""#!lua
 local tokens = {}
 for i, key in ipairs(KEYS) do
   local token = redis.call('GET', key)
@@ -111,12 +110,12 @@ for i, key in ipairs(KEYS) do
 end
 local cache_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
 return {cache_key, redis.call('GET', cache_key)}
-"""
+""")
 
 
 # KEYS: version keys. ARGV: fresh token (for a missing version), set key head, set key tail,
 # user. Returns {set key, 1 if the user is in the set else 0}.
-_CONFIRMED_LUA: Final = """#!lua
+_CONFIRMED: Final = Script("""#!lua
 local tokens = {}
 for i, key in ipairs(KEYS) do
   local token = redis.call('GET', key)
@@ -128,14 +127,14 @@ for i, key in ipairs(KEYS) do
 end
 local set_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
 return {set_key, redis.call('SISMEMBER', set_key, ARGV[4])}
-"""
+""")
 
 # KEYS: the set of a room's confirmed members. ARGV: user, ttl ms.
-_CONFIRM_LUA: Final = """#!lua
+_CONFIRM: Final = Script("""#!lua
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
-"""
+""")
 
 ENTRY_OVERHEAD_BYTES: Final = 256
 DAY_S: Final = 86_400.0
@@ -195,7 +194,7 @@ class RedisCachedDirectory:
     in Redis for ``known_ttl_s`` (rules in the module docstring)."""
 
     inner: ports.Directory
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
     ttl_s: float = attrs.field(default=5.0, kw_only=True)
     local_ttl_s: float = attrs.field(default=0.1, kw_only=True)
@@ -205,9 +204,6 @@ class RedisCachedDirectory:
     hits: int = attrs.field(default=0, init=False)
     misses: int = attrs.field(default=0, init=False)
     local_hits: int = attrs.field(default=0, init=False)
-    _read: Script[bytes] = attrs.field(init=False)
-    _confirmed: Script[bytes] = attrs.field(init=False)
-    _confirm: Script[bytes] = attrs.field(init=False)
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
     _local_rooms: _LocalTable[tuple[int, int], Room] = attrs.field(init=False)
@@ -215,9 +211,6 @@ class RedisCachedDirectory:
     _generation: int = attrs.field(default=0, init=False)  # +1 on every local invalidation
 
     def __attrs_post_init__(self) -> None:
-        self._read = self._redis.register_script(_READ_LUA)
-        self._confirmed = self._redis.register_script(_CONFIRMED_LUA)
-        self._confirm = self._redis.register_script(_CONFIRM_LUA)
         self._local_rooms = _LocalTable(self.local_bytes)
         self._local_members = _LocalTable(self.local_bytes)
 
@@ -324,21 +317,21 @@ class RedisCachedDirectory:
         """The JSON cached in Redis under the current ``versions``, else ``load()``'s, stored;
         and whether Redis answered (False: read through to the inner directory)."""
         found = await self._redis_or_none(
-            lambda: self._read(
-                keys=versions, args=[secrets.token_hex(8), head, tail], callback=any_reply
-            )
+            lambda: _READ.run(self._redis, versions, [secrets.token_hex(8), head, tail])
         )
-        if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes)):
-            self.misses += 1
-            return (await load()).encode(), False
-        cache_key, value = found
+        match found:
+            case [bytes(cache_key), value]:
+                pass
+            case _:
+                self.misses += 1
+                return (await load()).encode(), False
         if isinstance(value, bytes):
             self.hits += 1
             return value, True
         self.misses += 1
         loaded = (await load()).encode()
         px = max(1, int(self.ttl_s * 1000))
-        await self._redis_or_none(lambda: self._redis.set(cache_key, loaded, px=px))
+        await self._redis_or_none(lambda: self._redis.call("SET", cache_key, loaded, "PX", px))
         return loaded, True
 
     async def _redis_or_none(self, call: Callable[[], Awaitable[T]]) -> T | None:
@@ -348,9 +341,7 @@ class RedisCachedDirectory:
             return None
         try:
             result = await call()
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
+        except errors.Unavailable as exc:
             self._skip_until = trio.current_time() + self.retry_after_s
             if not self._failing:
                 self._failing = True
@@ -390,7 +381,9 @@ class RedisCachedDirectory:
         await self._new_token(self._room_removals_version(room_id))
 
     async def _new_token(self, version_key: str) -> None:
-        await self._redis_or_none(partial(self._redis.set, version_key, secrets.token_hex(8)))
+        await self._redis_or_none(
+            partial(self._redis.call, "SET", version_key, secrets.token_hex(8))
+        )
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -406,10 +399,10 @@ class RedisCachedDirectory:
         """The inner directory's answer, remembered as a confirmation; while it is
         unavailable, False for a member confirmed before (rule 6)."""
         found = await self._redis_or_none(
-            lambda: self._confirmed(
-                keys=[self._members_version, self._room_removals_version(room_id)],
-                args=[secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
-                callback=any_reply,
+            lambda: _CONFIRMED.run(
+                self._redis,
+                [self._members_version, self._room_removals_version(room_id)],
+                [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
             )
         )
         set_key, confirmed = _confirmed_reply(found)
@@ -425,7 +418,7 @@ class RedisCachedDirectory:
         if set_key is not None:
             key = set_key
             await self._redis_or_none(
-                lambda: self._confirm(keys=[key], args=[user, self._known_px], callback=any_reply)
+                lambda: _CONFIRM.run(self._redis, [key], [user, self._known_px])
             )
         return added
 
@@ -489,7 +482,7 @@ class RedisCachedDirectory:
         """The room as Redis keeps it (renewed for ``known_ttl_s``), else the inner
         directory's, kept (rule 6). An unknown room is not kept: it may be created later."""
         raw = await self._redis_or_none(
-            lambda: self._redis.getex(self._room_key(room_id), px=self._known_px)
+            lambda: self._redis.call("GETEX", self._room_key(room_id), "PX", self._known_px)
         )
         if isinstance(raw, bytes):
             id_, name, created_at_ms = json.loads(raw)
@@ -502,7 +495,7 @@ class RedisCachedDirectory:
     async def _keep_room(self, room: Room) -> None:
         raw = json.dumps([room.id, room.name, room.created_at_ms], ensure_ascii=False)
         await self._redis_or_none(
-            lambda: self._redis.set(self._room_key(room.id), raw, px=self._known_px)
+            lambda: self._redis.call("SET", self._room_key(room.id), raw, "PX", self._known_px)
         )
 
     async def check(self) -> None:
@@ -513,7 +506,7 @@ class RedisCachedDirectory:
 
 
 def _confirmed_reply(found: object) -> tuple[bytes | None, bool]:
-    """``_CONFIRMED_LUA``'s reply: (the set's key, whether the user is in it); (None, False)
+    """``_CONFIRMED``'s reply: (the set's key, whether the user is in it); (None, False)
     when Redis did not answer."""
     if isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes):
         return found[0], found[1] == 1
@@ -522,5 +515,5 @@ def _confirmed_reply(found: object) -> tuple[bytes | None, bool]:
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
-    def _implements_port(inner: ports.Directory, redis: RedisClient) -> ports.Directory:
+    def _implements_port(inner: ports.Directory, redis: RespClient) -> ports.Directory:
         return RedisCachedDirectory(inner, redis, "p")

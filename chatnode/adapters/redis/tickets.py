@@ -16,15 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import attrs
-from coredis.commands.script import Script
 
 from chatnode.core import ports
 
-from .redis_connection import RedisClient, int_reply, redis_failures
+from .client import RespClient, Script
 
 # KEYS: the ticket, the account's counter. ARGV: token, lifetime ms, max per account.
 # Returns 1 if the ticket was stored, 0 if the account is over its bound.
-_ISSUE_LUA: Final = """#!lua
+_ISSUE: Final = Script("""#!lua
 local issued = redis.call('INCR', KEYS[2])
 if issued == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -34,7 +33,7 @@ if issued > tonumber(ARGV[3]) then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
-"""
+""")
 
 
 @attrs.define(eq=False)
@@ -42,30 +41,26 @@ class RedisTickets:
     """``ports.Tickets`` in Redis (layout and rules in the module docstring). Redis failures
     raise ``Unavailable``. The client belongs to the caller."""
 
-    _redis: RedisClient
+    _redis: RespClient
     prefix: str
-    _issue: Script[bytes] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._issue = self._redis.register_script(_ISSUE_LUA)
 
     async def issue(
         self, ticket: str, token: str, *, account_id: int, ttl_ms: int, max_per_account: int
     ) -> bool:
         keys = [f"{self.prefix}:ticket:{ticket}", f"{self.prefix}:tickets:account:{account_id}"]
-        with redis_failures("issuing a ticket"):
-            stored = await self._issue(
-                keys=keys, args=[token, max(1, ttl_ms), max_per_account], callback=int_reply
-            )
+        stored = await _ISSUE.run(self._redis, keys, [token, max(1, ttl_ms), max_per_account])
+        if not isinstance(stored, int):
+            raise TypeError(f"the ticket script returned {stored!r:.200}")
         return stored == 1
 
     async def redeem(self, ticket: str) -> str | None:
-        with redis_failures("redeeming a ticket"):
-            token = await self._redis.getdel(f"{self.prefix}:ticket:{ticket}")
+        token = await self._redis.call("GETDEL", f"{self.prefix}:ticket:{ticket}")
+        if token is not None and not isinstance(token, bytes):
+            raise TypeError(f"GETDEL returned {token!r:.200}")
         return None if token is None else token.decode()
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 
-    def _implements_port(redis: RedisClient) -> ports.Tickets:
+    def _implements_port(redis: RespClient) -> ports.Tickets:
         return RedisTickets(redis, "p")

@@ -1,22 +1,17 @@
-"""The RESP client's rules against a scripted server, on an in-memory stream and on a real
-socket pair (read and written by descriptor): pipelining, replies matched in order whoever
-reads, error replies, a silent or broken server."""
+"""The Redis client's connections against a scripted server, on an in-memory stream and on a
+real socket pair (read and written by descriptor): pipelining, replies matched in order whoever
+reads, replies cut anywhere, error replies and the error table, a silent, broken or garbled
+server, pub/sub pushes; and Redis URLs."""
 
 from __future__ import annotations
 
-import hiredis
 import pytest
 import trio
 import trio.testing
 
-from chatnode.adapters.resp import RedisAddress, RespConnection, RespError, check, encode
+from chatnode.adapters.redis.client import RedisAddress, RespConnection, check
 from chatnode.core import errors
-
-
-def test_commands_are_arrays_of_bulk_strings() -> None:
-    assert encode(["SET", b"k\r\n", 42, "zoë"]) == (
-        b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n42\r\n$4\r\nzo\xc3\xab\r\n"
-    )
+from chatnode.wire.resp import ReplyParser, RespError
 
 
 @pytest.mark.parametrize(
@@ -55,7 +50,7 @@ class Server:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.parser = hiredis.Reader()
+        self.parser = ReplyParser()
         self.commands: list[list[bytes]] = []
         self.writes = 0
 
@@ -64,9 +59,7 @@ class Server:
             data = await self.stream.receive_some(65536)
             assert data, "client closed"
             self.writes += 1
-            self.parser.feed(data)
-            while (command := self.parser.gets()) is not False:
-                self.commands.append(command)
+            self.commands += self.parser.feed(data)
         return self.commands[:count]
 
     async def answer(self, raw: bytes) -> None:
@@ -84,7 +77,7 @@ def pair(transport: str, timeout_s: float = 5.0) -> tuple[RespConnection, Server
     else:
         a, b = trio.socket.socketpair()
         client, server = trio.SocketStream(a), trio.SocketStream(b)
-    return RespConnection(client, timeout_s=timeout_s, name="t"), Server(server)
+    return RespConnection(client, timeout_s=timeout_s), Server(server)
 
 
 async def echo_twenty_calls(conn: RespConnection, server: Server) -> None:
@@ -275,3 +268,64 @@ async def test_pushes_are_received_in_batches_and_sends_are_flushed_by_the_write
         [b"subscribe", b"b", 2],
         [b"message", b"a", b"hi"],
     ]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_replies_written_a_byte_at_a_time_reach_their_callers(transport: str) -> None:
+    conn, server = pair(transport)
+    got: dict[str, object] = {}
+    answer = (
+        b"*4\r\n$5\r\nhello\r\n$-1\r\n*2\r\n:-7\r\n-ERR inside\r\n*0\r\n"  # nested, nil, error
+        b"$0\r\n\r\n"  # empty
+        b"*-1\r\n"  # nil array
+    )
+
+    async def call(name: str) -> None:
+        got[name] = await conn.call("ECHO", name)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("first", "second", "third"):
+            nursery.start_soon(call, name)
+            await trio.testing.wait_all_tasks_blocked()
+        await server.read_commands(3)
+        for i in range(len(answer)):
+            await server.answer(answer[i : i + 1])
+            await trio.testing.wait_all_tasks_blocked()
+
+    first = got["first"]
+    assert isinstance(first, list) and first[:2] == [b"hello", None] and first[3] == []
+    nested = first[2]
+    assert isinstance(nested, list) and nested[0] == -7
+    assert isinstance(nested[1], RespError) and str(nested[1]) == "ERR inside"
+    assert got["second"] == b"" and got["third"] is None
+    assert not conn.broken
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_bytes_that_are_not_resp_fail_every_waiting_call(transport: str) -> None:
+    conn, server = pair(transport)
+    failures: list[str] = []
+
+    async def call() -> None:
+        try:
+            await conn.call("PING")
+        except errors.Unavailable as exc:
+            failures.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(call)
+        await server.read_commands(2)
+        await server.answer(b"!not resp\r\n")
+
+    assert len(failures) == 2 and all("protocol error" in f for f in failures)
+    assert conn.broken
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_garbled_push_fails_the_pubsub_connection(transport: str) -> None:
+    conn, server = pair(transport)
+    await server.answer(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n?garbage\r\n")
+    with pytest.raises(errors.Unavailable, match="protocol error"):
+        await conn.receive()
+    assert conn.broken

@@ -1,81 +1,113 @@
-"""A lean Redis client for the bus's hot path: RESP2 on a Trio stream, pipelined, parsed by
-hiredis.
+"""The Redis client every Redis port uses: RESP2 on Trio streams, pipelined, parsed by hiredis.
 
-Why not coredis here: per published message a node spent 110-220 µs of CPU in coredis'
-EVALSHA call and ~220 µs receiving each pub/sub message (py-spy, docs/benchmarks.md), several
-times what fanning the message out to 100 sockets costs. This module does the same work in
-~10-20 µs: a command is encoded with one join, commands of one scheduler pass leave in one
-write, and replies are parsed by hiredis (C). The other ports (presence, caches, the archive
-feed) keep coredis: their calls are rare.
+The encoding and parsing are :mod:`chatnode.wire.resp`'s; this module owns the sockets, the
+order of replies, failures and what they mean to the ports.
+
+Why a client of its own: the bus calls Redis on the per-message path, and through coredis a
+publish (EVALSHA) cost 110-220 µs of node CPU and each received pub/sub message ~220 µs;
+here they cost 10-20 µs (py-spy, ``bench/profile.py --offered 20000 --isolate``;
+docs/benchmarks.md): a command is encoded with one join, the commands of one scheduler pass
+leave in one write, and replies are parsed in C. The other ports use the same client so that
+a node has one way to talk to Redis and one table of what a failure means.
 
 Rules:
 
 1. **Pipelined.** A :class:`RespConnection` is one connection. A caller appends its encoded
-   command to the send buffer and a reply slot to a FIFO. On a socket the command is written
-   at once, without a scheduler pass (the caller's checkpoint is its wait for the reply);
-   while a write waits for the socket, the commands queued meanwhile join it. (Other streams,
-   TLS: the commands of one scheduler pass leave in one write.)
+   command to the send buffer and a reply slot to a FIFO. On a plain socket the command is
+   written at once, by its descriptor (:mod:`chatnode.fdio`), without a scheduler pass (the
+   caller's checkpoint is its wait for the reply); while a write waits for the socket, the
+   commands queued meanwhile join it. (Other streams, TLS: the commands of one scheduler pass
+   leave in one write.)
 2. **No reader task.** Replies come back in command order. The first caller waiting for a
    reply reads for everyone, filling slots in order, until its own reply is in; then it hands
-   the reading over to the callers still waiting.
+   the reading over to the callers still waiting. A caller cancelled while it waits leaves its
+   slot behind: its reply is read and dropped, the others' replies do not shift.
 3. **A failed connection is dropped, never repaired.** A reset, EOF, a write that cannot
-   finish or a reply later than ``timeout_s`` closes the connection; every caller waiting on it
-   gets :class:`~chatnode.core.errors.Unavailable`, and :class:`RespClient` connects anew on
-   its next call. A command is never sent twice: a lost reply may have been applied.
-4. **Error replies raise.** ``-ERR ...`` becomes :class:`RespError`; replies meaning "not now"
-   (``LOADING``, ``OOM``, ``BUSY``, ``READONLY``, ...) and authentication failures become
-   ``Unavailable``, like connection failures.
+   finish, bytes that are not RESP, a reply nobody asked for or a reply later than
+   ``timeout_s`` closes the connection; every caller waiting on it gets
+   :class:`~chatnode.core.errors.Unavailable`, and :class:`RespClient` connects anew on its
+   next call, with the next ``serial``. A command is never sent twice: a lost reply may have
+   been applied.
+4. **One error table** (:func:`check`, :func:`lost`): what Redis cannot do now is
+   ``Unavailable`` (the caller may retry later) -- a connection that cannot be made or is
+   lost (rule 3), a handshake refused (a wrong password, too many clients: the node cannot use
+   Redis, ``/readyz`` says why), and the replies in :data:`NOT_NOW` (loading, out of memory, a
+   script busy, a failover in progress, authentication). Any other error reply
+   (``WRONGTYPE``, a syntax error, a script's error) is a bug and raises :class:`RespError`.
 5. **Pub/sub is a connection of its own** (:meth:`RespClient.connect`), read by its owner with
    :meth:`RespConnection.receive` (every complete push of one read) while
    :meth:`RespConnection.send_nowait` queues commands that a writer task of the owner flushes
    (:meth:`RespConnection.write_forever`).
+6. **One place routes a command to a connection** (:meth:`RespClient._route`): today the
+   client's one connection. Not a pool: Redis runs commands one at a time anyway, and one
+   pipelined connection keeps the order of a caller's commands. A blocking command
+   (``XREAD BLOCK``) holds its connection, so its caller has a client of its own.
+7. **One Redis, not Redis Cluster, not Sentinel**: a primary that moves must end the
+   connections (rule 3). Redis Cluster would route by the keys' hash slot in rule 6 and
+   follow ``MOVED``/``ASK`` replies there; the scripts of the ports compute key names, so
+   they would need their keys in one slot first.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TypeAlias, TypeVar
+from types import TracebackType
+from typing import Final, Self, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
-import hiredis
 import trio
 
 from chatnode.core import errors
+from chatnode.fdio import socket_fd, try_read, try_write
+from chatnode.wire.resp import Arg, ProtocolError, Reply, ReplyParser, RespError, encode
 
-Reply: TypeAlias = "bytes | int | list[Reply] | RespError | None"
-"""A decoded RESP2 reply: bulk/simple string as bytes, integer, nil, array, or an error."""
+__all__ = [
+    "NOT_NOW",
+    "RedisAddress",
+    "RespClient",
+    "RespConnection",
+    "Script",
+    "check",
+    "lost",
+]
 
-Arg: TypeAlias = bytes | str | int
 T = TypeVar("T")
 
 _RECEIVE_BYTES: Final = 64 * 1024
-_NOT_NOW: Final = frozenset(
+
+NOT_NOW: Final = frozenset(
     {
-        b"LOADING",
-        b"OOM",
-        b"BUSY",
-        b"MASTERDOWN",
-        b"NOREPLICAS",
-        b"READONLY",
+        b"LOADING",  # a restarted Redis reading its data
+        b"OOM",  # maxmemory reached (noeviction)
+        b"BUSY",  # a script runs past its time limit
+        b"MASTERDOWN",  # a replica lost its primary
+        b"NOREPLICAS",  # min-replicas-to-write not met
+        b"READONLY",  # a primary became a replica: a failover in progress
         b"TRYAGAIN",
         b"CLUSTERDOWN",
-        b"NOAUTH",
-        b"WRONGPASS",
+        b"NOAUTH",  # the server asks for a password the node does not have
+        b"WRONGPASS",  # or one it does not accept
     }
 )
+"""Rule 4: the error replies that mean "Redis cannot serve now", by their first word."""
 
 
-class RespError(Exception):
-    """An error reply from Redis (``-PREFIX message``)."""
+def check(reply: Reply) -> Reply:
+    """``reply``, unless it is an error reply: raise it (rule 4)."""
+    if isinstance(reply, RespError):
+        if reply.prefix in NOT_NOW:
+            raise errors.Unavailable(f"Redis: {reply}")
+        raise reply
+    return reply
 
-    @property
-    def prefix(self) -> bytes:
-        return str(self).split(" ", 1)[0].encode()
+
+def lost(why: str) -> errors.Unavailable:
+    """The error of a connection that cannot be made or was lost (rule 4)."""
+    return errors.Unavailable(f"Redis: {why}")
 
 
 class _Pending:
@@ -83,27 +115,7 @@ class _Pending:
 
 
 _PENDING: Final = _Pending()
-
-
-def encode(args: Sequence[Arg]) -> bytes:
-    """One command as a RESP2 array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-def check(reply: Reply) -> Reply:
-    """``reply``, unless it is an error reply: raise it (rule 4)."""
-    if isinstance(reply, RespError):
-        if reply.prefix in _NOT_NOW:
-            raise errors.Unavailable(f"Redis: {reply}")
-        raise reply
-    return reply
+_NO_REPLIES: Final[list[Reply]] = []  # never mutated
 
 
 @attrs.define(eq=False, slots=True)
@@ -115,9 +127,7 @@ class _Slot:
 class RespConnection:
     """One connection to Redis (rules 1-3, 5). Made by :meth:`RespClient.connect`."""
 
-    def __init__(
-        self, stream: trio.abc.Stream, *, timeout_s: float, name: str, serial: int = 0
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, *, timeout_s: float, serial: int = 0) -> None:
         self._stream = stream
         self.serial = serial
         """Which of its client's connections this is (1, 2, ...): replies read on one
@@ -125,10 +135,9 @@ class RespConnection:
         # A plain socket is read and written by its descriptor: through trio's socket
         # wrappers a publish cost two scheduler passes before its write and a failed read
         # (an exception) before its reply, and every pub/sub read a failed read too.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._fd = socket_fd(stream)
         self._timeout_s = timeout_s
-        self.name = name
-        self._parser = hiredis.Reader(replyError=RespError)
+        self._parser = ReplyParser()
         self._slots: deque[_Slot] = deque()
         self._out: list[bytes] = []
         self._sending = False
@@ -146,7 +155,7 @@ class RespConnection:
         """Send one command and return its reply (an error reply is returned, not raised)."""
         if self.failure is not None:
             await trio.lowlevel.checkpoint()
-            raise errors.Unavailable(f"Redis: {self.failure}")
+            raise lost(self.failure)
         slot = _Slot()
         self._slots.append(slot)
         self._out.append(encode(args))
@@ -160,12 +169,9 @@ class RespConnection:
             # Write now (rule 1); only what the socket does not take waits below.
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             self._out.clear()
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.fail(f"connection lost while writing ({exc!r})")
+            sent = try_write(self._fd, data)
+            if sent is None:
+                self.fail("connection lost while writing")
                 return
             if sent == len(data):
                 return
@@ -191,7 +197,7 @@ class RespConnection:
         with trio.move_on_after(self._timeout_s):
             while isinstance(slot.reply, _Pending):
                 if self.failure is not None:
-                    raise errors.Unavailable(f"Redis: {self.failure}")
+                    raise lost(self.failure)
                 if self._reading:
                     await slot.woken.wait()
                     slot.woken = trio.Event()
@@ -200,7 +206,7 @@ class RespConnection:
         reply = slot.reply
         if isinstance(reply, _Pending):  # the timer fired
             self.fail(f"no reply within {self._timeout_s}s")
-            raise errors.Unavailable(f"Redis: {self.failure}")
+            raise lost(self.failure or "")
         return reply
 
     async def _read_until(self, slot: _Slot) -> None:
@@ -225,7 +231,7 @@ class RespConnection:
     def send_nowait(self, *args: Arg) -> None:
         """Queue a command whose answers arrive as pushes (SUBSCRIBE, UNSUBSCRIBE, PING)."""
         if self.failure is not None:
-            raise errors.Unavailable(f"Redis: {self.failure}")
+            raise lost(self.failure)
         self._out.append(encode(args))
         self._queued.set()
 
@@ -241,45 +247,40 @@ class RespConnection:
         the connection fails."""
         replies = await self._receive()
         if self.failure is not None:
-            raise errors.Unavailable(f"Redis: {self.failure}")
+            raise lost(self.failure)
         return replies
 
     # -- both ---------------------------------------------------------------------------------
 
     async def _receive(self) -> list[Reply]:
-        replies: list[Reply] = []
+        """The replies of the next read that completes one; ``[]`` once the connection failed.
+
+        On a socket: wait until it is readable, then read (a reply is seldom there at once;
+        waiting first spares a failed read, and the wait is the checkpoint)."""
+        replies = _NO_REPLIES  # the parser's list replaces it: no list made per read here
+        fd = self._fd
         while not replies and self.failure is None:
             try:
-                data = await self._read()
-            except BlockingIOError:
-                continue
+                if fd is None:
+                    data: bytes | None = bytes(await self._stream.receive_some(_RECEIVE_BYTES))
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+                    if self.failure is not None:  # failed while this task was being woken
+                        break
+                    data = try_read(fd, _RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.fail(f"connection lost ({exc!r})")
                 break
-            if self.failure is not None:
-                break
             if not data:
-                self.fail("connection closed by Redis")
-                break
-            self._parser.feed(data)
+                if data is None or fd is None:
+                    self.fail("connection closed by Redis (or lost)")
+                    break
+                continue  # woken with nothing to read
             try:
-                while (reply := self._parser.gets()) is not False:
-                    replies.append(reply)
-            except hiredis.ProtocolError as exc:
+                replies = self._parser.feed(data)
+            except ProtocolError as exc:
                 self.fail(f"protocol error ({exc})")
         return replies
-
-    async def _read(self) -> bytes:
-        """The next bytes from Redis (empty at end of file). On a socket: wait until it is
-        readable, then read (a reply is seldom there at once; waiting first spares a failed
-        read, and the wait is the checkpoint); may raise ``BlockingIOError``."""
-        fd = self._fd
-        if fd is None:
-            return bytes(await self._stream.receive_some(_RECEIVE_BYTES))
-        await trio.lowlevel.wait_readable(fd)
-        if self.failure is not None:  # failed while this task was being woken: fd is closed
-            return b""
-        return os.read(fd, _RECEIVE_BYTES)
 
     def fail(self, why: str) -> None:
         """Drop the connection (rule 3): waiting callers get ``Unavailable``."""
@@ -303,7 +304,8 @@ class RespConnection:
 
 @attrs.frozen
 class RedisAddress:
-    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL:
+    ``redis://[[user]:password@]host[:port][/db]``, ``unix:///path?db=n``."""
 
     host: str = "127.0.0.1"
     port: int = 6379
@@ -334,9 +336,13 @@ class RedisAddress:
 
 
 class RespClient:
-    """One pipelined connection for commands, made on first use and again after a failure,
-    plus dedicated connections for pub/sub (:meth:`connect`). Not a pool: Redis runs commands
-    one at a time anyway, and one pipelined connection keeps the order of a caller's commands.
+    """Commands on one pipelined connection, made on first use and again after a failure
+    (rules 3, 6), plus dedicated connections for pub/sub (:meth:`connect`). Closed by
+    :meth:`aclose` (or ``async with``); a port given a client never closes it.
+
+    ``timeout_s`` bounds connecting and every reply: a Redis that accepts connections but does
+    not answer fails a call with ``Unavailable`` instead of hanging it. A blocking command must
+    block for less (the archive feed asks for under half of it).
     """
 
     def __init__(
@@ -348,26 +354,39 @@ class RespClient:
         self._conn: RespConnection | None = None
         self._connecting = trio.Lock()
         self.connects = 0
+        """Connections made so far; the newest one's ``serial``."""
 
     @classmethod
-    def from_url(
-        cls, url: str, *, timeout_s: float = 5.0, client_name: str | None = None
-    ) -> RespClient:
+    def from_url(cls, url: str, *, timeout_s: float = 5.0, client_name: str | None = None) -> Self:
         return cls(RedisAddress.from_url(url), timeout_s=timeout_s, client_name=client_name)
+
+    async def __aenter__(self) -> Self:
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _route(self, args: tuple[Arg, ...]) -> RespConnection | None:
+        """The connection that runs ``args`` (rule 6), or None: connect first. Redis Cluster
+        would pick the connection of the keys' slot here."""
+        conn = self._conn
+        return None if conn is None or conn.broken else conn
 
     async def call(self, *args: Arg) -> Reply:
         """Run one command; raise :class:`RespError` or ``Unavailable`` (rules 3-4)."""
-        conn = self._conn
-        if conn is None or conn.broken:
-            conn = await self._connected()
+        conn = self._route(args) or await self._connected()
         return check(await conn.call(*args))
 
     async def call_tracked(self, *args: Arg) -> tuple[Reply, int]:
         """:meth:`call`, and the serial of the connection that answered: two replies with
         the same serial came from one run of the server, in the order Redis ran them."""
-        conn = self._conn
-        if conn is None or conn.broken:
-            conn = await self._connected()
+        conn = self._route(args) or await self._connected()
         return check(await conn.call(*args)), conn.serial
 
     async def _connected(self) -> RespConnection:
@@ -377,8 +396,11 @@ class RespClient:
             return self._conn
 
     async def connect(self) -> RespConnection:
-        """A new connection, authenticated and on the right database; the caller owns it."""
+        """A new connection, authenticated and on the right database; the caller owns it.
+        Raise ``Unavailable`` if it cannot be made (rule 4)."""
         address = self.address
+        where = address.unix_path or f"{address.host}:{address.port}"
+        conn: RespConnection | None = None
         try:
             with trio.fail_after(self.timeout_s):
                 stream: trio.abc.Stream
@@ -390,18 +412,25 @@ class RespClient:
                         stream = trio.SSLStream(
                             stream, ssl.create_default_context(), server_hostname=address.host
                         )
-                        await stream.do_handshake()
                 conn = RespConnection(
                     stream,
                     timeout_s=self.timeout_s,
-                    name=self.client_name or "",
                     serial=self.connects + 1,
                 )
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
                 for command in self._handshake():
-                    check(await conn.call(*command))
+                    reply = await conn.call(*command)
+                    if isinstance(reply, RespError):
+                        raise lost(f"{where} refused {command[0]!r}: {reply}")
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            where = address.unix_path or f"{address.host}:{address.port}"
-            raise errors.Unavailable(f"Redis: cannot connect to {where} ({exc!r})") from exc
+            if conn is not None:
+                await conn.aclose()
+            raise lost(f"cannot connect to {where} ({exc!r})") from exc
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()
+            raise
         self.connects += 1
         conn.serial = self.connects
         return conn
@@ -422,6 +451,8 @@ class RespClient:
         if self._conn is not None:
             await self._conn.aclose()
             self._conn = None
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 @attrs.frozen
