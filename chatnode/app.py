@@ -21,13 +21,14 @@ import trio
 from chatnode import datadir
 from chatnode.config import Config, ConfigError, resolve_secret
 from chatnode.core.ports import Archive, Directory, Revocations
-from chatnode.core.protocol import CloseCode
 from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.server import EdgeServer
 from chatnode.edge.websocket import WsSettings
 from chatnode.node.ratelimit import Rate, Rates
 from chatnode.node.service import Backends, ChatNode, NodeSettings
+from chatnode.wire.frames import CloseCode
+from chatnode.wire.http import TrustedProxies
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class App:
                     allowed_origins=admission.parse_origins(config.allowed_origins),
                 ),
                 metrics=metrics,
-                proxies=http.TrustedProxies.parse(config.trusted_proxies),
+                proxies=TrustedProxies.parse(config.trusted_proxies),
                 caps=connection_caps(config),
             )
             async with trio.open_nursery() as node_nursery:

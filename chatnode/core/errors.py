@@ -2,7 +2,7 @@
 
 Every error a client can see derives from :class:`ChatError` and carries a stable ``code``
 (documented in docs/protocol.md). Each transport maps the tree to its own signal in one place:
-HTTP status in ``edge/errors.py``, WebSocket close code in ``core/protocol.py``.
+HTTP status in ``edge/errors.py``, WebSocket close code in ``wire/frames.py``.
 
 ::
 

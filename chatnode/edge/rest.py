@@ -21,9 +21,10 @@ import attrs
 
 from chatnode.core import auth, errors, validation
 from chatnode.core.models import ChatMessage, Room, SearchQuery
-from chatnode.edge.http import Request, Response, error_response
+from chatnode.edge.http import error_response
 from chatnode.edge.metrics import Metrics
 from chatnode.node.service import ChatNode
+from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,7 @@ from chatnode.edge.websocket import (
     serve_websocket,
 )
 from chatnode.node.service import ChatNode
+from chatnode.wire.http import NO_PROXIES, Request, Response, TrustedProxies
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class EdgeServer:
         http_limits: http.Limits,
         ws_settings: WsSettings,
         metrics: Metrics,
-        proxies: http.TrustedProxies = http.NO_PROXIES,
+        proxies: TrustedProxies = NO_PROXIES,
         caps: Caps | None = None,
     ) -> None:
         self.node = node
@@ -179,8 +180,8 @@ class EdgeServer:
             self._slot_freed = trio.Event()
 
     async def _upgrade(
-        self, request: http.Request, stream: trio.SocketStream, trailing: bytes
-    ) -> http.Response | WsMember:
+        self, request: Request, stream: trio.SocketStream, trailing: bytes
+    ) -> Response | WsMember:
         try:
             self.api.route(request)
         except ChatError as exc:

@@ -5,7 +5,7 @@ member costs what its objects and its task's suspended stack cost (``bench/mempr
 So a connection is ONE task, the reader, suspended in ``wait_readable`` with a shallow stack;
 it holds no nursery, cancel scope, event or buffer while idle, and no HTTP request or h11
 state once upgraded (``accept_websocket`` runs inside the HTTP connection and returns the
-member; ``serve_websocket`` runs after it returned). Framing is ``core/framing.py``.
+member; ``serve_websocket`` runs after it returned). Framing is ``wire/websocket.py``.
 
 Writes (DESIGN.md §4.3): ``send_nowait`` never awaits. A member with nothing waiting to be
 written gets the pre-encoded frame written at once, straight to the non-blocking socket (the
@@ -55,11 +55,13 @@ import time
 import attrs
 import trio
 
-from chatnode.core import auth, errors, framing, protocol, validation
-from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.core import auth, errors, validation
 from chatnode.edge.admission import Admission, check_origin
-from chatnode.edge.http import Request, Response, error_response, send_refusal
+from chatnode.edge.http import error_response, send_refusal
 from chatnode.node.service import ChatNode, RoomConnection
+from chatnode.wire import frames, websocket
+from chatnode.wire.frames import CloseCode, Dialect
+from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def handshake_response(request: Request, dialect: Dialect) -> bytes:
         f"Sec-WebSocket-Accept: {accept_token(request.headers['sec-websocket-key'])}",
     ]
     if dialect is Dialect.V1:
-        lines.append(f"Sec-WebSocket-Protocol: {protocol.SUBPROTOCOL_V1}")
+        lines.append(f"Sec-WebSocket-Protocol: {frames.SUBPROTOCOL_V1}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -116,7 +118,7 @@ def check_handshake(request: Request) -> Dialect:
             "Sec-WebSocket-Key is missing or malformed", code="bad_handshake"
         ) from None
     offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
-    return Dialect.V1 if protocol.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
+    return Dialect.V1 if frames.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
 
 
 class WriteBatcher:
@@ -285,7 +287,7 @@ class WsMember:
         self._fd = stream.socket.fileno()
         self._batcher = batcher
         self._settings = settings
-        self._frames = framing.FrameReader(
+        self._frames = websocket.FrameReader(
             max_message_bytes=settings.max_frame_bytes, data=trailing
         )
         self._queue: list[bytes] | None = [greeting]
@@ -329,7 +331,7 @@ class WsMember:
             self._queue = None
             self._queued_bytes = len(self._unsent)
         self._close_deadline = trio.current_time() + self._settings.close_timeout_s
-        self._queue_frame(framing.close_frame(int(code), reason))
+        self._queue_frame(websocket.close_frame(int(code), reason))
 
     @property
     def started(self) -> bool:
@@ -367,7 +369,7 @@ class WsMember:
                 f"nothing received for {idle_timeout_s:g}s, not even a pong; reconnect",
             )
         else:
-            self.send_nowait(framing.PING_FRAME)
+            self.send_nowait(websocket.PING_FRAME)
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -501,7 +503,7 @@ class WsMember:
                     break
                 self._quiet_pings = 0
                 frames.receive_data(data)
-            elif isinstance(event, framing.Message):
+            elif isinstance(event, websocket.Message):
                 if not self._closing:
                     try:
                         await self._on_text(room, event.text)
@@ -510,13 +512,13 @@ class WsMember:
                         self.close_nowait(
                             CloseCode.INTERNAL_ERROR, "internal error; the node logged it"
                         )
-            elif isinstance(event, framing.Ping):
+            elif isinstance(event, websocket.Ping):
                 if not self._closing:
-                    self.send_nowait(framing.pong_frame(event.payload))
-            elif isinstance(event, framing.Close):
+                    self.send_nowait(websocket.pong_frame(event.payload))
+            elif isinstance(event, websocket.Close):
                 if not self._closing:  # the client started the close: answer it
                     self._closing = True
-                    self._queue_frame(framing.close_frame(event.code, event.reason))
+                    self._queue_frame(websocket.close_frame(event.code, event.reason))
                 break
             else:
                 self.close_nowait(CloseCode(event.code), event.reason)
@@ -559,29 +561,27 @@ class WsMember:
             return None
 
     async def _on_text(self, room: RoomConnection, text: str) -> None:
-        frame = protocol.parse_client_frame(text, self.dialect, room.limits)
+        frame = frames.parse_client_frame(text, self.dialect, room.limits)
         try:
-            if isinstance(frame, protocol.Rejected):
+            if isinstance(frame, frames.Rejected):
                 raise frame.error
-            if isinstance(frame, protocol.Send):
+            if isinstance(frame, frames.Send):
                 if self.dialect is Dialect.PLAIN:
                     await self._send_paced(room, frame.text)
                     return
                 message = await room.send(frame.text, frame.client_id)
-                self.send_nowait(
-                    protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))
-                )
-            elif isinstance(frame, protocol.Ping):
+                self.send_nowait(frames.ws_text_frame(frames.ack_frame(frame.client_id, message)))
+            elif isinstance(frame, frames.Ping):
                 await room.ping()
-                self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
-            elif isinstance(frame, protocol.Refresh):
+                self.send_nowait(frames.ws_text_frame(frames.pong_frame(frame.client_id)))
+            elif isinstance(frame, frames.Refresh):
                 claims = await room.refresh(frame.token, current=self.claims)
                 if not self._closing:  # the old token may have expired meanwhile
                     self.claims = claims
                     self._batcher.expire_at(self, claims.expires_at_s)
                     self.send_nowait(
-                        protocol.ws_text_frame(
-                            protocol.refreshed_frame(frame.client_id, claims.expires_at_s)
+                        frames.ws_text_frame(
+                            frames.refreshed_frame(frame.client_id, claims.expires_at_s)
                         )
                     )
             else:
@@ -611,8 +611,8 @@ class WsMember:
             if isinstance(exc, errors.RateLimited | errors.Unavailable):
                 extra["retry_after_s"] = round(exc.retry_after_s, 3)
             self.send_nowait(
-                protocol.ws_text_frame(
-                    protocol.error_frame(exc.code, exc.message, client_id=client_id, **extra)
+                frames.ws_text_frame(
+                    frames.error_frame(exc.code, exc.message, client_id=client_id, **extra)
                 )
             )
         elif isinstance(exc, errors.MessageTooLarge):
@@ -674,7 +674,7 @@ async def serve_websocket(
 ) -> None:
     """Join the member's room and serve it until the connection ends, then close the stream
     and release its ``admission``. A join refused before the handshake answer went out gets
-    an HTTP error; after it, close codes (docs/protocol.md)."""
+    an HTTP error; after it, close codes (docs/frames.md)."""
     try:
         async with node.join(member.room_id, member, since=member.since) as room:
             await member.run(room)

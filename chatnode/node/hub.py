@@ -53,11 +53,11 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from chatnode.core import protocol
 from chatnode.core.errors import Unavailable
 from chatnode.core.models import ChatMessage
 from chatnode.core.ports import Archive, Bus
-from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.wire import frames
+from chatnode.wire.frames import CloseCode, Dialect
 
 log = logging.getLogger(__name__)
 
@@ -391,10 +391,10 @@ class Hub:
         session = self._sessions.get(room_id)
         if session is None:
             return
-        if event.get("type") == protocol.MEMBER_REMOVED:
+        if event.get("type") == frames.MEMBER_REMOVED:
             self._removed(session, str(event.get("user")))
             return
-        frame = protocol.ws_text_frame(protocol.event_frame(event))
+        frame = frames.ws_text_frame(frames.event_frame(event))
         for seat in session.seats.values():
             if seat.live and seat.member.dialect is Dialect.V1:
                 seat.member.send_nowait(frame)
@@ -448,4 +448,4 @@ class Hub:
 
 
 def _frame(message: ChatMessage, dialect: Dialect) -> bytes:
-    return protocol.ws_text_frame(protocol.server_frame(message, dialect))
+    return frames.ws_text_frame(frames.server_frame(message, dialect))

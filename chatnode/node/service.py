@@ -27,7 +27,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from chatnode.core import auth, protocol, validation
+from chatnode.core import auth, validation
 from chatnode.core.errors import (
     Conflict,
     Forbidden,
@@ -58,11 +58,12 @@ from chatnode.core.ports import (
     Revocations,
     Tickets,
 )
-from chatnode.core.protocol import CloseCode
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
 from chatnode.node.passwords import PasswordWork
 from chatnode.node.ratelimit import Limiter, NodeLimits, Rate, Rates, address_key
+from chatnode.wire import frames
+from chatnode.wire.frames import CloseCode
 
 log = logging.getLogger(__name__)
 
@@ -720,7 +721,7 @@ class ChatNode:
         user = await self.backends.directory.get_user(name)
         name = user.name if user is not None else name
         removed = await self.backends.directory.remove_member(room_id, name)
-        await self.backends.bus.signal(room_id, protocol.member_removed_event(room_id, name))
+        await self.backends.bus.signal(room_id, frames.member_removed_event(room_id, name))
         return removed
 
     async def room_users(self, room_id: int) -> tuple[list[str], list[str]]:
@@ -767,7 +768,7 @@ class ChatNode:
                 await self.backends.presence.add(entry)
                 connection = RoomConnection(self, session, seat, member)
                 await connection.prepare(since)
-                await self._signal(room_id, protocol.presence_event(room_id, member.user, "join"))
+                await self._signal(room_id, frames.presence_event(room_id, member.user, "join"))
                 yield connection
             finally:
                 self._presence.discard(entry)
@@ -777,7 +778,7 @@ class ChatNode:
                         if entered:
                             await self.backends.presence.remove(entry)
                             await self._signal(
-                                room_id, protocol.presence_event(room_id, member.user, "leave")
+                                room_id, frames.presence_event(room_id, member.user, "leave")
                             )
                     except Exception:
                         log.warning("presence cleanup failed for %s", entry, exc_info=True)
@@ -864,10 +865,10 @@ class RoomConnection:
         member, hub, room_id = self._member, self._node.hub, self.room_id
         dialect = member.dialect
         head = self.head
-        if dialect is protocol.Dialect.V1:
+        if dialect is frames.Dialect.V1:
             member.send_nowait(
-                protocol.ws_text_frame(
-                    protocol.joined_frame(
+                frames.ws_text_frame(
+                    frames.joined_frame(
                         room_id,
                         member.user,
                         head=head,
@@ -877,12 +878,12 @@ class RoomConnection:
                 )
             )
             if self._gap is not None:
-                member.send_nowait(protocol.ws_text_frame(protocol.gap_frame(room_id, *self._gap)))
+                member.send_nowait(frames.ws_text_frame(frames.gap_frame(room_id, *self._gap)))
         page, self._first_page = self._first_page, []
         if not await self._send_history(self._after, head, page):
             return
-        if dialect is protocol.Dialect.V1:
-            member.send_nowait(protocol.ws_text_frame(protocol.live_frame(room_id, head)))
+        if dialect is frames.Dialect.V1:
+            member.send_nowait(frames.ws_text_frame(frames.live_frame(room_id, head)))
         sent_up_to = head
         while True:
             if not await member.writable():
@@ -908,7 +909,7 @@ class RoomConnection:
             if not page:
                 page = await self._page(after, up_to)
             for message in page:
-                frame = protocol.ws_text_frame(protocol.server_frame(message, dialect))
+                frame = frames.ws_text_frame(frames.server_frame(message, dialect))
                 member.send_nowait(frame)
                 queued += len(frame)
                 if queued >= budget:
@@ -969,6 +970,4 @@ class RoomConnection:
         user and room; the rest are dropped silently."""
         if await self._limits.typing.take(self._typing_key):
             return
-        await self._node._signal(
-            self.room_id, protocol.typing_event(self.room_id, self._member.user)
-        )
+        await self._node._signal(self.room_id, frames.typing_event(self.room_id, self._member.user))

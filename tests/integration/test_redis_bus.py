@@ -19,8 +19,8 @@ from chatnode.adapters.redis import RedisClient, RespClient, open_redis
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
+from chatnode.wire.frames import CloseCode, Dialect
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
 from tests.redis_support import OpeningRedisBus

@@ -16,8 +16,8 @@ from chatnode.adapters.memory import MemoryPresence, MemoryRevocations, MemoryTi
 from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase, SqliteDirectory
 from chatnode.core import auth
 from chatnode.core.errors import Forbidden
-from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.service import Backends, ChatNode, NodeSettings
+from chatnode.wire.frames import CloseCode, Dialect
 from tests.unit.test_hub import FakeMember
 
 T0 = 1_700_000_000_000

@@ -21,7 +21,6 @@ from chatnode.core import auth
 from chatnode.core.errors import Unauthorized, Unavailable
 from chatnode.core.models import Revocation, RevocationKind, RevocationState, User
 from chatnode.core.ports import Directory
-from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.service import (
     USER_CHECK_TTL_S,
     USER_LOOKUP_RETRY_S,
@@ -30,6 +29,7 @@ from chatnode.node.service import (
     NodeSettings,
     account_revocation,
 )
+from chatnode.wire.frames import CloseCode, Dialect
 
 SECRET = "a-secret-of-at-least-thirty-two-bytes"
 T0 = 1_700_000_000_000

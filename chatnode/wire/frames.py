@@ -1,6 +1,6 @@
 """The WebSocket wire protocol, sans-IO: frame payloads both ways and close codes.
 
-Two dialects share ``GET /v1/chatrooms/{id}/join`` (docs/protocol.md is the reference):
+Two dialects share ``GET /v1/chatrooms/{id}/join`` (docs/frames.md is the reference):
 
 * ``plain`` (no subprotocol): the seed's format. A client text frame is a message; the server
   sends only chat messages ``{"chatroom", "user", "message", "timestamp"}``, history first.
@@ -20,9 +20,10 @@ from typing import Any
 
 import attrs
 
-from chatnode.core import framing, validation
+from chatnode.core import validation
 from chatnode.core.errors import BadRequest
 from chatnode.core.models import ChatMessage
+from chatnode.wire import websocket
 
 SUBPROTOCOL_V1 = "chatnode.v1"
 MAX_CLIENT_ID_CHARS = 64
@@ -243,10 +244,10 @@ def member_removed_event(room_id: int, user: str) -> dict[str, Any]:
     return {"type": MEMBER_REMOVED, "chatroom": room_id, "user": user}
 
 
-# -- WebSocket framing (RFC 6455 §5.2; the rest is in ``core/framing.py``) ----------------------
+# -- WebSocket framing (RFC 6455 §5.2; the rest is in ``wire/websocket.py``) ----------------------
 
 
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented server text frame: the same bytes for every connection, so a
     broadcast encodes it once and writes it many times."""
-    return framing.encode_frame(framing.OPCODE_TEXT, payload)
+    return websocket.encode_frame(websocket.OPCODE_TEXT, payload)

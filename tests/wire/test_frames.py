@@ -10,21 +10,21 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 from wsproto.frame_protocol import FrameDecoder
 
-from chatnode.core import protocol
 from chatnode.core.models import ChatMessage
-from chatnode.core.protocol import CloseCode, Dialect, Ping, Rejected, Send, Typing
 from chatnode.core.validation import Limits
+from chatnode.wire import frames
+from chatnode.wire.frames import CloseCode, Dialect, Ping, Rejected, Send, Typing
 
 LIMITS = Limits(max_message_bytes=16)
 MESSAGE = ChatMessage(room_id=7, offset=3, user="ann", text="héllo", timestamp_ms=1_700_000_000_000)
 
 
 def test_plain_frame_is_the_message() -> None:
-    assert protocol.parse_client_frame("hi there", Dialect.PLAIN, LIMITS) == Send("hi there")
+    assert frames.parse_client_frame("hi there", Dialect.PLAIN, LIMITS) == Send("hi there")
 
 
 def test_v1_frames() -> None:
-    parse = lambda text: protocol.parse_client_frame(text, Dialect.V1, LIMITS)  # noqa: E731
+    parse = lambda text: frames.parse_client_frame(text, Dialect.V1, LIMITS)  # noqa: E731
     assert parse('{"type":"send","message":"yo","id":"c1"}') == Send("yo", "c1")
     assert parse('{"type":"ping","id":"p"}') == Ping("p")
     assert parse('{"type":"typing"}') == Typing()
@@ -41,7 +41,7 @@ def test_v1_rejections_carry_codes_and_the_client_id() -> None:
         '{"type":"send","id":"n","message":7}': ("invalid_message", "n"),
     }
     for text, (code, client_id) in cases.items():
-        result = protocol.parse_client_frame(text, Dialect.V1, LIMITS)
+        result = frames.parse_client_frame(text, Dialect.V1, LIMITS)
         assert isinstance(result, Rejected), text
         assert (result.error.code, result.client_id) == (code, client_id), text
 
@@ -49,11 +49,11 @@ def test_v1_rejections_carry_codes_and_the_client_id() -> None:
 @given(st.text(max_size=200))
 def test_parse_never_raises(text: str) -> None:
     for dialect in Dialect:
-        protocol.parse_client_frame(text, dialect, LIMITS)
+        frames.parse_client_frame(text, dialect, LIMITS)
 
 
 def test_plain_server_frame_has_the_seed_fields_only() -> None:
-    frame = json.loads(protocol.server_frame(MESSAGE, Dialect.PLAIN))
+    frame = json.loads(frames.server_frame(MESSAGE, Dialect.PLAIN))
     assert frame == {
         "chatroom": 7,
         "user": "ann",
@@ -63,7 +63,7 @@ def test_plain_server_frame_has_the_seed_fields_only() -> None:
 
 
 def test_v1_server_frame_carries_the_offset() -> None:
-    frame = json.loads(protocol.server_frame(MESSAGE, Dialect.V1))
+    frame = json.loads(frames.server_frame(MESSAGE, Dialect.V1))
     assert frame["type"] == "message" and frame["offset"] == 3 and frame["chatroom"] == 7
 
 
@@ -71,7 +71,7 @@ def test_v1_server_frame_carries_the_offset() -> None:
 def test_ws_text_frame_decodes_with_wsproto(text: str) -> None:
     payload = text.encode()
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(protocol.ws_text_frame(payload))
+    client.receive_data(frames.ws_text_frame(payload))
     received = "".join(e.data for e in client.events() if isinstance(e, TextMessage))
     assert received == text
 
@@ -79,7 +79,7 @@ def test_ws_text_frame_decodes_with_wsproto(text: str) -> None:
 def test_ws_text_frame_lengths() -> None:
     for size in (0, 125, 126, 65_535, 65_536):
         decoder = FrameDecoder(client=True)
-        decoder.receive_bytes(protocol.ws_text_frame(b"a" * size))
+        decoder.receive_bytes(frames.ws_text_frame(b"a" * size))
         frame = decoder.process_buffer()
         assert frame is not None and len(frame.payload) == size and frame.frame_finished
 
