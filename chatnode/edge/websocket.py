@@ -155,6 +155,8 @@ class WriteBatcher:
         self._expiry_heap: list[int] = []
         self._scheduled: set[int] = set()
         self._expiry_changed = trio.Event()
+        self.encoders = {dialect: frames.Encoder(dialect) for dialect in Dialect}
+        """Each dialect's encoder, shared by this node's members of that dialect."""
 
     def watch(self, member: WsMember) -> None:
         """Ping ``member`` and close it when it goes idle or its token expires."""
@@ -221,7 +223,7 @@ class WriteBatcher:
                     member.flush(helpers)
 
 
-class WsMember:
+class WsMember(frames.Recipient):
     """A joined WebSocket connection; implements ``node.hub.Member``.
 
     Its queue holds whole frames not yet handed to the kernel; ``_unsent`` is the rest of a
@@ -252,6 +254,7 @@ class WsMember:
         "close_code",
         "conn_id",
         "dialect",
+        "encoder",
         "expires_at_s",
         "room_id",
         "since",
@@ -280,6 +283,7 @@ class WsMember:
         self.client = client  # the client's address, as admitted (``Admission``)
         self.expires_at_s = claims.expires_at_s  # wall-clock second its token expires
         self.dialect = dialect
+        self.encoder = batcher.encoders[dialect]
         self.room_id = room_id
         self.since = since
         self.close_code: CloseCode | None = None
@@ -674,7 +678,7 @@ async def serve_websocket(
 ) -> None:
     """Join the member's room and serve it until the connection ends, then close the stream
     and release its ``admission``. A join refused before the handshake answer went out gets
-    an HTTP error; after it, close codes (docs/frames.md)."""
+    an HTTP error; after it, close codes (docs/protocol.md)."""
     try:
         async with node.join(member.room_id, member, since=member.since) as room:
             await member.run(room)

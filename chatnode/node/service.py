@@ -863,27 +863,18 @@ class RoomConnection:
         early, the seat not live, if the member closes meanwhile; a page the backends cannot
         give raises ``Unavailable``."""
         member, hub, room_id = self._member, self._node.hub, self.room_id
-        dialect = member.dialect
         head = self.head
-        if dialect is frames.Dialect.V1:
-            member.send_nowait(
-                frames.ws_text_frame(
-                    frames.joined_frame(
-                        room_id,
-                        member.user,
-                        head=head,
-                        history=head - self._after,
-                        node=self._node.settings.node_id,
-                    )
-                )
+        member.notify(
+            frames.Joined(
+                room_id, member.user, head, head - self._after, self._node.settings.node_id
             )
-            if self._gap is not None:
-                member.send_nowait(frames.ws_text_frame(frames.gap_frame(room_id, *self._gap)))
+        )
+        if self._gap is not None:
+            member.notify(frames.Gap(room_id, *self._gap))
         page, self._first_page = self._first_page, []
         if not await self._send_history(self._after, head, page):
             return
-        if dialect is frames.Dialect.V1:
-            member.send_nowait(frames.ws_text_frame(frames.live_frame(room_id, head)))
+        member.notify(frames.Live(room_id, head))
         sent_up_to = head
         while True:
             if not await member.writable():
@@ -902,16 +893,13 @@ class RoomConnection:
         """Send ``(after, up_to]``, ``page`` being its start if already loaded; False if the
         member closed meanwhile."""
         member = self._member
-        dialect = member.dialect
         budget = member.replay_page_bytes
         queued = 0
         while after < up_to:
             if not page:
                 page = await self._page(after, up_to)
             for message in page:
-                frame = frames.ws_text_frame(frames.server_frame(message, dialect))
-                member.send_nowait(frame)
-                queued += len(frame)
+                queued += member.deliver_history(message)
                 if queued >= budget:
                     queued = 0
                     if not await member.writable():

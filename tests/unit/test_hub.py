@@ -14,14 +14,15 @@ from wsproto.frame_protocol import FrameDecoder
 from chatnode.adapters.sqlite import SqliteArchive, SqliteBus, SqliteDatabase
 from chatnode.core.models import ChatMessage, Draft
 from chatnode.node.hub import Hub
-from chatnode.wire.frames import CloseCode, Dialect
+from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 
-class FakeMember:
+class FakeMember(Recipient):
     def __init__(self, conn_id: str, dialect: Dialect = Dialect.V1) -> None:
         self.conn_id = conn_id
         self.user = conn_id
         self.dialect = dialect
+        self.encoder = Encoder(dialect)
         self.frames: list[dict[str, Any]] = []
         self.closed: CloseCode | None = None
         self._changed = trio.Event()

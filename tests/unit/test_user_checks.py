@@ -29,7 +29,7 @@ from chatnode.node.service import (
     NodeSettings,
     account_revocation,
 )
-from chatnode.wire.frames import CloseCode, Dialect
+from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 SECRET = "a-secret-of-at-least-thirty-two-bytes"
 T0 = 1_700_000_000_000
@@ -375,12 +375,13 @@ async def test_an_accounts_revocation_holds_on_every_node_while_down(
 
 
 @attrs.define(eq=False)
-class FakeHolder:
+class FakeHolder(Recipient):
     """A connection as the node sees it (``service.Holder``): records how it was closed."""
 
     conn_id: str
     claims: auth.Claims
     dialect: Dialect = Dialect.V1
+    encoder: Encoder = attrs.Factory(lambda self: Encoder(self.dialect), takes_self=True)
     closed: trio.Event = attrs.Factory(trio.Event)
     code: int | None = None
 

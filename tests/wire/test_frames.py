@@ -90,3 +90,66 @@ def test_close_code_ranges() -> None:
     assert not CloseCode.TOKEN_EXPIRED.should_reconnect
     assert not CloseCode.MESSAGE_REJECTED.should_reconnect
     assert all(c < 4000 or 4000 <= c < 5000 for c in CloseCode)
+
+
+class CountingEncoder(frames.Encoder):
+    __slots__ = ("encoded",)
+
+    def __init__(self, dialect: Dialect) -> None:
+        super().__init__(dialect)
+        self.encoded = 0
+
+    def encode(self, message: ChatMessage) -> bytes:
+        self.encoded += 1
+        return super().encode(message)
+
+
+class Collecting(frames.Recipient):
+    __slots__ = ("encoder", "sent")
+
+    def __init__(self, encoder: frames.Encoder) -> None:
+        self.encoder = encoder
+        self.sent: list[bytes] = []
+
+    def send_nowait(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+
+def test_a_fan_out_encodes_each_message_once_per_dialect() -> None:
+    encoders = {dialect: CountingEncoder(dialect) for dialect in Dialect}
+    members = [Collecting(encoders[dialect]) for dialect in [*Dialect] * 3]
+    second = ChatMessage(1, 8, "ann", "again", 1_700_000_000_001)
+    for message in (MESSAGE, second):
+        for member in members:
+            member.deliver(message)
+    assert [e.encoded for e in encoders.values()] == [2, 2]
+    for member in members:
+        dialect = member.encoder.dialect
+        assert member.sent == [
+            frames.ws_text_frame(frames.server_frame(m, dialect)) for m in (MESSAGE, second)
+        ]
+
+
+def test_notices_are_v1_only_and_a_room_event_is_encoded_once() -> None:
+    plain, v1 = Collecting(frames.Encoder(Dialect.PLAIN)), Collecting(frames.Encoder(Dialect.V1))
+    event = frames.typing_event(1, "ann")
+    for notice in (frames.Joined(1, "ann", 5, 2, "n1"), frames.Gap(1, 1, 3), event, event):
+        plain.notify(notice)
+        v1.notify(notice)
+    assert plain.sent == []
+    assert [json.loads(frame[2:]) for frame in v1.sent] == [
+        {"type": "joined", "chatroom": 1, "user": "ann", "offset": 5, "history": 2, "node": "n1"},
+        {"type": "gap", "chatroom": 1, "from": 1, "to": 3},
+        {"type": "typing", "chatroom": 1, "user": "ann"},
+        {"type": "typing", "chatroom": 1, "user": "ann"},
+    ]
+    assert v1.sent[2] is v1.sent[3]
+
+
+def test_deliver_all_sends_nothing_over_its_bytes() -> None:
+    member = Collecting(frames.Encoder(Dialect.V1))
+    size = len(frames.ws_text_frame(frames.server_frame(MESSAGE, Dialect.V1)))
+    assert not member.deliver_all([MESSAGE, MESSAGE], max_bytes=2 * size - 1)
+    assert member.sent == []
+    assert member.deliver_all([MESSAGE, MESSAGE], max_bytes=2 * size)
+    assert len(member.sent) == 2
