@@ -6,17 +6,22 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import attrs
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.wire.http import (
     Request,
     Response,
     TrustedProxies,
+    check_framing,
+    h11_request,
+    is_websocket_upgrade,
     parse_simple_head,
     parse_target,
+    read_simple,
     response_bytes,
 )
 
@@ -113,3 +118,176 @@ def test_the_client_address_is_the_peers_unless_a_trusted_proxy_forwarded_it() -
     assert proxies.client("", {}) == "unix"  # a Unix-socket peer that forwarded nothing
     assert proxies.client("", {"x-real-ip": "203.0.113.7"}) == "203.0.113.7"
     assert TrustedProxies().client("127.0.0.1", forwarded) == "127.0.0.1"
+
+
+# -- the differential fuzz: one reading of every byte stream (wire/http.py rules 1-2) --------
+
+MAX_HEAD = 16 * 1024
+Outcome = list[tuple[str, object]]
+
+
+def _request_fields(request: Request) -> tuple[object, ...]:
+    return (request.method, request.path, request.query, request.headers, request.body)
+
+
+def read_as_the_edge_does(stream: bytes) -> Outcome:
+    """What the edge reads from ``stream`` (``edge/http.py``'s ``_read_request`` without the
+    sockets): the fast path while heads are simple, else one request by a fresh h11 fed
+    what is left, until a refusal, an upgrade, a close or the end of the bytes."""
+    received = bytearray(stream)
+    got: Outcome = []
+    while received:
+        simple = read_simple(received, received.find(b"\r\n\r\n"), MAX_HEAD)
+        if simple is not None:
+            request, keep_alive = simple
+        else:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+            conn.receive_data(bytes(received))
+            try:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    return [*got, ("incomplete", None)]
+                assert isinstance(event, h11.Request)
+                check_framing(event)
+                request, keep_alive = h11_request(event)
+                if not is_websocket_upgrade(request):
+                    body = _h11_body(conn)
+                    if body is None:
+                        return [*got, ("incomplete", None)]
+                    request = attrs.evolve(request, body=body)
+            except h11.RemoteProtocolError as exc:
+                return [*got, ("refused", exc.error_status_hint)]
+            received = bytearray(conn.trailing_data[0])
+        got.append(("request", (*_request_fields(request), keep_alive)))
+        if not keep_alive or is_websocket_upgrade(request):
+            break
+    return got
+
+
+def read_as_h11_does(stream: bytes) -> Outcome:
+    """What one h11 connection reads from ``stream``, answering each request as the edge
+    does (a response with a Content-Length) and refusing a head that names both framings."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    conn.receive_data(stream)
+    got: Outcome = []
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.trailing_data[0] or conn.their_state is not h11.IDLE:
+                    got.append(("incomplete", None))
+                return got
+            assert isinstance(event, h11.Request)
+            check_framing(event)
+            request, _ = h11_request(event)
+            if is_websocket_upgrade(request):
+                got.append(("request", (*_request_fields(request), conn.their_state is h11.DONE)))
+                return got
+            body = _h11_body(conn)
+            if body is None:
+                return [*got, ("incomplete", None)]
+            conn.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+            conn.send(h11.EndOfMessage())
+            keep_alive = conn.our_state is not h11.MUST_CLOSE
+            fields = (*_request_fields(request)[:4], body, keep_alive)
+            got.append(("request", fields))
+            if not keep_alive:
+                return got
+            conn.start_next_cycle()
+    except h11.RemoteProtocolError as exc:
+        return [*got, ("refused", exc.error_status_hint)]
+
+
+def _h11_body(conn: h11.Connection) -> bytes | None:
+    chunks = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        if isinstance(event, h11.EndOfMessage):
+            return b"".join(chunks)
+        assert isinstance(event, h11.Data)
+        chunks.append(bytes(event.data))
+
+
+def _mostly(usual: list[str], odd: list[str]) -> st.SearchStrategy[str]:
+    """One of ``usual`` most of the time (listed first, so examples shrink to them), else
+    one of ``odd``."""
+    return st.sampled_from(usual * 16 + odd)
+
+
+_sp = _mostly([" "], ["  ", "\t", ""])
+_method = _mostly(["GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT"], ["get", "G(T", ""])
+_target = _mostly(
+    ["/", "/v1/chatrooms?after=3&q", "/a%20b?x=%2B+y", "/v1/chatrooms/1/join?user=a"],
+    ["//x", "*", "http://h/p?q=1", "/#f", "/a b", "", "/\x7f", "/\xe9"],
+)
+_version = _mostly(["HTTP/1.1", "HTTP/1.0"], ["HTTP/2.0", "HTTP/1.10", "http/1.1", ""])
+_name = _mostly(
+    ["X-A", "Accept", "Authorization", "Connection", "Upgrade", "Content-Length", "Host"],
+    ["content-LENGTH", "Transfer-Encoding", "X A", "", "Host ", "X\x00"],
+)
+_value = _mostly(
+    ["text/html", "Bearer abc", "keep-alive", "close", "Upgrade", "websocket", "0", "a  b"],
+    ["5", "00", "+0", "0, 0", "chunked", "x\x00y", "x\x7fy", "\xe9", " ", "", "a\rb"],
+)
+_ows = _mostly(["", " "], ["\t", "  ", " \t"])
+_header = st.builds(
+    lambda name, before, value, after, fold: f"{name}:{before}{value}{after}" + fold,
+    _name,
+    _ows,
+    _value,
+    _ows,
+    _mostly([""], ["\r\n b", "\r\n\tc", "\r\n "]),
+)
+_eol = _mostly(["\r\n"], ["\n", "\r"])
+_body = _mostly(["", "hello"], ["GET / HTTP/1.1\r\n", "\r\n", "12345678"])
+_chunked = _mostly(
+    ["3\r\nabc\r\n0\r\n\r\n", "0\r\n\r\n", "2;x=y\r\nab\r\n0\r\nT: v\r\n\r\n"],
+    ["5\r\nab", "x\r\n\r\n", "3\r\nabcd\r\n0\r\n\r\n", "-1\r\n\r\n"],
+)
+
+
+@st.composite
+def _request(draw: st.DrawFn) -> bytes:
+    line = f"{draw(_method)}{draw(_sp)}{draw(_target)}{draw(_sp)}{draw(_version)}"
+    headers = draw(st.lists(_header, max_size=4))
+    if draw(_mostly(["host"], ["none", "two"])) != "none":
+        headers.insert(draw(st.integers(0, len(headers))), "Host: example")
+    framing = draw(
+        _mostly(
+            ["none", "length", "chunked"],
+            ["zero", "both", "two lengths", "two equal lengths", "gzip", "chunked twice"],
+        )
+    )
+    body = draw(_body)
+    if framing == "length":
+        headers.append(f"Content-Length: {len(body)}")
+    elif framing == "zero":
+        headers.append("Content-Length: 0")
+    elif framing == "two lengths":
+        headers += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
+    elif framing == "two equal lengths":
+        headers += [f"Content-Length: {len(body)}", f"Content-Length: {len(body)}"]
+    elif framing in ("chunked", "both", "gzip", "chunked twice"):
+        body = draw(_chunked)
+        headers.append("Transfer-Encoding: " + ("gzip" if framing == "gzip" else "chunked"))
+        if framing == "both":
+            headers.append(f"Content-Length: {len(body)}")
+        if framing == "chunked twice":
+            headers.append("Transfer-Encoding: chunked")
+    headers = draw(st.permutations(headers))
+    eol = draw(_eol)
+    head = eol.join([line, *headers]) + eol + eol
+    return (head + body).encode("latin-1")
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(st.lists(_request(), min_size=1, max_size=4), st.binary(max_size=4))
+def test_the_edge_reads_every_byte_stream_as_h11_does(requests: list[bytes], tail: bytes) -> None:
+    """Request lines, header whitespace and folding, duplicate and conflicting
+    Content-Length, Transfer-Encoding, chunked bodies, pipelined requests and bad bytes:
+    the fast path and h11 on one connection read them as one h11 connection does, or both
+    refuse. (A fixed budget of examples, the same every run.)"""
+    stream = b"".join(requests) + tail
+    assert read_as_the_edge_does(stream) == read_as_h11_does(stream)
