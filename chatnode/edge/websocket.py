@@ -44,11 +44,11 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import enum
 import hashlib
 import heapq
 import logging
 import math
-import os
 import socket
 import time
 
@@ -58,6 +58,7 @@ import trio
 from chatnode.core import auth, errors, validation
 from chatnode.edge.admission import Admission, check_origin
 from chatnode.edge.http import error_response, send_refusal
+from chatnode.fdio import socket_fd, try_read, try_write
 from chatnode.node.service import ChatNode, RoomConnection
 from chatnode.wire import frames, websocket
 from chatnode.wire.frames import CloseCode, Dialect
@@ -223,12 +224,45 @@ class WriteBatcher:
                     member.flush(helpers)
 
 
+class Writing(enum.IntEnum):
+    """Where a member's writes stand (``WsMember._state``); the rules are ``WsMember``'s."""
+
+    NEW = 0  # not started: frames queue, nothing is written (the join may still fail)
+    IDLE = 1  # nothing waits: a frame goes to the kernel at once
+    DONE = 2  # the connection is over: its socket is never touched again
+    QUEUED = 3  # frames wait in the batcher's dirty list for its flush
+    DRAINING = 4  # a drain task writes the queue as the socket takes it
+    DRAINING_MARKED = 5  # draining, and in the dirty list (a frame came meanwhile)
+
+
+_NEW, _IDLE, _DONE = Writing.NEW, Writing.IDLE, Writing.DONE
+_QUEUED, _DRAINING, _DRAINING_MARKED = Writing.QUEUED, Writing.DRAINING, Writing.DRAINING_MARKED
+
+
 class WsMember(frames.Recipient):
     """A joined WebSocket connection; implements ``node.hub.Member``.
 
     Its queue holds whole frames not yet handed to the kernel; ``_unsent`` is the rest of a
     write the kernel took in part (only while a drain task runs). ``_queued_bytes`` counts
     both, and is what ``send_backlog_bytes`` bounds (rule 1 of the module).
+
+    Its writes are in one :class:`Writing` state, ``_state`` (``_closing`` says apart from it
+    whether the node may still send; ``_close_deadline`` when a closing connection is cut):
+
+    1. NEW until ``run``: frames (the handshake answer first) queue; ``run`` marks the member
+       dirty: QUEUED.
+    2. IDLE: a frame is written at once; what the kernel does not take is queued: QUEUED.
+    3. QUEUED: frames append; the batcher's flush writes them in one write: all taken, IDLE;
+       part, DRAINING, and a drain task writes the rest.
+    4. DRAINING: frames append for the drain task; the first marks the member dirty
+       (DRAINING_MARKED) so the flush still arms a closing member's cutter; the flush then
+       leaves it DRAINING. The drain task ends with the queue empty: IDLE (QUEUED if still
+       marked, and the flush finds nothing to write).
+    5. Every state: a close (``close_nowait``) is queued like a frame, after which the node's
+       frames are dropped (a slow consumer's queue is dropped first); a peer gone empties the
+       queue and cuts the socket; ``finish`` makes it DONE, which nothing leaves.
+    6. A member is busy (its queue not all handed to the kernel) while it has a queue or is
+       QUEUED, DRAINING or DRAINING_MARKED: ``writable`` and the end of ``run`` wait for that.
     """
 
     __slots__ = (
@@ -236,17 +270,14 @@ class WsMember(frames.Recipient):
         "_close_deadline",
         "_closing",
         "_cut_armed",
-        "_draining",
         "_fd",
-        "_finished",
         "_frames",
-        "_marked",
         "_queue",
         "_queued_bytes",
         "_quiet_pings",
         "_sent",
         "_settings",
-        "_started",
+        "_state",
         "_stream",
         "_unsent",
         "claims",
@@ -288,7 +319,10 @@ class WsMember(frames.Recipient):
         self.since = since
         self.close_code: CloseCode | None = None
         self._stream = stream
-        self._fd = stream.socket.fileno()
+        fd = socket_fd(stream)
+        if fd is None:
+            raise TypeError("a WebSocket member needs a plain socket stream")
+        self._fd = fd
         self._batcher = batcher
         self._settings = settings
         self._frames = websocket.FrameReader(
@@ -298,11 +332,8 @@ class WsMember(frames.Recipient):
         self._queued_bytes = len(greeting)
         self._quiet_pings = 0  # pings since the client last sent anything
         self._unsent = b""
-        self._started = False  # nothing is written before ``run``: the join may still fail
-        self._marked = False  # in the batcher's dirty list
-        self._draining = False  # a drain task writes the queue
+        self._state = _NEW  # rules 1-6 of the class
         self._closing = False  # no more frames are accepted from the node
-        self._finished = False  # the socket is closed or about to be: never touch it
         self._close_deadline: float | None = None
         self._cut_armed = False
         self._sent: trio.Event | None = None  # exists only while ``run`` waits for the queue
@@ -312,7 +343,7 @@ class WsMember(frames.Recipient):
     def send_nowait(self, frame: bytes) -> None:
         if self._closing:
             return
-        if self._queue is None and self._started and not (self._marked or self._draining):
+        if self._state is _IDLE:
             # Nothing of this member waits to be written, so the frame goes to the kernel now
             # (order is kept); only what it does not take is queued for the batcher.
             sent = self._write(frame)
@@ -320,7 +351,7 @@ class WsMember(frames.Recipient):
                 return
             frame = frame[sent:]
         self._queue_frame(frame)
-        if self._started and self._queued_bytes > self._settings.send_backlog_bytes:
+        if self._state is not _NEW and self._queued_bytes > self._settings.send_backlog_bytes:
             self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
 
     def close_nowait(self, code: CloseCode, reason: str) -> None:
@@ -340,7 +371,7 @@ class WsMember(frames.Recipient):
     @property
     def started(self) -> bool:
         """True once the handshake answer may have been written."""
-        return self._started
+        return self._state is not _NEW
 
     @property
     def replay_page_bytes(self) -> int:
@@ -354,7 +385,7 @@ class WsMember(frames.Recipient):
         if (
             not self._closing
             and self._queued_bytes > self._settings.send_backlog_bytes // 2
-            and (self._queue or self._draining or self._marked)
+            and (self._queue or self._state >= _QUEUED)
         ):
             self._sent = trio.Event()
             try:
@@ -383,19 +414,27 @@ class WsMember(frames.Recipient):
         else:
             self._queue.append(frame)
         self._queued_bytes += len(frame)
-        if self._started and not self._marked:
-            self._marked = True
+        state = self._state
+        if state is _IDLE:
+            self._state = _QUEUED
+            self._batcher.mark(self)
+        elif state is _DRAINING:
+            self._state = _DRAINING_MARKED
             self._batcher.mark(self)
 
     def flush(self, nursery: trio.Nursery) -> None:
         """Write what was queued since the last flush, in one write, straight to the socket;
         what the kernel does not take goes to a drain task started in ``nursery``. A closing
         member also gets its cutter there. Called by the batcher."""
-        self._marked = False
+        state = self._state
+        if state is _QUEUED:
+            self._state = _IDLE
+        elif state is _DRAINING_MARKED:
+            self._state = _DRAINING
         if self._close_deadline is not None and not self._cut_armed:
             self._cut_armed = True
             nursery.start_soon(self._cut_at, self._close_deadline)
-        if self._queue and not self._draining and not self._finished:
+        if self._queue and self._state is _IDLE:
             queue, self._queue = self._queue, None
             data = queue[0] if len(queue) == 1 else b"".join(queue)
             sent = self._write(data)
@@ -405,7 +444,7 @@ class WsMember(frames.Recipient):
             self._wrote(sent)
             if sent < len(data):
                 self._unsent = data[sent:]
-                self._draining = True
+                self._state = _DRAINING
                 self._batcher.drains += 1
                 nursery.start_soon(self._drain)
         self._check_sent()
@@ -413,46 +452,42 @@ class WsMember(frames.Recipient):
     def _write(self, data: bytes) -> int | None:
         """Hand ``data`` to the kernel: the bytes it took (0 if the socket would block), or
         None if the peer is gone (the member is then broken)."""
-        try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError:
+        sent = try_write(self._fd, data)
+        if sent is None:
             self._broken()
-            return None
+        return sent
 
     async def _drain(self) -> None:
         """Write the queue as the socket becomes writable, until it is empty."""
         try:
-            while not self._finished:
+            while self._state is not _DONE:
                 if not self._unsent:
                     if not self._queue:
                         break
                     self._unsent = b"".join(self._queue)
                     self._queue = None
                 await trio.lowlevel.wait_writable(self._fd)
-                if self._finished:
+                if self._state is _DONE:
                     break
-                try:
-                    sent = os.write(self._fd, self._unsent)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    self._broken()
+                sent = self._write(self._unsent)
+                if sent is None:
                     break
                 self._wrote(sent)
                 self._unsent = self._unsent[sent:]
         except trio.ClosedResourceError:
             pass  # the connection closed its socket
         finally:
-            self._draining = False
+            if self._state is _DRAINING:
+                self._state = _IDLE
+            elif self._state is _DRAINING_MARKED:
+                self._state = _QUEUED
         self._check_sent()
 
     def _wrote(self, sent: int) -> None:
         self._queued_bytes -= sent
 
     def _check_sent(self) -> None:
-        if self._sent is not None and not (self._queue or self._draining or self._marked):
+        if self._sent is not None and not (self._queue or self._state >= _QUEUED):
             self._sent.set()
 
     async def _cut_at(self, deadline: float) -> None:
@@ -462,7 +497,7 @@ class WsMember(frames.Recipient):
     def _cut(self) -> None:
         """End the connection now: shutting the socket down wakes the reader with end of file
         and a drain with a broken pipe; the connection task then closes it."""
-        if not self._finished:
+        if self._state is not _DONE:
             with contextlib.suppress(OSError):
                 self._stream.socket.shutdown(socket.SHUT_RDWR)
 
@@ -477,7 +512,8 @@ class WsMember(frames.Recipient):
     def finish(self) -> None:
         """The connection is over: nothing more is written to its socket (whose descriptor
         may be reused once closed)."""
-        self._finished = self._closing = True
+        self._state = _DONE
+        self._closing = True
         self._queue = None
         self._unsent = b""
 
@@ -489,24 +525,23 @@ class WsMember(frames.Recipient):
         frames until the close handshake ends, the peer goes away or the connection is cut,
         then wait (bounded) until the queue is written. (The reader loop is inline: every
         suspended coroutine frame is memory an idle connection keeps.)"""
-        self._started = True
         if self._close_deadline is not None:  # closed during the join: the clock starts now
             self._close_deadline = trio.current_time() + self._settings.close_timeout_s
-        self._marked = True
+        self._state = _QUEUED  # rule 1
         self._batcher.mark(self)
         await self._replay(room)
         if not self._closing:
             self._batcher.watch(self)
-        frames = self._frames
+        reader = self._frames
         while True:
-            event = frames.next_event()
+            event = reader.next_event()
             if event is None:
                 await trio.lowlevel.wait_readable(self._fd)
                 data = self._receive()
                 if data is None:
                     break
                 self._quiet_pings = 0
-                frames.receive_data(data)
+                reader.receive_data(data)
             elif isinstance(event, websocket.Message):
                 if not self._closing:
                     try:
@@ -531,7 +566,7 @@ class WsMember(frames.Recipient):
         if deadline is None:
             deadline = trio.current_time() + self._settings.close_timeout_s
         with trio.move_on_at(deadline):
-            if self._queue or self._draining or self._marked:
+            if self._queue or self._state >= _QUEUED:
                 self._sent = trio.Event()
                 await self._sent.wait()
 
@@ -557,12 +592,7 @@ class WsMember(frames.Recipient):
 
     def _receive(self) -> bytes | None:
         """What the socket holds (maybe nothing); None at end of file or if the peer is gone."""
-        try:
-            return os.read(self._fd, RECEIVE_BYTES) or None
-        except BlockingIOError:
-            return b""
-        except OSError:
-            return None
+        return try_read(self._fd, RECEIVE_BYTES)
 
     async def _on_text(self, room: RoomConnection, text: str) -> None:
         frame = frames.parse_client_frame(text, self.dialect, room.limits)
