@@ -177,7 +177,7 @@ async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
     """``chatnode users grant-admin | revoke-admin NAME``: one line, exit code 0 or 1."""
     from chatnode.app import open_accounts
     from chatnode.core.errors import Unavailable
-    from chatnode.node.service import set_admin
+    from chatnode.node.accounts import set_admin
 
     failed: list[BaseException] = []
     user = None

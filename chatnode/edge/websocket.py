@@ -59,7 +59,8 @@ from chatnode.core import auth, errors, validation
 from chatnode.edge.admission import Admission, check_origin
 from chatnode.edge.http import error_response, send_refusal
 from chatnode.fdio import socket_fd, try_read, try_write
-from chatnode.node.service import ChatNode, RoomConnection
+from chatnode.node.room import RoomConnection
+from chatnode.node.service import ChatNode
 from chatnode.wire import frames, websocket
 from chatnode.wire.frames import CloseCode, Dialect
 from chatnode.wire.http import Request, Response

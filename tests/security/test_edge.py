@@ -19,7 +19,8 @@ import trio
 
 from chatnode.core import auth
 from chatnode.core.models import Draft
-from chatnode.node import service
+from chatnode.node import accounts
+from chatnode.node.room import RoomConnection
 from chatnode.wire import websocket
 from tests.e2e.harness import RunningNode, api_client, running_node
 from tests.e2e.harness import auth as bearer
@@ -135,7 +136,7 @@ async def publish(node: RunningNode, room: int, count: int, size: int, *, start:
     bus = node.app.node.backends.bus
     for i in range(start, start + count):
         text = f"{i:06d} " + "x" * (size - 7)
-        await bus.publish(Draft(room, "ann", text, service.now_ms()))
+        await bus.publish(Draft(room, "ann", text, accounts.now_ms()))
 
 
 async def test_an_unread_replay_holds_a_page_and_is_closed_at_its_deadline(
@@ -514,10 +515,10 @@ async def test_a_websocket_handler_failure_closes_with_1011_and_logs_once(
     dropped without a close frame (1006 at the client). Now it is closed with 1011, the
     failure logged once with its traceback, and the node serves on."""
 
-    async def broken_typing(self: service.RoomConnection) -> None:
+    async def broken_typing(self: RoomConnection) -> None:
         raise RuntimeError("injected handler bug")
 
-    monkeypatch.setattr(service.RoomConnection, "typing", broken_typing)
+    monkeypatch.setattr(RoomConnection, "typing", broken_typing)
     caplog.set_level(logging.ERROR, logger="chatnode")
     async with running_node(node_env_config(str(tmp_path))) as node:
         tokens, room = await make_room(node, "ann")

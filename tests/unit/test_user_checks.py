@@ -21,14 +21,8 @@ from chatnode.core import auth
 from chatnode.core.errors import Unauthorized, Unavailable
 from chatnode.core.models import Revocation, RevocationKind, RevocationState, User
 from chatnode.core.ports import Directory
-from chatnode.node.service import (
-    USER_CHECK_TTL_S,
-    USER_LOOKUP_RETRY_S,
-    Backends,
-    ChatNode,
-    NodeSettings,
-    account_revocation,
-)
+from chatnode.node.accounts import USER_CHECK_TTL_S, USER_LOOKUP_RETRY_S, account_revocation
+from chatnode.node.service import Backends, ChatNode, NodeSettings
 from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 SECRET = "a-secret-of-at-least-thirty-two-bytes"
