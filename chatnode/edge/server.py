@@ -38,13 +38,8 @@ from chatnode.edge import http
 from chatnode.edge.admission import Admission, Caps
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
-from chatnode.edge.websocket import (
-    WriteBatcher,
-    WsMember,
-    WsSettings,
-    accept_websocket,
-    serve_websocket,
-)
+from chatnode.edge.websocket import WsMember, WsSettings, accept_websocket, serve_websocket
+from chatnode.edge.ws_writer import WriteBatcher
 from chatnode.node.service import ChatNode
 from chatnode.wire.http import NO_PROXIES, Request, Response, TrustedProxies
 
