@@ -76,6 +76,7 @@ from chatnode.adapters.es_http import HttpPool, HttpResponse, HttpUnreachable
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import (
+    MESSAGE_FIELDS,
     ChatMessage,
     DeadLetter,
     Refusal,
@@ -95,7 +96,7 @@ _UNAVAILABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REFUSED_ITEM_STATUS: Final = 400
 _CONFLICT_ITEM_STATUS: Final = 409
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
-_SOURCE: Final = ["chatroom", "offset", "user", "message", "timestamp"]
+_SOURCE: Final = list(MESSAGE_FIELDS)
 _BULK_FILTERS: Final = ("errors", "errors,items.*.status,items.*.error.type,items.*.error.reason")
 """A bulk is sent answering only ``errors``; if some item failed, again for every item's
 outcome (see the module guarantees)."""
@@ -217,13 +218,7 @@ def usable(documents: Sequence[bytes]) -> tuple[list[bytes], list[tuple[bytes, s
 
 
 def _message(source: dict[str, Any]) -> ChatMessage:
-    return ChatMessage(
-        int(source["chatroom"]),
-        int(source["offset"]),
-        str(source["user"]),
-        str(source["message"]),
-        int(source["timestamp"]),
-    )
+    return ChatMessage.from_fields(source)
 
 
 @attrs.frozen

@@ -158,24 +158,10 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
 def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
     """The payload of a chat message; identical for every member of one dialect (Rule 1)."""
     if dialect is Dialect.PLAIN:
-        return _dumps(
-            {
-                "chatroom": message.room_id,
-                "user": message.user,
-                "message": message.text,
-                "timestamp": message.timestamp_ms,
-            }
-        )
-    return _dumps(
-        {
-            "type": "message",
-            "chatroom": message.room_id,
-            "offset": message.offset,
-            "user": message.user,
-            "message": message.text,
-            "timestamp": message.timestamp_ms,
-        }
-    )
+        fields = message.fields()
+        del fields["offset"]  # the seed's format has none
+        return _dumps(fields)
+    return _dumps({"type": "message", **message.fields()})
 
 
 def joined_frame(room_id: int, user: str, *, head: int, history: int, node: str) -> bytes:

@@ -10,7 +10,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 from wsproto.frame_protocol import FrameDecoder
 
-from chatnode.core.models import ChatMessage
+from chatnode.core.models import MESSAGE_FIELDS, ChatMessage
 from chatnode.core.validation import Limits
 from chatnode.wire import frames
 from chatnode.wire.frames import CloseCode, Dialect, Ping, Rejected, Send, Typing
@@ -153,3 +153,18 @@ def test_deliver_all_sends_nothing_over_its_bytes() -> None:
     assert member.sent == []
     assert member.deliver_all([MESSAGE, MESSAGE], max_bytes=2 * size)
     assert len(member.sent) == 2
+
+
+@given(st.integers(0, 2**40), st.integers(1, 2**40), st.text(), st.text(), st.integers(0, 2**50))
+def test_a_message_has_one_wire_shape_everywhere(
+    room_id: int, offset: int, user: str, text: str, timestamp_ms: int
+) -> None:
+    message = ChatMessage(room_id, offset, user, text, timestamp_ms)
+    fields = message.fields()
+    assert tuple(fields) == MESSAGE_FIELDS
+    assert ChatMessage.from_fields(fields) == message
+    if not any("\ud800" <= c <= "\udfff" for c in user + text):  # the edge refuses those
+        assert json.loads(message.document) == fields
+        assert json.loads(frames.server_frame(message, Dialect.V1)) == {"type": "message", **fields}
+        plain = json.loads(frames.server_frame(message, Dialect.PLAIN))
+        assert plain == {k: v for k, v in fields.items() if k != "offset"}
