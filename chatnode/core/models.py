@@ -168,7 +168,7 @@ class ChatMessage:
 
 class ArchiveEntry(NamedTuple):
     """A message waiting in the archive feed, as its archive document; ``ack_id`` is the feed's
-    own id for it. (A tuple: a feed makes one per message, and an attrs class cost ~0.5 µs.)"""
+    own id for it. (A tuple: a feed makes one per message, and an attrs class costs ~0.5 µs.)"""
 
     ack_id: str
     document: bytes

@@ -6,7 +6,7 @@ Every handler returns a Response; every ``ChatError`` becomes its status and JSO
 The cacheable reads (rooms list, room users) keep their encoded answer in an
 :class:`AnswerCache` and reuse it while the node hands back an equal value: the node's caches
 decide how fresh a value is, this only skips encoding it again. Encoding the 100-room page
-was ~18 % of a ``GET /v1/chatrooms`` (docs/benchmarks.md, profile 5).
+would be ~18 % of a ``GET /v1/chatrooms`` (docs/benchmarks.md, profile 5).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class WsMember(WsWriter):
             event = reader.next_event()
             if event is None:
                 await trio.lowlevel.wait_readable(self._fd)
-                data = self._receive()
+                data = try_read(self._fd, RECEIVE_BYTES)  # inline: the path of every frame
                 if data is None:
                     break
                 self._quiet_pings = 0
@@ -207,10 +207,6 @@ class WsMember(WsWriter):
                 CloseCode.SLOW_CONSUMER,
                 f"replay not read within {timeout_s:g}s; reconnect with since",
             )
-
-    def _receive(self) -> bytes | None:
-        """What the socket holds (maybe nothing); None at end of file or if the peer is gone."""
-        return try_read(self._fd, RECEIVE_BYTES)
 
     async def _on_text(self, room: RoomConnection, text: str) -> None:
         frame = frames.parse_client_frame(text, self.dialect, room.limits)

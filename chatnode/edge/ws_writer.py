@@ -245,9 +245,13 @@ class WsWriter(frames.Recipient):
             return
         if self._state is _IDLE:
             # Nothing of this member waits to be written, so the frame goes to the kernel now
-            # (order is kept); only what it does not take is queued for the batcher.
-            sent = self._write(frame)
-            if sent is None or sent == len(frame):
+            # (order is kept); only what it does not take is queued for the batcher. (The
+            # write is inline: this is the path of every delivery.)
+            sent = try_write(self._fd, frame)
+            if sent is None:
+                self._broken()
+                return
+            if sent == len(frame):
                 return
             frame = frame[sent:]
         self._queue_frame(frame)

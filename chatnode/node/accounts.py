@@ -155,7 +155,7 @@ class Accounts:
         limits = self.settings.limits
         name = validation.user_name(name, limits)
         if password is None and self.settings.insecure:
-            password_hash = "!"  # the seed's open mode: a user without a password
+            password_hash = "!"  # insecure mode: a user without a password
         else:
             secret = validation.new_password(password, limits, user=name)
             if await self.backends.directory.get_user(name) is not None:

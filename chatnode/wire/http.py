@@ -20,7 +20,7 @@ Rules:
    it as chunked), and everything h11 refuses (conflicting Content-Lengths, bad bytes).
 3. :func:`response_bytes` writes what h11 would send for a response, in one buffer.
 
-Why two readers and not h11 alone: an h11 parse-and-respond cycle cost ~60 µs of CPU per
+Why two readers and not h11 alone: an h11 parse-and-respond cycle costs ~60 µs of CPU per
 request, the fast path ~4 µs, out of ~200 µs a REST read costs the node in all (the
 benchmark's ``GET /v1/chatrooms`` through nginx, docs/benchmarks.md). Why not the fast path
 alone: bodies, chunked encoding and malformed input are where parsers go wrong; h11 has
