@@ -289,7 +289,8 @@ class Encoder:
     encodes once: each member asks, and all but the first get the kept frame (an identity
     check, no dict lookup). The bytes depend only on the message and the dialect (rule 1), so
     a kept frame is right for whoever asks; one encoder serves every member of its dialect on
-    a node (``edge/websocket.py``'s ``WriteBatcher`` holds them)."""
+    a node (``edge/ws_writer.py``'s ``WriteBatcher`` holds them). Values are kept by
+    identity: a message is frozen, and a room event is never changed once signalled."""
 
     __slots__ = ("_event", "_event_frame", "dialect", "frame", "message")
 
