@@ -17,13 +17,15 @@ import socket
 import trio
 
 from chatnode.config import Config, resolve_secret
-from chatnode.core.protocol import CloseCode
 from chatnode.edge import admission, http
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.server import EdgeServer
-from chatnode.edge.websocket import WsSettings
+from chatnode.edge.ws_writer import WsSettings
 from chatnode.node.ratelimit import Rate, Rates
-from chatnode.node.service import ChatNode, NodeSettings
+from chatnode.node.service import ChatNode
+from chatnode.node.settings import NodeSettings
+from chatnode.wire.frames import CloseCode
+from chatnode.wire.http import TrustedProxies
 from chatnode.wiring import open_backends
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ class App:
                     allowed_origins=admission.parse_origins(config.allowed_origins),
                 ),
                 metrics=metrics,
-                proxies=http.TrustedProxies.parse(config.trusted_proxies),
+                proxies=TrustedProxies.parse(config.trusted_proxies),
                 caps=connection_caps(config),
             )
             async with trio.open_nursery() as node_nursery:

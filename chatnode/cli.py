@@ -181,7 +181,7 @@ async def _dead_letters(config: Any, limit: int) -> int:
 async def _set_admin(config: Any, name: str, is_admin: bool) -> int:
     """``chatnode users grant-admin | revoke-admin NAME``: one line, exit code 0 or 1."""
     from chatnode.core.errors import Unavailable
-    from chatnode.node.service import set_admin
+    from chatnode.node.accounts import set_admin
     from chatnode.wiring import open_accounts
 
     failed: list[BaseException] = []

@@ -32,7 +32,7 @@ from pathlib import Path
 from chatnode import datadir
 from chatnode.config import Config, ConfigError
 from chatnode.core.ports import Archive, Directory, Revocations
-from chatnode.node.service import Backends
+from chatnode.node.settings import Backends
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,13 @@
 """Domain values. All are immutable (``@attrs.frozen``); times are epoch milliseconds.
 
-A message also has a byte form, its **archive document** (:attr:`ChatMessage.document`): the
-JSON object ``{"chatroom":R,"offset":O,"user":U,"message":T,"timestamp":TS}`` in exactly that
-order, compact, UTF-8, no newline. It is made once, when the message is published, and travels
+A message has one **wire shape**, defined here and written the same everywhere (the archive
+document, the v1 ``message`` frame and, without its offset, the plain one, the REST API,
+the Elasticsearch document): the JSON object of :data:`MESSAGE_FIELDS` in that order,
+``{"chatroom":R,"offset":O,"user":U,"message":T,"timestamp":TS}``
+(:meth:`ChatMessage.fields`, :meth:`ChatMessage.from_fields`).
+
+A message also has a byte form, its **archive document** (:attr:`ChatMessage.document`): that
+object compact, UTF-8, no newline. It is made once, when the message is published, and travels
 as it is through the archive feed into the archive (Elasticsearch indexes the bytes), so the
 archiver never decodes or re-encodes a message. :func:`document_key` reads the message's key
 from the document's head; :meth:`ChatMessage.from_document` decodes and checks one.
@@ -14,14 +19,16 @@ import enum
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from json.encoder import encode_basestring
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _DOCUMENT_HEAD: Final = re.compile(rb'\{"chatroom":(0|[1-9][0-9]*),"offset":([1-9][0-9]*),"')
-_DOCUMENT_FIELDS: Final = ("chatroom", "offset", "user", "message", "timestamp")
+MESSAGE_FIELDS: Final = ("chatroom", "offset", "user", "message", "timestamp")
+"""The keys of a message's wire shape, in order (module docstring)."""
 
 
 def document_head(room_id: int) -> bytes:
@@ -106,6 +113,27 @@ class ChatMessage:
         """The archive document id: idempotent re-indexing."""
         return f"{self.room_id}:{self.offset}"
 
+    def fields(self) -> dict[str, Any]:
+        """The message's wire shape: :data:`MESSAGE_FIELDS` in order (module docstring)."""
+        return {
+            "chatroom": self.room_id,
+            "offset": self.offset,
+            "user": self.user,
+            "message": self.text,
+            "timestamp": self.timestamp_ms,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> ChatMessage:
+        """The message a wire-shaped mapping holds (``KeyError``, ``ValueError`` if not)."""
+        return cls(
+            int(fields["chatroom"]),
+            int(fields["offset"]),
+            str(fields["user"]),
+            str(fields["message"]),
+            int(fields["timestamp"]),
+        )
+
     @property
     def document(self) -> bytes:
         """The message as its archive document (module docstring)."""
@@ -124,7 +152,7 @@ class ChatMessage:
             fields = json.loads(document)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a message document: {exc}") from None
-        if not isinstance(fields, dict) or tuple(fields) != _DOCUMENT_FIELDS:
+        if not isinstance(fields, dict) or tuple(fields) != MESSAGE_FIELDS:
             raise ValueError(f"not a message document: {document[:80]!r}")
         room_id, offset, user, text, timestamp_ms = fields.values()
         if not (
@@ -140,7 +168,7 @@ class ChatMessage:
 
 class ArchiveEntry(NamedTuple):
     """A message waiting in the archive feed, as its archive document; ``ack_id`` is the feed's
-    own id for it. (A tuple: a feed makes one per message, and an attrs class cost ~0.5 µs.)"""
+    own id for it. (A tuple: a feed makes one per message, and an attrs class costs ~0.5 µs.)"""
 
     ack_id: str
     document: bytes

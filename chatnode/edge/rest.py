@@ -6,7 +6,7 @@ Every handler returns a Response; every ``ChatError`` becomes its status and JSO
 The cacheable reads (rooms list, room users) keep their encoded answer in an
 :class:`AnswerCache` and reuse it while the node hands back an equal value: the node's caches
 decide how fresh a value is, this only skips encoding it again. Encoding the 100-room page
-was ~18 % of a ``GET /v1/chatrooms`` (docs/benchmarks.md, profile 5).
+would be ~18 % of a ``GET /v1/chatrooms`` (docs/benchmarks.md, profile 5).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from collections.abc import Awaitable, Callable, Hashable
 import attrs
 
 from chatnode.core import auth, errors, validation
-from chatnode.core.models import ChatMessage, Room, SearchQuery
-from chatnode.edge.http import Request, Response, error_response
+from chatnode.core.models import Room, SearchQuery
+from chatnode.edge.http import error_response
 from chatnode.edge.metrics import Metrics
 from chatnode.node.service import ChatNode
+from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ class Route:
 
 def room_json(room: Room) -> dict[str, object]:
     return {"id": room.id, "name": room.name, "created_at": room.created_at_ms}
-
-
-def message_json(message: ChatMessage) -> dict[str, object]:
-    return {
-        "chatroom": message.room_id,
-        "offset": message.offset,
-        "user": message.user,
-        "message": message.text,
-        "timestamp": message.timestamp_ms,
-    }
 
 
 class AnswerCache:
@@ -221,7 +212,7 @@ class Api:
         return Response.json(
             200,
             {
-                "messages": [message_json(m) for m in messages],
+                "messages": [m.fields() for m in messages],
                 "next_before": messages[0].offset if messages and messages[0].offset > 1 else None,
             },
         )
@@ -244,7 +235,7 @@ class Api:
         )
         hits = await self.node.search(query)
         return Response.json(
-            200, {"hits": [{**message_json(h.message), "score": h.score} for h in hits]}
+            200, {"hits": [{**h.message.fields(), "score": h.score} for h in hits]}
         )
 
     async def join_without_upgrade(self, request: Request, match: re.Match[str]) -> Response:

@@ -38,14 +38,10 @@ from chatnode.edge import http
 from chatnode.edge.admission import Admission, Caps
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
-from chatnode.edge.websocket import (
-    WriteBatcher,
-    WsMember,
-    WsSettings,
-    accept_websocket,
-    serve_websocket,
-)
+from chatnode.edge.websocket import WsMember, accept_websocket, serve_websocket
+from chatnode.edge.ws_writer import WriteBatcher, WsSettings
 from chatnode.node.service import ChatNode
+from chatnode.wire.http import NO_PROXIES, Request, Response, TrustedProxies
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +54,7 @@ class EdgeServer:
         http_limits: http.Limits,
         ws_settings: WsSettings,
         metrics: Metrics,
-        proxies: http.TrustedProxies = http.NO_PROXIES,
+        proxies: TrustedProxies = NO_PROXIES,
         caps: Caps | None = None,
     ) -> None:
         self.node = node
@@ -179,8 +175,8 @@ class EdgeServer:
             self._slot_freed = trio.Event()
 
     async def _upgrade(
-        self, request: http.Request, stream: trio.SocketStream, trailing: bytes
-    ) -> http.Response | WsMember:
+        self, request: Request, stream: trio.SocketStream, trailing: bytes
+    ) -> Response | WsMember:
         try:
             self.api.route(request)
         except ChatError as exc:

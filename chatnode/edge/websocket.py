@@ -1,28 +1,19 @@
-"""WebSocket room connections: the upgrade, the member's queue, its reader, the edge's writer.
+"""WebSocket room connections: the upgrade, the join, and the member's reader.
 
 Memory is the design constraint here: a node holds thousands of idle members, and an idle
 member costs what its objects and its task's suspended stack cost (``bench/memprofile.py``).
 So a connection is ONE task, the reader, suspended in ``wait_readable`` with a shallow stack;
 it holds no nursery, cancel scope, event or buffer while idle, and no HTTP request or h11
 state once upgraded (``accept_websocket`` runs inside the HTTP connection and returns the
-member; ``serve_websocket`` runs after it returned). Framing is ``core/framing.py``.
+member; ``serve_websocket`` runs after it returned). Framing is ``wire/websocket.py``.
 
-Writes (DESIGN.md §4.3): ``send_nowait`` never awaits. A member with nothing waiting to be
-written gets the pre-encoded frame written at once, straight to the non-blocking socket (the
-common case: one write per delivery, no second pass over the members). Otherwise (a queue,
-the kernel did not take it all, or the connection not started yet) the frame is appended to
-the member's queue and the member marked dirty in the edge's ``WriteBatcher``, whose task
-flushes every dirty member once the producers yield, in one write per member per burst.
-Only when the kernel does not take it all does the batcher start a
-drain task for that member (in the batcher's nursery) that writes the rest as the socket
-becomes writable; flushes leave the queue to it meanwhile, so order is kept.
+The member's writes (its queue in one state, the edge's ``WriteBatcher``) are
+``edge/ws_writer.py``'s.
 
 Memory per connection is bounded on every path (docs/security.md, "Connections and memory"):
 
-1. Everything queued for a client counts against one budget, ``send_backlog_bytes``: frames,
-   pongs, pings, the handshake answer and the join's replay. Past it the member is a slow
-   consumer: its queue is dropped, a close frame (4001) is queued and the connection gets
-   ``close_timeout_s`` to go.
+1. Everything queued for a client counts against one budget, ``send_backlog_bytes``
+   (``edge/ws_writer.py`` rule 1): past it, 4001.
 2. The replay is written in pages as the socket drains (``RoomConnection.replay``: a quarter
    of the budget, then it waits for :meth:`WsMember.writable`), so it never holds more than a
    page and what is queued; one not read within ``replay_timeout_s`` closes with 4001. The
@@ -34,54 +25,32 @@ Memory per connection is bounded on every path (docs/security.md, "Connections a
 Closing: whoever starts the close handshake (the node with ``close_nowait``, the client with a
 close frame, or a framing violation), the reader keeps reading until the client's close frame,
 end of file or the deadline; then the connection waits (bounded) until its queue is written
-and closes the socket. A server-side close arms a cutter task in the batcher's nursery that
-shuts the socket down at the deadline, which wakes the reader with end of file and any drain
-with a broken pipe: no per-connection cancel scope is needed for it.
+and closes the socket (cut at the deadline: ``edge/ws_writer.py`` rule 2).
 """
 
 from __future__ import annotations
 
 import base64
-import collections
-import contextlib
 import hashlib
-import heapq
 import logging
-import math
-import os
-import socket
-import time
 
-import attrs
 import trio
 
-from chatnode.core import auth, errors, framing, protocol, validation
-from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.core import auth, errors, validation
 from chatnode.edge.admission import Admission, check_origin
-from chatnode.edge.http import Request, Response, error_response, send_refusal
-from chatnode.node.service import ChatNode, RoomConnection
+from chatnode.edge.http import error_response, send_refusal
+from chatnode.edge.ws_writer import WriteBatcher, WsSettings, WsWriter
+from chatnode.fdio import try_read
+from chatnode.node.room import RoomConnection
+from chatnode.node.service import ChatNode
+from chatnode.wire import frames, websocket
+from chatnode.wire.frames import CloseCode, Dialect
+from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RECEIVE_BYTES = 64 * 1024
-
-
-@attrs.frozen
-class WsSettings:
-    send_backlog_bytes: int
-    max_message_bytes: int
-    ping_interval_s: float = 30.0
-    close_timeout_s: float = 2.0
-    idle_timeout_s: float = 90.0
-    replay_timeout_s: float = 60.0
-    allowed_origins: frozenset[str] = frozenset()
-
-    @property
-    def max_frame_bytes(self) -> int:
-        """Largest incoming WebSocket message: a v1 frame carrying the largest chat message
-        with JSON escaping; anything larger is closed with 1009 unread."""
-        return self.max_message_bytes * 6 + 1024
 
 
 def accept_token(key: str) -> str:
@@ -96,7 +65,7 @@ def handshake_response(request: Request, dialect: Dialect) -> bytes:
         f"Sec-WebSocket-Accept: {accept_token(request.headers['sec-websocket-key'])}",
     ]
     if dialect is Dialect.V1:
-        lines.append(f"Sec-WebSocket-Protocol: {protocol.SUBPROTOCOL_V1}")
+        lines.append(f"Sec-WebSocket-Protocol: {frames.SUBPROTOCOL_V1}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -116,145 +85,14 @@ def check_handshake(request: Request) -> Dialect:
             "Sec-WebSocket-Key is missing or malformed", code="bad_handshake"
         ) from None
     offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
-    return Dialect.V1 if protocol.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
+    return Dialect.V1 if frames.SUBPROTOCOL_V1 in offered else Dialect.PLAIN
 
 
-class WriteBatcher:
-    """The edge's writer: coalesces what each member is sent during one scheduler pass into
-    one write, drains the members whose socket would block, cuts closing connections at their
-    deadline, pings every live member every ``ping_interval_s`` (closing those that stayed
-    silent for ``idle_timeout_s``: 4003), and closes members whose token expired (4500).
+class WsMember(WsWriter):
+    """A joined WebSocket connection; implements ``node.hub.Member``: the connection task
+    (its reader) here, its writes in :class:`~chatnode.edge.ws_writer.WsWriter`."""
 
-    A member with something queued is marked dirty (``send_nowait``; one with nothing queued
-    is written at once); the batcher's task runs once the producers yield (after a burst of
-    messages from the bus, say) and flushes every dirty member: one ``write`` per member per
-    burst instead of one per message. Its tasks, and the
-    drain and cutter tasks it starts, are owned by the edge server's nursery; members register
-    for the pings while they run.
-    """
-
-    def __init__(self, *, ping_interval_s: float = 30.0, idle_timeout_s: float = 90.0) -> None:
-        self._dirty: list[WsMember] = []
-        self._wake = trio.Event()
-        self.flushes = 0
-        self.drains = 0  # drain tasks started: writes the kernel did not take whole
-        self.ping_interval_s = ping_interval_s
-        self.idle_timeout_s = idle_timeout_s
-        # silent pings after which a member is idle: nothing for at least idle_timeout_s
-        self._idle_pings = math.ceil(idle_timeout_s / ping_interval_s) + 1
-        self.members: set[WsMember] = set()
-        self.closes: collections.Counter[int] = collections.Counter()
-        """Closes the node started, by close code (``/metrics``)."""
-        # Token expiries: members by the wall-clock second their token expires, and a heap
-        # of those seconds (each once). A member leaves its bucket when it ends, so what is
-        # kept is one entry per distinct second within the tokens' lifetime, not per
-        # connection ever made.
-        self._expiring: dict[int, set[WsMember]] = {}
-        self._expiry_heap: list[int] = []
-        self._scheduled: set[int] = set()
-        self._expiry_changed = trio.Event()
-
-    def watch(self, member: WsMember) -> None:
-        """Ping ``member`` and close it when it goes idle or its token expires."""
-        self.members.add(member)
-        self.expire_at(member, member.expires_at_s)
-
-    def unwatch(self, member: WsMember) -> None:
-        self.members.discard(member)
-        bucket = self._expiring.get(member.expires_at_s)
-        if bucket is not None:
-            bucket.discard(member)
-            if not bucket:
-                del self._expiring[member.expires_at_s]
-
-    def expire_at(self, member: WsMember, at_s: int) -> None:
-        """(Re)schedule ``member``'s close with 4500 at wall-clock second ``at_s``."""
-        self.unwatch(member)
-        self.members.add(member)
-        member.expires_at_s = at_s
-        bucket = self._expiring.get(at_s)
-        if bucket is None:
-            bucket = self._expiring[at_s] = set()
-            if at_s not in self._scheduled:
-                self._scheduled.add(at_s)
-                heapq.heappush(self._expiry_heap, at_s)
-                if self._expiry_heap[0] == at_s:
-                    self._expiry_changed.set()
-        bucket.add(member)
-
-    async def expire_forever(self) -> None:
-        while True:
-            now_s = time.time()
-            heap = self._expiry_heap
-            while heap and heap[0] <= now_s:
-                at_s = heapq.heappop(heap)
-                self._scheduled.discard(at_s)
-                for member in self._expiring.pop(at_s, ()):
-                    member.close_nowait(
-                        CloseCode.TOKEN_EXPIRED, "token expired: get a new one and reconnect"
-                    )
-            with trio.move_on_after(heap[0] - now_s if heap else math.inf):
-                await self._expiry_changed.wait()
-            self._expiry_changed = trio.Event()
-
-    async def ping_forever(self) -> None:
-        while True:
-            await trio.sleep(self.ping_interval_s)
-            for member in list(self.members):
-                member.ping(self._idle_pings, self.idle_timeout_s)
-
-    def mark(self, member: WsMember) -> None:
-        self._dirty.append(member)
-        self._wake.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as helpers:
-            task_status.started()
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                dirty, self._dirty = self._dirty, []
-                self.flushes += 1
-                for member in dirty:
-                    member.flush(helpers)
-
-
-class WsMember:
-    """A joined WebSocket connection; implements ``node.hub.Member``.
-
-    Its queue holds whole frames not yet handed to the kernel; ``_unsent`` is the rest of a
-    write the kernel took in part (only while a drain task runs). ``_queued_bytes`` counts
-    both, and is what ``send_backlog_bytes`` bounds (rule 1 of the module).
-    """
-
-    __slots__ = (
-        "_batcher",
-        "_close_deadline",
-        "_closing",
-        "_cut_armed",
-        "_draining",
-        "_fd",
-        "_finished",
-        "_frames",
-        "_marked",
-        "_queue",
-        "_queued_bytes",
-        "_quiet_pings",
-        "_sent",
-        "_settings",
-        "_started",
-        "_stream",
-        "_unsent",
-        "claims",
-        "client",
-        "close_code",
-        "conn_id",
-        "dialect",
-        "expires_at_s",
-        "room_id",
-        "since",
-        "user",
-    )
+    __slots__ = ("_frames", "claims", "client", "conn_id", "dialect", "room_id", "since", "user")
 
     def __init__(
         self,
@@ -272,208 +110,24 @@ class WsMember:
         claims: auth.Claims,
         client: str = "",
     ) -> None:
+        super().__init__(
+            stream,
+            dialect=dialect,
+            settings=settings,
+            batcher=batcher,
+            greeting=greeting,
+            expires_at_s=claims.expires_at_s,
+        )
         self.conn_id = conn_id
         self.user = user
         self.claims = claims  # its token's, for revocation (a ``refresh`` replaces them)
         self.client = client  # the client's address, as admitted (``Admission``)
-        self.expires_at_s = claims.expires_at_s  # wall-clock second its token expires
         self.dialect = dialect
         self.room_id = room_id
         self.since = since
-        self.close_code: CloseCode | None = None
-        self._stream = stream
-        self._fd = stream.socket.fileno()
-        self._batcher = batcher
-        self._settings = settings
-        self._frames = framing.FrameReader(
+        self._frames = websocket.FrameReader(
             max_message_bytes=settings.max_frame_bytes, data=trailing
         )
-        self._queue: list[bytes] | None = [greeting]
-        self._queued_bytes = len(greeting)
-        self._quiet_pings = 0  # pings since the client last sent anything
-        self._unsent = b""
-        self._started = False  # nothing is written before ``run``: the join may still fail
-        self._marked = False  # in the batcher's dirty list
-        self._draining = False  # a drain task writes the queue
-        self._closing = False  # no more frames are accepted from the node
-        self._finished = False  # the socket is closed or about to be: never touch it
-        self._close_deadline: float | None = None
-        self._cut_armed = False
-        self._sent: trio.Event | None = None  # exists only while ``run`` waits for the queue
-
-    # -- Member ---------------------------------------------------------------------------------
-
-    def send_nowait(self, frame: bytes) -> None:
-        if self._closing:
-            return
-        if self._queue is None and self._started and not (self._marked or self._draining):
-            # Nothing of this member waits to be written, so the frame goes to the kernel now
-            # (order is kept); only what it does not take is queued for the batcher.
-            sent = self._write(frame)
-            if sent is None or sent == len(frame):
-                return
-            frame = frame[sent:]
-        self._queue_frame(frame)
-        if self._started and self._queued_bytes > self._settings.send_backlog_bytes:
-            self.close_nowait(CloseCode.SLOW_CONSUMER, "send backlog overflow: read faster")
-
-    def close_nowait(self, code: CloseCode, reason: str) -> None:
-        """Queue a close frame (after what is queued, unless the member is a slow consumer)
-        and give the connection ``close_timeout_s`` to finish."""
-        if self._closing:
-            return
-        self._closing = True
-        self.close_code = code
-        self._batcher.closes[int(code)] += 1
-        if code is CloseCode.SLOW_CONSUMER:
-            self._queue = None
-            self._queued_bytes = len(self._unsent)
-        self._close_deadline = trio.current_time() + self._settings.close_timeout_s
-        self._queue_frame(framing.close_frame(int(code), reason))
-
-    @property
-    def started(self) -> bool:
-        """True once the handshake answer may have been written."""
-        return self._started
-
-    @property
-    def replay_page_bytes(self) -> int:
-        """A replay queues a quarter of the backlog, then waits for :meth:`writable`, which
-        lets it go on below half: so it stays under three quarters, with room for pongs."""
-        return max(1, self._settings.send_backlog_bytes // 4)
-
-    async def writable(self) -> bool:
-        """Return at once while at most half the backlog is queued, else once the queue is
-        handed to the kernel; False if the member is closing."""
-        if (
-            not self._closing
-            and self._queued_bytes > self._settings.send_backlog_bytes // 2
-            and (self._queue or self._draining or self._marked)
-        ):
-            self._sent = trio.Event()
-            try:
-                await self._sent.wait()
-            finally:
-                self._sent = None
-        return not self._closing
-
-    def ping(self, idle_pings: int, idle_timeout_s: float) -> None:
-        """The batcher's ping: a member silent for ``idle_pings`` pings in a row is closed
-        (4003), any other pinged."""
-        self._quiet_pings += 1
-        if self._quiet_pings >= idle_pings:
-            self.close_nowait(
-                CloseCode.IDLE_TIMEOUT,
-                f"nothing received for {idle_timeout_s:g}s, not even a pong; reconnect",
-            )
-        else:
-            self.send_nowait(framing.PING_FRAME)
-
-    # -- writing ----------------------------------------------------------------------------------
-
-    def _queue_frame(self, frame: bytes) -> None:
-        if self._queue is None:
-            self._queue = [frame]
-        else:
-            self._queue.append(frame)
-        self._queued_bytes += len(frame)
-        if self._started and not self._marked:
-            self._marked = True
-            self._batcher.mark(self)
-
-    def flush(self, nursery: trio.Nursery) -> None:
-        """Write what was queued since the last flush, in one write, straight to the socket;
-        what the kernel does not take goes to a drain task started in ``nursery``. A closing
-        member also gets its cutter there. Called by the batcher."""
-        self._marked = False
-        if self._close_deadline is not None and not self._cut_armed:
-            self._cut_armed = True
-            nursery.start_soon(self._cut_at, self._close_deadline)
-        if self._queue and not self._draining and not self._finished:
-            queue, self._queue = self._queue, None
-            data = queue[0] if len(queue) == 1 else b"".join(queue)
-            sent = self._write(data)
-            if sent is None:
-                self._check_sent()
-                return
-            self._wrote(sent)
-            if sent < len(data):
-                self._unsent = data[sent:]
-                self._draining = True
-                self._batcher.drains += 1
-                nursery.start_soon(self._drain)
-        self._check_sent()
-
-    def _write(self, data: bytes) -> int | None:
-        """Hand ``data`` to the kernel: the bytes it took (0 if the socket would block), or
-        None if the peer is gone (the member is then broken)."""
-        try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self._broken()
-            return None
-
-    async def _drain(self) -> None:
-        """Write the queue as the socket becomes writable, until it is empty."""
-        try:
-            while not self._finished:
-                if not self._unsent:
-                    if not self._queue:
-                        break
-                    self._unsent = b"".join(self._queue)
-                    self._queue = None
-                await trio.lowlevel.wait_writable(self._fd)
-                if self._finished:
-                    break
-                try:
-                    sent = os.write(self._fd, self._unsent)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    self._broken()
-                    break
-                self._wrote(sent)
-                self._unsent = self._unsent[sent:]
-        except trio.ClosedResourceError:
-            pass  # the connection closed its socket
-        finally:
-            self._draining = False
-        self._check_sent()
-
-    def _wrote(self, sent: int) -> None:
-        self._queued_bytes -= sent
-
-    def _check_sent(self) -> None:
-        if self._sent is not None and not (self._queue or self._draining or self._marked):
-            self._sent.set()
-
-    async def _cut_at(self, deadline: float) -> None:
-        await trio.sleep_until(deadline)
-        self._cut()
-
-    def _cut(self) -> None:
-        """End the connection now: shutting the socket down wakes the reader with end of file
-        and a drain with a broken pipe; the connection task then closes it."""
-        if not self._finished:
-            with contextlib.suppress(OSError):
-                self._stream.socket.shutdown(socket.SHUT_RDWR)
-
-    def _broken(self) -> None:
-        """The peer is gone: write nothing more and end the connection now."""
-        self._closing = True
-        self._queue = None
-        self._unsent = b""
-        self._queued_bytes = 0
-        self._cut()
-
-    def finish(self) -> None:
-        """The connection is over: nothing more is written to its socket (whose descriptor
-        may be reused once closed)."""
-        self._finished = self._closing = True
-        self._queue = None
-        self._unsent = b""
 
     # -- the connection task ----------------------------------------------------------------
 
@@ -483,25 +137,21 @@ class WsMember:
         frames until the close handshake ends, the peer goes away or the connection is cut,
         then wait (bounded) until the queue is written. (The reader loop is inline: every
         suspended coroutine frame is memory an idle connection keeps.)"""
-        self._started = True
-        if self._close_deadline is not None:  # closed during the join: the clock starts now
-            self._close_deadline = trio.current_time() + self._settings.close_timeout_s
-        self._marked = True
-        self._batcher.mark(self)
+        self.start()
         await self._replay(room)
         if not self._closing:
             self._batcher.watch(self)
-        frames = self._frames
+        reader = self._frames
         while True:
-            event = frames.next_event()
+            event = reader.next_event()
             if event is None:
                 await trio.lowlevel.wait_readable(self._fd)
-                data = self._receive()
+                data = try_read(self._fd, RECEIVE_BYTES)  # inline: the path of every frame
                 if data is None:
                     break
                 self._quiet_pings = 0
-                frames.receive_data(data)
-            elif isinstance(event, framing.Message):
+                reader.receive_data(data)
+            elif isinstance(event, websocket.Message):
                 if not self._closing:
                     try:
                         await self._on_text(room, event.text)
@@ -510,24 +160,15 @@ class WsMember:
                         self.close_nowait(
                             CloseCode.INTERNAL_ERROR, "internal error; the node logged it"
                         )
-            elif isinstance(event, framing.Ping):
+            elif isinstance(event, websocket.Ping):
                 if not self._closing:
-                    self.send_nowait(framing.pong_frame(event.payload))
-            elif isinstance(event, framing.Close):
-                if not self._closing:  # the client started the close: answer it
-                    self._closing = True
-                    self._queue_frame(framing.close_frame(event.code, event.reason))
+                    self.send_nowait(websocket.pong_frame(event.payload))
+            elif isinstance(event, websocket.Close):
+                self.answer_close(event.code, event.reason)
                 break
             else:
                 self.close_nowait(CloseCode(event.code), event.reason)
-        self._closing = True
-        deadline = self._close_deadline
-        if deadline is None:
-            deadline = trio.current_time() + self._settings.close_timeout_s
-        with trio.move_on_at(deadline):
-            if self._queue or self._draining or self._marked:
-                self._sent = trio.Event()
-                await self._sent.wait()
+        await self.wait_written()
 
     async def _replay(self, room: RoomConnection) -> None:
         """The join's replay (module rule 2), bounded by ``replay_timeout_s``: not read in
@@ -549,39 +190,28 @@ class WsMember:
                 f"replay not read within {timeout_s:g}s; reconnect with since",
             )
 
-    def _receive(self) -> bytes | None:
-        """What the socket holds (maybe nothing); None at end of file or if the peer is gone."""
-        try:
-            return os.read(self._fd, RECEIVE_BYTES) or None
-        except BlockingIOError:
-            return b""
-        except OSError:
-            return None
-
     async def _on_text(self, room: RoomConnection, text: str) -> None:
-        frame = protocol.parse_client_frame(text, self.dialect, room.limits)
+        frame = frames.parse_client_frame(text, self.dialect, room.limits)
         try:
-            if isinstance(frame, protocol.Rejected):
+            if isinstance(frame, frames.Rejected):
                 raise frame.error
-            if isinstance(frame, protocol.Send):
+            if isinstance(frame, frames.Send):
                 if self.dialect is Dialect.PLAIN:
                     await self._send_paced(room, frame.text)
                     return
                 message = await room.send(frame.text, frame.client_id)
-                self.send_nowait(
-                    protocol.ws_text_frame(protocol.ack_frame(frame.client_id, message))
-                )
-            elif isinstance(frame, protocol.Ping):
+                self.send_nowait(frames.ws_text_frame(frames.ack_frame(frame.client_id, message)))
+            elif isinstance(frame, frames.Ping):
                 await room.ping()
-                self.send_nowait(protocol.ws_text_frame(protocol.pong_frame(frame.client_id)))
-            elif isinstance(frame, protocol.Refresh):
+                self.send_nowait(frames.ws_text_frame(frames.pong_frame(frame.client_id)))
+            elif isinstance(frame, frames.Refresh):
                 claims = await room.refresh(frame.token, current=self.claims)
                 if not self._closing:  # the old token may have expired meanwhile
                     self.claims = claims
                     self._batcher.expire_at(self, claims.expires_at_s)
                     self.send_nowait(
-                        protocol.ws_text_frame(
-                            protocol.refreshed_frame(frame.client_id, claims.expires_at_s)
+                        frames.ws_text_frame(
+                            frames.refreshed_frame(frame.client_id, claims.expires_at_s)
                         )
                     )
             else:
@@ -611,8 +241,8 @@ class WsMember:
             if isinstance(exc, errors.RateLimited | errors.Unavailable):
                 extra["retry_after_s"] = round(exc.retry_after_s, 3)
             self.send_nowait(
-                protocol.ws_text_frame(
-                    protocol.error_frame(exc.code, exc.message, client_id=client_id, **extra)
+                frames.ws_text_frame(
+                    frames.error_frame(exc.code, exc.message, client_id=client_id, **extra)
                 )
             )
         elif isinstance(exc, errors.MessageTooLarge):

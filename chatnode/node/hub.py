@@ -18,8 +18,9 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    remembers the newest offset it dropped (``skipped_to``), which the replay then reads from
    history (``(sent_up_to, skipped_to]``) before trying again. The queue restarts with the
    next message applied, so the history read and the queue still meet with no gap.
-4. Delivery never waits on a member: a frame is encoded once per room and dialect and handed to
-   each live member's ``send_nowait``; a member whose backlog overflows closes itself.
+4. Delivery never waits on a member: the message is handed to each live member's ``deliver``
+   (``wire/frames.py`` rule 3: the member's dialect encodes it, once per room fan-out and
+   dialect); a member whose backlog overflows closes itself. The hub never sees bytes.
 5. History comes from the session's cache of recent messages when it covers the range; else it
    is loaded from the bus log (and the archive for what the log no longer holds) by one task
    at a time per room (single-flight), and the load extends the cache for the next joiner.
@@ -53,11 +54,11 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from chatnode.core import protocol
 from chatnode.core.errors import Unavailable
 from chatnode.core.models import ChatMessage
 from chatnode.core.ports import Archive, Bus
-from chatnode.core.protocol import CloseCode, Dialect
+from chatnode.wire import frames
+from chatnode.wire.frames import CloseCode
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,18 @@ class Member(Protocol):
     @property
     def user(self) -> str: ...
 
-    @property
-    def dialect(self) -> Dialect: ...
+    def deliver(self, message: ChatMessage) -> None:
+        """Send a chat message (the fan-out's call). Never blocks; on backlog overflow the
+        member closes itself with ``CloseCode.SLOW_CONSUMER``."""
 
-    def send_nowait(self, frame: bytes) -> None:
-        """Queue one encoded WebSocket frame. Never blocks; on backlog overflow the member
-        closes itself with ``CloseCode.SLOW_CONSUMER``."""
+    def deliver_history(self, message: ChatMessage) -> int:
+        """Send a message of the replay; the bytes it queued."""
+
+    def deliver_all(self, messages: list[ChatMessage], max_bytes: int | None = None) -> bool:
+        """Send ``messages`` if they come to at most ``max_bytes``: True; else nothing."""
+
+    def notify(self, notice: frames.Notice) -> None:
+        """Send a notice (room event, replay markers), if the member's dialect has one."""
 
     def close_nowait(self, code: CloseCode, reason: str) -> None: ...
 
@@ -218,19 +225,13 @@ class Hub:
         when the queue cannot be handed over whole: it dropped messages above ``sent_up_to``
         or holds more than ``max_bytes`` of frames. The caller then sends
         ``(sent_up_to, seat.skipped_to]`` from history and calls again."""
-        dialect = seat.member.dialect
-        frames = []
-        if seat.skipped_to <= sent_up_to:
-            frames = [_frame(m, dialect) for m in seat.pending or () if m.offset > sent_up_to]
-        if seat.skipped_to > sent_up_to or (
-            max_bytes is not None and sum(map(len, frames)) > max_bytes
+        if seat.skipped_to > sent_up_to or not seat.member.deliver_all(
+            [m for m in seat.pending or () if m.offset > sent_up_to], max_bytes
         ):
             if seat.pending:
                 seat.skipped_to = max(seat.skipped_to, seat.pending[-1].offset)
             seat.pending = None
             return False
-        for frame in frames:
-            seat.member.send_nowait(frame)
         seat.pending = None
         seat.live = True
         return True
@@ -368,15 +369,10 @@ class Hub:
             return
         session.last_offset = message.offset
         session.recent.append(message)
-        frames: dict[Dialect, bytes] = {}
         delivered = 0
         for seat in session.seats.values():  # the loop of every delivery: kept inline
             if seat.live:
-                member = seat.member
-                frame = frames.get(member.dialect)
-                if frame is None:  # encoded once per dialect (Rule 4)
-                    frame = frames[member.dialect] = _frame(message, member.dialect)
-                member.send_nowait(frame)
+                seat.member.deliver(message)  # encoded once per dialect (Rule 4)
                 delivered += 1
             elif seat.pending is None:
                 seat.pending = [message]
@@ -391,13 +387,12 @@ class Hub:
         session = self._sessions.get(room_id)
         if session is None:
             return
-        if event.get("type") == protocol.MEMBER_REMOVED:
+        if event.get("type") == frames.MEMBER_REMOVED:
             self._removed(session, str(event.get("user")))
             return
-        frame = protocol.ws_text_frame(protocol.event_frame(event))
         for seat in session.seats.values():
-            if seat.live and seat.member.dialect is Dialect.V1:
-                seat.member.send_nowait(frame)
+            if seat.live:
+                seat.member.notify(event)
 
     def _removed(self, session: RoomSession, user: str) -> None:
         """Rule 8: ``user`` is no longer a member; their connections to the room close."""
@@ -445,7 +440,3 @@ class Hub:
     @property
     def rooms(self) -> int:
         return len(self._sessions)
-
-
-def _frame(message: ChatMessage, dialect: Dialect) -> bytes:
-    return protocol.ws_text_frame(protocol.server_frame(message, dialect))

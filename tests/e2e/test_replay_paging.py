@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from chatnode.core.models import Draft
-from chatnode.node import service
+from chatnode.node import accounts
 from tests.e2e.harness import api_client, node_config, running_node
 from tests.security.support import FrameStream, upgrade
 
@@ -32,7 +32,7 @@ async def test_a_stalled_replay_meets_the_live_messages_its_seat_dropped(tmp_pat
         async def publish(start: int, count: int) -> None:
             for i in range(start, start + count):
                 text = f"{i:06d} " + "x" * (TEXT_BYTES - 7)
-                await bus.publish(Draft(room, "ann", text, service.now_ms()))
+                await bus.publish(Draft(room, "ann", text, accounts.now_ms()))
 
         await publish(0, HISTORY)
         member = await upgrade(

@@ -14,7 +14,7 @@ import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Event, Pong, TextMessage
 
-from chatnode.core import framing
+from chatnode.wire import websocket
 from tests.e2e.harness import RunningNode, api_client, join, node_config, running_node, until_live
 
 
@@ -26,11 +26,11 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
         head = bytes((fin << 7 | opcode, mask << 7 | length))
     else:
         head = bytes((fin << 7 | opcode, mask << 7 | 126)) + length.to_bytes(2, "big")
-    return head + (key + framing.unmask(payload, key) if mask else payload)
+    return head + (key + websocket.unmask(payload, key) if mask else payload)
 
 
 def send_frame(message: dict[str, Any], **kwargs: Any) -> bytes:
-    return client_frame(framing.OPCODE_TEXT, json.dumps(message).encode(), **kwargs)
+    return client_frame(websocket.OPCODE_TEXT, json.dumps(message).encode(), **kwargs)
 
 
 class RawMember:
@@ -106,7 +106,7 @@ class RawMember:
             event = await self.next_event()
             assert event is not None, "end of file before a close frame"
             if isinstance(event, CloseConnection):
-                await self.sock.send(client_frame(framing.OPCODE_CLOSE, event.code.to_bytes(2)))
+                await self.sock.send(client_frame(websocket.OPCODE_CLOSE, event.code.to_bytes(2)))
                 assert await self.sock.recv(1) == b""  # the node closes once answered
                 self.sock.close()
                 return int(event.code)
@@ -128,9 +128,9 @@ async def test_framing_violations_close_with_their_codes(tmp_path: Path) -> None
         cases = {
             "unmasked": (send_frame({"type": "ping"}, mask=False), 1002),
             "reserved opcode": (client_frame(0x3, b""), 1002),
-            "invalid UTF-8": (client_frame(framing.OPCODE_TEXT, b"\xc3\x28"), 1007),
-            "binary": (client_frame(framing.OPCODE_BINARY, b"\x00\x01"), 1003),
-            "over 6 x 64 + 1024 bytes": (client_frame(framing.OPCODE_TEXT, b"x" * 2000), 1009),
+            "invalid UTF-8": (client_frame(websocket.OPCODE_TEXT, b"\xc3\x28"), 1007),
+            "binary": (client_frame(websocket.OPCODE_BINARY, b"\x00\x01"), 1003),
+            "over 6 x 64 + 1024 bytes": (client_frame(websocket.OPCODE_TEXT, b"x" * 2000), 1009),
         }
         with trio.fail_after(20):
             for name, (data, code) in cases.items():
@@ -148,18 +148,20 @@ async def test_pings_fragments_and_the_close_handshake(tmp_path: Path) -> None:
         with trio.fail_after(10):
             member = await RawMember.connect(node, f"/v1/chatrooms/{room}/join?token={token}")
             await member.next_json("live")
-            await member.sock.send(client_frame(framing.OPCODE_PING, b"are you there"))
+            await member.sock.send(client_frame(websocket.OPCODE_PING, b"are you there"))
             assert (await member.next_pong()).payload == b"are you there"
             text = json.dumps({"type": "send", "id": "f", "message": "in three pieces"}).encode()
             await member.sock.send(
-                client_frame(framing.OPCODE_TEXT, text[:10], fin=False)
-                + client_frame(framing.OPCODE_PING, b"")
-                + client_frame(framing.OPCODE_CONTINUATION, text[10:20], fin=False)
-                + client_frame(framing.OPCODE_CONTINUATION, text[20:])
+                client_frame(websocket.OPCODE_TEXT, text[:10], fin=False)
+                + client_frame(websocket.OPCODE_PING, b"")
+                + client_frame(websocket.OPCODE_CONTINUATION, text[10:20], fin=False)
+                + client_frame(websocket.OPCODE_CONTINUATION, text[20:])
             )
             assert (await member.next_pong()).payload == b""
             assert (await member.next_json("ack"))["id"] == "f"
-            await member.sock.send(client_frame(framing.OPCODE_CLOSE, (1000).to_bytes(2) + b"bye"))
+            await member.sock.send(
+                client_frame(websocket.OPCODE_CLOSE, (1000).to_bytes(2) + b"bye")
+            )
             while True:
                 event = await member.next_event()
                 if isinstance(event, CloseConnection):

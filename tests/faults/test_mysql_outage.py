@@ -24,7 +24,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from chatnode.node.service import USER_CHECK_TTL_S
+from chatnode.node.accounts import USER_CHECK_TTL_S
 from tests.cluster.cluster import Cluster
 from tests.faults.client import FaultClient
 from tests.faults.support import (

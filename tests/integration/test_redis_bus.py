@@ -18,8 +18,8 @@ from chatnode.adapters.redis import RespClient
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
+from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import Recorder, require_service
 from tests.fault_proxy import FaultProxy
@@ -139,12 +139,13 @@ async def test_a_failed_catch_up_is_retried_on_a_new_connection(
 
 
 @attrs.define(eq=False)
-class FakeMember:
+class FakeMember(Recipient):
     """A live connection as the hub sees it, counting the frames it gets."""
 
     conn_id: str = "c1"
     user: str = "alice"
     dialect: Dialect = Dialect.PLAIN
+    encoder: Encoder = attrs.Factory(lambda self: Encoder(self.dialect), takes_self=True)
     frames: int = 0
     _changed: trio.Event = attrs.field(factory=trio.Event)
 

@@ -30,7 +30,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from chatnode.config import Config, load_config
-from chatnode.core import framing
+from chatnode.wire import websocket
 from tests.cluster.harness import (
     NodeProcess,
     _open_logged_process,
@@ -160,11 +160,11 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
         head = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
     else:
         head = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
-    return head + key + framing.unmask(payload, key)
+    return head + key + websocket.unmask(payload, key)
 
 
 def text_frame(obj: object) -> bytes:
-    return client_frame(framing.OPCODE_TEXT, json.dumps(obj).encode())
+    return client_frame(websocket.OPCODE_TEXT, json.dumps(obj).encode())
 
 
 class FrameStream:
@@ -206,11 +206,11 @@ class FrameStream:
         if len(buf) < i + length:
             return None
         payload, self.buffer = buf[i : i + length], buf[i + length :]
-        if opcode == framing.OPCODE_TEXT:
+        if opcode == websocket.OPCODE_TEXT:
             return ("text", payload)
-        if opcode == framing.OPCODE_PING:
+        if opcode == websocket.OPCODE_PING:
             return ("ping", payload)
-        if opcode == framing.OPCODE_CLOSE:
+        if opcode == websocket.OPCODE_CLOSE:
             return ("close", struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None)
         return ("other", payload)
 

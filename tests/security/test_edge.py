@@ -17,9 +17,11 @@ import httpx
 import pytest
 import trio
 
-from chatnode.core import auth, framing
+from chatnode.core import auth
 from chatnode.core.models import Draft
-from chatnode.node import service
+from chatnode.node import accounts
+from chatnode.node.room import RoomConnection
+from chatnode.wire import websocket
 from tests.e2e.harness import RunningNode, api_client, running_node
 from tests.e2e.harness import auth as bearer
 from tests.security.support import (
@@ -90,7 +92,7 @@ async def test_pongs_to_a_client_that_never_reads_count_against_its_backlog(
             node.port, f"/v1/chatrooms/{room}/join?token={tokens['ann']}", rcvbuf=4096
         )
         assert answer.status == 101
-        ping = client_frame(framing.OPCODE_PING, b"p" * 125)
+        ping = client_frame(websocket.OPCODE_PING, b"p" * 125)
         burst = ping * (64 * 1024 // len(ping))
         before = peak = rss_bytes()
         sent, cut = 0, False
@@ -134,7 +136,7 @@ async def publish(node: RunningNode, room: int, count: int, size: int, *, start:
     bus = node.app.node.backends.bus
     for i in range(start, start + count):
         text = f"{i:06d} " + "x" * (size - 7)
-        await bus.publish(Draft(room, "ann", text, service.now_ms()))
+        await bus.publish(Draft(room, "ann", text, accounts.now_ms()))
 
 
 async def test_an_unread_replay_holds_a_page_and_is_closed_at_its_deadline(
@@ -237,8 +239,12 @@ async def test_the_node_caps_its_connections_below_its_descriptor_limit() -> Non
     async with node_process({"CHATNODE_MAX_WEBSOCKETS_PER_USER": "100000"}, nofile=NOFILE) as proc:
         node_url = f"http://127.0.0.1:{proc.port}"
         async with httpx.AsyncClient(base_url=node_url, timeout=10) as client:
-            await client.post("/v1/users", json={"name": "ann", "password": "correct-horse-battery"})
-            r = await client.post("/v1/tokens", json={"name": "ann", "password": "correct-horse-battery"})
+            await client.post(
+                "/v1/users", json={"name": "ann", "password": "correct-horse-battery"}
+            )
+            r = await client.post(
+                "/v1/tokens", json={"name": "ann", "password": "correct-horse-battery"}
+            )
             token = r.json()["token"]
             r = await client.post("/v1/chatrooms", json={"name": "x"}, headers=bearer(token))
             room = r.json()["id"]
@@ -296,7 +302,7 @@ async def test_a_silent_websocket_is_closed_with_4003(tmp_path: Path) -> None:
             while True:
                 kind, payload = await frames.next()
                 if kind == "ping":
-                    await send_all(answering.sock, client_frame(framing.OPCODE_PONG, payload))
+                    await send_all(answering.sock, client_frame(websocket.OPCODE_PONG, payload))
                 elif kind == "text" and json.loads(payload).get("type") == "pong":
                     pong.set()
                 elif kind in ("close", "eof"):
@@ -492,7 +498,7 @@ async def test_malformed_input_gets_a_4xx_and_never_a_500(
             (b'{"type": "send", "message": "\\udc00 hi"}', "invalid_json"),
             (b'{"type": "refresh", "token": 5}', "invalid_frame"),
         ]:
-            await send_all(member.sock, client_frame(framing.OPCODE_TEXT, payload))
+            await send_all(member.sock, client_frame(websocket.OPCODE_TEXT, payload))
             frame = await frames.reply()
             assert (frame["type"], frame.get("code")) == ("error", code), (payload[:60], frame)
         await send_all(member.sock, text_frame({"type": "ping", "id": "after"}))
@@ -509,10 +515,10 @@ async def test_a_websocket_handler_failure_closes_with_1011_and_logs_once(
     dropped without a close frame (1006 at the client). Now it is closed with 1011, the
     failure logged once with its traceback, and the node serves on."""
 
-    async def broken_typing(self: service.RoomConnection) -> None:
+    async def broken_typing(self: RoomConnection) -> None:
         raise RuntimeError("injected handler bug")
 
-    monkeypatch.setattr(service.RoomConnection, "typing", broken_typing)
+    monkeypatch.setattr(RoomConnection, "typing", broken_typing)
     caplog.set_level(logging.ERROR, logger="chatnode")
     async with running_node(node_env_config(str(tmp_path))) as node:
         tokens, room = await make_room(node, "ann")
@@ -569,7 +575,9 @@ async def test_transfer_encoding_with_content_length_is_refused_and_closed(
             assert json.loads(rest)["error"]["code"] == "malformed_request"
             assert received.count(b"HTTP/1.1") == 1, received  # the smuggled GET is not read
         async with httpx.AsyncClient(base_url=node.http_url) as client:
-            r = await client.post("/v1/tokens", json={"name": "eve", "password": "correct-horse-battery"})
+            r = await client.post(
+                "/v1/tokens", json={"name": "eve", "password": "correct-horse-battery"}
+            )
             assert r.status_code == 401  # no user was created by either request
 
 

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatnode.config import ConfigError, load_config
-from chatnode.core import errors, protocol, validation
-from chatnode.core.protocol import Dialect
+from chatnode.core import errors, validation
 from chatnode.edge.admission import Admission, Caps, check_origin, parse_origins, same_origin
+from chatnode.wire import frames
+from chatnode.wire.frames import Dialect
 
 LIMITS = validation.Limits()
 
@@ -75,16 +76,16 @@ def test_names_and_passwords_must_be_valid_unicode() -> None:
 
 
 def test_refresh_frames() -> None:
-    frame = protocol.parse_client_frame(
+    frame = frames.parse_client_frame(
         '{"type": "refresh", "token": "abc", "id": "r"}', Dialect.V1, LIMITS
     )
-    assert frame == protocol.Refresh("abc", "r")
+    assert frame == frames.Refresh("abc", "r")
     for bad in ('{"type": "refresh"}', '{"type": "refresh", "token": 1}',
                 json.dumps({"type": "refresh", "token": "t" * 5000})):  # fmt: skip
-        rejected = protocol.parse_client_frame(bad, Dialect.V1, LIMITS)
-        assert isinstance(rejected, protocol.Rejected) and rejected.error.code == "invalid_frame"
-    deep = protocol.parse_client_frame(nested(12_000), Dialect.V1, LIMITS)
-    assert isinstance(deep, protocol.Rejected) and deep.error.code == "invalid_json"
+        rejected = frames.parse_client_frame(bad, Dialect.V1, LIMITS)
+        assert isinstance(rejected, frames.Rejected) and rejected.error.code == "invalid_frame"
+    deep = frames.parse_client_frame(nested(12_000), Dialect.V1, LIMITS)
+    assert isinstance(deep, frames.Rejected) and deep.error.code == "invalid_json"
 
 
 @pytest.mark.parametrize(

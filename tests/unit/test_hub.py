@@ -13,15 +13,16 @@ from wsproto.frame_protocol import FrameDecoder
 
 from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
 from chatnode.core.models import ChatMessage, Draft
-from chatnode.core.protocol import CloseCode, Dialect
 from chatnode.node.hub import Hub
+from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 
-class FakeMember:
+class FakeMember(Recipient):
     def __init__(self, conn_id: str, dialect: Dialect = Dialect.V1) -> None:
         self.conn_id = conn_id
         self.user = conn_id
         self.dialect = dialect
+        self.encoder = Encoder(dialect)
         self.frames: list[dict[str, Any]] = []
         self.closed: CloseCode | None = None
         self._changed = trio.Event()
@@ -114,9 +115,9 @@ async def join(hub: Hub, member: FakeMember, room: int = 1, after: int | None = 
 
 
 def _frame(message: ChatMessage) -> bytes:
-    from chatnode.core import protocol
+    from chatnode.wire import frames
 
-    return protocol.ws_text_frame(protocol.server_frame(message, Dialect.V1))
+    return frames.ws_text_frame(frames.server_frame(message, Dialect.V1))
 
 
 async def test_messages_during_replay_are_sent_once_in_order(setup: tuple[Hub, GatedBus]) -> None:
@@ -209,7 +210,7 @@ async def test_last_member_leaving_unsubscribes(setup: tuple[Hub, GatedBus]) -> 
 
 
 async def test_a_removed_member_is_closed_and_forgotten(setup: tuple[Hub, GatedBus]) -> None:
-    from chatnode.core import protocol
+    from chatnode.wire import frames
 
     hub, bus = setup
     bus.gate.set()
@@ -220,11 +221,11 @@ async def test_a_removed_member_is_closed_and_forgotten(setup: tuple[Hub, GatedB
     session = hub._sessions[1]
     session.members.update({"ann": 1, "bob": 2})
     removals = session.removals
-    await hub.signal(1, protocol.member_removed_event(1, "ann"))
+    await hub.signal(1, frames.member_removed_event(1, "ann"))
     assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN and bob.closed is None
     assert session.members == {"bob": 2} and session.removals == removals + 1
     assert bob.frames == []  # between nodes only
-    await hub.signal(2, protocol.member_removed_event(2, "bob"))  # a room without a session
+    await hub.signal(2, frames.member_removed_event(2, "bob"))  # a room without a session
     assert bob.closed is None
 
 

@@ -22,8 +22,9 @@ from chatnode.adapters.sqlite import (
 )
 from chatnode.core import auth
 from chatnode.core.errors import Forbidden
-from chatnode.core.protocol import CloseCode, Dialect
-from chatnode.node.service import Backends, ChatNode, NodeSettings
+from chatnode.node.service import ChatNode
+from chatnode.node.settings import Backends, NodeSettings
+from chatnode.wire.frames import CloseCode, Dialect
 from tests.unit.test_hub import FakeMember
 
 T0 = 1_700_000_000_000

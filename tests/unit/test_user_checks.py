@@ -27,15 +27,10 @@ from chatnode.core import auth
 from chatnode.core.errors import Unauthorized, Unavailable
 from chatnode.core.models import Revocation, RevocationKind, RevocationState, User
 from chatnode.core.ports import Directory
-from chatnode.core.protocol import CloseCode, Dialect
-from chatnode.node.service import (
-    USER_CHECK_TTL_S,
-    USER_LOOKUP_RETRY_S,
-    Backends,
-    ChatNode,
-    NodeSettings,
-    account_revocation,
-)
+from chatnode.node.accounts import USER_CHECK_TTL_S, USER_LOOKUP_RETRY_S, account_revocation
+from chatnode.node.service import ChatNode
+from chatnode.node.settings import Backends, NodeSettings
+from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 SECRET = "a-secret-of-at-least-thirty-two-bytes"
 T0 = 1_700_000_000_000
@@ -381,12 +376,13 @@ async def test_an_accounts_revocation_holds_on_every_node_while_down(
 
 
 @attrs.define(eq=False)
-class FakeHolder:
+class FakeHolder(Recipient):
     """A connection as the node sees it (``service.Holder``): records how it was closed."""
 
     conn_id: str
     claims: auth.Claims
     dialect: Dialect = Dialect.V1
+    encoder: Encoder = attrs.Factory(lambda self: Encoder(self.dialect), takes_self=True)
     closed: trio.Event = attrs.Factory(trio.Event)
     code: int | None = None
 

@@ -90,6 +90,7 @@ from chatnode.adapters.elasticsearch.indices import dead_letters_index, messages
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import (
+    MESSAGE_FIELDS,
     ChatMessage,
     DeadLetter,
     Refusal,
@@ -104,7 +105,7 @@ log = logging.getLogger(__name__)
 MAX_WINDOW: Final = 10_000
 """ES's ``index.max_result_window``: the most hits one search returns."""
 
-_SOURCE: Final = ["chatroom", "offset", "user", "message", "timestamp"]
+_SOURCE: Final = list(MESSAGE_FIELDS)
 _BULK_ACCEPTED: Final = b'{"errors":false'
 _MGET_FILTER: Final = "docs._id,docs.found,docs._source"
 _DEAD_LETTER_SOURCE: Final = ["kind", "document", "reason", "stored", "kept_at"]

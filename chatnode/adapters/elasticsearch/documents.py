@@ -64,13 +64,7 @@ def usable(documents: Sequence[bytes]) -> tuple[list[bytes], list[tuple[bytes, s
 
 
 def message_of(source: dict[str, Any]) -> ChatMessage:
-    return ChatMessage(
-        int(source["chatroom"]),
-        int(source["offset"]),
-        str(source["user"]),
-        str(source["message"]),
-        int(source["timestamp"]),
-    )
+    return ChatMessage.from_fields(source)
 
 
 @attrs.frozen

@@ -6,10 +6,16 @@ Two dialects share ``GET /v1/chatrooms/{id}/join`` (docs/protocol.md is the refe
   sends only chat messages ``{"chatroom", "user", "message", "timestamp"}``, history first.
 * ``chatnode.v1`` (``Sec-WebSocket-Protocol: chatnode.v1``): JSON objects with a ``type``.
 
-Rule 1: a server payload depends only on the message and the dialect, never on the member, so a
-broadcast encodes it once per node and dialect (:func:`server_frame`).
-Rule 2: bad client input in v1 gets an ``error`` frame and the connection lives on; in plain,
-where the client cannot read errors, it closes the connection with a documented code.
+Rules:
+
+1. A server payload depends only on the message and the dialect, never on the member, so a
+   broadcast encodes it once per node and dialect (:func:`server_frame`).
+2. Bad client input in v1 gets an ``error`` frame and the connection lives on; in plain,
+   where the client cannot read errors, it closes the connection with a documented code.
+3. The node hands a member values (a :class:`~chatnode.core.models.ChatMessage`, a
+   :data:`Notice`), never bytes; the member's dialect (an :class:`Encoder`) turns them into
+   WebSocket frames, keeping the last one so a fan-out encodes once per dialect
+   (:class:`Recipient`).
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from typing import Any
 
 import attrs
 
-from chatnode.core import framing, validation
+from chatnode.core import validation
 from chatnode.core.errors import BadRequest
 from chatnode.core.models import ChatMessage
+from chatnode.wire import websocket
 
 SUBPROTOCOL_V1 = "chatnode.v1"
 MAX_CLIENT_ID_CHARS = 64
@@ -151,24 +158,10 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
 def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
     """The payload of a chat message; identical for every member of one dialect (Rule 1)."""
     if dialect is Dialect.PLAIN:
-        return _dumps(
-            {
-                "chatroom": message.room_id,
-                "user": message.user,
-                "message": message.text,
-                "timestamp": message.timestamp_ms,
-            }
-        )
-    return _dumps(
-        {
-            "type": "message",
-            "chatroom": message.room_id,
-            "offset": message.offset,
-            "user": message.user,
-            "message": message.text,
-            "timestamp": message.timestamp_ms,
-        }
-    )
+        fields = message.fields()
+        del fields["offset"]  # the seed's format has none
+        return _dumps(fields)
+    return _dumps({"type": "message", **message.fields()})
 
 
 def joined_frame(room_id: int, user: str, *, head: int, history: int, node: str) -> bytes:
@@ -243,10 +236,137 @@ def member_removed_event(room_id: int, user: str) -> dict[str, Any]:
     return {"type": MEMBER_REMOVED, "chatroom": room_id, "user": user}
 
 
-# -- WebSocket framing (RFC 6455 §5.2; the rest is in ``core/framing.py``) ----------------------
+# -- WebSocket framing (RFC 6455 §5.2; the rest is in ``wire/websocket.py``) ----------------
 
 
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented server text frame: the same bytes for every connection, so a
     broadcast encodes it once and writes it many times."""
-    return framing.encode_frame(framing.OPCODE_TEXT, payload)
+    return websocket.encode_frame(websocket.OPCODE_TEXT, payload)
+
+
+# -- what the node hands a member, and its dialect's bytes (rules 1 and 3) ---------------------
+
+
+@attrs.frozen
+class Joined:
+    """The start of a v1 replay: ``head`` is the room offset the replay runs up to, ``history``
+    how many messages it replays, ``node`` the node serving it."""
+
+    room_id: int
+    user: str
+    head: int
+    history: int
+    node: str
+
+
+@attrs.frozen
+class Gap:
+    """Offsets ``first..last`` of a resume are not replayed (over the replay limit)."""
+
+    room_id: int
+    first: int
+    last: int
+
+
+@attrs.frozen
+class Live:
+    """The replay is over: every later message is live."""
+
+    room_id: int
+    offset: int
+
+
+RoomEvent = dict[str, Any]
+"""An ephemeral room event as it travels on the bus (``presence``, ``typing``)."""
+Notice = Joined | Gap | Live | RoomEvent
+"""What a member is told besides messages: v1 only, the plain dialect has no frame for it."""
+
+
+class Encoder:
+    """One dialect's server frames as WebSocket bytes (rule 3). It keeps the frame of the
+    message it encoded last, and of the room event, so a fan-out to N members of one dialect
+    encodes once: each member asks, and all but the first get the kept frame (an identity
+    check, no dict lookup). The bytes depend only on the message and the dialect (rule 1), so
+    a kept frame is right for whoever asks; one encoder serves every member of its dialect on
+    a node (``edge/ws_writer.py``'s ``WriteBatcher`` holds them). Values are kept by
+    identity: a message is frozen, and a room event is never changed once signalled."""
+
+    __slots__ = ("_event", "_event_frame", "dialect", "frame", "message")
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.message: ChatMessage | None = None
+        self.frame = b""
+        self._event: RoomEvent | None = None
+        self._event_frame = b""
+
+    def encode(self, message: ChatMessage) -> bytes:
+        """The frame of ``message``, kept as :attr:`frame` until the next message."""
+        self.frame = ws_text_frame(server_frame(message, self.dialect))
+        self.message = message
+        return self.frame
+
+    def notice(self, notice: Notice) -> bytes | None:
+        """The frame of a notice, None in the plain dialect (which has none)."""
+        if self.dialect is Dialect.PLAIN:
+            return None
+        if isinstance(notice, dict):
+            if notice is not self._event:
+                self._event_frame = ws_text_frame(event_frame(notice))
+                self._event = notice
+            return self._event_frame
+        if isinstance(notice, Joined):
+            payload = joined_frame(
+                notice.room_id,
+                notice.user,
+                head=notice.head,
+                history=notice.history,
+                node=notice.node,
+            )
+        elif isinstance(notice, Gap):
+            payload = gap_frame(notice.room_id, notice.first, notice.last)
+        else:
+            payload = live_frame(notice.room_id, notice.offset)
+        return ws_text_frame(payload)
+
+
+class Recipient:
+    """The delivering half of a member (``node.hub.Member``): what the node hands over goes
+    through the member's dialect (:attr:`encoder`) to ``send_nowait``. The node never sees
+    bytes; the member's connection never encodes a message a second time."""
+
+    __slots__ = ()
+    encoder: Encoder
+
+    def send_nowait(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def deliver(self, message: ChatMessage) -> None:
+        """Send a chat message: the fan-out's call, once per live member."""
+        encoder = self.encoder
+        self.send_nowait(encoder.frame if encoder.message is message else encoder.encode(message))
+
+    def deliver_history(self, message: ChatMessage) -> int:
+        """Send a message of a replay; the bytes of its frame (the replay's pages count them)."""
+        encoder = self.encoder
+        frame = encoder.frame if encoder.message is message else encoder.encode(message)
+        self.send_nowait(frame)
+        return len(frame)
+
+    def deliver_all(self, messages: list[ChatMessage], max_bytes: int | None = None) -> bool:
+        """Send ``messages`` if their frames come to at most ``max_bytes``: True; else send
+        nothing: False."""
+        encode = self.encoder.encode
+        frames = [encode(message) for message in messages]
+        if max_bytes is not None and sum(map(len, frames)) > max_bytes:
+            return False
+        for frame in frames:
+            self.send_nowait(frame)
+        return True
+
+    def notify(self, notice: Notice) -> None:
+        """Send a notice, if the member's dialect has a frame for it."""
+        frame = self.encoder.notice(notice)
+        if frame is not None:
+            self.send_nowait(frame)

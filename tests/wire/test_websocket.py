@@ -1,5 +1,5 @@
 """WebSocket framing without sockets: the frame reader against wsproto's client encoder, the
-rules of ``core/framing.py`` one by one, and the server's frames decoded by wsproto."""
+rules of ``wire/websocket.py`` one by one, and the server's frames decoded by wsproto."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
-from chatnode.core import framing
-from chatnode.core.framing import Close, FrameReader, Violation
+from chatnode.wire import websocket
+from chatnode.wire.websocket import Close, FrameReader, Violation
 
 LIMIT = 1000
 
@@ -28,13 +28,13 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0)
         head = bytes((fin << 7 | rsv << 4 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
     else:
         head = bytes((fin << 7 | rsv << 4 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
-    return head + key + framing.unmask(payload, key)
+    return head + key + websocket.unmask(payload, key)
 
 
-def events(data: bytes, *, chunk: int | None = None, limit: int = LIMIT) -> list[framing.Event]:
+def events(data: bytes, *, chunk: int | None = None, limit: int = LIMIT) -> list[websocket.Event]:
     """Every event ``data`` yields, fed in pieces of ``chunk`` bytes (all at once if None)."""
     reader = FrameReader(max_message_bytes=limit)
-    out: list[framing.Event] = []
+    out: list[websocket.Event] = []
     step = chunk or max(1, len(data))
     for i in range(0, len(data), step):
         reader.receive_data(data[i : i + step])
@@ -70,9 +70,9 @@ def test_messages_from_wsproto_arrive_whole_however_the_bytes_are_split(
 ) -> None:
     data = wsproto_client_bytes(messages, ping)
     got = events(data, chunk=chunk)
-    texts = [e.text for e in got if isinstance(e, framing.Message)]
+    texts = [e.text for e in got if isinstance(e, websocket.Message)]
     assert texts == [text for text, _ in messages]
-    assert all(isinstance(e, framing.Message | framing.Ping) for e in got)
+    assert all(isinstance(e, websocket.Message | websocket.Ping) for e in got)
 
 
 @given(st.binary(max_size=300), st.integers(1, 50))
@@ -83,40 +83,40 @@ def test_arbitrary_bytes_never_raise(data: bytes, chunk: int) -> None:
 def test_lengths_in_all_three_encodings() -> None:
     for size in (0, 125, 126, 65_535, 65_536):
         text = "z" * size
-        got = events(client_frame(framing.OPCODE_TEXT, text.encode()), limit=size + 1)
-        assert got == [framing.Message(text)], size
+        got = events(client_frame(websocket.OPCODE_TEXT, text.encode()), limit=size + 1)
+        assert got == [websocket.Message(text)], size
 
 
 def test_pings_are_reported_and_pongs_swallowed() -> None:
-    data = client_frame(framing.OPCODE_PING, b"hey") + client_frame(framing.OPCODE_PONG, b"x")
-    assert events(data) == [framing.Ping(b"hey")]
+    data = client_frame(websocket.OPCODE_PING, b"hey") + client_frame(websocket.OPCODE_PONG, b"x")
+    assert events(data) == [websocket.Ping(b"hey")]
 
 
 def test_control_frames_between_fragments() -> None:
     data = (
-        client_frame(framing.OPCODE_TEXT, b"he", fin=False)
-        + client_frame(framing.OPCODE_PING, b"")
-        + client_frame(framing.OPCODE_CONTINUATION, b"ll", fin=False)
-        + client_frame(framing.OPCODE_CONTINUATION, b"o")
+        client_frame(websocket.OPCODE_TEXT, b"he", fin=False)
+        + client_frame(websocket.OPCODE_PING, b"")
+        + client_frame(websocket.OPCODE_CONTINUATION, b"ll", fin=False)
+        + client_frame(websocket.OPCODE_CONTINUATION, b"o")
     )
-    assert events(data, chunk=3) == [framing.Ping(b""), framing.Message("hello")]
+    assert events(data, chunk=3) == [websocket.Ping(b""), websocket.Message("hello")]
 
 
 def protocol_error(data: bytes) -> None:
-    got = events(data + client_frame(framing.OPCODE_TEXT, b"after"))
+    got = events(data + client_frame(websocket.OPCODE_TEXT, b"after"))
     assert len(got) == 1 and isinstance(got[0], Violation), got
     assert got[0].code == 1002
 
 
 def test_framing_violations_are_1002_and_end_parsing() -> None:
-    text = framing.OPCODE_TEXT
+    text = websocket.OPCODE_TEXT
     protocol_error(bytes((0x81, 2)) + b"hi")  # unmasked
     protocol_error(client_frame(text, b"hi", rsv=4))  # RSV1 without an extension
     for opcode in (3, 7, 0xB, 0xF):
         protocol_error(client_frame(opcode, b""))
-    protocol_error(client_frame(framing.OPCODE_PING, b"", fin=False))
-    protocol_error(client_frame(framing.OPCODE_PING, b"x" * 126))
-    protocol_error(client_frame(framing.OPCODE_CONTINUATION, b"x"))
+    protocol_error(client_frame(websocket.OPCODE_PING, b"", fin=False))
+    protocol_error(client_frame(websocket.OPCODE_PING, b"x" * 126))
+    protocol_error(client_frame(websocket.OPCODE_CONTINUATION, b"x"))
     protocol_error(client_frame(text, b"a", fin=False) + client_frame(text, b"b"))
     protocol_error(bytes((0x81, 0x80 | 126)) + (5).to_bytes(2, "big") + b"kkkk" + b"x" * 5)
     protocol_error(bytes((0x81, 0x80 | 127)) + (200).to_bytes(8, "big") + b"kkkk")
@@ -126,44 +126,44 @@ def test_framing_violations_are_1002_and_end_parsing() -> None:
 def test_invalid_utf8_is_1007_and_parsing_goes_on() -> None:
     split = "é".encode()
     data = (
-        client_frame(framing.OPCODE_TEXT, split[:1], fin=False)
-        + client_frame(framing.OPCODE_CONTINUATION, split[1:])  # valid once joined
-        + client_frame(framing.OPCODE_TEXT, b"\xff")
-        + client_frame(framing.OPCODE_TEXT, b"ok")
+        client_frame(websocket.OPCODE_TEXT, split[:1], fin=False)
+        + client_frame(websocket.OPCODE_CONTINUATION, split[1:])  # valid once joined
+        + client_frame(websocket.OPCODE_TEXT, b"\xff")
+        + client_frame(websocket.OPCODE_TEXT, b"ok")
     )
     got = events(data)
-    assert got[0] == framing.Message("é")
+    assert got[0] == websocket.Message("é")
     assert isinstance(got[1], Violation) and got[1].code == 1007
-    assert got[2] == framing.Message("ok")
+    assert got[2] == websocket.Message("ok")
 
 
 def test_binary_is_1003_and_its_fragments_are_skipped() -> None:
     data = (
-        client_frame(framing.OPCODE_BINARY, b"\x00" * 10, fin=False)
-        + client_frame(framing.OPCODE_CONTINUATION, b"\x01" * 10)
-        + client_frame(framing.OPCODE_TEXT, b"next")
+        client_frame(websocket.OPCODE_BINARY, b"\x00" * 10, fin=False)
+        + client_frame(websocket.OPCODE_CONTINUATION, b"\x01" * 10)
+        + client_frame(websocket.OPCODE_TEXT, b"next")
     )
     for chunk in (None, 1, 7):
         got = events(data, chunk=chunk)
-        assert [type(e) for e in got] == [Violation, framing.Message], chunk
+        assert [type(e) for e in got] == [Violation, websocket.Message], chunk
         assert isinstance(got[0], Violation) and got[0].code == 1003
-        assert got[1] == framing.Message("next")
+        assert got[1] == websocket.Message("next")
 
 
 def test_a_message_over_the_limit_is_1009_at_its_header_and_skipped_unread() -> None:
-    big = client_frame(framing.OPCODE_TEXT, b"x" * (LIMIT + 1))
+    big = client_frame(websocket.OPCODE_TEXT, b"x" * (LIMIT + 1))
     got = events(big[:14] if len(big) > 14 else big)  # header only: refused already
     assert got == [Violation(1009, f"message over the limit of {LIMIT} bytes")]
     fragmented = (
-        client_frame(framing.OPCODE_TEXT, b"x" * 600, fin=False)
-        + client_frame(framing.OPCODE_CONTINUATION, b"y" * 600, fin=False)
-        + client_frame(framing.OPCODE_CONTINUATION, b"z" * 10)
-        + client_frame(framing.OPCODE_TEXT, b"fits")
+        client_frame(websocket.OPCODE_TEXT, b"x" * 600, fin=False)
+        + client_frame(websocket.OPCODE_CONTINUATION, b"y" * 600, fin=False)
+        + client_frame(websocket.OPCODE_CONTINUATION, b"z" * 10)
+        + client_frame(websocket.OPCODE_TEXT, b"fits")
     )
     for chunk in (None, 5, 333):
         got = events(big + fragmented, chunk=chunk)
         assert [getattr(e, "code", None) for e in got] == [1009, 1009, None], chunk
-        assert got[-1] == framing.Message("fits")
+        assert got[-1] == websocket.Message("fits")
 
 
 def test_the_reader_buffers_at_most_one_frame_of_a_refused_message() -> None:
@@ -178,8 +178,8 @@ def test_the_reader_buffers_at_most_one_frame_of_a_refused_message() -> None:
 
 
 def test_close_frames() -> None:
-    def close(payload: bytes) -> framing.Event:
-        got = events(client_frame(framing.OPCODE_CLOSE, payload) + client_frame(1, b"late"))
+    def close(payload: bytes) -> websocket.Event:
+        got = events(client_frame(websocket.OPCODE_CLOSE, payload) + client_frame(1, b"late"))
         assert len(got) == 1, got  # nothing after a close frame is parsed
         return got[0]
 
@@ -200,7 +200,7 @@ def test_close_frames() -> None:
 @given(st.text(max_size=200), st.sampled_from([1000, 1009, 4001, 4999]))
 def test_server_close_frames_decode_with_wsproto(reason: str, code: int) -> None:
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(framing.close_frame(code, reason))
+    client.receive_data(websocket.close_frame(code, reason))
     (event,) = client.events()
     assert isinstance(event, CloseConnection)
     assert event.code == code
@@ -209,7 +209,9 @@ def test_server_close_frames_decode_with_wsproto(reason: str, code: int) -> None
 
 def test_server_control_frames_decode_with_wsproto() -> None:
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(framing.PING_FRAME + framing.pong_frame(b"x") + framing.close_frame(None))
+    client.receive_data(
+        websocket.PING_FRAME + websocket.pong_frame(b"x") + websocket.close_frame(None)
+    )
     got = list(client.events())
     assert isinstance(got[0], Ping) and got[0].payload == b"chatnode"
     assert isinstance(got[1], Pong) and got[1].payload == b"x"
@@ -218,13 +220,13 @@ def test_server_control_frames_decode_with_wsproto() -> None:
 
 def test_text_frames_decode_with_wsproto() -> None:
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(framing.encode_frame(framing.OPCODE_TEXT, "ünï".encode()))
+    client.receive_data(websocket.encode_frame(websocket.OPCODE_TEXT, "ünï".encode()))
     (event,) = client.events()
     assert isinstance(event, TextMessage | Message) and event.data == "ünï"
 
 
 @given(st.binary(max_size=100), st.binary(min_size=4, max_size=4))
 def test_unmask_is_its_own_inverse_and_matches_the_rfc(payload: bytes, key: bytes) -> None:
-    masked = framing.unmask(payload, key)
+    masked = websocket.unmask(payload, key)
     assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    assert framing.unmask(masked, key) == payload
+    assert websocket.unmask(masked, key) == payload

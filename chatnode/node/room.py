@@ -1,0 +1,194 @@
+"""One member's presence in one room (``RoomConnection``): the join's replay in pages, then
+what the member does there (send, refresh, ping, typing). Made by ``ChatNode.join``."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from chatnode.core import auth, validation
+from chatnode.core.errors import (
+    OffsetUnknown,
+    RateLimited,
+    Unauthorized,
+)
+from chatnode.core.models import (
+    ChatMessage,
+    Draft,
+)
+from chatnode.node.accounts import now_ms
+from chatnode.node.hub import Hub, Member, RoomSession, Seat
+from chatnode.node.ratelimit import NodeLimits
+from chatnode.node.settings import Backends, NodeSettings
+from chatnode.wire import frames
+
+
+class RoomNode(Protocol):
+    """What a room connection uses of its node (``ChatNode``), named here so this module
+    does not import the service that imports it."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+    @property
+    def backends(self) -> Backends: ...
+    @property
+    def hub(self) -> Hub: ...
+    @property
+    def limits(self) -> NodeLimits: ...
+
+    async def authenticate(
+        self, token: str | None, *, user_param: str | None = None
+    ) -> auth.Claims: ...
+
+    async def signal(self, room_id: int, event: dict[str, object]) -> None: ...
+
+
+class RoomConnection:
+    """One member's presence in one room, owned by its connection task. Its messages, pings
+    and typing count against the user's limits, shared by all their connections on every
+    node (``node/ratelimit.py``)."""
+
+    def __init__(self, node: RoomNode, session: RoomSession, seat: Seat, member: Member) -> None:
+        self._node = node
+        self._session = session
+        self._seat = seat
+        self._member = member
+        self._limits = node.limits
+        self._typing_key = f"{session.room_id}:{member.user}"
+        self.head = 0
+        self._after = 0
+        self._gap: tuple[int, int] | None = None
+        self._first_page: list[ChatMessage] = []
+
+    @property
+    def room_id(self) -> int:
+        return self._session.room_id
+
+    @property
+    def limits(self) -> validation.Limits:
+        return self._node.settings.limits
+
+    async def prepare(self, since: int | None) -> None:
+        """Plan the replay and load its first page (``Unavailable`` if the history cannot be
+        read: the join is refused before the upgrade). A ``since`` more than ``max_replay``
+        behind gets the newest ``max_replay`` messages, after a ``gap`` frame naming what it
+        skipped (v1; the plain dialect cannot say it)."""
+        settings = self._node.settings
+        head = self._session.last_offset
+        if since is None:
+            after = max(0, head - settings.history_on_join)
+        else:
+            after = min(max(0, since), head)
+            if head - after > settings.max_replay:
+                self._gap = (after + 1, head - settings.max_replay)
+                after = head - settings.max_replay
+        self._after, self.head = after, head
+        self._first_page = await self._page(after, head)
+
+    async def _page(self, after: int, up_to: int) -> list[ChatMessage]:
+        end = min(up_to, after + self._node.settings.replay_page_messages)
+        return await self._node.hub.history(self._session, after, end)
+
+    async def replay(self) -> None:
+        """Send the history planned by :meth:`prepare`, then go live (hub Rule 3), in pages
+        of ``replay_page_messages`` read as the member takes them: after each
+        ``member.replay_page_bytes`` of frames it waits for ``member.writable()``. So what
+        a replay holds is a page and what the member queues, whatever its length. Returns
+        early, the seat not live, if the member closes meanwhile; a page the backends cannot
+        give raises ``Unavailable``."""
+        member, hub, room_id = self._member, self._node.hub, self.room_id
+        head = self.head
+        member.notify(
+            frames.Joined(
+                room_id, member.user, head, head - self._after, self._node.settings.node_id
+            )
+        )
+        if self._gap is not None:
+            member.notify(frames.Gap(room_id, *self._gap))
+        page, self._first_page = self._first_page, []
+        if not await self._send_history(self._after, head, page):
+            return
+        member.notify(frames.Live(room_id, head))
+        sent_up_to = head
+        while True:
+            if not await member.writable():
+                return
+            if hub.go_live(
+                self._session, self._seat, sent_up_to=sent_up_to, max_bytes=member.replay_page_bytes
+            ):
+                return
+            # the live messages that queued meanwhile were dropped (hub Rule 3): from history
+            skipped_to = self._seat.skipped_to
+            if not await self._send_history(sent_up_to, skipped_to, []):
+                return
+            sent_up_to = skipped_to
+
+    async def _send_history(self, after: int, up_to: int, page: list[ChatMessage]) -> bool:
+        """Send ``(after, up_to]``, ``page`` being its start if already loaded; False if the
+        member closed meanwhile."""
+        member = self._member
+        budget = member.replay_page_bytes
+        queued = 0
+        while after < up_to:
+            if not page:
+                page = await self._page(after, up_to)
+            for message in page:
+                queued += member.deliver_history(message)
+                if queued >= budget:
+                    queued = 0
+                    if not await member.writable():
+                        return False
+            after = min(up_to, after + self._node.settings.replay_page_messages)
+            page = []
+        return True
+
+    async def send(self, text: str, client_id: str | None = None) -> ChatMessage:
+        """Publish a validated message text; raise ``RateLimited`` or ``Unavailable``. A
+        ``client_id`` the member already sent in this room within the dedup window gets the
+        earlier message back, nothing new is stored (the way to retry a send)."""
+        wait_s = await self._limits.messages.take(self._member.user)
+        if wait_s:
+            raise RateLimited(
+                f"too many messages; at most {self._node.settings.rate_messages_per_s:g}/s"
+                " per user",
+                retry_after_s=wait_s,
+            )
+        draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
+        bus = self._node.backends.bus
+        try:
+            return await bus.publish(draft)
+        except OffsetUnknown:
+            await self._node.hub.restore(self.room_id)
+            return await bus.publish(draft)
+
+    async def refresh(self, token: str, *, current: auth.Claims) -> auth.Claims:
+        """The claims of ``token`` if it may replace the connection's token (``current``):
+        valid, of the same account, and expiring later. Otherwise ``Unauthorized``: the
+        connection keeps its token."""
+        claims = await self._node.authenticate(token)
+        if claims.user != self._member.user or claims.account_id != current.account_id:
+            raise Unauthorized(
+                "a refresh token must be for the user the connection joined as",
+                code="token_invalid",
+            )
+        if claims.expires_at_s <= current.expires_at_s:
+            raise Unauthorized(
+                "a refresh token must expire later than the connection's token",
+                code="token_invalid",
+            )
+        return claims
+
+    async def ping(self) -> None:
+        """Allow a v1 ``ping``; raise ``RateLimited`` past the user's ping rate."""
+        wait_s = await self._limits.pings.take(self._member.user)
+        if wait_s:
+            rate = self._limits.pings.rate
+            raise RateLimited(
+                f"too many pings; at most {rate.per_s:g}/s per user", retry_after_s=wait_s
+            )
+
+    async def typing(self) -> None:
+        """Tell the room the member is typing: at most once per ``typing_interval_s`` per
+        user and room; the rest are dropped silently."""
+        if await self._limits.typing.take(self._typing_key):
+            return
+        await self._node.signal(self.room_id, frames.typing_event(self.room_id, self._member.user))
