@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import attrs
@@ -95,6 +96,43 @@ class Draft:
     text: str
     timestamp_ms: int
     client_id: str | None = None
+
+
+@attrs.frozen(eq=False)
+class RoomEvent:
+    """An ephemeral room event (``presence``, ``typing``; between nodes ``member_removed``):
+    its fields and its JSON object, encoded once where the event happens.
+
+    The bus carries :attr:`data`; a receiving node decodes it once, to route it by its
+    ``type``, and members are handed the same bytes as their frame's payload, so an event is
+    never encoded again on its way to a client. Neither part can change after it is made
+    (the fields are a read-only view), so one event is safely handed to every handler.
+    """
+
+    fields: Mapping[str, Any]
+    data: bytes
+
+    @classmethod
+    def of(cls, **fields: Any) -> RoomEvent:
+        """A new event; ``ValueError`` if a field cannot be JSON."""
+        try:
+            data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+        except TypeError as exc:
+            raise ValueError(f"a room event must be JSON: {exc}") from None
+        return cls(MappingProxyType(fields), data)
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoomEvent:
+        """An event as the bus carried it; ``ValueError`` if it is not a JSON object."""
+        fields = json.loads(data)
+        if not isinstance(fields, dict):
+            raise ValueError("a room event must be a JSON object")
+        return cls(MappingProxyType(fields), bytes(data))
+
+    @property
+    def kind(self) -> str:
+        """Its ``type``."""
+        return str(self.fields.get("type"))
 
 
 @attrs.frozen

@@ -26,6 +26,7 @@ from chatnode.core.models import (
     RevocationChanges,
     RevocationState,
     Room,
+    RoomEvent,
     SearchHit,
     SearchQuery,
     User,
@@ -120,7 +121,7 @@ class BusHandler(Protocol):
         """Called once per published message of each subscribed room, in offset order per
         room, from one task at a time. Must not wait on clients."""
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
         """An ephemeral room event (presence, typing): not logged, no offset."""
 
     async def resubscribed(self) -> None:
@@ -149,8 +150,9 @@ class Bus(Closeable, Protocol):
         published again: the earlier message's offset and timestamp come back (with this
         draft's text). Raise ``Unavailable`` (``OffsetUnknown``: see the class docstring)."""
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
-        """Fan out an ephemeral event to the room's subscribers (best effort)."""
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
+        """Fan out an ephemeral event to the room's subscribers (best effort); they get its
+        bytes as its origin encoded them (``RoomEvent.data``)."""
 
     async def subscribe(self, room_id: int) -> None:
         """Return once every message published after this call returns will be delivered."""

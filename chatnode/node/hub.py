@@ -49,13 +49,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
 from chatnode.core.errors import Unavailable
-from chatnode.core.models import ChatMessage
+from chatnode.core.models import ChatMessage, RoomEvent
 from chatnode.core.ports import Archive, Bus
 from chatnode.wire import frames
 from chatnode.wire.frames import CloseCode
@@ -383,12 +383,12 @@ class Hub:
                 seat.pending = [message]
         self.deliveries += delivered
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
         session = self._sessions.get(room_id)
         if session is None:
             return
-        if event.get("type") == frames.MEMBER_REMOVED:
-            self._removed(session, str(event.get("user")))
+        if event.kind == frames.MEMBER_REMOVED:
+            self._removed(session, str(event.fields.get("user")))
             return
         for seat in session.seats.values():
             if seat.live:

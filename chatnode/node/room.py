@@ -14,6 +14,7 @@ from chatnode.core.errors import (
 from chatnode.core.models import (
     ChatMessage,
     Draft,
+    RoomEvent,
 )
 from chatnode.node.accounts import now_ms
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
@@ -39,7 +40,7 @@ class RoomNode(Protocol):
         self, token: str | None, *, user_param: str | None = None
     ) -> auth.Claims: ...
 
-    async def signal(self, room_id: int, event: dict[str, object]) -> None: ...
+    async def signal(self, room_id: int, event: RoomEvent) -> None: ...
 
 
 class RoomConnection:

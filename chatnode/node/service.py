@@ -27,6 +27,7 @@ from chatnode.core.models import (
     ChatMessage,
     PresenceEntry,
     Room,
+    RoomEvent,
     SearchHit,
     SearchQuery,
 )
@@ -255,7 +256,7 @@ class ChatNode(Accounts):
         finally:
             self._release(member, held)
 
-    async def signal(self, room_id: int, event: dict[str, object]) -> None:
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
         try:
             await self.backends.bus.signal(room_id, event)
         except Exception:

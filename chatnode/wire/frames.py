@@ -2,8 +2,9 @@
 
 Two dialects share ``GET /v1/chatrooms/{id}/join`` (docs/protocol.md is the reference):
 
-* ``plain`` (no subprotocol): the seed's format. A client text frame is a message; the server
-  sends only chat messages ``{"chatroom", "user", "message", "timestamp"}``, history first.
+* ``plain`` (no subprotocol): the first room API's format. A client text frame is a message;
+  the server sends only chat messages ``{"chatroom", "user", "message", "timestamp"}``,
+  history first.
 * ``chatnode.v1`` (``Sec-WebSocket-Protocol: chatnode.v1``): JSON objects with a ``type``.
 
 Rules:
@@ -28,7 +29,7 @@ import attrs
 
 from chatnode.core import validation
 from chatnode.core.errors import BadRequest
-from chatnode.core.models import ChatMessage
+from chatnode.core.models import ChatMessage, RoomEvent
 from chatnode.wire import websocket
 
 SUBPROTOCOL_V1 = "chatnode.v1"
@@ -159,7 +160,7 @@ def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
     """The payload of a chat message; identical for every member of one dialect (Rule 1)."""
     if dialect is Dialect.PLAIN:
         fields = message.fields()
-        del fields["offset"]  # the seed's format has none
+        del fields["offset"]  # the plain format has none
         return _dumps(fields)
     return _dumps({"type": "message", **message.fields()})
 
@@ -214,26 +215,21 @@ def refreshed_frame(client_id: str | None, expires_at_s: int) -> bytes:
     return _dumps({"type": "refreshed", "id": client_id, "expires_at": expires_at_s})
 
 
-def event_frame(event: dict[str, Any]) -> bytes:
-    """Ephemeral room events (``presence``, ``typing``) as they travel on the bus."""
-    return _dumps(event)
+def presence_event(room_id: int, user: str, change: str) -> RoomEvent:
+    return RoomEvent.of(type="presence", chatroom=room_id, user=user, event=change)
 
 
-def presence_event(room_id: int, user: str, change: str) -> dict[str, Any]:
-    return {"type": "presence", "chatroom": room_id, "user": user, "event": change}
-
-
-def typing_event(room_id: int, user: str) -> dict[str, Any]:
-    return {"type": "typing", "chatroom": room_id, "user": user}
+def typing_event(room_id: int, user: str) -> RoomEvent:
+    return RoomEvent.of(type="typing", chatroom=room_id, user=user)
 
 
 MEMBER_REMOVED = "member_removed"
 
 
-def member_removed_event(room_id: int, user: str) -> dict[str, Any]:
+def member_removed_event(room_id: int, user: str) -> RoomEvent:
     """Between nodes only (never sent to clients): ``user`` is no longer a member of the
     room; every node closes that user's connections to it (4501)."""
-    return {"type": MEMBER_REMOVED, "chatroom": room_id, "user": user}
+    return RoomEvent.of(type=MEMBER_REMOVED, chatroom=room_id, user=user)
 
 
 # -- WebSocket framing (RFC 6455 §5.2; the rest is in ``wire/websocket.py``) ----------------
@@ -277,8 +273,6 @@ class Live:
     offset: int
 
 
-RoomEvent = dict[str, Any]
-"""An ephemeral room event as it travels on the bus (``presence``, ``typing``)."""
 Notice = Joined | Gap | Live | RoomEvent
 """What a member is told besides messages: v1 only, the plain dialect has no frame for it."""
 
@@ -290,7 +284,8 @@ class Encoder:
     check, no dict lookup). The bytes depend only on the message and the dialect (rule 1), so
     a kept frame is right for whoever asks; one encoder serves every member of its dialect on
     a node (``edge/ws_writer.py``'s ``WriteBatcher`` holds them). Values are kept by
-    identity: a message is frozen, and a room event is never changed once signalled."""
+    identity: a message and a room event are frozen; an event's payload is the JSON its origin
+    encoded (``RoomEvent.data``), framed as it is."""
 
     __slots__ = ("_event", "_event_frame", "dialect", "frame", "message")
 
@@ -311,9 +306,9 @@ class Encoder:
         """The frame of a notice, None in the plain dialect (which has none)."""
         if self.dialect is Dialect.PLAIN:
             return None
-        if isinstance(notice, dict):
+        if isinstance(notice, RoomEvent):
             if notice is not self._event:
-                self._event_frame = ws_text_frame(event_frame(notice))
+                self._event_frame = ws_text_frame(notice.data)
                 self._event = notice
             return self._event_frame
         if isinstance(notice, Joined):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -24,7 +23,7 @@ from chatnode.adapters.sqlite import (
     fts_match_expression,
 )
 from chatnode.core import errors
-from chatnode.core.models import ChatMessage, Draft, SearchQuery
+from chatnode.core.models import ChatMessage, Draft, RoomEvent, SearchQuery
 from tests.contracts.harness import Recorder, documents
 
 T0 = 1_700_000_000_000
@@ -409,27 +408,29 @@ async def test_a_bus_can_serve_again_after_stopping(db: SqliteDatabase) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_signals_must_be_json_and_each_handler_gets_its_own_copy(
+async def test_signals_must_be_json_and_no_handler_can_change_another_s(
     db: SqliteDatabase,
 ) -> None:
     broker = LocalBroker()
     bus_a, bus_b = SqliteBus(db, broker), SqliteBus(db, broker)
     seen_a, seen_b = Recorder(), Recorder()
-    event: dict[str, Any] = {"type": "typing", "users": ["bob"]}
+    with pytest.raises(ValueError, match="must be JSON"):
+        RoomEvent.of(type="typing", user=object())
+    event = RoomEvent.of(type="typing", users=["bob"])
     async with trio.open_nursery() as nursery:
         await nursery.start(bus_a.serve, seen_a)
         await nursery.start(bus_b.serve, seen_b)
         await bus_a.subscribe(1)
         await bus_b.subscribe(1)
 
-        with pytest.raises(TypeError):
-            await bus_a.signal(1, {"not json": object()})
         await bus_a.signal(1, event)
         await seen_a.wait_until(lambda: bool(seen_a.signals))
         await seen_b.wait_until(lambda: bool(seen_b.signals))
 
-        seen_a.signals[0][1]["users"].append("mallory")
+        with pytest.raises(TypeError):
+            seen_a.signals[0][1].fields["type"] = "mallory"  # type: ignore[index]
         assert seen_b.signals == [(1, event)]
+        assert dict(seen_b.signals[0][1].fields) == {"type": "typing", "users": ["bob"]}
         nursery.cancel_scope.cancel()
 
 

@@ -22,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 from chatnode.core.ports import ArchiveFeed, Bus, Presence, RateLimits, Revocations, Tickets
 
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class Recorder:
     """
 
     messages: list[ChatMessage] = attrs.field(factory=list)
-    signals: list[tuple[int, dict[str, Any]]] = attrs.field(factory=list)
+    signals: list[tuple[int, RoomEvent]] = attrs.field(factory=list)
     resubscribes: int = 0
     _busy: bool = False
     _changed: trio.Event = attrs.field(factory=trio.Event)
@@ -115,7 +115,7 @@ class Recorder:
     async def deliver(self, message: ChatMessage) -> None:
         await self._record(lambda: self.messages.append(message))
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
         await self._record(lambda: self.signals.append((room_id, event)))
 
     async def resubscribed(self) -> None:

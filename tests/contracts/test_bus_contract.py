@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 
 from .harness import NewBus, start_node
 
@@ -137,7 +137,8 @@ async def test_read_log_after_offset_with_limit(new_bus: NewBus) -> None:
 
 
 async def test_signals_reach_subscribers_only_and_take_no_offset(new_bus: NewBus) -> None:
-    typing = {"type": "typing", "user": "bob", "rooms": [1]}
+    typing = RoomEvent.of(type="typing", user="bob", rooms=[1], text="ünïcode")
+    sentinel, last = RoomEvent.of(type="sentinel"), RoomEvent.of(type="last")
     async with trio.open_nursery() as nursery:
         node_a, seen_a = await start_node(nursery, new_bus)
         node_b, seen_b = await start_node(nursery, new_bus)
@@ -145,13 +146,19 @@ async def test_signals_reach_subscribers_only_and_take_no_offset(new_bus: NewBus
         await node_b.subscribe(2)
 
         await node_a.signal(1, typing)
-        await node_a.signal(2, {"type": "sentinel"})
-        await node_a.signal(1, {"type": "last"})
+        await node_a.signal(2, sentinel)
+        await node_a.signal(1, last)
 
         await seen_a.wait_until(lambda: len(seen_a.signals) == 2)
         await seen_b.wait_until(lambda: len(seen_b.signals) == 1)
-        assert seen_a.signals == [(1, typing), (1, {"type": "last"})]
-        assert seen_b.signals == [(2, {"type": "sentinel"})]
+        # Subscribers get each event's fields and the very bytes its origin encoded.
+        got_a = [(room, dict(e.fields), e.data) for room, e in seen_a.signals]
+        got_b = [(room, dict(e.fields), e.data) for room, e in seen_b.signals]
+        assert got_a == [
+            (1, {"type": "typing", "user": "bob", "rooms": [1], "text": "ünïcode"}, typing.data),
+            (1, {"type": "last"}, last.data),
+        ]
+        assert got_b == [(2, {"type": "sentinel"}, sentinel.data)]
         assert seen_a.messages == seen_b.messages == []
         assert await node_a.last_offset(1) in (0, None)  # no offset taken (None: see above)
         nursery.cancel_scope.cancel()

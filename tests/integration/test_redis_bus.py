@@ -17,7 +17,7 @@ import trio
 from chatnode.adapters.redis import RespClient
 from chatnode.adapters.sqlite import SqliteArchive, SqliteDatabase
 from chatnode.core import errors
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 from chatnode.node.hub import Hub
 from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 from tests.contracts.conftest import redis_test_clients
@@ -441,7 +441,7 @@ async def test_an_unreachable_redis_is_unavailable() -> None:
         lambda: bus.publish(draft(1, "x")),
         lambda: bus.last_offset(1),
         lambda: bus.read_log(1, after_offset=0, limit=1),
-        lambda: bus.signal(1, {"type": "typing"}),
+        lambda: bus.signal(1, RoomEvent.of(type="typing")),
         bus.check,
     ):
         with pytest.raises(errors.Unavailable):

@@ -12,7 +12,7 @@ import trio
 from wsproto.frame_protocol import FrameDecoder
 
 from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 from chatnode.node.hub import Hub
 from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
@@ -77,7 +77,7 @@ class LossyHandler:
         if message.offset not in self.drop:
             await self.hub.deliver(message)
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
         await self.hub.signal(room_id, event)
 
     async def resubscribed(self) -> None:

@@ -83,18 +83,17 @@ rule above is needed to keep that state right.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import attrs
 import trio
 
 from chatnode.core import errors, ports
-from chatnode.core.models import ChatMessage, Draft, document_head, document_tail
+from chatnode.core.models import ChatMessage, Draft, RoomEvent, document_head, document_tail
 from chatnode.wire.resp import Reply, RespError
 
 from .client import RespClient, RespConnection, Script
@@ -606,9 +605,8 @@ class RedisBus:
 
     # -- fan-out ------------------------------------------------------------------------------
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
-        payload = b"s" + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        await self._redis.call("PUBLISH", self.keys.channel(room_id), payload)
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
+        await self._redis.call("PUBLISH", self.keys.channel(room_id), b"s" + event.data)
 
     async def subscribe(self, room_id: int) -> None:
         link = self._link
@@ -758,9 +756,7 @@ class RedisBus:
                 if message.room_id != room_id:
                     raise ValueError("a message of another room")
             elif data.startswith(b"s"):
-                event = json.loads(data[1:])
-                if not isinstance(event, dict):
-                    raise ValueError("a signal event must be a JSON object")
+                event = RoomEvent.decode(data[1:])
             else:
                 raise ValueError("unknown payload kind")
         except (ValueError, TypeError):

@@ -14,15 +14,15 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from chatnode.core.models import ChatMessage
+from chatnode.core.models import ChatMessage, RoomEvent
 
 
 @attrs.frozen
 class Signal:
-    """A room's signal event (typing, presence), as JSON: each bus decodes its own copy."""
+    """A room's signal event (typing, presence)."""
 
     room_id: int
-    event_json: str
+    event: RoomEvent
 
 
 Item = ChatMessage | Signal

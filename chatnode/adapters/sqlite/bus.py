@@ -16,11 +16,10 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import attrs
 import trio
@@ -30,7 +29,7 @@ from chatnode.adapters.sqlite.messages import MESSAGE_COLUMNS, last_offset, mess
 from chatnode.adapters.sqlite.runner import SqliteDatabase
 from chatnode.adapters.sqlite.transaction import Transaction
 from chatnode.core import errors, ports
-from chatnode.core.models import ChatMessage, Draft
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 
 
 def _append(draft: Draft, dedup_window_ms: int, conn: sqlite3.Connection) -> _Appended:
@@ -99,9 +98,8 @@ class SqliteBus:
     published in the room less than ``dedup_window_s`` ago is found in ``sent_ids`` (same
     transaction) and its message returned, nothing inserted or fanned out.
 
-    Subscriptions are a set: subscribing twice and unsubscribing once ends delivery. Signal
-    events are JSON round-tripped, like on a real broker, so each handler gets its own copy and a
-    non-JSON event fails at ``signal`` here too.
+    Subscriptions are a set: subscribing twice and unsubscribing once ends delivery. A signal
+    event is handed to every handler as it is: a ``RoomEvent`` is frozen and carries its JSON.
     """
 
     _db: SqliteDatabase
@@ -129,8 +127,8 @@ class SqliteBus:
                 broker.fan_out(appended.message)
         return appended.message
 
-    async def signal(self, room_id: int, event: dict[str, Any]) -> None:
-        item = Signal(room_id, json.dumps(event))
+    async def signal(self, room_id: int, event: RoomEvent) -> None:
+        item = Signal(room_id, event)
         await trio.lowlevel.checkpoint()
         self._broker.fan_out(item)
 
@@ -192,7 +190,7 @@ class SqliteBus:
         if isinstance(item, ChatMessage):
             await handler.deliver(item)
         else:
-            await handler.signal(item.room_id, json.loads(item.event_json))
+            await handler.signal(item.room_id, item.event)
 
     def _offer(self, item: Item) -> None:
         """Queue ``item`` if subscribed; on a full inbox drop messages until drained."""
