@@ -5,6 +5,9 @@ line flags, in increasing precedence. Nothing below the composition root (``cli.
 
 Every setting is listed in ``SETTINGS`` with its variable, type, default and meaning; the
 README's configuration table is generated from it (``chatnode config --markdown``).
+
+Why one file of a little over 500 lines: most of it is that one table (a line or two per
+setting) and the checks across settings, which read best beside it.
 """
 
 from __future__ import annotations
