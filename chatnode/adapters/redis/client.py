@@ -54,13 +54,13 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Final, Self, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
 
+from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors
 from chatnode.fdio import socket_fd, try_read, try_write
 from chatnode.wire.resp import Arg, ProtocolError, Reply, ReplyParser, RespError, encode
@@ -335,7 +335,7 @@ class RedisAddress:
         )
 
 
-class RespClient:
+class RespClient(ClosesOnExit):
     """Commands on one pipelined connection, made on first use and again after a failure
     (rules 3, 6), plus dedicated connections for pub/sub (:meth:`connect`). Closed by
     :meth:`aclose` (or ``async with``); a port given a client never closes it.
@@ -359,18 +359,6 @@ class RespClient:
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 5.0, client_name: str | None = None) -> Self:
         return cls(RedisAddress.from_url(url), timeout_s=timeout_s, client_name=client_name)
-
-    async def __aenter__(self) -> Self:
-        await trio.lowlevel.checkpoint()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _route(self, args: tuple[Arg, ...]) -> RespConnection | None:
         """The connection that runs ``args`` (rule 6), or None: connect first. Redis Cluster
