@@ -198,8 +198,9 @@ async def test_an_interrupted_migration_runs_again_from_its_first_statement(
     second.write_text("CREATE TABLE IF NOT EXISTS b (y INT);\nTHIS IS NOT SQL;\n")
 
     async with new_database_url(mysql_url) as url:
-        with pytest.raises(MySQLdb.ProgrammingError):
+        with pytest.raises(MigrationError, match="MySQL refused a migration") as failed:
             await migrate_mysql(url, directory=tmp_path)
+        assert isinstance(failed.value.__cause__, MySQLdb.ProgrammingError)
         assert await applied_versions(url) == [1]
         assert {"a", "b"} <= await tables(url)  # DDL committed before the failure
 

@@ -50,12 +50,15 @@ def dead_letters_template(prefix: str) -> dict[str, Any]:
 
 async def migrate_elasticsearch(url: str, prefix: str) -> bool:
     """Put the templates and create the indices if missing; return True if this call created
-    the messages index. See the module docstring."""
+    the messages index. See the module docstring. Raises ``MigrationError`` (also for what
+    Elasticsearch refused) or ``Unavailable``."""
     es = es_client(url, request_timeout_s=ES_TIMEOUT_S)
     try:
         created = await _migrate_index(es, messages_index(prefix), messages_template(prefix))
         await _migrate_index(es, dead_letters_index(prefix), dead_letters_template(prefix))
         return created
+    except ApiError as exc:
+        raise MigrationError(f"Elasticsearch refused a migration: {exc}") from exc
     finally:
         with trio.CancelScope(shield=True):
             await es.close()

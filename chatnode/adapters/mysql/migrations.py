@@ -18,8 +18,8 @@ are read with ``importlib.resources``: an installed wheel carries them. Rules:
    :func:`read_mysql_version` with :func:`shipped_mysql_version`, so a node never runs on a
    schema older than its own.
 
-Errors: an unreachable server raises ``Unavailable``; bad files, a lock held too long raise
-:class:`~chatnode.adapters.migration.MigrationError`.
+Errors: an unreachable server raises ``Unavailable``; bad files, a lock held too long, a
+statement MySQL refuses raise :class:`~chatnode.adapters.migration.MigrationError`.
 """
 
 from __future__ import annotations
@@ -214,5 +214,5 @@ async def migrate_mysql(
     except MySQLdb.Error as exc:
         mapped = mysql_error(exc)
         if mapped is None:
-            raise
+            raise MigrationError(f"MySQL refused a migration: {exc}") from exc
         raise mapped from exc
