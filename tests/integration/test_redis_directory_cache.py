@@ -70,9 +70,11 @@ class CountingDirectory:
         self.room_reads += 1
         return await self.inner.get_room(room_id)
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = "member"
+    ) -> bool:
         await self._up()
-        added = await self.inner.add_member(room_id, user, max_members=max_members)
+        added = await self.inner.add_member(room_id, user, max_members=max_members, role=role)
         if self.add_gate is not None:
             self.adding.set()
             await self.add_gate.wait()
