@@ -225,6 +225,25 @@ async def test_history_and_search_of_a_group_only_for_its_members(tmp_path: Path
         assert mine["id"] == group and mine["visibility"] == "private"
         assert mine["last_offset"] == 1 and mine["last_message"]["message"] == "plans for the party"
 
+        # most recent activity first: a new direct room (no message: when it was made) comes
+        # first, then the group once someone writes there again
+        r = await c.post("/v1/direct", json={"user": "bob"}, headers=auth(t["ann"]))
+        dm = r.json()["id"]
+
+        async def mine_in_order() -> list[int]:
+            r = await c.get("/v1/me/chatrooms", headers=auth(t["ann"]))
+            return [room["id"] for room in r.json()]
+
+        assert await mine_in_order() == [dm, group]
+        async with join(node, group, token=t["bob"]) as ws:
+            await until_live(ws)
+            await send(ws, "see you there")
+        assert await mine_in_order() == [group, dm]
+        r = await c.get("/v1/me/chatrooms", params={"limit": 1}, headers=auth(t["ann"]))
+        assert [(x["id"], x["last_offset"], x["last_message"]) for x in r.json()] == [
+            (group, 2, {**r.json()[0]["last_message"], "message": "see you there", "user": "bob"})
+        ]
+
 
 async def test_a_ban_closes_the_connection_and_keeps_the_user_out(tmp_path: Path) -> None:
     async with running_node(node_config(str(tmp_path))) as node, api_client(node) as api:
