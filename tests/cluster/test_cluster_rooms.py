@@ -13,7 +13,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from tests.cluster.cluster import running_cluster
 from tests.cluster.harness import nginx_available
-from tests.cluster.test_cluster_e2e import read_until_live, token_for
+from tests.cluster.test_cluster_e2e import poll, read_until_live, token_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -93,6 +93,19 @@ async def test_a_ban_on_one_node_closes_the_connection_on_the_other() -> None:
         ):
             await read_until_live(ann_ws)
             await read_until_live(bob_ws)
+            await ann_ws.send_message(json.dumps({"type": "send", "message": "walrus plans"}))
+
+            async def hits(token: str, **params: object) -> list[object]:
+                r = await api.get(
+                    "/v1/messages/search",
+                    params={"q": "walrus", **params},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert r.status_code == 200, r.text
+                found: list[object] = r.json()["hits"]
+                return found
+
+            assert await poll("walrus indexed", lambda: hits(bob))  # a member finds it in ES
             node1 = cluster.node_url(0)
             r = await api.post(
                 f"{node1}/v1/chatrooms/{room}/bans",
@@ -115,6 +128,14 @@ async def test_a_ban_on_one_node_closes_the_connection_on_the_other() -> None:
                 assert json.loads(rejected.value.body or b"{}")["error"]["code"] == (
                     "room_not_found"
                 )
+            assert await hits(bob) == []  # no longer one of his rooms
+            r = await api.get(
+                "/v1/messages/search",
+                params={"q": "walrus", "chatroom": room},
+                headers={"Authorization": f"Bearer {bob}"},
+            )
+            assert r.status_code == 404 and r.json()["error"]["code"] == "room_not_found"
+            assert await hits(ann)
             await ann_ws.send_message(json.dumps({"type": "send", "id": "x", "message": "hi"}))
             while json.loads(await ann_ws.get_message())["type"] != "ack":
                 pass
