@@ -53,12 +53,13 @@ Rules that make it correct:
 6. **The directory is optional for what Redis knows** (the reverse of rule 4). Rooms are never
    deleted or renamed: a room read or created is kept in Redis for ``known_ttl_s`` after the
    last read, and read from there first. A membership the inner directory confirmed
-   (``add_member`` answered, added or already there) is added to the room's set of confirmed
-   members, under version tokens read *before* asking the directory (rule 1):
+   (``add_member`` answered, added or already there; ``get_member`` found it) is added to
+   the room's set of confirmed members, under version tokens read *before* asking the directory (rule 1):
    ``remove_member`` replaces the room's token, ``delete_all_users`` every room's, each after
    its write, so a confirmation that raced a removal is stored where no reader looks. While
    the inner directory raises ``Unavailable``, ``add_member`` of a confirmed member answers
-   False ("already a member"); anything else raises the inner directory's ``Unavailable``
+   False ("already a member") and ``get_member`` a member (role ``member``: the role is not
+   kept; managing members needs the directory anyway); anything else raises the inner directory's ``Unavailable``
    (a new membership, users, lists past ``ttl_s``), also when Redis fails too. A set decides
    nothing while the directory answers. A removal forgets the whole room's confirmations (each
    member is confirmed again by the next node that asks for it); a removal or deletion whose
@@ -483,14 +484,7 @@ class RedisCachedDirectory:
     ) -> bool:
         """The inner directory's answer, remembered as a confirmation; while it is
         unavailable, False for a member confirmed before (rule 6)."""
-        found = await self._redis_or_none(
-            lambda: _CONFIRMED.run(
-                self._redis,
-                [self._members_version, self._room_removals_version(room_id)],
-                [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
-            )
-        )
-        set_key, confirmed = _confirmed_reply(found)
+        set_key, confirmed = await self._confirmed(room_id, user)
         try:
             added = await self.inner.add_member(room_id, user, max_members=max_members, role=role)
         except errors.Unavailable:
@@ -501,10 +495,7 @@ class RedisCachedDirectory:
         if added:
             await self._invalidate_room_members(room_id)
         if set_key is not None:
-            key = set_key
-            await self._redis_or_none(
-                lambda: _CONFIRM.run(self._redis, [key], [user, self._known_px])
-            )
+            await self._confirm(set_key, user)
         return added
 
     async def remove_member(self, room_id: int, user: str) -> bool:
@@ -540,7 +531,36 @@ class RedisCachedDirectory:
         return await self.inner.user_rooms(user, limit=limit)
 
     async def get_member(self, room_id: int, user: str) -> Member | None:
-        return await self.inner.get_member(room_id, user)
+        """The inner directory's answer, a found member remembered as a confirmation; while
+        it is unavailable, a member confirmed before, with the role ``member`` and no join
+        time (rule 6: a private room's members rejoin and read it during an outage)."""
+        set_key, confirmed = await self._confirmed(room_id, user)
+        try:
+            member = await self.inner.get_member(room_id, user)
+        except errors.Unavailable:
+            if confirmed:
+                return Member(user)
+            raise
+        if member is not None and set_key is not None and not confirmed:
+            await self._confirm(set_key, user)
+        return member
+
+    async def _confirmed(self, room_id: int, user: str) -> tuple[bytes | None, bool]:
+        """(the key of the room's confirmed members under the current tokens, whether
+        ``user`` is one of them); read before asking the directory (rule 6)."""
+        found = await self._redis_or_none(
+            lambda: _CONFIRMED.run(
+                self._redis,
+                [self._members_version, self._room_removals_version(room_id)],
+                [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
+            )
+        )
+        return _confirmed_reply(found)
+
+    async def _confirm(self, set_key: bytes, user: str) -> None:
+        await self._redis_or_none(
+            lambda: _CONFIRM.run(self._redis, [set_key], [user, self._known_px])
+        )
 
     async def _member_write(self, room_id: int, write: Callable[[], Awaitable[bool]]) -> bool:
         """Invalidate the room's members if the write changed them, or may have."""
