@@ -60,6 +60,7 @@ def rates(config: Config) -> Rates:
         pings=Rate(config.rate_pings_per_s, config.rate_ping_burst),
         typing_interval_s=config.typing_interval_s,
         room_creations=Rate.every(config.room_create_interval_s, config.room_create_burst),
+        member_changes=Rate.every(config.member_change_interval_s, config.member_change_burst),
         logins_per_address=Rate.every(config.login_address_interval_s, config.login_address_burst),
         login_failures_per_account=Rate.every(
             config.login_failures_interval_s, config.login_failures_burst

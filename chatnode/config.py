@@ -156,7 +156,10 @@ class Config:
     max_message_bytes: int = _setting(4096, "largest chat message (UTF-8 bytes)")
     max_user_name_chars: int = _setting(32, "longest user name")
     max_room_name_chars: int = _setting(100, "longest room name")
-    max_room_members: int = _setting(1000, "members a room may have")
+    max_room_members: int = _setting(1000, "members a public room may have")
+    max_group_members: int = _setting(
+        200, "members a private room (a group) may have, its owner included"
+    )
     max_header_bytes: int = _setting(16 * 1024, "largest HTTP request head")
     max_body_bytes: int = _setting(64 * 1024, "largest HTTP request body")
     max_json_depth: int = _setting(
@@ -225,6 +228,13 @@ class Config:
     room_create_interval_s: float = _setting(
         60.0, "then one more room per user every this many seconds"
     )
+    member_change_burst: int = _setting(
+        30,
+        "membership changes (add, remove, ban, unban) a user may make at once (admins: no limit)",
+    )
+    member_change_interval_s: float = _setting(
+        1.0, "then one more membership change per user every this many seconds"
+    )
     login_address_burst: int = _setting(
         20, "`POST /v1/tokens` requests one client address may make at once"
     )
@@ -261,6 +271,7 @@ class Config:
             max_room_name_chars=self.max_room_name_chars,
             max_message_bytes=self.max_message_bytes,
             max_room_members=self.max_room_members,
+            max_group_members=self.max_group_members,
             max_json_depth=self.max_json_depth,
             min_password_chars=self.min_password_chars,
         )
@@ -353,6 +364,9 @@ def _validate(config: Config) -> None:
         (config.history_on_join >= 0, "CHATNODE_HISTORY_ON_JOIN must be >= 0"),
         (config.max_message_bytes >= 1, "CHATNODE_MAX_MESSAGE_BYTES must be >= 1"),
         (config.max_room_members >= 1, "CHATNODE_MAX_ROOM_MEMBERS must be >= 1"),
+        (config.max_group_members >= 2, "CHATNODE_MAX_GROUP_MEMBERS must be >= 2"),
+        (config.member_change_burst >= 1, "CHATNODE_MEMBER_CHANGE_BURST must be >= 1"),
+        (config.member_change_interval_s > 0, "CHATNODE_MEMBER_CHANGE_INTERVAL_S must be > 0"),
         (config.send_backlog_bytes >= 1024, "CHATNODE_SEND_BACKLOG_BYTES must be >= 1024"),
         (config.max_json_depth >= 1, "CHATNODE_MAX_JSON_DEPTH must be >= 1"),
         (config.replay_page_messages >= 1, "CHATNODE_REPLAY_PAGE_MESSAGES must be >= 1"),

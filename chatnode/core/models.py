@@ -76,11 +76,51 @@ class User:
     revoked_before_ms: int = 0
 
 
+PUBLIC: Final = "public"
+PRIVATE: Final = "private"
+DIRECT: Final = "direct"
+VISIBILITIES: Final = (PUBLIC, PRIVATE, DIRECT)
+"""A room's visibility, fixed at creation: ``public`` rooms are seen and joined by anyone;
+``private`` (a group) and ``direct`` (two users, one room per pair) rooms only by members."""
+
+OWNER: Final = "owner"
+ADMIN: Final = "admin"
+MEMBER: Final = "member"
+ROLES: Final = (OWNER, ADMIN, MEMBER)
+"""A member's role in a room: owners and admins manage members and bans."""
+
+
 @attrs.frozen
 class Room:
+    """A room. Never deleted, renamed or made another visibility: a node keeps what it saw.
+    ``created_by`` is the creator's name (None for rooms made before it was recorded)."""
+
     id: int
     name: str
     created_at_ms: int
+    visibility: str = PUBLIC
+    created_by: str | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.visibility == PUBLIC
+
+
+@attrs.frozen
+class Listed:
+    """A room as ``GET /v1/chatrooms`` lists it: the room and its current member count."""
+
+    room: Room
+    member_count: int
+
+
+@attrs.frozen
+class Member:
+    """A membership: ``user`` has ``role`` in the room since ``joined_at_ms``."""
+
+    user: str
+    role: str = MEMBER
+    joined_at_ms: int = 0
 
 
 @attrs.frozen
@@ -272,6 +312,8 @@ class SearchQuery:
     from_ms: int | None = None
     to_ms: int | None = None
     limit: int = 20
+    rooms: tuple[int, ...] | None = None
+    """Only messages of these rooms (the rooms the caller may read); None: every room."""
 
 
 @attrs.frozen

@@ -15,11 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, overload
 
 from chatnode.core.models import (
+    MEMBER,
+    PUBLIC,
     ArchiveEntry,
     ChatMessage,
     DeadLetter,
     Draft,
     Grant,
+    Listed,
+    Member,
     PresenceEntry,
     Refusal,
     Revocation,
@@ -59,6 +63,12 @@ class Directory(Closeable, Protocol):
     ``validation.name_key`` (NFKC, case-folded): ``ann`` and ``ANN`` are one name.
     Accounts migrated from before that rule whose names collide by key all stay, each
     reached by its exact name; a different case of the name reaches the oldest of them.
+
+    Rooms: a room's visibility (``public``, ``private``, ``direct``) is fixed when it is made.
+    Memberships have a role (``owner``, ``admin``, ``member``) and a join time; only current
+    members count toward a room's limit, and every check-then-write (the limit, a ban, a
+    direct room's pair) is decided atomically by the store, never by the caller. Users are
+    named exactly (the node resolves a name's case first).
     """
 
     async def create_user(
@@ -88,25 +98,78 @@ class Directory(Closeable, Protocol):
     async def delete_all_users(self) -> int:
         """Delete every user and every membership; return how many users were deleted."""
 
-    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
-        """Rooms get increasing integer ids starting at 1; names need not be unique."""
+    async def create_room(
+        self,
+        name: str,
+        *,
+        created_at_ms: int,
+        visibility: str = PUBLIC,
+        owner: str | None = None,
+        members: Sequence[str] = (),
+        max_members: int = 0,
+    ) -> Room:
+        """Rooms get increasing integer ids starting at 1; names need not be unique.
+
+        ``owner`` (the creator) is recorded as ``created_by``; in a ``private`` room the owner
+        and ``members`` become members (role ``owner`` and ``member``), all in one write, at
+        most ``max_members`` of them (else ``RoomFull``, nothing made). An unknown user among
+        them raises ``NotFound`` (code ``user_not_found``) and makes nothing. A public room
+        starts with no member (its creator joins as ``owner``: ``add_member``)."""
+
+    async def direct_room(self, user: str, other: str, *, created_at_ms: int) -> tuple[Room, bool]:
+        """The ``direct`` room of the two users, made (both members) if there is none:
+        (the room, True if made now). One room per pair of accounts, whoever asks and however
+        many ask at once on any node: a unique key on the ordered pair of account ids decides,
+        never a check then an insert. ``NotFound`` (``user_not_found``) for an unknown user."""
+
+    async def find_direct(self, user: str, other: str) -> Room | None:
+        """The ``direct`` room of the two users if there is one (unknown users: None)."""
 
     async def get_room(self, room_id: int) -> Room | None: ...
 
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
-        """Rooms with ``id > after_id`` in id order, at most ``limit``."""
+        """Rooms with ``id > after_id`` in id order, at most ``limit`` (every visibility)."""
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
-        """Make ``user`` a member; True if newly added, False if already one.
+    async def visible_rooms(self, user: str, *, after_id: int, limit: int) -> list[Listed]:
+        """The rooms ``user`` may see -- the public ones and those ``user`` is a member of --
+        with ``id > after_id`` in id order, at most ``limit``, each with its member count."""
 
-        Raise ``NotFound`` for an unknown room or user, ``RoomFull`` when the room already has
-        ``max_members`` members and ``user`` is not one of them.
+    async def user_rooms(self, user: str, *, limit: int) -> list[Room]:
+        """The rooms ``user`` is a member of, newest membership first, at most ``limit``."""
+
+    async def get_member(self, room_id: int, user: str) -> Member | None:
+        """``user``'s membership of the room (exact name), None if not a member."""
+
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = MEMBER
+    ) -> bool:
+        """Make ``user`` a member with ``role`` (``owner`` instead if they created the room);
+        True if newly added, False if already one (their role unchanged).
+
+        Raise ``NotFound`` for an unknown room or user (code ``user_not_found``),
+        ``Forbidden`` (code ``banned``) for a user banned from the room, ``RoomFull`` when the
+        room already has ``max_members`` members and ``user`` is not one of them. A failed
+        add changes nothing.
         """
 
-    async def remove_member(self, room_id: int, user: str) -> bool: ...
+    async def remove_member(self, room_id: int, user: str) -> bool:
+        """End ``user``'s membership; whether they were a member. The seat is free at once."""
 
     async def list_members(self, room_id: int) -> list[str]:
         """Member names in name order ([] for an unknown room)."""
+
+    async def list_roles(self, room_id: int) -> list[Member]:
+        """Members with their roles, in name order ([] for an unknown room)."""
+
+    async def ban(self, room_id: int, user: str, *, by: str, at_ms: int) -> bool:
+        """Ban ``user`` from the room and end their membership, in one write; True if newly
+        banned. ``NotFound`` for an unknown room or user."""
+
+    async def unban(self, room_id: int, user: str) -> bool:
+        """Lift ``user``'s ban; whether there was one. They are not made a member again."""
+
+    async def list_bans(self, room_id: int, *, limit: int) -> list[str]:
+        """Names banned from the room, in name order, at most ``limit``."""
 
 
 class BusHandler(Protocol):
@@ -274,8 +337,8 @@ class Archive(Closeable, Protocol):
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
         """Plain words, never a query syntax; every word must match (case-insensitive);
-        filters exact, ``from_ms``/``to_ms`` inclusive. Hits best first (higher ``score``),
-        then newest first."""
+        filters exact, ``from_ms``/``to_ms`` inclusive, ``rooms`` (when not None) the only rooms
+        searched (empty: none). Hits best first (higher ``score``), then newest first."""
 
 
 class Presence(Closeable, Protocol):

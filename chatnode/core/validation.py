@@ -131,6 +131,7 @@ class Limits:
     max_password_chars: int = 256
     max_message_bytes: int = 4096
     max_room_members: int = 1000
+    max_group_members: int = 200
     max_page: int = 500
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
 

@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Hashable
 import attrs
 
 from chatnode.core import auth, errors, validation
-from chatnode.core.models import Room, SearchQuery
+from chatnode.core.models import Listed, Member, Room, SearchQuery
 from chatnode.edge.http import error_response
 from chatnode.edge.metrics import Metrics
-from chatnode.node.service import ChatNode
+from chatnode.node.service import Activity, ChatNode
 from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,31 @@ class Route:
 
 
 def room_json(room: Room) -> dict[str, object]:
-    return {"id": room.id, "name": room.name, "created_at": room.created_at_ms}
+    return {
+        "id": room.id,
+        "name": room.name,
+        "created_at": room.created_at_ms,
+        "visibility": room.visibility,
+    }
+
+
+def listed_json(listed: Listed) -> dict[str, object]:
+    return {**room_json(listed.room), "member_count": listed.member_count}
+
+
+def member_json(member: Member) -> dict[str, object]:
+    return {"user": member.user, "role": member.role, "joined_at": member.joined_at_ms}
+
+
+def activity_json(activity: Activity) -> dict[str, object]:
+    room, last = activity.room, activity.last_message
+    return {
+        "id": room.id,
+        "name": room.name,
+        "visibility": room.visibility,
+        "last_offset": activity.last_offset,
+        "last_message": None if last is None else last.fields(),
+    }
 
 
 class AnswerCache:
@@ -119,7 +143,7 @@ class Api:
     # -- handlers -------------------------------------------------------------------------------
 
     async def list_rooms(self, request: Request, match: re.Match[str]) -> Response:
-        await self.claims(request)
+        claims = await self.claims(request)
         limit = validation.positive_int(
             request.query.get("limit"),
             "limit",
@@ -127,14 +151,14 @@ class Api:
             maximum=self.node.settings.limits.max_page,
         )
         after = validation.optional_int(request.query.get("after"), "after") or 0
-        rooms = await self.node.list_rooms(after_id=after, limit=limit)
+        rooms = await self.node.visible_rooms(claims, after_id=after, limit=limit)
         body = self.answers.body(
-            ("rooms", after, limit),
+            ("rooms", claims.user, after, limit),
             rooms,
             lambda: {
-                "ids": [r.id for r in rooms],
-                "chatrooms": [room_json(r) for r in rooms],
-                "next": rooms[-1].id if len(rooms) == limit else None,
+                "ids": [r.room.id for r in rooms],
+                "chatrooms": [listed_json(r) for r in rooms],
+                "next": rooms[-1].room.id if len(rooms) == limit else None,
             },
         )
         return Response(200, body)
@@ -142,8 +166,45 @@ class Api:
     async def create_room(self, request: Request, match: re.Match[str]) -> Response:
         claims = await self.claims(request)
         body = request.json(required=False)
-        room = await self.node.create_room(body.get("name"), claims=claims)
+        room = await self.node.create_room(
+            body.get("name"),
+            claims=claims,
+            visibility=body.get("visibility"),
+            members=body.get("members"),
+        )
         return Response.json(201, room_json(room))
+
+    async def direct_room(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        room, made = await self.node.direct_room(claims, request.json().get("user"))
+        return Response.json(201 if made else 200, room_json(room))
+
+    async def my_rooms(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        limit = validation.positive_int(
+            request.query.get("limit"),
+            "limit",
+            default=100,
+            maximum=self.node.settings.limits.max_page,
+        )
+        rooms = await self.node.my_rooms(claims, limit=limit)
+        return Response.json(200, [activity_json(a) for a in rooms])
+
+    async def members(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        members = await self.node.room_members(int(match["room"]), claims)
+        return Response.json(200, [member_json(m) for m in members])
+
+    async def add_member(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        room_id = int(match["room"])
+        body = request.json()
+        member, added = await self.node.add_member(
+            claims, room_id, body.get("user"), body.get("role")
+        )
+        return Response.json(
+            201 if added else 200, {"chatroom": room_id, **member_json(member), "added": added}
+        )
 
     async def remove_member(self, request: Request, match: re.Match[str]) -> Response:
         claims = await self.claims(request)
@@ -152,10 +213,30 @@ class Api:
         removed = await self.node.remove_member(claims, room_id, user)
         return Response.json(200, {"chatroom": room_id, "user": user, "removed": removed})
 
-    async def room_users(self, request: Request, match: re.Match[str]) -> Response:
-        await self.claims(request)
+    async def ban(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
         room_id = int(match["room"])
-        members, online = await self.node.room_users(room_id)
+        body = request.json()
+        banned = await self.node.ban(claims, room_id, body.get("user"))
+        user = validation.user_name(body.get("user"), self.node.settings.limits)
+        return Response.json(200, {"chatroom": room_id, "user": user, "banned": banned})
+
+    async def unban(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        room_id = int(match["room"])
+        user = validation.user_name(match["user"], self.node.settings.limits)
+        lifted = await self.node.unban(claims, room_id, user)
+        return Response.json(200, {"chatroom": room_id, "user": user, "unbanned": lifted})
+
+    async def bans(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        names = await self.node.bans(claims, int(match["room"]))
+        return Response.json(200, {"bans": names})
+
+    async def room_users(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        room_id = int(match["room"])
+        members, online = await self.node.room_users(room_id, claims)
         body = self.answers.body(
             ("users", room_id), (members, online), lambda: {"users": members, "online": online}
         )
@@ -200,7 +281,7 @@ class Api:
         return Response.json(201, {"ticket": ticket, "expires_at": expires_at_s})
 
     async def history(self, request: Request, match: re.Match[str]) -> Response:
-        await self.claims(request)
+        claims = await self.claims(request)
         limit = validation.positive_int(
             request.query.get("limit"),
             "limit",
@@ -208,7 +289,9 @@ class Api:
             maximum=self.node.settings.limits.max_page,
         )
         before = validation.optional_int(request.query.get("before"), "before", minimum=1)
-        messages = await self.node.history(int(match["room"]), before=before, limit=limit)
+        messages = await self.node.history(
+            int(match["room"]), before=before, limit=limit, claims=claims
+        )
         return Response.json(
             200,
             {
@@ -218,7 +301,7 @@ class Api:
         )
 
     async def search(self, request: Request, match: re.Match[str]) -> Response:
-        await self.claims(request)
+        claims = await self.claims(request)
         q = request.query
         text = q.get("q", "").strip()
         if not text:
@@ -233,7 +316,7 @@ class Api:
             to_ms=validation.optional_int(q.get("to"), "to"),
             limit=validation.positive_int(q.get("limit"), "limit", default=20, maximum=100),
         )
-        hits = await self.node.search(query)
+        hits = await self.node.search(query, claims)
         return Response.json(
             200, {"hits": [{**h.message.fields(), "score": h.score} for h in hits]}
         )
@@ -277,9 +360,16 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/chatrooms", Api.create_room),
     _route("POST", "/v1/chatrooms/users", Api.create_user),
     _route("GET", ROOM + "/users", Api.room_users),
+    _route("GET", ROOM + "/members", Api.members),
+    _route("POST", ROOM + "/members", Api.add_member),
+    _route("GET", ROOM + "/bans", Api.bans),
+    _route("POST", ROOM + "/bans", Api.ban),
+    _route("DELETE", ROOM + "/bans/(?P<user>[^/]+)", Api.unban),
     _route("GET", ROOM + "/messages", Api.history),
     _route("GET", ROOM + "/join", Api.join_without_upgrade),
     _route("DELETE", ROOM + "/members/(?P<user>[^/]+)", Api.remove_member),
+    _route("POST", "/v1/direct", Api.direct_room),
+    _route("GET", "/v1/me/chatrooms", Api.my_rooms),
     _route("POST", "/v1/users", Api.create_user),
     _route("DELETE", "/v1/users", Api.delete_users),
     _route("POST", "/v1/tokens", Api.create_token),

@@ -37,7 +37,7 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
 8. A membership that ends ends everywhere. ``RoomSession.members`` are the users (name ->
    account id) whose membership this node confirmed while subscribed to the room: a rejoin
    of the same account asks the directory nothing. A ``member_removed`` signal
-   (``ChatNode.remove_member``, on every node through the bus) drops the user from it and
+   (``ChatNode.remove_member`` and ``ChatNode.ban``, on every node through the bus) drops the user from it and
    closes that user's connections to the room with 4501; ``removals`` counts them, so a
    confirmation that raced a removal is not kept. The table lives and dies with the
    session: a node that is not subscribed, and so hears no removal, remembers no

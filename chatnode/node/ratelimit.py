@@ -108,6 +108,7 @@ class Rates:
     pings: Rate = Rate(1.0, 10)
     typing_interval_s: float = 2.0
     room_creations: Rate = Rate(1.0 / 60.0, 10)
+    member_changes: Rate = Rate(1.0, 30)
     logins_per_address: Rate = Rate(1.0, 20)
     login_failures_per_account: Rate = Rate(1.0 / 60.0, 10)
     signups_per_address: Rate = Rate(1.0 / 60.0, 10)
@@ -253,6 +254,7 @@ class NodeLimits:
         self.pings = Limiter("ping", rates.pings, store, health)
         self.typing = Limiter("typing", Rate.every(rates.typing_interval_s, 1), store, health)
         self.room_creations = Limiter("rooms", rates.room_creations, store, health)
+        self.member_changes = Limiter("members", rates.member_changes, store, health)
         self.logins_per_address = Limiter("login-addr", rates.logins_per_address, store, health)
         self.login_failures = Limiter("login-fail", rates.login_failures_per_account, store, health)
         self.signups_per_address = Limiter("signup-addr", rates.signups_per_address, store, health)
@@ -264,6 +266,7 @@ class NodeLimits:
             self.pings,
             self.typing,
             self.room_creations,
+            self.member_changes,
             self.logins_per_address,
             self.login_failures,
             self.signups_per_address,

@@ -228,7 +228,8 @@ MEMBER_REMOVED = "member_removed"
 
 def member_removed_event(room_id: int, user: str) -> RoomEvent:
     """Between nodes only (never sent to clients): ``user`` is no longer a member of the
-    room; every node closes that user's connections to it (4501)."""
+    room (left, removed or banned); every node closes that user's connections to it
+    (4501)."""
     return RoomEvent.of(type=MEMBER_REMOVED, chatroom=room_id, user=user)
 
 

@@ -23,7 +23,7 @@ from chatnode.adapters.sqlite import (
     fts_match_expression,
 )
 from chatnode.core import errors
-from chatnode.core.models import ChatMessage, Draft, RoomEvent, SearchQuery
+from chatnode.core.models import ChatMessage, Draft, Room, RoomEvent, SearchQuery
 from tests.contracts.harness import Recorder, documents
 
 T0 = 1_700_000_000_000
@@ -216,6 +216,8 @@ async def test_a_version_4_database_keeps_every_user_membership_and_message(
         found = {name: await directory.get_user(name) for name in ("ann", "ANN", "Ann", "bob")}
         oldest = await directory.get_user("aNN")
         members = await directory.list_members(1)
+        roles = {m.role for m in await directory.list_roles(1)}
+        room = await directory.get_room(1)
         history = await SqliteArchive(database).read(1, after_offset=0, up_to_offset=9, limit=9)
         with pytest.raises(errors.Conflict):
             await directory.create_user("aNn", "h", created_at_ms=9)
@@ -231,6 +233,8 @@ async def test_a_version_4_database_keeps_every_user_membership_and_message(
     assert ids == [1, 2, 3, 4] and carol.id == 5
     assert oldest is not None and oldest.name == "ANN" and oldest.is_admin
     assert members == ["ANN", "ann"]
+    assert roles == {"member"}  # schema 6: existing members are members,
+    assert room == Room(1, "lobby", 1, "public", None)  # existing rooms public, no owner
     assert [m.text for m in history] == ["kept"]
 
 

@@ -225,6 +225,24 @@ async def test_search_filters(archive: Archive) -> None:
     assert await found(SearchQuery("apple", from_ms=T0 + 201, to_ms=T0 + 399)) == set()
 
 
+async def test_search_only_in_the_rooms_given(archive: Archive) -> None:
+    """``rooms``: the rooms a caller may read (a private room's messages never reach anyone
+    else's search); empty means none, None every room."""
+    await stored(archive, CORPUS)
+
+    async def found(query: SearchQuery) -> set[str]:
+        return set(await keys(archive, query))
+
+    everywhere = await found(SearchQuery("apple"))
+    assert await found(SearchQuery("apple", rooms=None)) == everywhere
+    assert await found(SearchQuery("apple", rooms=(1,))) == {"1:1", "1:2"}
+    assert await found(SearchQuery("apple", rooms=(1, 2, 99))) == everywhere
+    assert await found(SearchQuery("apple", rooms=(99,))) == set()
+    assert await found(SearchQuery("apple", rooms=())) == set()
+    assert await found(SearchQuery("apple", rooms=(2,), user="alice")) == {"2:2"}
+    assert await found(SearchQuery("apple", rooms=tuple(range(3, 1003)))) == set()  # the bound
+
+
 async def test_search_limit(archive: Archive) -> None:
     await stored(archive, CORPUS)
 

@@ -34,6 +34,7 @@ from chatnode.adapters.mysql.migrations import (
 )
 from chatnode.config import Config
 from chatnode.core import errors
+from chatnode.core.models import Member, Room
 from chatnode.wiring import migrate
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
 from tests.contracts.harness import require_service
@@ -164,10 +165,10 @@ def test_the_dead_letters_template_is_strict_and_keeps_documents_as_bytes() -> N
 @integration
 async def test_migrate_mysql_creates_the_database_and_applies_once(mysql_url: str) -> None:
     async with new_database_url(mysql_url) as url:
-        assert await migrate_mysql(url) == [1, 2]
+        assert await migrate_mysql(url) == [1, 2, 3]
         assert await migrate_mysql(url) == []
 
-        assert await applied_versions(url) == [1, 2]
+        assert await applied_versions(url) == [1, 2, 3]
         assert {"users", "rooms", "memberships", "schema_migrations"} <= await tables(url)
         async with MysqlDirectory.from_url(url) as directory:
             await directory.check()
@@ -185,8 +186,8 @@ async def test_concurrent_migrations_apply_each_file_once(mysql_url: str) -> Non
             for _ in range(4):
                 nursery.start_soon(run)
 
-        assert sorted(results) == [[], [], [], [1, 2]]
-        assert await applied_versions(url) == [1, 2]
+        assert sorted(results) == [[], [], [], [1, 2, 3]]
+        assert await applied_versions(url) == [1, 2, 3]
 
 
 @integration
@@ -243,7 +244,7 @@ async def test_accounts_migration_keeps_every_user_and_membership(
 
         async with MysqlPool.from_url(url, size=1) as pool:
             await pool.run(seed)
-        assert await migrate_mysql(url) == [2]
+        assert await migrate_mysql(url) == [2, 3]
 
         def again(conn: Connection) -> None:  # an interrupted run starts over
             cursor = conn.cursor()
@@ -271,6 +272,59 @@ async def test_accounts_migration_keeps_every_user_and_membership(
                     await directory.create_user(taken, "h", created_at_ms=9)
             carol = await directory.create_user("carol", "h", created_at_ms=9)
             assert carol.id > max(ids)
+
+
+@integration
+async def test_0003_keeps_rooms_public_and_members_members_and_runs_again(
+    mysql_url: str, tmp_path: Path
+) -> None:
+    """0003 on a database of version 2 in use (users, rooms, memberships): every room
+    becomes public with no owner (none was recorded), every member a member, joined when
+    they joined; the file runs again from its first statement as an interrupted migration
+    would; then a direct room is one per pair (the unique key) and bans keep users out."""
+    for name in ("0001_init.sql", "0002_accounts.sql"):
+        (tmp_path / name).write_text((SCHEMA_DIR / name).read_text())
+    async with new_database_url(mysql_url) as url:
+        assert await migrate_mysql(url, directory=tmp_path) == [1, 2]
+
+        def seed(conn: Connection) -> None:
+            cursor = conn.cursor()
+            cursor.executemany(
+                "INSERT INTO users (name, password_hash, is_admin, created_at_ms)"
+                " VALUES (%s, 'h', 0, 1)",
+                [("ann",), ("bob",)],
+            )
+            cursor.execute("INSERT INTO rooms (name, created_at_ms) VALUES ('lobby', 1)")
+            cursor.executemany(
+                "INSERT INTO memberships (room_id, user, joined_at_ms) VALUES (1, %s, 5)",
+                [("ann",), ("bob",)],
+            )
+
+        async with MysqlPool.from_url(url, size=1) as pool:
+            await pool.run(seed)
+        assert await migrate_mysql(url) == [3]
+
+        def again(conn: Connection) -> None:  # an interrupted run starts over
+            cursor = conn.cursor()
+            for statement in mysql_migrations()[2].statements:
+                cursor.execute(statement)
+
+        async with MysqlPool.from_url(url, size=1) as pool:
+            await pool.run(again)
+
+        async with MysqlDirectory.from_url(url) as directory:
+            await directory.check()
+            assert await directory.get_room(1) == Room(1, "lobby", 1, "public", None)
+            assert await directory.list_roles(1) == [
+                Member("ann", "member", 5),
+                Member("bob", "member", 5),
+            ]
+            room, made = await directory.direct_room("ann", "bob", created_at_ms=9)
+            assert made and room.visibility == "direct"
+            assert await directory.direct_room("bob", "ann", created_at_ms=9) == (room, False)
+            assert await directory.ban(1, "bob", by="ann", at_ms=9)
+            with pytest.raises(errors.Forbidden):
+                await directory.add_member(1, "bob", max_members=10)
 
 
 @integration

@@ -184,7 +184,7 @@ async def test_an_unmigrated_database_says_to_run_migrate(mysql_url: str) -> Non
     async with mysql_test_database(mysql_url) as url:
 
         def drop_schema(conn: Connection) -> None:
-            for table in ("memberships", "rooms", "users", "schema_migrations"):
+            for table in ("bans", "memberships", "rooms", "users", "schema_migrations"):
                 conn.cursor().execute(f"DROP TABLE {table}")
 
         async with MysqlDirectory.from_url(url) as directory:

@@ -21,6 +21,7 @@ from chatnode.adapters.redis import RedisCachedDirectory, RespClient
 from chatnode.adapters.redis.directory import ENTRY_OVERHEAD_BYTES
 from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory
 from chatnode.core import errors
+from chatnode.core.models import Member
 from chatnode.core.ports import Directory
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
@@ -70,9 +71,11 @@ class CountingDirectory:
         self.room_reads += 1
         return await self.inner.get_room(room_id)
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = "member"
+    ) -> bool:
         await self._up()
-        added = await self.inner.add_member(room_id, user, max_members=max_members)
+        added = await self.inner.add_member(room_id, user, max_members=max_members, role=role)
         if self.add_gate is not None:
             self.adding.set()
             await self.add_gate.wait()
@@ -457,6 +460,29 @@ async def test_a_confirmed_membership_is_known_to_every_node_while_the_directory
     inner.down = False  # the directory decides again, and the answers agree
     assert not await a.add_member(room.id, "alice", max_members=10)
     assert await a.add_member(room.id, "carol", max_members=10)
+
+
+async def test_a_private_rooms_members_are_known_while_the_directory_is_down(
+    nodes: tuple[RedisCachedDirectory, RedisCachedDirectory], inner: CountingDirectory
+) -> None:
+    a, b = nodes
+    room = await a.create_room(
+        "g", created_at_ms=T0, visibility="private", owner="alice", members=["bob"], max_members=9
+    )
+    assert (await a.get_member(room.id, "alice")) is not None  # found: confirmed
+    assert await b.get_member(room.id, "carol") is None
+
+    inner.down = True
+    for node in (a, b):
+        assert await node.get_member(room.id, "alice") == Member("alice")
+        with pytest.raises(errors.Unavailable):  # never confirmed: the directory decides
+            await node.get_member(room.id, "bob")
+
+    inner.down = False
+    await b.ban(room.id, "alice", by="bob", at_ms=T0)  # forgets the room's confirmations
+    inner.down = True
+    with pytest.raises(errors.Unavailable):
+        await a.get_member(room.id, "alice")
 
 
 async def test_a_removal_or_a_deletion_of_users_ends_what_is_known(

@@ -44,7 +44,19 @@ FUZZ_EXAMPLES = int(os.environ.get("CHATNODE_FUZZ_EXAMPLES", "60"))
 FUZZ_RANDOM = os.environ.get("CHATNODE_FUZZ_RANDOM", "") not in ("", "0")
 
 PARAMS = ["after", "limit", "before", "q", "chatroom", "user", "from", "to", "since", "name"]
-FIELDS = ["name", "password", "message", "token", "type", "id", "chatroom"]
+FIELDS = [
+    "name",
+    "password",
+    "message",
+    "token",
+    "type",
+    "id",
+    "chatroom",
+    "user",
+    "visibility",
+    "members",
+    "role",
+]
 
 surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 nasty_text = st.text(
@@ -79,6 +91,10 @@ plausible = {
     "password": st.text(st.one_of(st.characters(codec=None), surrogates), min_size=8, max_size=20),
     "message": nasty_text,
     "type": st.sampled_from(["send", "ping", "typing", "refresh"]),
+    "user": st.sampled_from(["fuzzer", "other", "FUZZER", "nobody"]),
+    "visibility": st.sampled_from(["public", "private", "direct"]),
+    "role": st.sampled_from(["member", "admin", "owner"]),
+    "members": st.lists(st.sampled_from(["fuzzer", "other", "nobody"]), max_size=4),
 }
 field_values = {
     field: st.one_of(
@@ -193,6 +209,7 @@ async def test_no_rest_input_gets_a_500(tmp_path: Path, caplog: pytest.LogCaptur
     caplog.set_level(logging.ERROR, logger="chatnode")
     async with running_node(node_env_config(str(tmp_path))) as node, api_client(node) as api:
         token = await api.user_with_token("fuzzer")  # not an admin: DELETE /v1/users is 403
+        await api.user_with_token("other")  # a user to name in direct rooms, members, bans
         room = await api.create_room(token)
         total, failures = 0, []
         for route in ROUTES:  # every route, so one report names every failing one

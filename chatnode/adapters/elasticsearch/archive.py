@@ -336,7 +336,7 @@ class EsArchive(ClosesOnExit):
         return int(hits[0]["_source"]["offset"]) if hits else 0
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
-        if query.limit <= 0 or not query.text.strip():
+        if query.limit <= 0 or not query.text.strip() or query.rooms == ():
             await trio.lowlevel.checkpoint()
             return []
         hits = await self._scan(

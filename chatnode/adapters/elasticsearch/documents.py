@@ -155,6 +155,8 @@ def search_query(query: SearchQuery) -> dict[str, Any]:
     filters: list[dict[str, Any]] = []
     if query.room_id is not None:
         filters.append({"term": {"chatroom": query.room_id}})
+    if query.rooms is not None:
+        filters.append({"terms": {"chatroom": list(query.rooms)}})
     if query.user is not None:
         filters.append({"term": {"user": _clean(query.user)}})
     if query.from_ms is not None or query.to_ms is not None:

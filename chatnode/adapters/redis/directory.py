@@ -7,10 +7,12 @@ version tokens)::
 
     P:dir:rooms:version                       string  token of the rooms list
     P:dir:rooms:{v}:{after_id}:{limit}        string  a cached ``list_rooms`` page (JSON), PX ttl
+    P:dir:visible:{v}:{user}:{after_id}:{limit}  string  a cached ``visible_rooms`` page (JSON)
     P:dir:members:version                     string  token of every member list and every
                                                       room's confirmed members
     P:dir:room:{id}:members:version           string  token of one room's member list
     P:dir:room:{id}:members:{v}:{v_room}      string  a cached ``list_members`` (JSON), PX ttl
+    P:dir:room:{id}:roles:{v}:{v_room}        string  a cached ``list_roles`` (JSON), PX ttl
     P:dir:room:{id}                           string  a room (JSON), PX known_ttl, renewed by reads
     P:dir:room:{id}:removals:version          string  token of one room's confirmed members
     P:dir:room:{id}:joined:{v}:{v_room}       set     users the directory confirmed as members
@@ -26,10 +28,12 @@ Rules that make it correct:
    cached value can be up to ``ttl_s`` out of date.
 2. **Tokens are random**, not counters: a version key that vanished (eviction, restart) is
    recreated with a fresh token, so old cached values can never be picked up again.
-3. **Writes invalidate what they change**: ``create_room`` the rooms list, ``add_member`` /
-   ``remove_member`` that changed something (or whose outcome is unknown) that room's members
-   (``remove_member`` its confirmed members too, rule 6), ``delete_all_users`` every member
-   list and every room's confirmed members.
+3. **Writes invalidate what they change**: ``create_room`` and ``direct_room`` the rooms
+   lists, ``add_member`` / ``remove_member`` / ``ban`` that changed something (or whose
+   outcome is unknown) that room's members and the rooms lists (they show member counts;
+   ``remove_member`` and ``ban`` its confirmed members too, rule 6), ``delete_all_users``
+   every member list and every room's confirmed members. ``visible_rooms`` is cached per
+   user (each sees the public rooms and their own); the rooms token covers them all.
 4. **Redis is optional.** Any Redis failure on a read falls back to the inner directory, and
    after a failure Redis is left alone for ``retry_after_s`` so an outage does not add a
    connection attempt to every read. The cache never raises ``Unavailable`` of its own.
@@ -49,12 +53,13 @@ Rules that make it correct:
 6. **The directory is optional for what Redis knows** (the reverse of rule 4). Rooms are never
    deleted or renamed: a room read or created is kept in Redis for ``known_ttl_s`` after the
    last read, and read from there first. A membership the inner directory confirmed
-   (``add_member`` answered, added or already there) is added to the room's set of confirmed
-   members, under version tokens read *before* asking the directory (rule 1):
+   (``add_member`` answered, added or already there; ``get_member`` found it) is added to
+   the room's set of confirmed members, under version tokens read *before* asking the directory (rule 1):
    ``remove_member`` replaces the room's token, ``delete_all_users`` every room's, each after
    its write, so a confirmation that raced a removal is stored where no reader looks. While
    the inner directory raises ``Unavailable``, ``add_member`` of a confirmed member answers
-   False ("already a member"); anything else raises the inner directory's ``Unavailable``
+   False ("already a member") and ``get_member`` a member (role ``member``: the role is not
+   kept; managing members needs the directory anyway); anything else raises the inner directory's ``Unavailable``
    (a new membership, users, lists past ``ttl_s``), also when Redis fails too. A set decides
    nothing while the directory answers. A removal forgets the whole room's confirmations (each
    member is confirmed again by the next node that asks for it); a removal or deletion whose
@@ -79,15 +84,15 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
 import trio
 
 from chatnode.core import errors, ports
-from chatnode.core.models import Room, User
+from chatnode.core.models import MEMBER, PUBLIC, Listed, Member, Room, User
 
 from .client import RespClient, Script
 
@@ -207,12 +212,16 @@ class RedisCachedDirectory:
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
     _local_rooms: _LocalTable[tuple[int, int], Room] = attrs.field(init=False)
+    _local_visible: _LocalTable[tuple[str, int, int], Listed] = attrs.field(init=False)
     _local_members: _LocalTable[int, str] = attrs.field(init=False)
+    _local_roles: _LocalTable[int, Member] = attrs.field(init=False)
     _generation: int = attrs.field(default=0, init=False)  # +1 on every local invalidation
 
     def __attrs_post_init__(self) -> None:
         self._local_rooms = _LocalTable(self.local_bytes)
+        self._local_visible = _LocalTable(self.local_bytes)
         self._local_members = _LocalTable(self.local_bytes)
+        self._local_roles = _LocalTable(self.local_bytes)
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -242,10 +251,10 @@ class RedisCachedDirectory:
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
         async def load() -> str:
             rooms = await self.inner.list_rooms(after_id=after_id, limit=limit)
-            return json.dumps([[r.id, r.name, r.created_at_ms] for r in rooms], ensure_ascii=False)
+            return json.dumps([_room_fields(r) for r in rooms], ensure_ascii=False)
 
         def decode(raw: bytes) -> tuple[Room, ...]:
-            return tuple(Room(int(i), str(name), int(at)) for i, name, at in json.loads(raw))
+            return tuple(_room_of(row) for row in json.loads(raw))
 
         rooms = await self._cached(
             self._local_rooms,
@@ -257,6 +266,27 @@ class RedisCachedDirectory:
             decode,
         )
         return list(rooms)
+
+    async def visible_rooms(self, user: str, *, after_id: int, limit: int) -> list[Listed]:
+        async def load() -> str:
+            rooms = await self.inner.visible_rooms(user, after_id=after_id, limit=limit)
+            return json.dumps(
+                [[*_room_fields(r.room), r.member_count] for r in rooms], ensure_ascii=False
+            )
+
+        def decode(raw: bytes) -> tuple[Listed, ...]:
+            return tuple(Listed(_room_of(row[:-1]), int(row[-1])) for row in json.loads(raw))
+
+        listed = await self._cached(
+            self._local_visible,
+            (user, after_id, limit),
+            [self._rooms_version],
+            f"{self.prefix}:dir:visible:",
+            f":{user}:{after_id}:{limit}",
+            load,
+            decode,
+        )
+        return list(listed)
 
     async def list_members(self, room_id: int) -> list[str]:
         async def load() -> str:
@@ -270,6 +300,27 @@ class RedisCachedDirectory:
             room_id,
             [self._members_version, self._room_members_version(room_id)],
             f"{self.prefix}:dir:room:{room_id}:members:",
+            "",
+            load,
+            decode,
+        )
+        return list(members)
+
+    async def list_roles(self, room_id: int) -> list[Member]:
+        async def load() -> str:
+            members = await self.inner.list_roles(room_id)
+            return json.dumps(
+                [[m.user, m.role, m.joined_at_ms] for m in members], ensure_ascii=False
+            )
+
+        def decode(raw: bytes) -> tuple[Member, ...]:
+            return tuple(_member_of(row) for row in json.loads(raw))
+
+        members = await self._cached(
+            self._local_roles,
+            room_id,
+            [self._members_version, self._room_members_version(room_id)],
+            f"{self.prefix}:dir:room:{room_id}:roles:",
             "",
             load,
             decode,
@@ -362,13 +413,17 @@ class RedisCachedDirectory:
         finally:
             self._generation += 1
             self._local_rooms.clear()
+            self._local_visible.clear()
 
     async def _invalidate_room_members(self, room_id: int) -> None:
+        """The room's member list, and every rooms list (they show member counts)."""
         try:
             await self._new_token(self._room_members_version(room_id))
         finally:
             self._generation += 1
             self._local_members.pop(room_id)
+            self._local_roles.pop(room_id)
+        await self._invalidate_rooms()
 
     async def _invalidate_all_members(self) -> None:
         try:
@@ -376,6 +431,8 @@ class RedisCachedDirectory:
         finally:
             self._generation += 1
             self._local_members.clear()
+            self._local_roles.clear()
+        await self._invalidate_rooms()
 
     async def _forget_confirmed(self, room_id: int) -> None:
         await self._new_token(self._room_removals_version(room_id))
@@ -387,27 +444,49 @@ class RedisCachedDirectory:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
+    async def create_room(
+        self,
+        name: str,
+        *,
+        created_at_ms: int,
+        visibility: str = PUBLIC,
+        owner: str | None = None,
+        members: Sequence[str] = (),
+        max_members: int = 0,
+    ) -> Room:
         try:
-            room = await self.inner.create_room(name, created_at_ms=created_at_ms)
+            room = await self.inner.create_room(
+                name,
+                created_at_ms=created_at_ms,
+                visibility=visibility,
+                owner=owner,
+                members=members,
+                max_members=max_members,
+            )
         finally:  # an error may still have created it: invalidate either way
             await self._invalidate_rooms()
         await self._keep_room(room)
         return room
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+    async def direct_room(self, user: str, other: str, *, created_at_ms: int) -> tuple[Room, bool]:
+        try:
+            room, made = await self.inner.direct_room(user, other, created_at_ms=created_at_ms)
+        except errors.Unavailable:
+            await self._invalidate_rooms()
+            raise
+        if made:
+            await self._invalidate_rooms()
+        await self._keep_room(room)
+        return room, made
+
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = MEMBER
+    ) -> bool:
         """The inner directory's answer, remembered as a confirmation; while it is
         unavailable, False for a member confirmed before (rule 6)."""
-        found = await self._redis_or_none(
-            lambda: _CONFIRMED.run(
-                self._redis,
-                [self._members_version, self._room_removals_version(room_id)],
-                [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
-            )
-        )
-        set_key, confirmed = _confirmed_reply(found)
+        set_key, confirmed = await self._confirmed(room_id, user)
         try:
-            added = await self.inner.add_member(room_id, user, max_members=max_members)
+            added = await self.inner.add_member(room_id, user, max_members=max_members, role=role)
         except errors.Unavailable:
             if confirmed:
                 return False
@@ -416,10 +495,7 @@ class RedisCachedDirectory:
         if added:
             await self._invalidate_room_members(room_id)
         if set_key is not None:
-            key = set_key
-            await self._redis_or_none(
-                lambda: _CONFIRM.run(self._redis, [key], [user, self._known_px])
-            )
+            await self._confirm(set_key, user)
         return added
 
     async def remove_member(self, room_id: int, user: str) -> bool:
@@ -432,6 +508,59 @@ class RedisCachedDirectory:
             if removed:
                 await self._forget_confirmed(room_id)
         return removed
+
+    async def ban(self, room_id: int, user: str, *, by: str, at_ms: int) -> bool:
+        """A ban may end a membership: it forgets the room's confirmations and member list
+        whatever it answers (rules 3 and 6)."""
+        try:
+            return await self.inner.ban(room_id, user, by=by, at_ms=at_ms)
+        finally:
+            await self._forget_confirmed(room_id)
+            await self._invalidate_room_members(room_id)
+
+    async def unban(self, room_id: int, user: str) -> bool:
+        return await self.inner.unban(room_id, user)
+
+    async def list_bans(self, room_id: int, *, limit: int) -> list[str]:
+        return await self.inner.list_bans(room_id, limit=limit)
+
+    async def find_direct(self, user: str, other: str) -> Room | None:
+        return await self.inner.find_direct(user, other)
+
+    async def user_rooms(self, user: str, *, limit: int) -> list[Room]:
+        return await self.inner.user_rooms(user, limit=limit)
+
+    async def get_member(self, room_id: int, user: str) -> Member | None:
+        """The inner directory's answer, a found member remembered as a confirmation; while
+        it is unavailable, a member confirmed before, with the role ``member`` and no join
+        time (rule 6: a private room's members rejoin and read it during an outage)."""
+        set_key, confirmed = await self._confirmed(room_id, user)
+        try:
+            member = await self.inner.get_member(room_id, user)
+        except errors.Unavailable:
+            if confirmed:
+                return Member(user)
+            raise
+        if member is not None and set_key is not None and not confirmed:
+            await self._confirm(set_key, user)
+        return member
+
+    async def _confirmed(self, room_id: int, user: str) -> tuple[bytes | None, bool]:
+        """(the key of the room's confirmed members under the current tokens, whether
+        ``user`` is one of them); read before asking the directory (rule 6)."""
+        found = await self._redis_or_none(
+            lambda: _CONFIRMED.run(
+                self._redis,
+                [self._members_version, self._room_removals_version(room_id)],
+                [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
+            )
+        )
+        return _confirmed_reply(found)
+
+    async def _confirm(self, set_key: bytes, user: str) -> None:
+        await self._redis_or_none(
+            lambda: _CONFIRM.run(self._redis, [set_key], [user, self._known_px])
+        )
 
     async def _member_write(self, room_id: int, write: Callable[[], Awaitable[bool]]) -> bool:
         """Invalidate the room's members if the write changed them, or may have."""
@@ -485,15 +614,14 @@ class RedisCachedDirectory:
             lambda: self._redis.call("GETEX", self._room_key(room_id), "PX", self._known_px)
         )
         if isinstance(raw, bytes):
-            id_, name, created_at_ms = json.loads(raw)
-            return Room(int(id_), str(name), int(created_at_ms))
+            return _room_of(json.loads(raw))
         room = await self.inner.get_room(room_id)
         if room is not None:
             await self._keep_room(room)
         return room
 
     async def _keep_room(self, room: Room) -> None:
-        raw = json.dumps([room.id, room.name, room.created_at_ms], ensure_ascii=False)
+        raw = json.dumps(_room_fields(room), ensure_ascii=False)
         await self._redis_or_none(
             lambda: self._redis.call("SET", self._room_key(room.id), raw, "PX", self._known_px)
         )
@@ -503,6 +631,23 @@ class RedisCachedDirectory:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _room_fields(room: Room) -> list[object]:
+    return [room.id, room.name, room.created_at_ms, room.visibility, room.created_by]
+
+
+def _room_of(fields: list[Any]) -> Room:
+    """A room as kept in Redis; one kept before rooms had a visibility is public."""
+    room_id, name, created_at_ms, *rest = fields
+    visibility = str(rest[0]) if rest else PUBLIC
+    created_by = rest[1] if len(rest) > 1 and isinstance(rest[1], str) else None
+    return Room(int(room_id), str(name), int(created_at_ms), visibility, created_by)
+
+
+def _member_of(fields: list[Any]) -> Member:
+    user, role, joined_at_ms = fields
+    return Member(str(user), str(role), int(joined_at_ms))
 
 
 def _confirmed_reply(found: object) -> tuple[bytes | None, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -152,7 +153,7 @@ class SqliteArchive:
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
         match = fts_match_expression(query.text)
-        if match is None or query.limit <= 0:
+        if match is None or query.limit <= 0 or query.rooms == ():
             await trio.lowlevel.checkpoint()
             return []
         return await self._db.run(partial(_search, match, query))
@@ -196,11 +197,13 @@ def _blob(value: bytes | None) -> bytes | None:
 
 def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[SearchHit]:
     index_pending(conn)
+    rooms = None if q.rooms is None else json.dumps(list(q.rooms))
     rows = conn.execute(
         f"SELECT {MESSAGE_COLUMNS}, bm25(messages_fts) AS rank"
         " FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid"
         " WHERE messages_fts MATCH ?"
         " AND (? IS NULL OR m.room_id = ?) AND (? IS NULL OR m.user = ?)"
+        " AND (? IS NULL OR m.room_id IN (SELECT value FROM json_each(?)))"
         " AND (? IS NULL OR m.timestamp_ms >= ?) AND (? IS NULL OR m.timestamp_ms <= ?)"
         ' ORDER BY rank, m.timestamp_ms DESC, m.room_id, m."offset" DESC LIMIT ?',
         (
@@ -209,6 +212,8 @@ def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[Search
             q.room_id,
             q.user,
             q.user,
+            rooms,
+            rooms,
             q.from_ms,
             q.from_ms,
             q.to_ms,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -12,7 +14,8 @@ import trio
 from chatnode.adapters.sqlite.runner import SqliteDatabase
 from chatnode.adapters.sqlite.transaction import Transaction
 from chatnode.core import errors, validation
-from chatnode.core.models import Room, User
+from chatnode.core.models import DIRECT, MEMBER, OWNER, PRIVATE, PUBLIC, Listed, Member, Room, User
+from chatnode.core.rooms import banned, direct_key, direct_name, first_members, room_full
 
 if TYPE_CHECKING:
     from chatnode.core import ports
@@ -32,9 +35,13 @@ def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
     )
 
 
+_ROOM_COLUMNS: Final = "id, name, created_at_ms, visibility, created_by"
+_ROOM_COLUMNS_R: Final = "r.id, r.name, r.created_at_ms, r.visibility, r.created_by"
+
+
 def _room(row: sqlite3.Row | tuple[Any, ...]) -> Room:
-    room_id, name, created_at_ms = row
-    return Room(int(room_id), name, int(created_at_ms))
+    room_id, name, created_at_ms, visibility, created_by = row
+    return Room(int(room_id), name, int(created_at_ms), visibility, created_by)
 
 
 def _select_user(conn: sqlite3.Connection, name: str) -> User | None:
@@ -63,8 +70,15 @@ class SqliteDirectory:
        migration computes it with the same function registered in SQLite); an exact name is
        looked up before a key, so accounts migrated with colliding names stay reachable.
     2. Room ids come from ``AUTOINCREMENT``: increasing from 1 and never reused.
-       ``add_member`` checks the member limit and inserts in one transaction, so concurrent
-       joins never overfill a room.
+       ``add_member`` checks the ban, the member limit and inserts in one transaction, so
+       concurrent joins never overfill a room; ``create_room`` makes a room with all its
+       first members, or nothing.
+    3. **One direct room per pair.** ``rooms.direct_key`` (``direct_key``: the two account
+       ids, lower first) is unique: the pair's room is looked up and made in one write
+       transaction (SQLite has one writer), and the key would refuse a second one anyway.
+    4. **A page of visible rooms costs a page**, however many rooms others have: the first
+       ``limit`` public rooms (index ``rooms_by_visibility``) and the first ``limit`` of the
+       user's memberships (index ``memberships_by_user``) after ``after_id``, merged.
     """
 
     _db: SqliteDatabase
@@ -149,26 +163,91 @@ class SqliteDirectory:
         def delete(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
                 conn.execute("DELETE FROM memberships")
+                conn.execute("DELETE FROM bans")
                 return conn.execute("DELETE FROM users").rowcount
 
         return await self._db.run(delete)
 
-    async def create_room(self, name: str, *, created_at_ms: int) -> Room:
+    async def create_room(
+        self,
+        name: str,
+        *,
+        created_at_ms: int,
+        visibility: str = PUBLIC,
+        owner: str | None = None,
+        members: Sequence[str] = (),
+        max_members: int = 0,
+    ) -> Room:
         def insert(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
+                seated = first_members(owner, members) if visibility == PRIVATE else []
+                if seated and len(seated) > max_members:
+                    raise room_full(0, max_members)
+                for user, _ in seated:
+                    _require_user(conn, user)
                 cursor = conn.execute(
-                    "INSERT INTO rooms (name, created_at_ms) VALUES (?, ?)", (name, created_at_ms)
+                    "INSERT INTO rooms (name, created_at_ms, visibility, created_by)"
+                    " VALUES (?, ?, ?, ?)",
+                    (name, created_at_ms, visibility, owner),
                 )
-            assert cursor.lastrowid is not None
+                assert cursor.lastrowid is not None
+                conn.executemany(
+                    "INSERT INTO memberships (room_id, user, role, joined_at_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(cursor.lastrowid, user, role, created_at_ms) for user, role in seated],
+                )
             return cursor.lastrowid
 
         room_id = await self._db.run(insert)
-        return Room(room_id, name, created_at_ms)
+        return Room(room_id, name, created_at_ms, visibility, owner)
+
+    async def direct_room(self, user: str, other: str, *, created_at_ms: int) -> tuple[Room, bool]:
+        def insert(conn: sqlite3.Connection) -> tuple[Room, bool]:
+            with Transaction(conn):
+                ids = [_require_user(conn, user), _require_user(conn, other)]
+                key = direct_key(*ids)
+                row = conn.execute(
+                    f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE direct_key = ?", (key,)
+                ).fetchone()
+                if row is not None:
+                    return _room(row), False
+                cursor = conn.execute(
+                    "INSERT INTO rooms (name, created_at_ms, visibility, created_by, direct_key)"
+                    " VALUES (?, ?, 'direct', ?, ?)",
+                    (direct_name(user, other), created_at_ms, user, key),
+                )
+                assert cursor.lastrowid is not None
+                conn.executemany(
+                    "INSERT INTO memberships (room_id, user, role, joined_at_ms)"
+                    " VALUES (?, ?, 'member', ?)",
+                    [(cursor.lastrowid, name, created_at_ms) for name in sorted({user, other})],
+                )
+                return (
+                    Room(cursor.lastrowid, direct_name(user, other), created_at_ms, DIRECT, user),
+                    True,
+                )
+
+        return await self._db.run(insert)
+
+    async def find_direct(self, user: str, other: str) -> Room | None:
+        def select(conn: sqlite3.Connection) -> Room | None:
+            ids = conn.execute(
+                "SELECT id FROM users WHERE name IN (?, ?)", (user, other)
+            ).fetchall()
+            if len(ids) != 2:
+                return None
+            row = conn.execute(
+                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE direct_key = ?",
+                (direct_key(int(ids[0][0]), int(ids[1][0])),),
+            ).fetchone()
+            return None if row is None else _room(row)
+
+        return await self._db.run(select)
 
     async def get_room(self, room_id: int) -> Room | None:
         def select(conn: sqlite3.Connection) -> Room | None:
             row = conn.execute(
-                "SELECT id, name, created_at_ms FROM rooms WHERE id = ?", (room_id,)
+                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id = ?", (room_id,)
             ).fetchone()
             return None if row is None else _room(row)
 
@@ -177,29 +256,79 @@ class SqliteDirectory:
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
         def select(conn: sqlite3.Connection) -> list[Room]:
             rows = conn.execute(
-                "SELECT id, name, created_at_ms FROM rooms WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ROOM_COLUMNS} FROM rooms WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, max(limit, 0)),
             )
             return [_room(row) for row in rows]
 
         return await self._db.run(select)
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+    async def visible_rooms(self, user: str, *, after_id: int, limit: int) -> list[Listed]:
+        """Rule 4: a page of the public rooms and a page of the user's, merged."""
+
+        def select(conn: sqlite3.Connection) -> list[Listed]:
+            rows = conn.execute(
+                f"SELECT {_ROOM_COLUMNS_R}, (SELECT COUNT(*) FROM memberships AS c"
+                " WHERE c.room_id = r.id) FROM rooms AS r WHERE r.id IN ("
+                " SELECT id FROM (SELECT id FROM rooms WHERE visibility = 'public'"
+                " AND id > :after ORDER BY id LIMIT :limit)"
+                " UNION SELECT room_id FROM (SELECT room_id FROM memberships"
+                " WHERE user = :user AND room_id > :after ORDER BY room_id LIMIT :limit)"
+                ") ORDER BY r.id LIMIT :limit",
+                {"after": after_id, "user": user, "limit": max(limit, 0)},
+            )
+            return [Listed(_room(row[:-1]), int(row[-1])) for row in rows]
+
+        return await self._db.run(select)
+
+    async def user_rooms(self, user: str, *, limit: int) -> list[Room]:
+        def select(conn: sqlite3.Connection) -> list[Room]:
+            rows = conn.execute(
+                f"SELECT {_ROOM_COLUMNS_R} FROM memberships AS m JOIN rooms AS r"
+                " ON r.id = m.room_id WHERE m.user = ?"
+                " ORDER BY m.joined_at_ms DESC, r.id DESC LIMIT ?",
+                (user, max(limit, 0)),
+            )
+            return [_room(row) for row in rows]
+
+        return await self._db.run(select)
+
+    async def get_member(self, room_id: int, user: str) -> Member | None:
+        def select(conn: sqlite3.Connection) -> Member | None:
+            row = conn.execute(
+                "SELECT user, role, joined_at_ms FROM memberships WHERE room_id = ? AND user = ?",
+                (room_id, user),
+            ).fetchone()
+            return None if row is None else Member(row[0], row[1], int(row[2]))
+
+        return await self._db.run(select)
+
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = MEMBER
+    ) -> bool:
+        joined_at_ms = time.time_ns() // 1_000_000
+
         def insert(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
-                _require_room_and_user(conn, room_id, user)
+                row = conn.execute(
+                    "SELECT created_by FROM rooms WHERE id = ?", (room_id,)
+                ).fetchone()
+                if row is None:
+                    raise errors.NotFound(f"there is no room {room_id}", code="room_not_found")
+                _require_user(conn, user)
                 if _is_member(conn, room_id, user):
                     return False
+                if _is_banned(conn, room_id, user):
+                    raise banned(room_id, user)
                 (count,) = conn.execute(
                     "SELECT COUNT(*) FROM memberships WHERE room_id = ?", (room_id,)
                 ).fetchone()
                 if count >= max_members:
-                    raise errors.RoomFull(
-                        f"room {room_id} is full ({max_members} members); "
-                        "try again after someone leaves"
-                    )
+                    raise room_full(room_id, max_members)
                 conn.execute(
-                    "INSERT INTO memberships (room_id, user) VALUES (?, ?)", (room_id, user)
+                    "INSERT INTO memberships (room_id, user, role, joined_at_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    (room_id, user, OWNER if row[0] == user else role, joined_at_ms),
                 )
                 return True
 
@@ -216,25 +345,75 @@ class SqliteDirectory:
         return await self._db.run(delete)
 
     async def list_members(self, room_id: int) -> list[str]:
+        return [member.user for member in await self.list_roles(room_id)]
+
+    async def list_roles(self, room_id: int) -> list[Member]:
+        def select(conn: sqlite3.Connection) -> list[Member]:
+            rows = conn.execute(
+                "SELECT user, role, joined_at_ms FROM memberships WHERE room_id = ? ORDER BY user",
+                (room_id,),
+            )
+            return [Member(name, role, int(at)) for name, role, at in rows]
+
+        return await self._db.run(select)
+
+    async def ban(self, room_id: int, user: str, *, by: str, at_ms: int) -> bool:
+        def insert(conn: sqlite3.Connection) -> bool:
+            with Transaction(conn):
+                if conn.execute("SELECT 1 FROM rooms WHERE id = ?", (room_id,)).fetchone() is None:
+                    raise errors.NotFound(f"there is no room {room_id}", code="room_not_found")
+                _require_user(conn, user)
+                conn.execute(
+                    "DELETE FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
+                )
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO bans (room_id, user, by_user, at_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    (room_id, user, by, at_ms),
+                )
+            return cursor.rowcount > 0
+
+        return await self._db.run(insert)
+
+    async def unban(self, room_id: int, user: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with Transaction(conn):
+                cursor = conn.execute(
+                    "DELETE FROM bans WHERE room_id = ? AND user = ?", (room_id, user)
+                )
+            return cursor.rowcount > 0
+
+        return await self._db.run(delete)
+
+    async def list_bans(self, room_id: int, *, limit: int) -> list[str]:
         def select(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
-                "SELECT user FROM memberships WHERE room_id = ? ORDER BY user", (room_id,)
+                "SELECT user FROM bans WHERE room_id = ? ORDER BY user LIMIT ?",
+                (room_id, max(limit, 0)),
             )
             return [name for (name,) in rows]
 
         return await self._db.run(select)
 
 
-def _require_room_and_user(conn: sqlite3.Connection, room_id: int, user: str) -> None:
-    if conn.execute("SELECT 1 FROM rooms WHERE id = ?", (room_id,)).fetchone() is None:
-        raise errors.NotFound(f"there is no room {room_id}")
-    if conn.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is None:
-        raise errors.NotFound(f"there is no user {user!r}")
+def _require_user(conn: sqlite3.Connection, user: str) -> int:
+    """The account id of the user named exactly ``user``; ``NotFound`` if none."""
+    row = conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+    if row is None:
+        raise errors.NotFound(f"there is no user {user!r}", code="user_not_found")
+    return int(row[0])
 
 
 def _is_member(conn: sqlite3.Connection, room_id: int, user: str) -> bool:
     row = conn.execute(
         "SELECT 1 FROM memberships WHERE room_id = ? AND user = ?", (room_id, user)
+    ).fetchone()
+    return row is not None
+
+
+def _is_banned(conn: sqlite3.Connection, room_id: int, user: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM bans WHERE room_id = ? AND user = ?", (room_id, user)
     ).fetchone()
     return row is not None
 

@@ -151,6 +151,25 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX revocations_by_kind ON revocations(kind, at_ms)",
         "CREATE INDEX revocations_by_expiry ON revocations(expires_at_ms)",
     ),
+    # 6: who may see and be in a room (``SqliteDirectory`` rule 3). Existing rooms are public,
+    # existing members are members (no room recorded its creator before).
+    (
+        "ALTER TABLE rooms ADD COLUMN visibility TEXT NOT NULL DEFAULT 'public'",
+        "ALTER TABLE rooms ADD COLUMN created_by TEXT",
+        "ALTER TABLE rooms ADD COLUMN direct_key TEXT",
+        "CREATE UNIQUE INDEX rooms_by_direct_key ON rooms(direct_key)",
+        "CREATE INDEX rooms_by_visibility ON rooms(visibility, id)",
+        "ALTER TABLE memberships ADD COLUMN role TEXT NOT NULL DEFAULT 'member'",
+        "ALTER TABLE memberships ADD COLUMN joined_at_ms INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX memberships_by_user_joined ON memberships(user, joined_at_ms)",
+        """CREATE TABLE bans (
+            room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+            user TEXT NOT NULL,
+            by_user TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
