@@ -18,6 +18,10 @@ version tokens)::
     P:dir:room:{id}:joined:{v}:{v_room}       set     users the directory confirmed as members
                                                       of the room, PX known_ttl
 
+Why one file of ~650 lines: its one job is the cache, and its rules below are read together
+(a write's invalidation, the version tokens it replaces, the local layer's staleness bound);
+splitting them would put one rule's halves in two files.
+
 Rules that make it correct:
 
 1. **Versioned keys.** A read fetches the current version tokens and the cached value in one
