@@ -108,6 +108,10 @@ class Directory(Closeable, Protocol):
     async def list_members(self, room_id: int) -> list[str]:
         """Member names in name order ([] for an unknown room)."""
 
+    async def rooms_of(self, user: str, *, limit: int) -> list[int]:
+        """Ids of the rooms ``user`` (a name as stored) is a member of, ascending, at most
+        ``limit`` ([] for an unknown user)."""
+
 
 class BusHandler(Protocol):
     """Implemented by the node; the bus never reaches into node internals.

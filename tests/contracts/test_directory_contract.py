@@ -179,6 +179,22 @@ async def test_add_member_unknown_room_or_user_is_not_found(directory: Directory
     assert await directory.list_members(room.id) == []
 
 
+async def test_rooms_of_a_user_ascending_within_the_limit(directory: Directory) -> None:
+    await make_users(directory, "ann", "bob")
+    rooms = [await directory.create_room(f"r{i}", created_at_ms=T0) for i in range(4)]
+    for room in (rooms[2], rooms[0], rooms[3]):
+        await directory.add_member(room.id, "ann", max_members=10)
+    await directory.add_member(rooms[1].id, "bob", max_members=10)
+
+    assert await directory.rooms_of("ann", limit=10) == [rooms[0].id, rooms[2].id, rooms[3].id]
+    assert await directory.rooms_of("ann", limit=2) == [rooms[0].id, rooms[2].id]
+    assert await directory.rooms_of("bob", limit=10) == [rooms[1].id]
+    assert await directory.rooms_of("nobody", limit=10) == []
+
+    await directory.remove_member(rooms[2].id, "ann")
+    assert await directory.rooms_of("ann", limit=10) == [rooms[0].id, rooms[3].id]
+
+
 async def test_list_members_in_name_order(directory: Directory) -> None:
     await make_users(directory, "carol", "alice", "Bob", "dave")
     lobby = await directory.create_room("lobby", created_at_ms=T0)

@@ -274,6 +274,16 @@ class MysqlDirectory(ClosesOnExit):
         )
         return [name for (name,) in rows]
 
+    async def rooms_of(self, user: str, *, limit: int) -> list[int]:
+        rows = await self.pool.run(
+            partial(
+                _fetch_all,
+                sql="SELECT room_id FROM memberships WHERE user = %s ORDER BY room_id LIMIT %s",
+                args=(user, limit),
+            )
+        )
+        return [int(room_id) for (room_id,) in rows]
+
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
 

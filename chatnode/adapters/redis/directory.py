@@ -276,6 +276,11 @@ class RedisCachedDirectory:
         )
         return list(members)
 
+    async def rooms_of(self, user: str, *, limit: int) -> list[int]:
+        """The inner directory's answer, not cached: a connection asks it once when it
+        opens, and a membership it must not miss is one just made."""
+        return await self.inner.rooms_of(user, limit=limit)
+
     async def _cached(
         self,
         local: _LocalTable[K, T],

@@ -224,6 +224,16 @@ class SqliteDirectory:
 
         return await self._db.run(select)
 
+    async def rooms_of(self, user: str, *, limit: int) -> list[int]:
+        def select(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT room_id FROM memberships WHERE user = ? ORDER BY room_id LIMIT ?",
+                (user, limit),
+            )
+            return [room_id for (room_id,) in rows]
+
+        return await self._db.run(select)
+
 
 def _require_room_and_user(conn: sqlite3.Connection, room_id: int, user: str) -> None:
     if conn.execute("SELECT 1 FROM rooms WHERE id = ?", (room_id,)).fetchone() is None:
