@@ -106,6 +106,7 @@ class Rates:
     defaults are ``Config``'s."""
 
     pings: Rate = Rate(1.0, 10)
+    subscriptions: Rate = Rate(2.0, 50)
     typing_interval_s: float = 2.0
     room_creations: Rate = Rate(1.0 / 60.0, 10)
     logins_per_address: Rate = Rate(1.0, 20)
@@ -251,6 +252,7 @@ class NodeLimits:
         self.rates = rates
         self.messages = Limiter("msg", messages, store, health)
         self.pings = Limiter("ping", rates.pings, store, health)
+        self.subscriptions = Limiter("subscribe", rates.subscriptions, store, health)
         self.typing = Limiter("typing", Rate.every(rates.typing_interval_s, 1), store, health)
         self.room_creations = Limiter("rooms", rates.room_creations, store, health)
         self.logins_per_address = Limiter("login-addr", rates.logins_per_address, store, health)
@@ -262,6 +264,7 @@ class NodeLimits:
         return (
             self.messages,
             self.pings,
+            self.subscriptions,
             self.typing,
             self.room_creations,
             self.logins_per_address,
