@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.e2e.harness import (
+    PASSWORD,
     Api,
     api_client,
     auth,
@@ -370,3 +372,25 @@ async def test_the_connection_is_online_in_each_room(tmp_path: Path) -> None:
                 for room in (r1, r2):
                     r = await api.client.get(f"/v1/chatrooms/{room}/users", headers=auth(bob))
                     assert r.json()["online"] == ["ann"]
+
+
+async def test_a_revoked_token_closes_the_connection_in_any_or_no_room(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path))) as node, api_client(node) as api:
+        ann, _, (r1,) = await users_and_rooms(api, 1)
+        await member_of(node, ann, r1)
+        second = (
+            await api.client.post("/v1/tokens", json={"name": "ann", "password": PASSWORD})
+        ).json()["token"]
+        with trio.fail_after(20):
+            async with connect(node, ann) as c:
+                await c.until_live(r1)
+                url = f"{node.ws_url}/v1/connect?rooms=none&token={second}"
+                async with open_websocket_url(url, subprotocols=["chatnode.v1"]) as bare:
+                    for token in (ann, second):
+                        r = await api.client.delete("/v1/tokens/current", headers=auth(token))
+                        assert r.status_code == 204, r.text
+                    for ws in (c.ws, bare):
+                        with pytest.raises(ConnectionClosed) as closed:
+                            while True:
+                                await ws.get_message()
+                        assert closed.value.reason.code == 4501
