@@ -438,7 +438,7 @@ class Hub:
                 del self._watchers[watcher.user]
 
     def _removed(self, session: RoomSession, user: str) -> None:
-        """Rule 8: ``user`` is no longer a member; their connections to the room close."""
+        """Rule 8: ``user`` is no longer a member; their seats in the room are told."""
         session.members.pop(user, None)
         session.removals += 1
         for seat in list(session.seats.values()):
