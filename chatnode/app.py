@@ -51,6 +51,7 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         ticket_ttl_s=config.ticket_ttl_s,
         tickets_per_account=config.tickets_per_account,
         revocation_poll_s=config.revocation_poll_s,
+        max_connection_rooms=config.max_connection_rooms,
         rates=rates(config),
     )
 
@@ -58,6 +59,7 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
 def rates(config: Config) -> Rates:
     return Rates(
         pings=Rate(config.rate_pings_per_s, config.rate_ping_burst),
+        subscriptions=Rate(config.rate_subscribes_per_s, config.rate_subscribe_burst),
         typing_interval_s=config.typing_interval_s,
         room_creations=Rate.every(config.room_create_interval_s, config.room_create_burst),
         member_changes=Rate.every(config.member_change_interval_s, config.member_change_burst),
@@ -156,6 +158,10 @@ class App:
                     deadline = trio.current_time() + config.drain_timeout_s
                     edge.stop_accepting()
                     node.hub.close_all(CloseCode.SERVER_SHUTDOWN, "node shutting down; reconnect")
+                    for member in list(edge.batcher.members):  # /v1/connect ones in no room too
+                        member.close_nowait(
+                            CloseCode.SERVER_SHUTDOWN, "node shutting down; reconnect"
+                        )
                     edge_nursery.cancel_scope.deadline = deadline
                 if node.archiver is not None:
                     with trio.move_on_at(deadline + 1.0):

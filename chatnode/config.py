@@ -221,6 +221,15 @@ class Config:
     )
     rate_pings_per_s: float = _setting(1.0, "sustained v1 `ping` frames per second per user")
     rate_ping_burst: int = _setting(10, "v1 `ping` frames a user may send at once")
+    rate_subscribes_per_s: float = _setting(
+        2.0, "sustained `/v1/connect` `subscribe`/`unsubscribe` frames per second per user"
+    )
+    rate_subscribe_burst: int = _setting(
+        50, "`/v1/connect` `subscribe`/`unsubscribe` frames a user may send at once"
+    )
+    max_connection_rooms: int = _setting(
+        500, "rooms one `/v1/connect` connection may be subscribed to (`too_many_rooms` past it)"
+    )
     typing_interval_s: float = _setting(
         2.0, "a user's `typing` is forwarded at most once per room in this time; the rest dropped"
     )
@@ -392,6 +401,9 @@ def _validate(config: Config) -> None:
         (config.rate_burst >= 1, "CHATNODE_RATE_BURST must be >= 1"),
         (config.rate_pings_per_s > 0, "CHATNODE_RATE_PINGS_PER_S must be > 0"),
         (config.rate_ping_burst >= 1, "CHATNODE_RATE_PING_BURST must be >= 1"),
+        (config.rate_subscribes_per_s > 0, "CHATNODE_RATE_SUBSCRIBES_PER_S must be > 0"),
+        (config.rate_subscribe_burst >= 1, "CHATNODE_RATE_SUBSCRIBE_BURST must be >= 1"),
+        (config.max_connection_rooms >= 1, "CHATNODE_MAX_CONNECTION_ROOMS must be >= 1"),
         (config.typing_interval_s > 0, "CHATNODE_TYPING_INTERVAL_S must be > 0"),
         (config.room_create_burst >= 1, "CHATNODE_ROOM_CREATE_BURST must be >= 1"),
         (config.room_create_interval_s > 0, "CHATNODE_ROOM_CREATE_INTERVAL_S must be > 0"),

@@ -377,6 +377,7 @@ ROUTES: tuple[Route, ...] = (
     _route("PUT", "/v1/users/me/password", Api.change_password),
     _route("POST", "/v1/tickets", Api.create_ticket),
     _route("GET", "/v1/messages/search", Api.search),
+    _route("GET", "/v1/connect", Api.join_without_upgrade),
     _route("GET", "/healthz", Api.healthz),
     _route("GET", "/readyz", Api.readyz),
     _route("GET", "/metrics", Api.metrics_text),

@@ -36,6 +36,7 @@ import trio
 from chatnode.core.errors import ChatError
 from chatnode.edge import http
 from chatnode.edge.admission import Admission, Caps
+from chatnode.edge.connect import CONNECT_PATH, ConnectMember, accept_connect, serve_connect
 from chatnode.edge.metrics import Metrics
 from chatnode.edge.rest import Api
 from chatnode.edge.websocket import WsMember, accept_websocket, serve_websocket
@@ -165,7 +166,9 @@ class EdgeServer:
             member = await http.serve_http_connection(
                 stream, self._http_limits, self.api.handle, self._upgrade, self._idle, self._proxies
             )
-            if member is not None:
+            if isinstance(member, ConnectMember):
+                await serve_connect(self.node, self.batcher, self.admission, member, stream)
+            elif isinstance(member, WsMember):
                 await serve_websocket(self.node, self.batcher, self.admission, member, stream)
         except Exception:
             log.exception("connection failed")
@@ -176,7 +179,18 @@ class EdgeServer:
 
     async def _upgrade(
         self, request: Request, stream: trio.SocketStream, trailing: bytes
-    ) -> Response | WsMember:
+    ) -> Response | WsMember | ConnectMember:
+        if request.path == CONNECT_PATH:
+            self.metrics.ws_accepted += 1
+            return await accept_connect(
+                self.node,
+                self._ws_settings,
+                self.batcher,
+                self.admission,
+                request,
+                stream,
+                trailing,
+            )
         try:
             self.api.route(request)
         except ChatError as exc:

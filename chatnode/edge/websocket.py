@@ -129,6 +129,11 @@ class WsMember(WsWriter):
             max_message_bytes=settings.max_frame_bytes, data=trailing
         )
 
+    def removed(self) -> None:
+        self.close_nowait(
+            CloseCode.FORBIDDEN, "no longer a member of this room; join again to be one"
+        )
+
     # -- the connection task ----------------------------------------------------------------
 
     async def run(self, room: RoomConnection) -> None:

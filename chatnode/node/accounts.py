@@ -429,6 +429,13 @@ class Accounts:
             raise refusal
         return held
 
+    def hold(self, member: Holder) -> dict[str, Holder]:
+        """:meth:`_hold` for a connection that holds a token outside a room (``/v1/connect``)."""
+        return self._hold(member)
+
+    def release(self, member: Holder, held: dict[str, Holder]) -> None:
+        self._release(member, held)
+
     def _release(self, member: Holder, held: dict[str, Holder]) -> None:
         held.pop(member.conn_id, None)
         account_id = member.claims.account_id

@@ -37,11 +37,18 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
 8. A membership that ends ends everywhere. ``RoomSession.members`` are the users (name ->
    account id) whose membership this node confirmed while subscribed to the room: a rejoin
    of the same account asks the directory nothing. A ``member_removed`` signal
-   (``ChatNode.remove_member`` and ``ChatNode.ban``, on every node through the bus) drops the user from it and
-   closes that user's connections to the room with 4501; ``removals`` counts them, so a
+   (``ChatNode.remove_member`` and ``ChatNode.ban``, on every node through the bus) drops the
+   user from it and
+   tells that user's seats in the room (``Member.removed``: a room's connection closes with
+   4501, a ``/v1/connect`` connection unsubscribes the room); ``removals`` counts them, so a
    confirmation that raced a removal is not kept. The table lives and dies with the
    session: a node that is not subscribed, and so hears no removal, remembers no
    membership; after a bus reconnect (signals may have been missed) every table is emptied.
+9. A membership that begins reaches the user's multi-room connections. Every node follows
+   ``frames.USERS_CHANNEL`` on the bus (one subscription per node); a ``user_room_added``
+   signal there hands the room to each :class:`RoomWatcher` of that user on this node
+   (``/v1/connect`` connections, which subscribe it). ``user_room_events`` counts them, so a
+   connection that read the user's rooms before it began watching knows to read them again.
 """
 
 from __future__ import annotations
@@ -92,6 +99,10 @@ class Member(Protocol):
 
     def close_nowait(self, code: CloseCode, reason: str) -> None: ...
 
+    def removed(self) -> None:
+        """The user's membership of the seat's room ended (Rule 8): a connection to that
+        room alone closes (4501); a room of a multi-room connection is taken off it."""
+
     @property
     def replay_page_bytes(self) -> int:
         """Bytes of frames a replay queues before it waits for :meth:`writable`."""
@@ -99,6 +110,16 @@ class Member(Protocol):
     async def writable(self) -> bool:
         """Return once the member can take another page of its replay (at once while little
         is queued); False if it is closing: send it nothing more."""
+
+
+class RoomWatcher(Protocol):
+    """A connection that follows its user's new memberships (Rule 9)."""
+
+    @property
+    def user(self) -> str: ...
+
+    def room_added(self, room_id: int) -> None:
+        """The user became a member of the room (never blocks)."""
 
 
 @attrs.define(eq=False)
@@ -169,6 +190,8 @@ class Hub:
         """Messages left out of a history after ``hole_wait_s`` (Rule 7)."""
         self.hole_wait_s = HOLE_WAIT_S
         self._holes: dict[int, float] = {}  # room -> when its history first lacked messages
+        self._watchers: dict[str, set[RoomWatcher]] = {}  # user -> its connections (Rule 9)
+        self.user_room_events = 0
 
     # -- membership -----------------------------------------------------------------------
 
@@ -386,6 +409,8 @@ class Hub:
     async def signal(self, room_id: int, event: RoomEvent) -> None:
         session = self._sessions.get(room_id)
         if session is None:
+            if room_id == frames.USERS_CHANNEL and event.kind == frames.USER_ROOM_ADDED:
+                self._room_added(event)
             return
         if event.kind == frames.MEMBER_REMOVED:
             self._removed(session, str(event.fields.get("user")))
@@ -394,15 +419,32 @@ class Hub:
             if seat.live:
                 seat.member.notify(event)
 
+    def _room_added(self, event: RoomEvent) -> None:
+        """Rule 9: tell the user's watchers on this node."""
+        self.user_room_events += 1
+        room_id, user = event.fields.get("chatroom"), event.fields.get("user")
+        if type(room_id) is not int or not isinstance(user, str):
+            return
+        for watcher in list(self._watchers.get(user, ())):
+            watcher.room_added(room_id)
+
+    def watch_rooms(self, watcher: RoomWatcher) -> None:
+        self._watchers.setdefault(watcher.user, set()).add(watcher)
+
+    def unwatch_rooms(self, watcher: RoomWatcher) -> None:
+        watchers = self._watchers.get(watcher.user)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[watcher.user]
+
     def _removed(self, session: RoomSession, user: str) -> None:
-        """Rule 8: ``user`` is no longer a member; their connections to the room close."""
+        """Rule 8: ``user`` is no longer a member; their seats in the room are told."""
         session.members.pop(user, None)
         session.removals += 1
         for seat in list(session.seats.values()):
             if seat.member.user == user:
-                seat.member.close_nowait(
-                    CloseCode.FORBIDDEN, "no longer a member of this room; join again to be one"
-                )
+                seat.member.removed()
 
     async def resubscribed(self) -> None:
         """After a bus reconnect: catch every subscribed room up from the room log, and give

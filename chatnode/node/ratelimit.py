@@ -106,6 +106,7 @@ class Rates:
     defaults are ``Config``'s."""
 
     pings: Rate = Rate(1.0, 10)
+    subscriptions: Rate = Rate(2.0, 50)
     typing_interval_s: float = 2.0
     room_creations: Rate = Rate(1.0 / 60.0, 10)
     member_changes: Rate = Rate(1.0, 30)
@@ -252,6 +253,7 @@ class NodeLimits:
         self.rates = rates
         self.messages = Limiter("msg", messages, store, health)
         self.pings = Limiter("ping", rates.pings, store, health)
+        self.subscriptions = Limiter("subscribe", rates.subscriptions, store, health)
         self.typing = Limiter("typing", Rate.every(rates.typing_interval_s, 1), store, health)
         self.room_creations = Limiter("rooms", rates.room_creations, store, health)
         self.member_changes = Limiter("members", rates.member_changes, store, health)
@@ -264,6 +266,7 @@ class NodeLimits:
         return (
             self.messages,
             self.pings,
+            self.subscriptions,
             self.typing,
             self.room_creations,
             self.member_changes,

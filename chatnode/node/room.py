@@ -162,30 +162,12 @@ class RoomConnection:
             return await bus.publish(draft)
 
     async def refresh(self, token: str, *, current: auth.Claims) -> auth.Claims:
-        """The claims of ``token`` if it may replace the connection's token (``current``):
-        valid, of the same account, and expiring later. Otherwise ``Unauthorized``: the
-        connection keeps its token."""
-        claims = await self._node.authenticate(token)
-        if claims.user != self._member.user or claims.account_id != current.account_id:
-            raise Unauthorized(
-                "a refresh token must be for the user the connection joined as",
-                code="token_invalid",
-            )
-        if claims.expires_at_s <= current.expires_at_s:
-            raise Unauthorized(
-                "a refresh token must expire later than the connection's token",
-                code="token_invalid",
-            )
-        return claims
+        """:func:`refreshed_claims` of the member's connection."""
+        return await refreshed_claims(self._node, token, current=current)
 
     async def ping(self) -> None:
-        """Allow a v1 ``ping``; raise ``RateLimited`` past the user's ping rate."""
-        wait_s = await self._limits.pings.take(self._member.user)
-        if wait_s:
-            rate = self._limits.pings.rate
-            raise RateLimited(
-                f"too many pings; at most {rate.per_s:g}/s per user", retry_after_s=wait_s
-            )
+        """:func:`allow_ping` of the member's user."""
+        await allow_ping(self._node, self._member.user)
 
     async def typing(self) -> None:
         """Tell the room the member is typing: at most once per ``typing_interval_s`` per
@@ -193,3 +175,43 @@ class RoomConnection:
         if await self._limits.typing.take(self._typing_key):
             return
         await self._node.signal(self.room_id, frames.typing_event(self.room_id, self._member.user))
+
+
+async def refreshed_claims(node: RoomNode, token: str, *, current: auth.Claims) -> auth.Claims:
+    """The claims of ``token`` if it may replace a connection's token (``current``): valid,
+    of the same account, and expiring later. Otherwise ``Unauthorized``: the connection
+    keeps its token."""
+    claims = await node.authenticate(token)
+    if claims.user != current.user or claims.account_id != current.account_id:
+        raise Unauthorized(
+            "a refresh token must be for the user the connection joined as",
+            code="token_invalid",
+        )
+    if claims.expires_at_s <= current.expires_at_s:
+        raise Unauthorized(
+            "a refresh token must expire later than the connection's token",
+            code="token_invalid",
+        )
+    return claims
+
+
+async def allow_ping(node: RoomNode, user: str) -> None:
+    """Allow a v1 ``ping``; raise ``RateLimited`` past the user's ping rate."""
+    limiter = node.limits.pings
+    wait_s = await limiter.take(user)
+    if wait_s:
+        raise RateLimited(
+            f"too many pings; at most {limiter.rate.per_s:g}/s per user", retry_after_s=wait_s
+        )
+
+
+async def allow_subscription_change(node: RoomNode, user: str) -> None:
+    """Allow a ``/v1/connect`` ``subscribe`` or ``unsubscribe``; raise ``RateLimited`` past
+    the user's rate (each is a join or a leave of a room on this node)."""
+    limiter = node.limits.subscriptions
+    wait_s = await limiter.take(user)
+    if wait_s:
+        raise RateLimited(
+            f"too many subscribe/unsubscribe frames; at most {limiter.rate.per_s:g}/s per user",
+            retry_after_s=wait_s,
+        )

@@ -142,11 +142,23 @@ class ChatNode(Accounts):
         """Run the node's background tasks until cancelled; ``started()`` once the bus is up."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.backends.bus.serve, self.hub)
+            nursery.start_soon(self._follow_users_channel)
             nursery.start_soon(self._presence_loop)
             nursery.start_soon(self._follow_revocations)
             if self.archiver is not None:
                 await nursery.start(self.archiver.run)
             task_status.started()
+
+    async def _follow_users_channel(self) -> None:
+        """Subscribe to ``frames.USERS_CHANNEL`` (hub Rule 9), retrying while the bus is
+        down; the bus keeps it across its reconnects."""
+        while True:
+            try:
+                await self.backends.bus.subscribe(frames.USERS_CHANNEL)
+                return
+            except Unavailable:
+                log.warning("the users channel is not followed yet (bus unavailable); retrying")
+                await trio.sleep(1.0)
 
     async def _presence_loop(self) -> None:
         """Heartbeat and reap every ``presence_ttl_s / 3``. A heartbeat that comes after a
@@ -334,14 +346,23 @@ class ChatNode(Accounts):
             return
         removals = session.removals
         room = await self.room(session.room_id)
+        added = False
         if room.public:
-            await self.backends.directory.add_member(
+            added = await self.backends.directory.add_member(
                 session.room_id, claims.user, max_members=self.settings.limits.max_room_members
             )
         elif await self.backends.directory.get_member(session.room_id, claims.user) is None:
             raise _no_room(session.room_id)
         if session.removals == removals:  # no removal raced the confirmation
             session.members[claims.user] = claims.account_id
+        if added:
+            await self.member_added(session.room_id, claims.user)
+
+    async def member_added(self, room_id: int, user: str) -> None:
+        """``user`` became a member of the room: their ``/v1/connect`` connections on every
+        node subscribe it (hub Rule 9). Best effort: a connection that missed it gets the
+        room when it next opens."""
+        await self.signal(frames.USERS_CHANNEL, frames.user_room_added_event(room_id, user))
 
     def _max_members(self, room: Room) -> int:
         limits = self.settings.limits
@@ -373,6 +394,8 @@ class ChatNode(Accounts):
         added = await self.backends.directory.add_member(
             room_id, user, max_members=self._max_members(room), role=role
         )
+        if added:
+            await self.member_added(room_id, user)
         member = await self.backends.directory.get_member(room_id, user)
         return member or Member(user), added
 
@@ -432,6 +455,15 @@ class ChatNode(Accounts):
         members = await self.backends.directory.list_members(room_id)
         online = await self.backends.presence.online(room_id)
         return members, online
+
+    async def rooms_of(self, user: str) -> list[int]:
+        """The rooms ``user`` is a member of, newest membership first, at most
+        ``max_connection_rooms`` (the rooms a ``/v1/connect`` connection subscribes to when
+        it opens)."""
+        rooms = await self.backends.directory.user_rooms(
+            user, limit=self.settings.max_connection_rooms
+        )
+        return [room.id for room in rooms]
 
     async def room_members(self, room_id: int, claims: auth.Claims) -> list[Member]:
         """The members of a room the caller may see, with roles."""

@@ -43,6 +43,7 @@ class NodeSettings:
     ticket_ttl_s: float = 30.0
     tickets_per_account: int = 10
     revocation_poll_s: float = 1.0
+    max_connection_rooms: int = 500
     rates: Rates = attrs.Factory(Rates)
 
 

@@ -105,8 +105,78 @@ class Rejected:
     client_id: str | None = None
 
 
+@attrs.frozen
+class Subscribe:
+    """``/v1/connect``: add a room to the connection (``since``: resume it from there)."""
+
+    room_id: int
+    since: int | None = None
+
+
+@attrs.frozen
+class Unsubscribe:
+    """``/v1/connect``: take a room off the connection."""
+
+    room_id: int
+
+
 ClientFrame = Send | Ping | Typing | Refresh | Rejected
+ConnectFrame = ClientFrame | Subscribe | Unsubscribe
 MAX_TOKEN_CHARS = 4096
+MAX_ID = 2**63 - 1
+ROOM_FRAMES = frozenset({"send", "typing", "subscribe", "unsubscribe"})
+"""``/v1/connect`` frame types that name a room (``chatroom``)."""
+
+
+def parse_connect_frame(text: str, limits: validation.Limits) -> tuple[int | None, ConnectFrame]:
+    """Decode one ``/v1/connect`` client frame: its room (``chatroom``; None when it names
+    none or a malformed one) and the frame. The frames of ``chatnode.v1`` plus ``subscribe``
+    and ``unsubscribe``; ``send``, ``typing``, ``subscribe`` and ``unsubscribe`` need a
+    ``chatroom`` (an integer, 1..2^63-1), ``since`` is an integer >= 0. Bad input is
+    :class:`Rejected` as in :func:`parse_client_frame`; never raises for client input."""
+    try:
+        obj = validation.json_value(text, max_depth=limits.max_json_depth)
+    except BadRequest as exc:
+        return None, Rejected(exc)
+    if not isinstance(obj, dict):
+        return None, Rejected(
+            BadRequest("frame must be a JSON object with a 'type'", code="invalid_frame")
+        )
+    raw_room = obj.get("chatroom")
+    room_id = raw_room if _is_id(raw_room, minimum=1) else None
+    kind = obj.get("type")
+    frame = _v1_frame(obj, limits)
+    if isinstance(frame, Rejected) and frame.error.code != "unknown_type":
+        return room_id, frame
+    try:
+        if isinstance(kind, str) and kind in ROOM_FRAMES and room_id is None:
+            raise BadRequest(
+                f"a {kind!r} frame needs 'chatroom': a room id (integer >= 1)",
+                code="invalid_frame",
+            )
+        if kind == "subscribe":
+            since = obj.get("since")
+            if since is not None and not _is_id(since, minimum=0):
+                raise BadRequest("'since' must be an offset (integer >= 0)", code="invalid_frame")
+            return room_id, Subscribe(room_id, since)  # type: ignore[arg-type]
+        if kind == "unsubscribe":
+            return room_id, Unsubscribe(room_id)  # type: ignore[arg-type]
+    except BadRequest as exc:
+        return room_id, Rejected(exc, getattr(frame, "client_id", None))
+    if isinstance(frame, Rejected):
+        frame = Rejected(
+            BadRequest(
+                "unknown frame type; expected 'send', 'ping', 'typing', 'refresh',"
+                " 'subscribe' or 'unsubscribe'",
+                code="unknown_type",
+            ),
+            frame.client_id,
+        )
+    return room_id, frame
+
+
+def _is_id(value: object, *, minimum: int) -> bool:
+    return type(value) is int and minimum <= value <= MAX_ID
 
 
 def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -> ClientFrame:
@@ -121,6 +191,15 @@ def parse_client_frame(text: str, dialect: Dialect, limits: validation.Limits) -
         obj = validation.json_value(text, max_depth=limits.max_json_depth)
         if not isinstance(obj, dict):
             raise BadRequest("frame must be a JSON object with a 'type'", code="invalid_frame")
+    except BadRequest as exc:
+        return Rejected(exc, client_id)
+    return _v1_frame(obj, limits)
+
+
+def _v1_frame(obj: dict[str, Any], limits: validation.Limits) -> ClientFrame:
+    """A decoded ``chatnode.v1`` frame object as a frame (``Rejected`` for bad input)."""
+    client_id = None
+    try:
         raw_id = obj.get("id")
         if raw_id is not None and (
             not isinstance(raw_id, str) or len(raw_id) > MAX_CLIENT_ID_CHARS
@@ -206,13 +285,18 @@ def error_frame(code: str, text: str, *, client_id: str | None = None, **extra: 
     return _dumps({"type": "error", "id": client_id, "code": code, "message": text, **extra})
 
 
-def pong_frame(client_id: str | None) -> bytes:
-    return _dumps({"type": "pong", "id": client_id})
+def pong_frame(client_id: str | None, **extra: Any) -> bytes:
+    return _dumps({"type": "pong", "id": client_id, **extra})
 
 
-def refreshed_frame(client_id: str | None, expires_at_s: int) -> bytes:
+def refreshed_frame(client_id: str | None, expires_at_s: int, **extra: Any) -> bytes:
     """Answer to ``refresh``: the connection now ends at the new token's expiry."""
-    return _dumps({"type": "refreshed", "id": client_id, "expires_at": expires_at_s})
+    return _dumps({"type": "refreshed", "id": client_id, "expires_at": expires_at_s, **extra})
+
+
+def unsubscribed_frame(room_id: int, reason: str) -> bytes:
+    """``/v1/connect``: the connection gets nothing more of the room; ``reason`` says why."""
+    return _dumps({"type": "unsubscribed", "chatroom": room_id, "reason": reason})
 
 
 def presence_event(room_id: int, user: str, change: str) -> RoomEvent:
@@ -224,6 +308,16 @@ def typing_event(room_id: int, user: str) -> RoomEvent:
 
 
 MEMBER_REMOVED = "member_removed"
+USER_ROOM_ADDED = "user_room_added"
+USERS_CHANNEL = 0
+"""The bus's "room" (no room has id 0) every node follows for events about users, not rooms
+(``user_room_added``): one subscription per node, whatever the number of users."""
+
+
+def user_room_added_event(room_id: int, user: str) -> RoomEvent:
+    """Between nodes only, on :data:`USERS_CHANNEL`: ``user`` became a member of the room;
+    their ``/v1/connect`` connections subscribe it."""
+    return RoomEvent.of(type=USER_ROOM_ADDED, chatroom=room_id, user=user)
 
 
 def member_removed_event(room_id: int, user: str) -> RoomEvent:

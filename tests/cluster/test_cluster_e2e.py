@@ -224,3 +224,76 @@ async def next_ack(ws: WebSocketConnection) -> dict[str, Any]:
     while (frame := json.loads(await ws.get_message()))["type"] != "ack":
         pass
     return frame
+
+
+async def test_connect_through_nginx_gets_each_rooms_messages_from_the_other_node() -> None:
+    """A ``/v1/connect`` client (through nginx, on one node) subscribed to three rooms gets
+    what two senders send on the other node in two of them, once each, in offset order; a
+    room its user joins on the other node meanwhile is subscribed too (hub Rule 9)."""
+    async with running_cluster(nodes=2) as cluster, httpx.AsyncClient(base_url=cluster.url) as api:
+        ann, bob, cid = [await token_for(api, name) for name in ("ann", "bob", "cid")]
+        headers = {"Authorization": f"Bearer {bob}"}
+        rooms = [(await api.post("/v1/chatrooms", headers=headers)).json()["id"] for _ in range(4)]
+        r1, r2, r3, r4 = rooms
+
+        def url(node: int, room: int, token: str) -> str:
+            port = cluster.node_ports[node]
+            return f"ws://127.0.0.1:{port}/v1/chatrooms/{room}/join?token={token}"
+
+        for room in (r1, r2, r3):  # ann becomes a member, on node 1
+            async with open_websocket_url(url(0, room, ann), subprotocols=["chatnode.v1"]) as ws:
+                await read_until_live(ws)
+        per_sender = 30
+        with trio.fail_after(60):
+            connect_url = f"{cluster.ws_url}/v1/connect?token={ann}"
+            async with open_websocket_url(connect_url, subprotocols=["chatnode.v1"]) as c:
+                frames: list[dict[str, Any]] = []
+                live: set[int] = set()
+                while live != {r1, r2, r3}:
+                    frames.append(json.loads(await c.get_message()))
+                    if frames[-1]["type"] == "live":
+                        live.add(frames[-1]["chatroom"])
+                mine = next(f["node"] for f in frames if f["type"] == "joined")
+                other = 1 if mine == "node1" else 0
+
+                async def sender(token: str, room: int, name: str) -> None:
+                    async with open_websocket_url(
+                        url(other, room, token), subprotocols=["chatnode.v1"]
+                    ) as ws:
+                        joined, _ = await read_until_live(ws)
+                        assert joined["node"] != mine
+                        for i in range(per_sender):
+                            await ws.send_message(
+                                json.dumps({"type": "send", "message": f"{name} {i}"})
+                            )
+                        for _ in range(per_sender):
+                            await next_ack(ws)
+
+                async with trio.open_nursery() as nursery:
+                    for room in (r1, r2):
+                        nursery.start_soon(sender, bob, room, "bob")
+                        nursery.start_soon(sender, cid, room, "cid")
+                got: dict[int, list[dict[str, Any]]] = {r1: [], r2: [], r3: []}
+                while len(got[r1]) + len(got[r2]) < 4 * per_sender:
+                    frame = json.loads(await c.get_message())
+                    if frame["type"] == "message":
+                        got[frame["chatroom"]].append(frame)
+                for room in (r1, r2):
+                    assert [m["offset"] for m in got[room]] == list(range(1, 2 * per_sender + 1))
+                    for name in ("bob", "cid"):
+                        texts = [m["message"] for m in got[room] if m["user"] == name]
+                        assert texts == [f"{name} {i}" for i in range(per_sender)]
+                assert got[r3] == []
+
+                # ann joins r4 on the other node: her connection here subscribes it
+                async with open_websocket_url(
+                    url(other, r4, ann), subprotocols=["chatnode.v1"]
+                ) as ws:
+                    await read_until_live(ws)
+                    await ws.send_message(json.dumps({"type": "send", "message": "new room"}))
+                    await next_ack(ws)
+                while True:
+                    frame = json.loads(await c.get_message())
+                    if frame["chatroom"] == r4 and frame["type"] == "message":
+                        assert (frame["offset"], frame["message"]) == (1, "new room")
+                        break

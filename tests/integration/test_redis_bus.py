@@ -157,6 +157,9 @@ class FakeMember(Recipient):
     def close_nowait(self, code: CloseCode, reason: str) -> None:
         raise AssertionError(f"closed: {code} {reason}")
 
+    def removed(self) -> None:
+        raise AssertionError("removed")
+
     async def wait_frames(self, count: int) -> None:
         while self.frames < count:
             await self._changed.wait()

@@ -14,6 +14,7 @@ from wsproto.frame_protocol import FrameDecoder
 from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
 from chatnode.core.models import ChatMessage, Draft, RoomEvent
 from chatnode.node.hub import Hub
+from chatnode.wire import frames
 from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
 
 
@@ -44,6 +45,9 @@ class FakeMember(Recipient):
 
     def close_nowait(self, code: CloseCode, reason: str) -> None:
         self.closed = code
+
+    def removed(self) -> None:  # as a room's WebSocket does
+        self.close_nowait(CloseCode.FORBIDDEN, "no longer a member")
 
     @property
     def offsets(self) -> list[int]:
@@ -238,3 +242,50 @@ async def test_a_bus_reconnect_forgets_confirmed_memberships(setup: tuple[Hub, G
     session.members["ann"] = 1
     await hub.resubscribed()
     assert session.members == {}
+
+
+class Watcher:
+    """A multi-room connection as the hub sees it (Rule 9)."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.added: list[int] = []
+
+    def room_added(self, room_id: int) -> None:
+        self.added.append(room_id)
+
+
+async def test_a_new_membership_reaches_the_users_watchers_only(
+    setup: tuple[Hub, GatedBus],
+) -> None:
+    hub, _ = setup
+    ann, ann2, bob = Watcher("ann"), Watcher("ann"), Watcher("bob")
+    for watcher in (ann, ann2, bob):
+        hub.watch_rooms(watcher)
+    before = hub.user_room_events
+
+    await hub.signal(frames.USERS_CHANNEL, frames.user_room_added_event(5, "ann"))
+    hub.unwatch_rooms(ann2)
+    await hub.signal(frames.USERS_CHANNEL, frames.user_room_added_event(6, "ann"))
+    await hub.signal(frames.USERS_CHANNEL, frames.typing_event(0, "ann"))  # not one
+    await hub.signal(frames.USERS_CHANNEL, RoomEvent.of(type=frames.USER_ROOM_ADDED, user="ann"))
+
+    assert (ann.added, ann2.added, bob.added) == ([5, 6], [5], [])
+    assert hub.user_room_events == before + 3
+
+
+async def test_a_removal_tells_the_seat_not_the_connection(setup: tuple[Hub, GatedBus]) -> None:
+    """Rule 8 through ``Member.removed``: each member decides what the end of its room is."""
+    hub, _ = setup
+
+    class MultiRoom(FakeMember):
+        removals = 0
+
+        def removed(self) -> None:
+            self.removals += 1
+
+    member = MultiRoom("ann")
+    _, seat = await hub.attach(1, member)
+    seat.live = True
+    await hub.signal(1, frames.member_removed_event(1, "ann"))
+    assert (member.removals, member.closed) == (1, None)

@@ -178,6 +178,8 @@ def test_the_node_defaults_are_the_configuration_defaults() -> None:
     "variable",
     [
         "CHATNODE_RATE_PING_BURST",
+        "CHATNODE_RATE_SUBSCRIBE_BURST",
+        "CHATNODE_MAX_CONNECTION_ROOMS",
         "CHATNODE_TYPING_INTERVAL_S",
         "CHATNODE_ROOM_CREATE_BURST",
         "CHATNODE_LOGIN_ADDRESS_INTERVAL_S",

@@ -397,6 +397,9 @@ class FakeHolder(Recipient):
         self.code = int(code)
         self.closed.set()
 
+    def removed(self) -> None:
+        self.close_nowait(CloseCode.FORBIDDEN, "no longer a member")
+
 
 async def test_a_revocation_on_another_node_closes_connections_here_within_the_poll(
     rig: Rig, mock_clock: trio.testing.MockClock

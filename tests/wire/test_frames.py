@@ -168,3 +168,53 @@ def test_a_message_has_one_wire_shape_everywhere(
         assert json.loads(frames.server_frame(message, Dialect.V1)) == {"type": "message", **fields}
         plain = json.loads(frames.server_frame(message, Dialect.PLAIN))
         assert plain == {k: v for k, v in fields.items() if k != "offset"}
+
+
+# -- /v1/connect --------------------------------------------------------------------------------
+
+
+def test_connect_frames_name_their_room() -> None:
+    parse = frames.parse_connect_frame
+    assert parse('{"type":"send","chatroom":4,"message":"hi","id":"a"}', LIMITS) == (
+        4,
+        Send("hi", "a"),
+    )
+    assert parse('{"type":"typing","chatroom":4}', LIMITS) == (4, Typing())
+    assert parse('{"type":"subscribe","chatroom":4}', LIMITS) == (4, frames.Subscribe(4))
+    assert parse('{"type":"subscribe","chatroom":4,"since":0}', LIMITS) == (
+        4,
+        frames.Subscribe(4, 0),
+    )
+    assert parse('{"type":"unsubscribe","chatroom":9}', LIMITS) == (9, frames.Unsubscribe(9))
+    assert parse('{"type":"ping","id":"p"}', LIMITS) == (None, Ping("p"))
+
+
+def test_connect_rejections() -> None:
+    def code(text: str) -> tuple[int | None, str, str | None]:
+        room, frame = frames.parse_connect_frame(text, LIMITS)
+        assert isinstance(frame, Rejected)
+        return room, frame.error.code, frame.client_id
+
+    assert code('{"type":"send","message":"hi","id":"a"}') == (None, "invalid_frame", "a")
+    for room in ("0", "-1", "true", '"4"', "1.5", str(2**63), "null"):
+        assert code(f'{{"type":"typing","chatroom":{room}}}')[1] == "invalid_frame"
+    assert code('{"type":"subscribe","chatroom":4,"since":-1}') == (4, "invalid_frame", None)
+    assert code('{"type":"subscribe","chatroom":4,"since":true}')[1] == "invalid_frame"
+    assert code('{"type":"send","chatroom":4,"message":""}') == (4, "invalid_message", None)
+    assert code('{"type":"join","chatroom":4,"id":"j"}') == (4, "unknown_type", "j")
+    assert code('{"type":["send"],"chatroom":4}')[1] == "unknown_type"
+    assert code("[1]") == (None, "invalid_frame", None)
+    assert code("{") == (None, "invalid_json", None)
+
+
+@given(st.text(max_size=200))
+def test_parse_connect_never_raises(text: str) -> None:
+    frames.parse_connect_frame(text, LIMITS)
+
+
+def test_unsubscribed_frame() -> None:
+    assert json.loads(frames.unsubscribed_frame(3, "removed")) == {
+        "type": "unsubscribed",
+        "chatroom": 3,
+        "reason": "removed",
+    }
