@@ -394,3 +394,27 @@ async def test_a_revoked_token_closes_the_connection_in_any_or_no_room(tmp_path:
                             while True:
                                 await ws.get_message()
                         assert closed.value.reason.code == 4501
+
+
+async def test_a_member_added_to_a_group_while_connected_is_subscribed(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path), **FAST)) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        r = await api.client.post(
+            "/v1/chatrooms", json={"name": "team", "visibility": "private"}, headers=auth(bob)
+        )
+        assert r.status_code == 201, r.text
+        group = r.json()["id"]
+        with trio.fail_after(20):
+            async with connect(node, ann) as c:
+                await c.send(type="subscribe", chatroom=group)  # not a member yet: hidden
+                refused = await c.next("unsubscribed", chatroom=group)
+                assert refused["reason"] == "room_not_found"
+                r = await api.client.post(
+                    f"/v1/chatrooms/{group}/members", json={"user": "ann"}, headers=auth(bob)
+                )
+                assert r.status_code == 201, r.text
+                assert await c.until_live(group) == []  # subscribed at once, nothing to replay
+                await send_via_join(node, bob, group, ["welcome"])
+                got = await c.next("message", chatroom=group, user="bob")
+                assert got["message"] == "welcome"
