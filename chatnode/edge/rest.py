@@ -23,7 +23,8 @@ from chatnode.core import auth, errors, validation
 from chatnode.core.models import Listed, Member, Room, SearchQuery
 from chatnode.edge.http import error_response
 from chatnode.edge.metrics import Metrics
-from chatnode.node.service import Activity, ChatNode
+from chatnode.node.rooms import Activity
+from chatnode.node.service import ChatNode
 from chatnode.wire.http import Request, Response
 
 log = logging.getLogger(__name__)
