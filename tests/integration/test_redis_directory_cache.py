@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from chatnode.adapters.redis import RedisCachedDirectory, RespClient
-from chatnode.adapters.redis.directory import ENTRY_OVERHEAD_BYTES
+from chatnode.adapters.redis.local_cache import ENTRY_OVERHEAD_BYTES
 from chatnode.adapters.sqlite import SqliteDatabase, SqliteDirectory
 from chatnode.core import errors
 from chatnode.core.models import Member

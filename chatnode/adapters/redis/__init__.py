@@ -31,10 +31,13 @@ One module per job, each with its rules in its docstring:
 - :mod:`.client`: :class:`RespClient`, connections, pipelining, pub/sub connections, scripts,
   and the one table of what a Redis failure means (``Unavailable``); the bytes are
   :mod:`chatnode.wire.resp`'s;
-- :mod:`.bus`: :class:`RedisBus` (``ports.Bus``);
+- :mod:`.bus`: :class:`RedisBus` (``ports.Bus``), its keys and scripts in :mod:`.bus_keys`,
+  a pub/sub connection and its acknowledgements in :mod:`.subscriptions`;
 - :mod:`.archive_feed`: :class:`RedisArchiveFeed` (``ports.ArchiveFeed``);
 - :mod:`.presence`: :class:`RedisPresence` (``ports.Presence``);
-- :mod:`.directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another;
+- :mod:`.directory`: :class:`RedisCachedDirectory`, a ``ports.Directory`` caching another
+  (its scripts and rows in :mod:`.directory_store`, its node-local layer in
+  :mod:`.local_cache`);
 - :mod:`.revocations`: :class:`RedisRevocations` (``ports.Revocations``);
 - :mod:`.tickets`: :class:`RedisTickets` (``ports.Tickets``);
 - :mod:`.ratelimits`: :class:`RedisRateLimits` (``ports.RateLimits``).

@@ -66,7 +66,7 @@ from chatnode.core import ports
 from chatnode.core.models import ArchiveEntry, ChatMessage
 from chatnode.wire.resp import Reply
 
-from .bus import BusKeys
+from .bus_keys import BusKeys
 from .client import RespClient, Script
 
 log = logging.getLogger(__name__)

@@ -76,16 +76,16 @@ Durability: with the recommended Redis settings (``appendonly yes``, ``appendfsy
 Redis that does lose data lose none of the messages the nodes that published or delivered
 them still hold (docs/faults.md: what is measured, and the window left).
 
-Why one file of ~800 lines: its parts (the scripts, the pub/sub link, the messages kept until
-archived) share one state, the rooms subscribed and their floors (rules 3, 6, 7), and each
-rule above is needed to keep that state right.
+The keys and the scripts that change them are in :mod:`.bus_keys`, a pub/sub connection and
+its acknowledgements in :mod:`.subscriptions`; the bus itself keeps one state, the rooms
+subscribed and their floors (rules 3, 6, 7), and the messages kept until archived.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final, NamedTuple
 
@@ -96,173 +96,26 @@ from chatnode.core import errors, ports
 from chatnode.core.models import ChatMessage, Draft, RoomEvent, document_head, document_tail
 from chatnode.wire.resp import Reply, RespError
 
-from .client import RespClient, RespConnection, Script
+from .bus_keys import (
+    HEAD,
+    MARK,
+    PUBLISH,
+    RESTORE,
+    WRITE_BACK,
+    BusKeys,
+    logged_message,
+    stream_id,
+)
+from .client import RespClient
+from .subscriptions import Link
 
 log = logging.getLogger(__name__)
-
-# KEYS: counter, room log, archive stream[, sent key].
-# ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail,
-# floor (the newest offset the node saw; -1: none), dedup window s, 1 to continue above a
-# floor the counter is behind (0: refuse, so the node restores the room first).
-# Returns {offset, archive entry id}, or {0, "offset:timestamp"} for a client id already sent.
-_PUBLISH_LUA: Final = """#!lua
-if KEYS[4] then
-  local sent = redis.call('GET', KEYS[4])
-  if sent then return {0, sent} end
-end
-local current = redis.call('GET', KEYS[1])
-if current then
-  current = tonumber(current)
-else
-  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-  current = newest and tonumber(string.match(newest[1], '^(%d+)')) or -1
-end
-local floor = tonumber(ARGV[8])
-if floor > current then
-  if ARGV[10] ~= '1' then return redis.error_reply('BEHIND the room offset is behind') end
-  current = floor
-end
-if current < 0 then return redis.error_reply('NOOFFSET the room offset is unknown') end
-local offset = current + 1
-redis.call('SET', KEYS[1], offset)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
-  'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
-local document = ARGV[6] .. offset .. ARGV[7]
-local id = redis.call('XADD', KEYS[3], '*', 'd', document)
-redis.call('PUBLISH', ARGV[2], 'm' .. document)
-if KEYS[4] then redis.call('SET', KEYS[4], offset .. ':' .. ARGV[5], 'EX', ARGV[9]) end
-return {offset, id}
-"""
-_PUBLISH: Final = Script(_PUBLISH_LUA)
-
-# KEYS: counter, room log. The room's newest offset: the counter, else the log's newest
-# entry (a counter evicted while the log survived), else -1 (lost, or never published).
-_HEAD: Final = Script("""#!lua
-local current = redis.call('GET', KEYS[1])
-if current then return tonumber(current) end
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-if newest then return tonumber(string.match(newest[1], '^(%d+)')) end
-return -1
-""")
-
-# KEYS: counter, room log, incarnation. ARGV: last offset, log length, seed (1/0), settle ms,
-# then offset, user, text, timestamp_ms of each message to log, ascending.
-# Returns {offset, 0}, or {-1, ms to wait} for a seed that comes too soon after a data loss.
-_RESTORE: Final = Script("""#!lua
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-local top = newest and tonumber(string.match(newest[1], '^(%d+)')) or -1
-local target = tonumber(ARGV[1])
-if ARGV[3] == '1' and current < 0 and top < 0 and target > 0 then
-  local now = redis.call('TIME')
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local since = tonumber(redis.call('GET', KEYS[3]) or '-1')
-  if since < 0 then
-    since = now_ms
-    redis.call('SET', KEYS[3], string.format('%d', now_ms))
-  end
-  local wait = since + tonumber(ARGV[4]) - now_ms
-  if wait > 0 then return {-1, wait} end
-end
-for i = 5, #ARGV, 4 do
-  local offset = tonumber(ARGV[i])
-  -- pcall: an id the stream already generated (a deleted entry's) is refused, and skipped
-  if offset > top and pcall(redis.call, 'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2],
-      offset .. '-0', 'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3]) then
-    top = offset
-  end
-end
-if top > target then target = top end
-if current > target then target = current end
-if target ~= current then redis.call('SET', KEYS[1], target) end
-return {target, 0}
-""")
-
-# KEYS: incarnation. Note when this Redis began holding the deployment's data; 1 if now.
-_MARK: Final = Script("""#!lua
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local now = redis.call('TIME')
-redis.call('SET', KEYS[1], string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)))
-return 1
-""")
-
-# KEYS: archive stream. ARGV: documents. Append each again; returns their new entry ids.
-_WRITE_BACK: Final = Script("""#!lua
-local ids = {}
-for i, document in ipairs(ARGV) do ids[i] = redis.call('XADD', KEYS[1], '*', 'd', document) end
-return ids
-""")
 
 _SUBSCRIBE: Final = b"SUBSCRIBE"
 _UNSUBSCRIBE: Final = b"UNSUBSCRIBE"
 _NO_OFFSET: Final = b"NOOFFSET"
 _BEHIND: Final = b"BEHIND"
 _WRITE_BACK_CHUNK: Final = 500
-
-
-@attrs.frozen
-class BusKeys:
-    """The key layout of the module docstring for one prefix."""
-
-    prefix: str
-    _channel_head: bytes = attrs.field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_channel_head", f"{self.prefix}:room:".encode())
-
-    def offset(self, room_id: int) -> str:
-        return f"{self.prefix}:room:{room_id}:offset"
-
-    def log(self, room_id: int) -> str:
-        return f"{self.prefix}:room:{room_id}:log"
-
-    def sent(self, room_id: int, user: str, client_id: str) -> str:
-        return f"{self.prefix}:room:{room_id}:sent:{user}:{client_id}"
-
-    def channel(self, room_id: int) -> bytes:
-        return self._channel_head + b"%d" % room_id
-
-    @property
-    def archive(self) -> str:
-        return f"{self.prefix}:archive"
-
-    @property
-    def archive_lease(self) -> str:
-        return f"{self.prefix}:archive:lease"
-
-    @property
-    def incarnation(self) -> str:
-        return f"{self.prefix}:incarnation"
-
-    def room_of_channel(self, channel: bytes) -> int | None:
-        head = self._channel_head
-        tail = channel[len(head) :]
-        if not channel.startswith(head) or not tail.isdigit():
-            return None
-        return int(tail)
-
-
-def _offset_of(entry_id: bytes | str) -> int:
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(raw.split("-", 1)[0])
-
-
-def _stream_id(raw: bytes) -> tuple[int, int]:
-    ms, _, seq = raw.partition(b"-")
-    return int(ms), int(seq)
-
-
-def _logged(room_id: int, entry: Reply) -> ChatMessage:
-    """One XRANGE entry of a room log, ``[id, [field, value, ...]]``, as its message."""
-    match entry:
-        case [bytes(entry_id), [*pairs]] if len(pairs) % 2 == 0:
-            fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
-            user, text, ts = fields.get(b"u"), fields.get(b"t"), fields.get(b"ts")
-            if isinstance(user, bytes) and isinstance(text, bytes) and isinstance(ts, bytes):
-                return ChatMessage(
-                    room_id, _offset_of(entry_id), user.decode(), text.decode(), int(ts)
-                )
-    raise ValueError(f"malformed room log entry: {entry!r:.200}")
 
 
 class _Kept(NamedTuple):
@@ -277,78 +130,6 @@ class _Kept(NamedTuple):
     room_id: int
     offset: int
     document: bytes
-
-
-@attrs.define(eq=False)
-class _Acks:
-    """Commands sent for one channel on one connection, and acknowledgements received."""
-
-    sent: int = 0
-    acked: int = 0
-
-
-_Tickets = dict[bytes, tuple[_Acks, int]]
-
-
-@attrs.define(eq=False)
-class _Link:
-    """One pub/sub connection, and the acknowledgements Redis owes on it, per channel.
-
-    Redis answers every channel of a SUBSCRIBE or UNSUBSCRIBE with one ack, in command order;
-    the n-th command sent for a channel is therefore acknowledged by its n-th ack. A channel
-    with nothing in flight is forgotten; a waiter keeps its own counter object, so a later
-    command for the same channel starts a new count without disturbing it.
-    """
-
-    conn: RespConnection
-    lost: bool = False
-    pong: trio.Event = attrs.field(factory=trio.Event)
-    _channels: dict[bytes, _Acks] = attrs.field(factory=dict)
-    _changed: trio.Event = attrs.field(factory=trio.Event)
-
-    def send(self, command: bytes, channels: Iterable[bytes]) -> _Tickets:
-        """Queue the command; return each channel's ticket for :meth:`wait_acked`.
-
-        Raise ``Unavailable`` if the connection is already lost.
-        """
-        channels = list(channels)
-        if not channels:
-            return {}
-        self.conn.send_nowait(command, *channels)
-        tickets: _Tickets = {}
-        for channel in channels:
-            acks = self._channels.setdefault(channel, _Acks())
-            acks.sent += 1
-            tickets[channel] = (acks, acks.sent)
-        return tickets
-
-    def acknowledge(self, channel: bytes) -> None:
-        acks = self._channels.get(channel)
-        if acks is None:
-            return
-        acks.acked += 1
-        if acks.acked >= acks.sent:
-            del self._channels[channel]
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def ponged(self) -> None:
-        self.pong.set()
-        self.pong = trio.Event()
-
-    @staticmethod
-    def all_acked(tickets: _Tickets) -> bool:
-        return all(acks.acked >= ticket for acks, ticket in tickets.values())
-
-    async def wait_acked(self, tickets: _Tickets) -> None:
-        while not self.all_acked(tickets):
-            if self.lost:
-                raise errors.Unavailable("Redis: the bus lost its pub/sub connection")
-            await self._changed.wait()
-
-    def close(self) -> None:
-        self.lost = True
-        self._changed.set()
 
 
 @attrs.define(eq=False)
@@ -391,7 +172,7 @@ class RedisBus:
     _kept: deque[_Kept] = attrs.field(factory=deque, init=False)
     _kept_bytes: int = attrs.field(default=0, init=False)
     _kept_seq: int = attrs.field(default=0, init=False)
-    _link: _Link | None = attrs.field(default=None, init=False)
+    _link: Link | None = attrs.field(default=None, init=False)
     _serving: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -426,7 +207,7 @@ class RedisBus:
             keys.append(self.keys.sent(room_id, draft.user, draft.client_id))
         document_tail_ = document_tail(draft.user, draft.text, draft.timestamp_ms)
         try:
-            reply, serial = await _PUBLISH.run_tracked(
+            reply, serial = await PUBLISH.run_tracked(
                 self._redis,
                 keys,
                 [
@@ -484,7 +265,7 @@ class RedisBus:
             self.unprotected += 1
 
     async def last_offset(self, room_id: int) -> int | None:
-        head = await _HEAD.run(self._redis, [self.keys.offset(room_id), self.keys.log(room_id)], [])
+        head = await HEAD.run(self._redis, [self.keys.offset(room_id), self.keys.log(room_id)], [])
         if not isinstance(head, int):
             raise TypeError(f"the head script returned {head!r:.200}")
         if head < 0:
@@ -509,7 +290,7 @@ class RedisBus:
         ]
         for m in messages:
             args += [m.offset, m.user, m.text, m.timestamp_ms]
-        reply = await _RESTORE.run(
+        reply = await RESTORE.run(
             self._redis,
             [self.keys.offset(room_id), self.keys.log(room_id), self.keys.incarnation],
             args,
@@ -535,7 +316,7 @@ class RedisBus:
         )
         if not isinstance(entries, list):
             raise TypeError(f"XRANGE returned {entries!r:.200}")
-        return [_logged(room_id, entry) for entry in entries]
+        return [logged_message(room_id, entry) for entry in entries]
 
     # -- kept until archived (rule 7) -----------------------------------------------------------
 
@@ -565,10 +346,10 @@ class RedisBus:
         first: tuple[int, int] | None = None
         match reply:
             case [[bytes(first_id), _], *_]:
-                first = _stream_id(first_id)
+                first = stream_id(first_id)
         kept: deque[_Kept] = deque()
         for k in self._kept:
-            if k.seq <= kept_before and (first is None or _stream_id(k.entry_id) < first):
+            if k.seq <= kept_before and (first is None or stream_id(k.entry_id) < first):
                 self._kept_bytes -= len(k.document)
             else:
                 kept.append(k)
@@ -586,7 +367,7 @@ class RedisBus:
         renewed: dict[int, _Kept] = {}
         for start in range(0, len(stale), _WRITE_BACK_CHUNK):
             chunk = stale[start : start + _WRITE_BACK_CHUNK]
-            ids, serial = await _WRITE_BACK.run_tracked(
+            ids, serial = await WRITE_BACK.run_tracked(
                 self._redis, [self.keys.archive], [k.document for k in chunk]
             )
             if not isinstance(ids, list) or len(ids) != len(chunk):
@@ -632,7 +413,7 @@ class RedisBus:
         await trio.lowlevel.checkpoint()
 
     @staticmethod
-    def _send_quietly(link: _Link, command: bytes, channel: bytes) -> None:
+    def _send_quietly(link: Link, command: bytes, channel: bytes) -> None:
         """Best effort: a lost connection takes its subscriptions with it."""
         if link.lost:
             return
@@ -666,7 +447,7 @@ class RedisBus:
             except errors.Unavailable as exc:
                 log.warning("Redis bus: %s; retrying in %.2fs", exc, backoff_s)
             else:
-                link = _Link(conn)
+                link = Link(conn)
                 try:
                     came_up, healthy = await self._run_link(link, handler, task_status, first)
                 finally:
@@ -682,7 +463,7 @@ class RedisBus:
             backoff_s = min(self.max_backoff_s, 2 * backoff_s)
 
     async def _run_link(
-        self, link: _Link, handler: ports.BusHandler, task_status: ports.TaskStatus, first: bool
+        self, link: Link, handler: ports.BusHandler, task_status: ports.TaskStatus, first: bool
     ) -> tuple[bool, bool]:
         """Subscribe every current room on ``link`` and dispatch its traffic until it is lost.
 
@@ -696,7 +477,7 @@ class RedisBus:
 
         async def came_up() -> None:
             nonlocal up
-            if await _MARK.run(self._redis, [self.keys.incarnation], []) == 1:
+            if await MARK.run(self._redis, [self.keys.incarnation], []) == 1:
                 log.warning(
                     "Redis bus: Redis holds no data of this deployment (a new deployment, or"
                     " Redis lost its data): rooms continue above what the nodes and the"
@@ -769,7 +550,7 @@ class RedisBus:
         else:
             await handler.signal(room_id, event)
 
-    async def _keepalive(self, link: _Link) -> None:
+    async def _keepalive(self, link: Link) -> None:
         """PING every ``keepalive_s``; no PONG within ``keepalive_s`` drops the connection
         (a half-open TCP connection would otherwise look idle forever)."""
         while True:

@@ -18,9 +18,8 @@ version tokens)::
     P:dir:room:{id}:joined:{v}:{v_room}       set     users the directory confirmed as members
                                                       of the room, PX known_ttl
 
-Why one file of ~650 lines: its one job is the cache, and its rules below are read together
-(a write's invalidation, the version tokens it replaces, the local layer's staleness bound);
-splitting them would put one rule's halves in two files.
+The scripts and the JSON rows are in :mod:`.directory_store`, the node-local layer in
+:mod:`.local_cache`; the rules below are read together, so the cache itself is one file.
 
 Rules that make it correct:
 
@@ -87,10 +86,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import attrs
 import trio
@@ -98,102 +96,24 @@ import trio
 from chatnode.core import errors, ports
 from chatnode.core.models import MEMBER, PUBLIC, Listed, Member, Room, User
 
-from .client import RespClient, Script
+from .client import RespClient
+from .directory_store import (
+    CONFIRM,
+    CONFIRMED,
+    READ,
+    confirmed_reply,
+    member_of,
+    room_fields,
+    room_of,
+)
+from .local_cache import LocalEntry, LocalTable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 
-# KEYS: version keys. ARGV: fresh token (for a missing version), cache key head, cache key tail.
-# Returns {cache key, cached value or false}.
-_READ: Final = Script("""#!lua
-local tokens = {}
-for i, key in ipairs(KEYS) do
-  local token = redis.call('GET', key)
-  if not token then
-    redis.call('SET', key, ARGV[1])
-    token = ARGV[1]
-  end
-  tokens[i] = token
-end
-local cache_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
-return {cache_key, redis.call('GET', cache_key)}
-""")
-
-
-# KEYS: version keys. ARGV: fresh token (for a missing version), set key head, set key tail,
-# user. Returns {set key, 1 if the user is in the set else 0}.
-_CONFIRMED: Final = Script("""#!lua
-local tokens = {}
-for i, key in ipairs(KEYS) do
-  local token = redis.call('GET', key)
-  if not token then
-    redis.call('SET', key, ARGV[1])
-    token = ARGV[1]
-  end
-  tokens[i] = token
-end
-local set_key = ARGV[2] .. table.concat(tokens, ':') .. ARGV[3]
-return {set_key, redis.call('SISMEMBER', set_key, ARGV[4])}
-""")
-
-# KEYS: the set of a room's confirmed members. ARGV: user, ttl ms.
-_CONFIRM: Final = Script("""#!lua
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-""")
-
-ENTRY_OVERHEAD_BYTES: Final = 256
 DAY_S: Final = 86_400.0
-
-
-@attrs.define(eq=False)
-class _Local(Generic[T]):
-    """A value this node got from Redis (rule 5): the bytes as Redis holds them, decoded."""
-
-    raw: bytes
-    value: tuple[T, ...]
-    fresh_until: float  # trio time
-    refreshing: trio.Event | None = None  # set when the read asking Redis again is done
-
-    @property
-    def cost(self) -> int:
-        return ENTRY_OVERHEAD_BYTES + len(self.raw)
-
-
-@attrs.define(eq=False)
-class _LocalTable(Generic[K, T]):
-    """Entries by key, least recently used first, evicted past ``max_bytes`` of raw JSON
-    (plus ``ENTRY_OVERHEAD_BYTES`` each; decoded values take about four times their JSON)."""
-
-    max_bytes: int
-    _entries: OrderedDict[K, _Local[T]] = attrs.field(factory=OrderedDict, init=False)
-    _bytes: int = attrs.field(default=0, init=False)
-
-    def get(self, key: K) -> _Local[T] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: K, entry: _Local[T]) -> None:
-        self.pop(key)
-        self._entries[key] = entry
-        self._bytes += entry.cost
-        while self._bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.cost
-
-    def pop(self, key: K) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= entry.cost
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
 
 
 @attrs.define(eq=False)
@@ -215,17 +135,17 @@ class RedisCachedDirectory:
     local_hits: int = attrs.field(default=0, init=False)
     _skip_until: float = attrs.field(default=float("-inf"), init=False)
     _failing: bool = attrs.field(default=False, init=False)
-    _local_rooms: _LocalTable[tuple[int, int], Room] = attrs.field(init=False)
-    _local_visible: _LocalTable[tuple[str, int, int], Listed] = attrs.field(init=False)
-    _local_members: _LocalTable[int, str] = attrs.field(init=False)
-    _local_roles: _LocalTable[int, Member] = attrs.field(init=False)
+    _local_rooms: LocalTable[tuple[int, int], Room] = attrs.field(init=False)
+    _local_visible: LocalTable[tuple[str, int, int], Listed] = attrs.field(init=False)
+    _local_members: LocalTable[int, str] = attrs.field(init=False)
+    _local_roles: LocalTable[int, Member] = attrs.field(init=False)
     _generation: int = attrs.field(default=0, init=False)  # +1 on every local invalidation
 
     def __attrs_post_init__(self) -> None:
-        self._local_rooms = _LocalTable(self.local_bytes)
-        self._local_visible = _LocalTable(self.local_bytes)
-        self._local_members = _LocalTable(self.local_bytes)
-        self._local_roles = _LocalTable(self.local_bytes)
+        self._local_rooms = LocalTable(self.local_bytes)
+        self._local_visible = LocalTable(self.local_bytes)
+        self._local_members = LocalTable(self.local_bytes)
+        self._local_roles = LocalTable(self.local_bytes)
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -255,10 +175,10 @@ class RedisCachedDirectory:
     async def list_rooms(self, *, after_id: int, limit: int) -> list[Room]:
         async def load() -> str:
             rooms = await self.inner.list_rooms(after_id=after_id, limit=limit)
-            return json.dumps([_room_fields(r) for r in rooms], ensure_ascii=False)
+            return json.dumps([room_fields(r) for r in rooms], ensure_ascii=False)
 
         def decode(raw: bytes) -> tuple[Room, ...]:
-            return tuple(_room_of(row) for row in json.loads(raw))
+            return tuple(room_of(row) for row in json.loads(raw))
 
         rooms = await self._cached(
             self._local_rooms,
@@ -275,11 +195,11 @@ class RedisCachedDirectory:
         async def load() -> str:
             rooms = await self.inner.visible_rooms(user, after_id=after_id, limit=limit)
             return json.dumps(
-                [[*_room_fields(r.room), r.member_count] for r in rooms], ensure_ascii=False
+                [[*room_fields(r.room), r.member_count] for r in rooms], ensure_ascii=False
             )
 
         def decode(raw: bytes) -> tuple[Listed, ...]:
-            return tuple(Listed(_room_of(row[:-1]), int(row[-1])) for row in json.loads(raw))
+            return tuple(Listed(room_of(row[:-1]), int(row[-1])) for row in json.loads(raw))
 
         listed = await self._cached(
             self._local_visible,
@@ -318,7 +238,7 @@ class RedisCachedDirectory:
             )
 
         def decode(raw: bytes) -> tuple[Member, ...]:
-            return tuple(_member_of(row) for row in json.loads(raw))
+            return tuple(member_of(row) for row in json.loads(raw))
 
         members = await self._cached(
             self._local_roles,
@@ -333,7 +253,7 @@ class RedisCachedDirectory:
 
     async def _cached(
         self,
-        local: _LocalTable[K, T],
+        local: LocalTable[K, T],
         key: K,
         versions: list[str],
         head: str,
@@ -363,7 +283,7 @@ class RedisCachedDirectory:
                 entry.refreshing = None
         value = entry.value if entry is not None and entry.raw == raw else decode(raw)
         if from_redis and generation == self._generation:
-            local.put(key, _Local(raw, value, started + self.local_ttl_s))
+            local.put(key, LocalEntry(raw, value, started + self.local_ttl_s))
         return value
 
     async def _shared(
@@ -372,7 +292,7 @@ class RedisCachedDirectory:
         """The JSON cached in Redis under the current ``versions``, else ``load()``'s, stored;
         and whether Redis answered (False: read through to the inner directory)."""
         found = await self._redis_or_none(
-            lambda: _READ.run(self._redis, versions, [secrets.token_hex(8), head, tail])
+            lambda: READ.run(self._redis, versions, [secrets.token_hex(8), head, tail])
         )
         match found:
             case [bytes(cache_key), value]:
@@ -553,17 +473,17 @@ class RedisCachedDirectory:
         """(the key of the room's confirmed members under the current tokens, whether
         ``user`` is one of them); read before asking the directory (rule 6)."""
         found = await self._redis_or_none(
-            lambda: _CONFIRMED.run(
+            lambda: CONFIRMED.run(
                 self._redis,
                 [self._members_version, self._room_removals_version(room_id)],
                 [secrets.token_hex(8), f"{self.prefix}:dir:room:{room_id}:joined:", "", user],
             )
         )
-        return _confirmed_reply(found)
+        return confirmed_reply(found)
 
     async def _confirm(self, set_key: bytes, user: str) -> None:
         await self._redis_or_none(
-            lambda: _CONFIRM.run(self._redis, [set_key], [user, self._known_px])
+            lambda: CONFIRM.run(self._redis, [set_key], [user, self._known_px])
         )
 
     async def _member_write(self, room_id: int, write: Callable[[], Awaitable[bool]]) -> bool:
@@ -618,14 +538,14 @@ class RedisCachedDirectory:
             lambda: self._redis.call("GETEX", self._room_key(room_id), "PX", self._known_px)
         )
         if isinstance(raw, bytes):
-            return _room_of(json.loads(raw))
+            return room_of(json.loads(raw))
         room = await self.inner.get_room(room_id)
         if room is not None:
             await self._keep_room(room)
         return room
 
     async def _keep_room(self, room: Room) -> None:
-        raw = json.dumps(_room_fields(room), ensure_ascii=False)
+        raw = json.dumps(room_fields(room), ensure_ascii=False)
         await self._redis_or_none(
             lambda: self._redis.call("SET", self._room_key(room.id), raw, "PX", self._known_px)
         )
@@ -635,31 +555,6 @@ class RedisCachedDirectory:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-def _room_fields(room: Room) -> list[object]:
-    return [room.id, room.name, room.created_at_ms, room.visibility, room.created_by]
-
-
-def _room_of(fields: list[Any]) -> Room:
-    """A room as kept in Redis; one kept before rooms had a visibility is public."""
-    room_id, name, created_at_ms, *rest = fields
-    visibility = str(rest[0]) if rest else PUBLIC
-    created_by = rest[1] if len(rest) > 1 and isinstance(rest[1], str) else None
-    return Room(int(room_id), str(name), int(created_at_ms), visibility, created_by)
-
-
-def _member_of(fields: list[Any]) -> Member:
-    user, role, joined_at_ms = fields
-    return Member(str(user), str(role), int(joined_at_ms))
-
-
-def _confirmed_reply(found: object) -> tuple[bytes | None, bool]:
-    """``_CONFIRMED``'s reply: (the set's key, whether the user is in it); (None, False)
-    when Redis did not answer."""
-    if isinstance(found, list) and len(found) == 2 and isinstance(found[0], bytes):
-        return found[0], found[1] == 1
-    return None, False
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port
