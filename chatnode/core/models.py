@@ -6,6 +6,12 @@ the Elasticsearch document): the JSON object of :data:`MESSAGE_FIELDS` in that o
 ``{"chatroom":R,"offset":O,"user":U,"message":T,"timestamp":TS}``
 (:meth:`ChatMessage.fields`, :meth:`ChatMessage.from_fields`).
 
+A **membership change** is a message of its room too, with its own offset, so that it is
+ordered with the messages around it: ``user`` is the member concerned, ``message`` is empty,
+and :data:`EVENT_FIELDS` follow, ``"event":E,"by":B`` (``E`` one of :data:`MEMBER_EVENTS`,
+``B`` who made the change). Stores keep both kinds alike; clients of the v1 dialect get it as
+a ``member`` frame, the plain dialect and search never see it.
+
 A message also has a byte form, its **archive document** (:attr:`ChatMessage.document`): that
 object compact, UTF-8, no newline. It is made once, when the message is published, and travels
 as it is through the archive feed into the archive (Elasticsearch indexes the bytes), so the
@@ -30,6 +36,19 @@ _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _DOCUMENT_HEAD: Final = re.compile(rb'\{"chatroom":(0|[1-9][0-9]*),"offset":([1-9][0-9]*),"')
 MESSAGE_FIELDS: Final = ("chatroom", "offset", "user", "message", "timestamp")
 """The keys of a message's wire shape, in order (module docstring)."""
+EVENT_FIELDS: Final = ("event", "by")
+"""The keys a membership change adds after :data:`MESSAGE_FIELDS` (module docstring)."""
+_EVENT_SHAPE: Final = MESSAGE_FIELDS + EVENT_FIELDS
+
+ADDED: Final = "added"
+REMOVED: Final = "removed"
+LEFT: Final = "left"
+BANNED: Final = "banned"
+MEMBER_EVENTS: Final = (ADDED, REMOVED, LEFT, BANNED)
+"""What a membership change says happened to its ``user``: ``added`` by ``by``; ``removed``
+by ``by``; ``left`` (``by`` is the user); ``banned`` by ``by`` (which ends the membership)."""
+ENDINGS: Final = frozenset((REMOVED, LEFT, BANNED))
+"""The membership changes after which the user receives nothing more of the room."""
 
 
 def document_head(room_id: int) -> bytes:
@@ -38,13 +57,22 @@ def document_head(room_id: int) -> bytes:
     return b'{"chatroom":%d,"offset":' % room_id
 
 
-def document_tail(user: str, text: str, timestamp_ms: int) -> bytes:
-    """The end of a document, after its offset. A lone surrogate (JSON allows ``"\\ud800"``,
-    UTF-8 does not) becomes U+FFFD."""
-    tail = (
-        f',"user":{encode_basestring(user)},"message":{encode_basestring(text)},'
-        f'"timestamp":{timestamp_ms}}}'
-    )
+def document_tail(
+    user: str, text: str, timestamp_ms: int, event: str | None = None, by: str | None = None
+) -> bytes:
+    """The end of a document, after its offset (with ``event``: a membership change's). A
+    lone surrogate (JSON allows ``"\\ud800"``, UTF-8 does not) becomes U+FFFD."""
+    if event is None:
+        tail = (
+            f',"user":{encode_basestring(user)},"message":{encode_basestring(text)},'
+            f'"timestamp":{timestamp_ms}}}'
+        )
+    else:
+        tail = (
+            f',"user":{encode_basestring(user)},"message":{encode_basestring(text)},'
+            f'"timestamp":{timestamp_ms},"event":{encode_basestring(event)},'
+            f'"by":{encode_basestring(by or "")}}}'
+        )
     try:
         return tail.encode()
     except UnicodeEncodeError:  # rare (validation refuses them at the edge): clean only then
@@ -136,6 +164,14 @@ class Draft:
     text: str
     timestamp_ms: int
     client_id: str | None = None
+    event: str | None = None
+    """A membership change (:data:`MEMBER_EVENTS`) of ``user``, made by :attr:`by`."""
+    by: str | None = None
+
+    @classmethod
+    def membership(cls, room_id: int, user: str, event: str, *, by: str, at_ms: int) -> Draft:
+        """The membership change ``event`` of ``user``, made by ``by``."""
+        return cls(room_id, user, "", at_ms, event=event, by=by)
 
 
 @attrs.frozen(eq=False)
@@ -178,13 +214,21 @@ class RoomEvent:
 @attrs.frozen
 class ChatMessage:
     """A message of a room. ``offset`` is assigned by the bus: strictly increasing per room,
-    starting at 1, the same on every node. ``(room_id, offset)`` identifies it everywhere."""
+    starting at 1, the same on every node. ``(room_id, offset)`` identifies it everywhere.
+    With ``event`` set it is a membership change (module docstring)."""
 
     room_id: int
     offset: int
     user: str
     text: str
     timestamp_ms: int
+    event: str | None = None
+    by: str | None = None
+
+    @property
+    def ends_membership(self) -> bool:
+        """A membership change after which ``user`` gets nothing more of the room."""
+        return self.event in ENDINGS
 
     @property
     def key(self) -> str:
@@ -192,24 +236,32 @@ class ChatMessage:
         return f"{self.room_id}:{self.offset}"
 
     def fields(self) -> dict[str, Any]:
-        """The message's wire shape: :data:`MESSAGE_FIELDS` in order (module docstring)."""
-        return {
+        """The message's wire shape: :data:`MESSAGE_FIELDS` in order, then
+        :data:`EVENT_FIELDS` for a membership change (module docstring)."""
+        fields: dict[str, Any] = {
             "chatroom": self.room_id,
             "offset": self.offset,
             "user": self.user,
             "message": self.text,
             "timestamp": self.timestamp_ms,
         }
+        if self.event is not None:
+            fields["event"] = self.event
+            fields["by"] = self.by or ""
+        return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> ChatMessage:
         """The message a wire-shaped mapping holds (``KeyError``, ``ValueError`` if not)."""
+        event = fields.get("event")
         return cls(
             int(fields["chatroom"]),
             int(fields["offset"]),
             str(fields["user"]),
             str(fields["message"]),
             int(fields["timestamp"]),
+            None if event is None else str(event),
+            None if event is None else str(fields.get("by") or ""),
         )
 
     @property
@@ -218,7 +270,7 @@ class ChatMessage:
         return (
             document_head(self.room_id)
             + b"%d" % self.offset
-            + document_tail(self.user, self.text, self.timestamp_ms)
+            + document_tail(self.user, self.text, self.timestamp_ms, self.event, self.by)
         )
 
     @classmethod
@@ -230,18 +282,20 @@ class ChatMessage:
             fields = json.loads(document)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a message document: {exc}") from None
-        if not isinstance(fields, dict) or tuple(fields) != MESSAGE_FIELDS:
+        if not isinstance(fields, dict) or tuple(fields) not in (MESSAGE_FIELDS, _EVENT_SHAPE):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        room_id, offset, user, text, timestamp_ms = fields.values()
+        room_id, offset, user, text, timestamp_ms, *change = fields.values()
         if not (
             type(room_id) is int
             and type(offset) is int
             and isinstance(user, str)
             and isinstance(text, str)
             and type(timestamp_ms) is int
-        ):
+            and all(isinstance(value, str) for value in change)
+        ) or (change and change[0] not in MEMBER_EVENTS):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        return cls(room_id, offset, user, text, timestamp_ms)
+        event, by = change or (None, None)
+        return cls(room_id, offset, user, text, timestamp_ms, event, by)
 
 
 class ArchiveEntry(NamedTuple):
