@@ -176,7 +176,7 @@ class Draft:
 
 @attrs.frozen(eq=False)
 class RoomEvent:
-    """An ephemeral room event (``presence``, ``typing``; between nodes ``member_removed``):
+    """An ephemeral room event (``presence``, ``typing``; between nodes ``user_room_added``):
     its fields and its JSON object, encoded once where the event happens.
 
     The bus carries :attr:`data`; a receiving node decodes it once, to route it by its

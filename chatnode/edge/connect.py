@@ -177,11 +177,12 @@ class ConnectMember(WsWriter):
     def removed(self) -> None:  # the connection itself sits in no room
         pass
 
-    def room_added(self, room_id: int) -> None:
-        """Rule 8 (``hub.RoomWatcher``)."""
+    def room_added(self, room_id: int, since: int | None = None) -> None:
+        """Rule 8 (``hub.RoomWatcher``): from ``since`` on, if the membership has an
+        ``added`` change (a new member gets what follows it)."""
         limit = self._node.settings.max_connection_rooms
         if not self._closing and room_id not in self.rooms and len(self.rooms) < limit:
-            self.subscribe(room_id, None)
+            self.subscribe(room_id, since)
 
     # -- rooms ----------------------------------------------------------------------------
 

@@ -34,21 +34,25 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    backoff), until ``hole_wait_s`` after the room's history first lacked messages: then the
    messages are taken as lost (logged, counted in ``history_holes``) and the range served
    without them.
-8. A membership that ends ends everywhere. ``RoomSession.members`` are the users (name ->
-   account id) whose membership this node confirmed while subscribed to the room: a rejoin
-   of the same account asks the directory nothing. A ``member_removed`` signal
-   (``ChatNode.remove_member`` and ``ChatNode.ban``, on every node through the bus) drops the
-   user from it and
-   tells that user's seats in the room (``Member.removed``: a room's connection closes with
-   4501, a ``/v1/connect`` connection unsubscribes the room); ``removals`` counts them, so a
-   confirmation that raced a removal is not kept. The table lives and dies with the
-   session: a node that is not subscribed, and so hears no removal, remembers no
-   membership; after a bus reconnect (signals may have been missed) every table is emptied.
+8. A membership that ends ends everywhere, in offset order. ``RoomSession.members`` are the
+   users (name -> account id) whose membership this node confirmed while subscribed to the
+   room: a rejoin of the same account asks the directory nothing. A membership change that
+   ends one (``ChatMessage.ends_membership``: ``node/rooms.py`` rule 7, a message of the
+   room like any other) is applied like a message -- the user's seats get it -- and then
+   drops the user from the table and tells that user's seats in the room
+   (``Member.removed``: a room's connection closes with 4501, a ``/v1/connect`` connection
+   unsubscribes the room), before the next offset is applied: a member removed at offset k
+   gets nothing after k. ``removals`` counts them, so a confirmation that raced a removal
+   is not kept. The table lives and dies with the session: a node that is not subscribed
+   remembers no membership; after a bus reconnect every table is emptied. A replay shows a
+   change and does not act on it: a seat is taken before its membership is checked, so a
+   removal after the check reaches the seat live (or queued, Rule 3).
 9. A membership that begins reaches the user's multi-room connections. Every node follows
    ``frames.USERS_CHANNEL`` on the bus (one subscription per node); a ``user_room_added``
-   signal there hands the room to each :class:`RoomWatcher` of that user on this node
-   (``/v1/connect`` connections, which subscribe it). ``user_room_events`` counts them, so a
-   connection that read the user's rooms before it began watching knows to read them again.
+   signal there hands the room, and the offset of the ``added`` change if it has one, to
+   each :class:`RoomWatcher` of that user on this node (``/v1/connect`` connections, which
+   subscribe it from that offset on). ``user_room_events`` counts them, so a connection
+   that read the user's rooms before it began watching knows to read them again.
 """
 
 from __future__ import annotations
@@ -118,8 +122,9 @@ class RoomWatcher(Protocol):
     @property
     def user(self) -> str: ...
 
-    def room_added(self, room_id: int) -> None:
-        """The user became a member of the room (never blocks)."""
+    def room_added(self, room_id: int, since: int | None = None) -> None:
+        """The user became a member of the room (never blocks); ``since``: the offset before
+        their ``added`` change, if it has one."""
 
 
 @attrs.define(eq=False)
@@ -405,15 +410,14 @@ class Hub:
                 seat.skipped_to = seat.pending[-1].offset
                 seat.pending = [message]
         self.deliveries += delivered
+        if message.event is not None and message.ends_membership:
+            self._removed(session, message.user)  # Rule 8
 
     async def signal(self, room_id: int, event: RoomEvent) -> None:
         session = self._sessions.get(room_id)
         if session is None:
             if room_id == frames.USERS_CHANNEL and event.kind == frames.USER_ROOM_ADDED:
                 self._room_added(event)
-            return
-        if event.kind == frames.MEMBER_REMOVED:
-            self._removed(session, str(event.fields.get("user")))
             return
         for seat in session.seats.values():
             if seat.live:
@@ -422,11 +426,13 @@ class Hub:
     def _room_added(self, event: RoomEvent) -> None:
         """Rule 9: tell the user's watchers on this node."""
         self.user_room_events += 1
-        room_id, user = event.fields.get("chatroom"), event.fields.get("user")
+        fields = event.fields
+        room_id, user, offset = fields.get("chatroom"), fields.get("user"), fields.get("offset")
         if type(room_id) is not int or not isinstance(user, str):
             return
+        since = offset - 1 if type(offset) is int and offset > 0 else None
         for watcher in list(self._watchers.get(user, ())):
-            watcher.room_added(room_id)
+            watcher.room_added(room_id, since)
 
     def watch_rooms(self, watcher: RoomWatcher) -> None:
         self._watchers.setdefault(watcher.user, set()).add(watcher)

@@ -20,6 +20,16 @@ Rules:
 5. **Bans** end the membership like a removal and keep the user out until lifted.
 6. **Search** reads only rooms the caller may read: the room named (rule 1), else the
    caller's newest ``MAX_OWN_ROOMS`` memberships, a bounded filter the archive applies.
+7. **Membership changes are room messages.** Adding a member to a private room, and ending
+   any membership (``left``, ``removed``, ``banned``), publishes a membership change
+   (``Draft.membership``) with its own offset, after the directory's write: every node
+   acts on it in offset order (hub Rule 8), so a member removed at offset k gets nothing
+   after k and one added at k gets what follows. Members a room is created with, the two
+   of a direct room, and a public room's members have no ``added`` change (a public room
+   is readable by all). Nothing is half done: when the change cannot be published the
+   directory's write is undone and the call answers ``unavailable`` (retry it). A node
+   that stops between the two leaves the write without its change: a removed user's
+   connections open then stay until they end, and no new one gets in.
 """
 
 from __future__ import annotations
@@ -30,15 +40,20 @@ import attrs
 import trio
 
 from chatnode.core import auth, validation
-from chatnode.core.errors import BadRequest, Forbidden, NotFound, Unavailable
+from chatnode.core.errors import BadRequest, Forbidden, NotFound, OffsetUnknown, Unavailable
 from chatnode.core.models import (
+    ADDED,
     ADMIN,
+    BANNED,
     DIRECT,
+    LEFT,
     MEMBER,
     OWNER,
     PRIVATE,
     PUBLIC,
+    REMOVED,
     ChatMessage,
+    Draft,
     Listed,
     Member,
     Room,
@@ -69,6 +84,14 @@ class Activity:
         return (
             self.room.created_at_ms if self.last_message is None else self.last_message.timestamp_ms
         )
+
+
+def _unpublished(exc: BaseException) -> Unavailable:
+    """The answer to a membership change that was undone (rule 7)."""
+    if isinstance(exc, Unavailable):
+        return exc
+    log.error("a membership change could not be published", exc_info=exc)
+    return Unavailable("the membership change could not be published; retry", retry_after_s=1.0)
 
 
 def no_room(room_id: int) -> NotFound:
@@ -216,11 +239,21 @@ class Rooms(Accounts):
                 self.limits.member_changes, claims.user, "too many membership changes"
             )
 
-    async def member_added(self, room_id: int, user: str) -> None:
-        """``user`` became a member of the room: their ``/v1/connect`` connections on every
-        node subscribe it (hub Rule 9). Best effort: a connection that missed it gets the
-        room when it next opens."""
-        await self.signal(frames.USERS_CHANNEL, frames.user_room_added_event(room_id, user))
+    async def member_added(self, room_id: int, user: str, offset: int | None = None) -> None:
+        """``user`` became a member of the room (at ``offset``, its ``added`` change, if it
+        has one): their ``/v1/connect`` connections on every node subscribe it (hub Rule 9).
+        Best effort: a connection that missed it gets the room when it next opens."""
+        await self.signal(frames.USERS_CHANNEL, frames.user_room_added_event(room_id, user, offset))
+
+    async def _publish_change(self, room_id: int, user: str, event: str, by: str) -> ChatMessage:
+        """Publish a membership change (rule 7); ``Unavailable`` if it could not be."""
+        draft = Draft.membership(room_id, user, event, by=by, at_ms=now_ms())
+        bus = self.backends.bus
+        try:
+            return await bus.publish(draft)
+        except OffsetUnknown:
+            await self.hub.restore(room_id)
+            return await bus.publish(draft)
 
     def _max_members(self, room: Room) -> int:
         limits = self.settings.limits
@@ -249,12 +282,21 @@ class Rooms(Accounts):
         elif not (room.public and user == claims.user):
             await self._managed(room_id, claims)
         await self._change(claims)
-        added = await self.backends.directory.add_member(
+        directory = self.backends.directory
+        added = await directory.add_member(
             room_id, user, max_members=self._max_members(room), role=role
         )
+        offset = None
+        if added and not room.public:
+            try:
+                offset = (await self._publish_change(room_id, user, ADDED, claims.user)).offset
+            except Exception as exc:
+                with trio.CancelScope(shield=True):
+                    await directory.remove_member(room_id, user)
+                raise _unpublished(exc) from None
         if added:
-            await self.member_added(room_id, user)
-        member = await self.backends.directory.get_member(room_id, user)
+            await self.member_added(room_id, user, offset)
+        member = await directory.get_member(room_id, user)
         return member or Member(user), added
 
     async def remove_member(self, claims: auth.Claims, room_id: int, name: str) -> bool:
@@ -271,10 +313,24 @@ class Rooms(Accounts):
         if validation.name_key(name) != validation.name_key(claims.user):
             await self._managed(room_id, claims)
             await self._change(claims)
-        user = await self.backends.directory.get_user(name)
+        directory = self.backends.directory
+        user = await directory.get_user(name)
         name = user.name if user is not None else name
-        removed = await self.backends.directory.remove_member(room_id, name)
-        await self.backends.bus.signal(room_id, frames.member_removed_event(room_id, name))
+        member = await directory.get_member(room_id, name)
+        removed = await directory.remove_member(room_id, name)
+        if removed:
+            event = LEFT if name == claims.user else REMOVED
+            try:
+                await self._publish_change(room_id, name, event, claims.user)
+            except Exception as exc:
+                with trio.CancelScope(shield=True):
+                    await directory.add_member(
+                        room_id,
+                        name,
+                        max_members=self._max_members(room) + 1,
+                        role=member.role if member is not None and member.role == ADMIN else MEMBER,
+                    )
+                raise _unpublished(exc) from None
         return removed
 
     async def ban(self, claims: auth.Claims, room_id: int, name: object) -> bool:
@@ -291,8 +347,21 @@ class Rooms(Accounts):
         if user == claims.user or (target is not None and target.role == OWNER):
             raise Forbidden("the owner and yourself cannot be banned", code="forbidden")
         await self._change(claims)
-        banned = await self.backends.directory.ban(room_id, user, by=claims.user, at_ms=now_ms())
-        await self.backends.bus.signal(room_id, frames.member_removed_event(room_id, user))
+        directory = self.backends.directory
+        banned = await directory.ban(room_id, user, by=claims.user, at_ms=now_ms())
+        if banned and target is not None:  # their membership ended with the ban
+            try:
+                await self._publish_change(room_id, user, BANNED, claims.user)
+            except Exception as exc:
+                with trio.CancelScope(shield=True):
+                    await directory.unban(room_id, user)
+                    await directory.add_member(
+                        room_id,
+                        user,
+                        max_members=self._max_members(room) + 1,
+                        role=target.role if target.role == ADMIN else MEMBER,
+                    )
+                raise _unpublished(exc) from None
         return banned
 
     async def unban(self, claims: auth.Claims, room_id: int, name: str) -> bool:

@@ -236,7 +236,22 @@ def _v1_frame(obj: dict[str, Any], limits: validation.Limits) -> ClientFrame:
 
 
 def server_frame(message: ChatMessage, dialect: Dialect) -> bytes:
-    """The payload of a chat message; identical for every member of one dialect (Rule 1)."""
+    """The payload of a chat message; identical for every member of one dialect (Rule 1).
+    A membership change is a v1 ``member`` frame; the plain dialect has none (``b""``)."""
+    if message.event is not None:
+        if dialect is Dialect.PLAIN:
+            return b""
+        return _dumps(
+            {
+                "type": "member",
+                "chatroom": message.room_id,
+                "offset": message.offset,
+                "user": message.user,
+                "event": message.event,
+                "by": message.by or "",
+                "timestamp": message.timestamp_ms,
+            }
+        )
     if dialect is Dialect.PLAIN:
         fields = message.fields()
         del fields["offset"]  # the plain format has none
@@ -307,24 +322,17 @@ def typing_event(room_id: int, user: str) -> RoomEvent:
     return RoomEvent.of(type="typing", chatroom=room_id, user=user)
 
 
-MEMBER_REMOVED = "member_removed"
 USER_ROOM_ADDED = "user_room_added"
 USERS_CHANNEL = 0
 """The bus's "room" (no room has id 0) every node follows for events about users, not rooms
 (``user_room_added``): one subscription per node, whatever the number of users."""
 
 
-def user_room_added_event(room_id: int, user: str) -> RoomEvent:
-    """Between nodes only, on :data:`USERS_CHANNEL`: ``user`` became a member of the room;
-    their ``/v1/connect`` connections subscribe it."""
-    return RoomEvent.of(type=USER_ROOM_ADDED, chatroom=room_id, user=user)
-
-
-def member_removed_event(room_id: int, user: str) -> RoomEvent:
-    """Between nodes only (never sent to clients): ``user`` is no longer a member of the
-    room (left, removed or banned); every node closes that user's connections to it
-    (4501)."""
-    return RoomEvent.of(type=MEMBER_REMOVED, chatroom=room_id, user=user)
+def user_room_added_event(room_id: int, user: str, offset: int | None = None) -> RoomEvent:
+    """Between nodes only, on :data:`USERS_CHANNEL`: ``user`` became a member of the room
+    (at ``offset``: the room's ``added`` change; None where there is none, a public room);
+    their ``/v1/connect`` connections subscribe it, from that offset on if there is one."""
+    return RoomEvent.of(type=USER_ROOM_ADDED, chatroom=room_id, user=user, offset=offset)
 
 
 # -- WebSocket framing (RFC 6455 §5.2; the rest is in ``wire/websocket.py``) ----------------
@@ -392,8 +400,10 @@ class Encoder:
         self._event_frame = b""
 
     def encode(self, message: ChatMessage) -> bytes:
-        """The frame of ``message``, kept as :attr:`frame` until the next message."""
-        self.frame = ws_text_frame(server_frame(message, self.dialect))
+        """The frame of ``message``, kept as :attr:`frame` until the next message; ``b""``
+        for what the dialect does not show (a membership change in plain)."""
+        payload = server_frame(message, self.dialect)
+        self.frame = ws_text_frame(payload) if payload else b""
         self.message = message
         return self.frame
 
@@ -435,13 +445,16 @@ class Recipient:
     def deliver(self, message: ChatMessage) -> None:
         """Send a chat message: the fan-out's call, once per live member."""
         encoder = self.encoder
-        self.send_nowait(encoder.frame if encoder.message is message else encoder.encode(message))
+        frame = encoder.frame if encoder.message is message else encoder.encode(message)
+        if frame:
+            self.send_nowait(frame)
 
     def deliver_history(self, message: ChatMessage) -> int:
         """Send a message of a replay; the bytes of its frame (the replay's pages count them)."""
         encoder = self.encoder
         frame = encoder.frame if encoder.message is message else encoder.encode(message)
-        self.send_nowait(frame)
+        if frame:
+            self.send_nowait(frame)
         return len(frame)
 
     def deliver_all(self, messages: list[ChatMessage], max_bytes: int | None = None) -> bool:
@@ -452,7 +465,8 @@ class Recipient:
         if max_bytes is not None and sum(map(len, frames)) > max_bytes:
             return False
         for frame in frames:
-            self.send_nowait(frame)
+            if frame:
+                self.send_nowait(frame)
         return True
 
     def notify(self, notice: Notice) -> None:

@@ -5,6 +5,7 @@ made once; a ban made on one node closes the banned user's connection on the oth
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +140,111 @@ async def test_a_ban_on_one_node_closes_the_connection_on_the_other() -> None:
             await ann_ws.send_message(json.dumps({"type": "send", "id": "x", "message": "hi"}))
             while json.loads(await ann_ws.get_message())["type"] != "ack":
                 pass
+
+
+async def test_a_removed_member_gets_nothing_after_the_removal_on_either_node() -> None:
+    """``node/rooms.py`` rule 7, hub Rule 8: messages flow while bob is removed. Bob's
+    connections on both nodes get every offset up to his removal (k) and nothing after,
+    then close with 4501; carl, who stays, gets every offset once, in order, k among
+    them. Dave, added while connected to ``/v1/connect`` on the other node, gets what
+    follows his ``added`` change and nothing before."""
+    async with (
+        running_cluster(nodes=2) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, timeout=10) as api,
+    ):
+        tokens = {name: await token_for(api, name) for name in ("ann", "bob", "carl", "dave")}
+        ann = {"Authorization": f"Bearer {tokens['ann']}"}
+        r = await api.post(
+            "/v1/chatrooms",
+            json={"name": "group", "visibility": "private", "members": ["bob", "carl"]},
+            headers=ann,
+        )
+        assert r.status_code == 201, r.text
+        room = r.json()["id"]
+
+        def url(node: int, user: str) -> str:
+            port = cluster.node_ports[node]
+            return f"ws://127.0.0.1:{port}/v1/chatrooms/{room}/join?token={tokens[user]}"
+
+        sent = 40
+        with trio.fail_after(60):
+            async with (
+                open_websocket_url(url(0, "ann"), subprotocols=["chatnode.v1"]) as ann_ws,
+                open_websocket_url(url(0, "bob"), subprotocols=["chatnode.v1"]) as bob0,
+                open_websocket_url(url(1, "bob"), subprotocols=["chatnode.v1"]) as bob1,
+                open_websocket_url(url(1, "carl"), subprotocols=["chatnode.v1"]) as carl_ws,
+                open_websocket_url(
+                    f"ws://127.0.0.1:{cluster.node_ports[1]}/v1/connect?token={tokens['dave']}",
+                    subprotocols=["chatnode.v1"],
+                ) as dave_ws,
+            ):
+                for ws in (ann_ws, bob0, bob1, carl_ws):
+                    await read_until_live(ws)
+
+                async def chatter() -> None:
+                    for i in range(sent):
+                        await ann_ws.send_message(
+                            json.dumps({"type": "send", "id": f"m{i}", "message": f"m{i}"})
+                        )
+                        await trio.sleep(0.01)
+
+                async def change_members() -> None:
+                    await trio.sleep(0.1)
+                    node0, node1 = cluster.node_url(0), cluster.node_url(1)
+                    r = await api.delete(f"{node1}/v1/chatrooms/{room}/members/bob", headers=ann)
+                    assert r.status_code == 200, r.text
+                    await trio.sleep(0.1)
+                    r = await api.post(
+                        f"{node0}/v1/chatrooms/{room}/members", json={"user": "dave"}, headers=ann
+                    )
+                    assert r.status_code == 201, r.text
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(chatter)
+                    nursery.start_soon(change_members)
+
+                async def frames_until_closed(ws: Any) -> tuple[list[dict[str, Any]], int]:
+                    got = []
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            got.append(json.loads(await ws.get_message()))
+                    reason = closed.value.reason
+                    return got, reason.code if reason is not None else 0
+
+                for bob_ws in (bob0, bob1):
+                    got, code = await frames_until_closed(bob_ws)
+                    assert code == 4501
+                    ordered = [f for f in got if f["type"] in ("message", "member")]
+                    assert ordered[-1]["type"] == "member", ordered[-3:]
+                    assert (ordered[-1]["user"], ordered[-1]["event"]) == ("bob", "removed")
+                    removal = ordered[-1]["offset"]
+                    offsets = [f["offset"] for f in ordered]
+                    assert offsets == list(range(offsets[0], removal + 1))  # none after k
+
+                carl: list[dict[str, Any]] = []
+                while len([f for f in carl if f["type"] in ("message", "member")]) < sent + 2:
+                    frame = json.loads(await carl_ws.get_message())
+                    carl.append(frame)
+                ordered = [f for f in carl if f["type"] in ("message", "member")]
+                assert [f["offset"] for f in ordered] == list(range(1, sent + 3))
+                changes = [
+                    (f["user"], f["event"], f["by"]) for f in ordered if f["type"] == "member"
+                ]
+                assert changes == [("bob", "removed", "ann"), ("dave", "added", "ann")]
+                added = next(f["offset"] for f in ordered if f.get("event") == "added")
+
+                dave: list[dict[str, Any]] = []
+                while not any(f["type"] == "live" for f in dave):
+                    dave.append(json.loads(await dave_ws.get_message()))
+                while not dave or dave[-1].get("offset") != sent + 2:
+                    dave.append(json.loads(await dave_ws.get_message()))
+                seen = [f["offset"] for f in dave if f["type"] in ("message", "member")]
+                assert seen == list(range(added, sent + 3))  # from his "added" change on
+
+        r = await api.get(f"/v1/chatrooms/{room}/messages", params={"limit": 100}, headers=ann)
+        history = r.json()["messages"]
+        assert [m["offset"] for m in history] == list(range(1, sent + 3))
+        assert [(m["user"], m["event"]) for m in history if "event" in m] == [
+            ("bob", "removed"),
+            ("dave", "added"),
+        ]

@@ -405,6 +405,7 @@ async def test_a_member_added_to_a_group_while_connected_is_subscribed(tmp_path:
         )
         assert r.status_code == 201, r.text
         group = r.json()["id"]
+        await send_via_join(node, bob, group, ["before ann"])  # offset 1
         with trio.fail_after(20):
             async with connect(node, ann) as c:
                 await c.send(type="subscribe", chatroom=group)  # not a member yet: hidden
@@ -414,7 +415,15 @@ async def test_a_member_added_to_a_group_while_connected_is_subscribed(tmp_path:
                     f"/v1/chatrooms/{group}/members", json={"user": "ann"}, headers=auth(bob)
                 )
                 assert r.status_code == 201, r.text
-                assert await c.until_live(group) == []  # subscribed at once, nothing to replay
+                # subscribed at once, from her "added" change (offset 2) on: nothing before it
+                assert await c.until_live(group) == []
+                (added,) = c.of(group, "member")
+                assert {k: added[k] for k in ("offset", "user", "event", "by")} == {
+                    "offset": 2,
+                    "user": "ann",
+                    "event": "added",
+                    "by": "bob",
+                }
                 await send_via_join(node, bob, group, ["welcome"])
                 got = await c.next("message", chatroom=group, user="bob")
-                assert got["message"] == "welcome"
+                assert (got["message"], got["offset"]) == ("welcome", 3)

@@ -12,7 +12,7 @@ import trio
 from wsproto.frame_protocol import FrameDecoder
 
 from chatnode.adapters.sqlite import LocalBroker, SqliteArchive, SqliteBus, SqliteDatabase
-from chatnode.core.models import ChatMessage, Draft, RoomEvent
+from chatnode.core.models import ADDED, BANNED, LEFT, REMOVED, ChatMessage, Draft, RoomEvent
 from chatnode.node.hub import Hub
 from chatnode.wire import frames
 from chatnode.wire.frames import CloseCode, Dialect, Encoder, Recipient
@@ -213,24 +213,58 @@ async def test_last_member_leaving_unsubscribes(setup: tuple[Hub, GatedBus]) -> 
     assert bob.offsets == [] and ann.offsets == []
 
 
-async def test_a_removed_member_is_closed_and_forgotten(setup: tuple[Hub, GatedBus]) -> None:
-    from chatnode.wire import frames
-
+async def test_a_removed_member_gets_the_change_and_nothing_after(
+    setup: tuple[Hub, GatedBus],
+) -> None:
+    """Rule 8: the change is applied like a message, then ends the user's seats."""
     hub, bus = setup
     bus.gate.set()
     ann1, ann2, bob = FakeMember("ann/1"), FakeMember("ann/2"), FakeMember("bob")
     ann1.user = ann2.user = "ann"
-    for m in (ann1, ann2, bob):
+    plain = FakeMember("carl", Dialect.PLAIN)
+    for m in (ann1, ann2, bob, plain):
         await join(hub, m)
     session = hub._sessions[1]
     session.members.update({"ann": 1, "bob": 2})
     removals = session.removals
-    await hub.signal(1, frames.member_removed_event(1, "ann"))
+    await hub.deliver(ChatMessage(1, 1, "ann", "", 5, REMOVED, "bob"))
     assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN and bob.closed is None
     assert session.members == {"bob": 2} and session.removals == removals + 1
-    assert bob.frames == []  # between nodes only
-    await hub.signal(2, frames.member_removed_event(2, "bob"))  # a room without a session
+    change = {
+        "type": "member",
+        "chatroom": 1,
+        "offset": 1,
+        "user": "ann",
+        "event": "removed",
+        "by": "bob",
+        "timestamp": 5,
+    }
+    assert ann1.frames == ann2.frames == bob.frames == [change]
+    assert plain.frames == []  # the plain dialect has no frame for it
+    await hub.deliver(ChatMessage(2, 1, "bob", "", 5, BANNED, "ann"))  # no session: nothing
     assert bob.closed is None
+
+
+async def test_a_change_that_does_not_end_a_membership_ends_nothing(
+    setup: tuple[Hub, GatedBus],
+) -> None:
+    hub, bus = setup
+    bus.gate.set()
+    ann = FakeMember("ann")
+    await join(hub, ann)
+    await hub.deliver(ChatMessage(1, 1, "ann", "", 5, ADDED, "bob"))
+    await hub.deliver(ChatMessage(1, 2, "bob", "hi", 6))
+    assert ann.closed is None and [f["type"] for f in ann.frames] == ["member", "message"]
+
+
+async def test_a_queued_seat_is_ended_by_its_removal(setup: tuple[Hub, GatedBus]) -> None:
+    """A seat whose replay runs (Rule 3) is told too: its replay stops there."""
+    hub, bus = setup
+    bus.gate.set()
+    ann = FakeMember("ann")
+    _, seat = await hub.attach(1, ann)
+    await hub.deliver(ChatMessage(1, 1, "ann", "", 5, LEFT, "ann"))
+    assert ann.closed == CloseCode.FORBIDDEN and seat.pending is not None
 
 
 async def test_a_bus_reconnect_forgets_confirmed_memberships(setup: tuple[Hub, GatedBus]) -> None:
@@ -250,9 +284,11 @@ class Watcher:
     def __init__(self, user: str) -> None:
         self.user = user
         self.added: list[int] = []
+        self.since: list[int | None] = []
 
-    def room_added(self, room_id: int) -> None:
+    def room_added(self, room_id: int, since: int | None = None) -> None:
         self.added.append(room_id)
+        self.since.append(since)
 
 
 async def test_a_new_membership_reaches_the_users_watchers_only(
@@ -266,11 +302,12 @@ async def test_a_new_membership_reaches_the_users_watchers_only(
 
     await hub.signal(frames.USERS_CHANNEL, frames.user_room_added_event(5, "ann"))
     hub.unwatch_rooms(ann2)
-    await hub.signal(frames.USERS_CHANNEL, frames.user_room_added_event(6, "ann"))
+    await hub.signal(frames.USERS_CHANNEL, frames.user_room_added_event(6, "ann", offset=9))
     await hub.signal(frames.USERS_CHANNEL, frames.typing_event(0, "ann"))  # not one
     await hub.signal(frames.USERS_CHANNEL, RoomEvent.of(type=frames.USER_ROOM_ADDED, user="ann"))
 
     assert (ann.added, ann2.added, bob.added) == ([5, 6], [5], [])
+    assert ann.since == [None, 8]  # from the offset before the room's "added" change on
     assert hub.user_room_events == before + 3
 
 
@@ -287,5 +324,5 @@ async def test_a_removal_tells_the_seat_not_the_connection(setup: tuple[Hub, Gat
     member = MultiRoom("ann")
     _, seat = await hub.attach(1, member)
     seat.live = True
-    await hub.signal(1, frames.member_removed_event(1, "ann"))
+    await hub.deliver(ChatMessage(1, 1, "ann", "", 5, REMOVED, "bob"))
     assert (member.removals, member.closed) == (1, None)

@@ -21,7 +21,8 @@ from chatnode.adapters.sqlite import (
     SqliteDirectory,
 )
 from chatnode.core import auth
-from chatnode.core.errors import Forbidden
+from chatnode.core.errors import Forbidden, Unavailable
+from chatnode.core.models import ChatMessage, Draft
 from chatnode.node.service import ChatNode
 from chatnode.node.settings import Backends, NodeSettings
 from chatnode.wire.frames import CloseCode, Dialect
@@ -33,19 +34,24 @@ ADMIN = auth.Claims("root", True, 2**40, account_id=3)
 
 @attrs.define(eq=False)
 class GatedDirectory:
-    """A SqliteDirectory whose ``add_member`` waits for ``gate`` (when set up) and counts."""
+    """A SqliteDirectory whose ``add_member`` waits for ``gate`` (when set up) once it added,
+    and counts."""
 
     inner: SqliteDirectory
     gate: trio.Event | None = None
     entered: trio.Event = attrs.Factory(trio.Event)
     adds: int = 0
 
-    async def add_member(self, room_id: int, user: str, *, max_members: int) -> bool:
+    async def add_member(
+        self, room_id: int, user: str, *, max_members: int, role: str = "member"
+    ) -> bool:
+        """Adds, then waits: the membership is in the directory, the join not yet told."""
         self.adds += 1
+        added = await self.inner.add_member(room_id, user, max_members=max_members, role=role)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
-        return await self.inner.add_member(room_id, user, max_members=max_members)
+        return added
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -133,7 +139,9 @@ async def test_a_removal_closes_every_connection_of_the_user_to_the_room(rig: Ri
             await ann2.was_closed.wait()  # the in-process bus delivers on its next pass
         assert ann1.closed == ann2.closed == CloseCode.FORBIDDEN
         assert bob.closed is None
-        assert not any(f.get("type") == "member_removed" for f in bob.frames)  # nodes only
+        changes = [f for f in bob.frames if f.get("type") == "member"]
+        assert [(f["user"], f["event"], f["by"]) for f in changes] == [("ann", "left", "ann")]
+        assert ann1.frames[-1] == changes[0]  # the last thing ann got: her own removal
     assert await rig.directory.list_members(rig.room_id) == ["bob"]
 
 
@@ -151,8 +159,8 @@ async def test_a_removal_racing_a_join_is_not_forgotten(rig: Rig) -> None:
                     pass
 
             nursery.start_soon(joining)
-            await rig.directory.entered.wait()  # ann's add_member is in flight
-            assert await node.remove_member(ADMIN, rig.room_id, "ann") is False
+            await rig.directory.entered.wait()  # ann is a member, her join not yet told
+            assert await node.remove_member(ADMIN, rig.room_id, "ann") is True
             with trio.fail_after(5):
                 await ann.was_closed.wait()
             rig.directory.gate.set()
@@ -173,3 +181,43 @@ async def test_a_membership_is_confirmed_for_an_account_not_a_name(rig: Rig) -> 
             assert rig.directory.adds == adds
         async with node.join(rig.room_id, Member("c3", "ann", account_id=42)):
             assert rig.directory.adds == adds + 1
+
+
+async def test_a_change_that_cannot_be_published_is_undone(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``node/rooms.py`` rule 7: nothing half done. A membership change the bus refuses
+    leaves the directory as it was, and the caller gets ``unavailable``."""
+    node = rig.node
+    ann = member("c1", "ann").claims
+    room = await node.create_room("group", claims=ann, visibility="private", members=["bob"])
+    directory = rig.directory.inner
+    bus = node.backends.bus
+    publish = bus.publish
+
+    async def refusing(draft: Draft) -> ChatMessage:
+        if draft.event is not None:
+            raise Unavailable("the bus is away")
+        return await publish(draft)
+
+    monkeypatch.setattr(bus, "publish", refusing)
+    with pytest.raises(Unavailable):
+        await node.add_member(ann, room.id, "root")
+    assert await directory.get_member(room.id, "root") is None
+    with pytest.raises(Unavailable):
+        await node.remove_member(ann, room.id, "bob")
+    assert await directory.get_member(room.id, "bob") is not None
+    with pytest.raises(Unavailable):
+        await node.ban(ann, room.id, "bob")
+    assert await directory.get_member(room.id, "bob") is not None
+    assert await directory.list_bans(room.id, limit=10) == []
+
+    monkeypatch.setattr(bus, "publish", publish)
+    await node.ban(ann, room.id, "bob")
+    assert await directory.get_member(room.id, "bob") is None
+    await node.add_member(ann, room.id, "root")
+    history = await node.history(room.id, before=None, limit=10, claims=ann)
+    assert [(m.offset, m.user, m.event, m.by) for m in history] == [
+        (1, "bob", "banned", "ann"),
+        (2, "root", "added", "ann"),
+    ]

@@ -4,7 +4,8 @@ is read by :class:`~chatnode.adapters.redis.archive_feed.RedisArchiveFeed`. Need
 Keys (``P`` is the deployment's key prefix, room ids are decimal)::
 
     P:room:{id}:offset  string   newest offset of the room
-    P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts;
+    P:room:{id}:log     stream   recent room log: entry id ``<offset>-0``, fields u, t, ts
+                                 (and e, b: a membership change's event and by);
                                  trimmed to about ``room_log_length`` entries (MAXLEN ~)
     P:room:{id}:sent:{user}:{client id}
                         string   ``<offset>:<timestamp>`` of a send with a client id (EX the
@@ -205,24 +206,24 @@ class RedisBus:
         keys = [self.keys.offset(room_id), self.keys.log(room_id), self.keys.archive]
         if draft.client_id is not None:
             keys.append(self.keys.sent(room_id, draft.user, draft.client_id))
-        document_tail_ = document_tail(draft.user, draft.text, draft.timestamp_ms)
+        event = draft.event
+        document_tail_ = document_tail(draft.user, draft.text, draft.timestamp_ms, event, draft.by)
+        args: list[str | bytes | int] = [
+            self.room_log_length,
+            self.keys.channel(room_id),
+            draft.user,
+            draft.text,
+            draft.timestamp_ms,
+            document_head(room_id),
+            document_tail_,
+            self._seen.get(room_id, -1),
+            max(1, round(self.dedup_window_s)),
+            1 if room_id in self._behind else 0,
+        ]
+        if event is not None:
+            args += [event, draft.by or ""]
         try:
-            reply, serial = await PUBLISH.run_tracked(
-                self._redis,
-                keys,
-                [
-                    self.room_log_length,
-                    self.keys.channel(room_id),
-                    draft.user,
-                    draft.text,
-                    draft.timestamp_ms,
-                    document_head(room_id),
-                    document_tail_,
-                    self._seen.get(room_id, -1),
-                    max(1, round(self.dedup_window_s)),
-                    1 if room_id in self._behind else 0,
-                ],
-            )
+            reply, serial = await PUBLISH.run_tracked(self._redis, keys, args)
         except RespError as exc:
             if exc.prefix == _BEHIND:
                 self._behind.add(room_id)
@@ -237,11 +238,21 @@ class RedisBus:
                 self._keep(serial, entry_id, room_id, offset, document_tail_)
                 if room_id in self._rooms and offset > self._seen.get(room_id, 0):
                     self._seen[room_id] = offset
-                return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+                if event is None:
+                    return ChatMessage(room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+                return ChatMessage(
+                    room_id, offset, draft.user, draft.text, draft.timestamp_ms, event, draft.by
+                )
             case [0, bytes(sent)]:
                 offset_raw, _, timestamp_raw = sent.partition(b":")
                 return ChatMessage(
-                    room_id, int(offset_raw), draft.user, draft.text, int(timestamp_raw)
+                    room_id,
+                    int(offset_raw),
+                    draft.user,
+                    draft.text,
+                    int(timestamp_raw),
+                    event,
+                    draft.by if event is not None else None,
                 )
         raise TypeError(f"the publish script returned {reply!r:.200}")
 
@@ -289,7 +300,7 @@ class RedisBus:
             int(self.settle_s * 1000),
         ]
         for m in messages:
-            args += [m.offset, m.user, m.text, m.timestamp_ms]
+            args += [m.offset, m.user, m.text, m.timestamp_ms, m.event or "", m.by or ""]
         reply = await RESTORE.run(
             self._redis,
             [self.keys.offset(room_id), self.keys.log(room_id), self.keys.incarnation],

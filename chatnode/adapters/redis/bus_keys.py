@@ -16,7 +16,8 @@ from .client import Script
 # KEYS: counter, room log, archive stream[, sent key].
 # ARGV: log length, channel, user, text, timestamp_ms, the archive document's head and tail,
 # floor (the newest offset the node saw; -1: none), dedup window s, 1 to continue above a
-# floor the counter is behind (0: refuse, so the node restores the room first).
+# floor the counter is behind (0: refuse, so the node restores the room first)[, event, by
+# of a membership change].
 # Returns {offset, archive entry id}, or {0, "offset:timestamp"} for a client id already sent.
 PUBLISH_LUA: Final = """#!lua
 if KEYS[4] then
@@ -38,8 +39,13 @@ end
 if current < 0 then return redis.error_reply('NOOFFSET the room offset is unknown') end
 local offset = current + 1
 redis.call('SET', KEYS[1], offset)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
-  'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
+if ARGV[11] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
+    'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5], 'e', ARGV[11], 'b', ARGV[12])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], offset .. '-0',
+    'u', ARGV[3], 't', ARGV[4], 'ts', ARGV[5])
+end
 local document = ARGV[6] .. offset .. ARGV[7]
 local id = redis.call('XADD', KEYS[3], '*', 'd', document)
 redis.call('PUBLISH', ARGV[2], 'm' .. document)
@@ -59,7 +65,8 @@ return -1
 """)
 
 # KEYS: counter, room log, incarnation. ARGV: last offset, log length, seed (1/0), settle ms,
-# then offset, user, text, timestamp_ms of each message to log, ascending.
+# then offset, user, text, timestamp_ms, event, by ("" for a message) of each message to log,
+# ascending.
 # Returns {offset, 0}, or {-1, ms to wait} for a seed that comes too soon after a data loss.
 RESTORE: Final = Script("""#!lua
 local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
@@ -77,11 +84,15 @@ if ARGV[3] == '1' and current < 0 and top < 0 and target > 0 then
   local wait = since + tonumber(ARGV[4]) - now_ms
   if wait > 0 then return {-1, wait} end
 end
-for i = 5, #ARGV, 4 do
+for i = 5, #ARGV, 6 do
   local offset = tonumber(ARGV[i])
+  local fields = {'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3]}
+  if ARGV[i + 4] ~= '' then
+    fields[7], fields[8], fields[9], fields[10] = 'e', ARGV[i + 4], 'b', ARGV[i + 5]
+  end
   -- pcall: an id the stream already generated (a deleted entry's) is refused, and skipped
   if offset > top and pcall(redis.call, 'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2],
-      offset .. '-0', 'u', ARGV[i + 1], 't', ARGV[i + 2], 'ts', ARGV[i + 3]) then
+      offset .. '-0', unpack(fields)) then
     top = offset
   end
 end
@@ -165,7 +176,18 @@ def logged_message(room_id: int, entry: Reply) -> ChatMessage:
         case [bytes(entry_id), [*pairs]] if len(pairs) % 2 == 0:
             fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
             user, text, ts = fields.get(b"u"), fields.get(b"t"), fields.get(b"ts")
+            event, by = fields.get(b"e"), fields.get(b"b")
             if isinstance(user, bytes) and isinstance(text, bytes) and isinstance(ts, bytes):
+                if isinstance(event, bytes):  # a membership change
+                    return ChatMessage(
+                        room_id,
+                        _offset_of(entry_id),
+                        user.decode(),
+                        text.decode(),
+                        int(ts),
+                        event.decode(),
+                        by.decode() if isinstance(by, bytes) else "",
+                    )
                 return ChatMessage(
                     room_id, _offset_of(entry_id), user.decode(), text.decode(), int(ts)
                 )
