@@ -4,10 +4,10 @@ One document per message in the index ``<prefix>-messages`` (mapping and setting
 ``schema/messages_template.json``, put by ``chatnode migrate``: ``migrations.py``), with the
 fields ``chatroom``, ``offset``, ``user``, ``message``, ``timestamp`` (epoch ms), and for a
 membership change ``event`` and ``by`` (keywords; ``chatnode migrate`` adds them to an
-existing index's mapping). Dead
-letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
-(``schema/dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
-``_id`` its digest, the documents as ``binary`` (base64: kept byte for byte).
+existing index's mapping). Dead letters, the documents the archive refused, are kept in
+``<prefix>-dead-letters`` (``schema/dead_letters_template.json``, also put by ``chatnode
+migrate``), one per letter with ``_id`` its digest, the documents as ``binary`` (base64: kept
+byte for byte).
 
 Guarantees:
 
