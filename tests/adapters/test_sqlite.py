@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -24,6 +25,7 @@ from chatnode.adapters.sqlite import (
 )
 from chatnode.core import errors
 from chatnode.core.models import ChatMessage, Draft, Room, RoomEvent, SearchQuery
+from chatnode.core.validation import name_key
 from tests.contracts.harness import Recorder, documents
 
 T0 = 1_700_000_000_000
@@ -236,6 +238,63 @@ async def test_a_version_4_database_keeps_every_user_membership_and_message(
     assert roles == {"member"}  # schema 6: existing members are members,
     assert room == Room(1, "lobby", 1, "public", None)  # existing rooms public, no owner
     assert [m.text for m in history] == ["kept"]
+
+
+async def test_a_version_6_database_keeps_its_messages_and_takes_membership_changes(
+    tmp_path: Path,
+) -> None:
+    """Migration 7 (membership changes) on a database with indexed and pending messages:
+    each stays a message (no event), searchable; changes then take the next offsets."""
+    path = tmp_path / "chatnode.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.create_function("chatnode_name_key", 1, name_key, deterministic=True)
+        for step in MIGRATIONS[:6]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO schema_version VALUES (1, 6)")
+        conn.executemany(
+            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
+            " VALUES (1, ?, 'bob', ?, ?)",
+            [(1, "old indexed news", T0), (2, "old pending news", T0 + 1)],
+        )
+        conn.execute(  # the first is in the FTS index, the second still pending
+            'INSERT INTO messages_fts(rowid, text) SELECT id, text FROM messages WHERE "offset" = 1'
+        )
+        conn.execute(
+            "DELETE FROM messages_fts_pending WHERE id = (SELECT id FROM messages"
+            ' WHERE "offset" = 1)'
+        )
+    conn.close()
+
+    async with await SqliteDatabase.open(path) as database:
+        assert await database.schema_version() == SCHEMA_VERSION
+        bus, archive = SqliteBus(database, LocalBroker()), SqliteArchive(database)
+        added = await bus.publish(Draft.membership(1, "news", "added", by="bob", at_ms=T0 + 2))
+        hits = await archive.search(SearchQuery("news"))
+        history = await archive.read(1, after_offset=0, up_to_offset=9, limit=9)
+        await database.run(fts_integrity_check)
+
+    assert added == ChatMessage(1, 3, "news", "", T0 + 2, "added", "bob")
+    assert history == [
+        ChatMessage(1, 1, "bob", "old indexed news", T0),
+        ChatMessage(1, 2, "bob", "old pending news", T0 + 1),
+        added,
+    ]
+    assert sorted(hit.message.offset for hit in hits) == [1, 2]
+
+
+async def test_a_membership_change_sent_again_with_its_client_id_keeps_its_event(
+    db: SqliteDatabase,
+) -> None:
+    bus = SqliteBus(db, LocalBroker())
+    change = Draft(1, "eve", "", T0, client_id="m1", event="removed", by="bob")
+
+    first = await bus.publish(change)
+    again = await bus.publish(attrs.evolve(change, timestamp_ms=T0 + 1))
+
+    assert first == again == ChatMessage(1, 1, "eve", "", T0, "removed", "bob")
+    assert await bus.read_log(1, after_offset=0, limit=5) == [first]
 
 
 async def test_deleting_or_editing_messages_keeps_the_index_exact(db: SqliteDatabase) -> None:

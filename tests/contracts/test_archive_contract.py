@@ -7,13 +7,26 @@ moment stored messages must be visible. Search semantics every implementation sh
 contains every word of the query (case-insensitive), filters are exact (time bounds
 inclusive), hits come best first and, among equal scores, newest first; a query is plain words,
 never a query language, so any string is safe.
+
+A membership change (``ChatMessage.event``/``by``) is a message of its room with its own
+offset: stored, read and counted like one, its event and by intact; search never returns it.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from chatnode.core.models import ChatMessage, DeadLetter, Refusal, RefusalKind, SearchQuery
+from chatnode.core.models import (
+    ADDED,
+    BANNED,
+    LEFT,
+    REMOVED,
+    ChatMessage,
+    DeadLetter,
+    Refusal,
+    RefusalKind,
+    SearchQuery,
+)
 from chatnode.core.ports import Archive, ArchiveRefused
 
 from .harness import documents
@@ -269,6 +282,90 @@ async def test_search_words_that_look_like_operators(archive: Archive) -> None:
     assert await keys(archive, SearchQuery("NOT")) == ["3:1"]
     assert set(await keys(archive, SearchQuery('"apple'))) == {"1:1", "1:2", "2:1", "2:2"}
     assert set(await keys(archive, SearchQuery("(pie)"))) == {"1:1", "2:2"}
+
+
+def change(
+    room_id: int, offset: int, user: str, event: str, by: str, at_ms: int = 0
+) -> ChatMessage:
+    """A membership change, as the bus publishes it: no text, its event and who made it."""
+    return ChatMessage(room_id, offset, user, "", at_ms or T0 + offset, event, by)
+
+
+MEMBERSHIP_LOG = [
+    message(1, 1, "welcome everyone", user="ann"),
+    change(1, 2, "apple", ADDED, by="ann"),
+    message(1, 3, "hello apple", user="apple"),
+    change(1, 4, "bob", ADDED, by="apple"),
+    change(1, 5, "bob", REMOVED, by="ann"),
+    change(1, 6, "apple", LEFT, by="apple"),
+    change(1, 7, "eve", BANNED, by="ann"),
+    change(2, 1, "apple", ADDED, by="bob"),
+]
+
+
+async def test_a_membership_change_is_stored_and_read_back_in_offset_order(
+    archive: Archive,
+) -> None:
+    await archive.store(documents(MEMBERSHIP_LOG[4:]))
+    await archive.store(documents(MEMBERSHIP_LOG[:5]))  # stored again: idempotent
+    await archive.refresh()
+
+    room = MEMBERSHIP_LOG[:7]
+    read = await archive.read(1, after_offset=0, up_to_offset=100, limit=100)
+    assert read == room
+    assert [(m.event, m.by) for m in read] == [(m.event, m.by) for m in room]
+    assert read[1].event == ADDED and read[1].by == "ann" and read[1].text == ""
+    assert await archive.read(1, after_offset=1, up_to_offset=4, limit=2) == room[1:3]
+    assert await archive.tail(1, up_to_offset=6, limit=3) == room[3:6]
+    assert await archive.read(2, after_offset=0, up_to_offset=9, limit=9) == MEMBERSHIP_LOG[7:]
+    assert [m.document for m in read] == documents(room)
+
+
+async def test_last_offset_counts_membership_changes(archive: Archive) -> None:
+    await stored(archive, MEMBERSHIP_LOG)
+
+    assert await archive.last_offset(1) == 7  # the last one, 7, is a change
+    assert await archive.last_offset(2) == 1  # a room holding only a change
+    assert await archive.last_offset(3) == 0
+
+
+async def test_search_never_returns_a_membership_change(archive: Archive) -> None:
+    await stored(archive, MEMBERSHIP_LOG)
+
+    async def found(query: SearchQuery) -> set[str]:
+        return set(await keys(archive, query))
+
+    assert await found(SearchQuery("apple")) == {"1:3"}  # a message, not the changes of apple
+    assert await found(SearchQuery("apple", user="apple")) == {"1:3"}
+    assert await found(SearchQuery("apple", room_id=2)) == set()
+    for name in ("ann", "bob", "eve", "added", "removed", "left", "banned"):
+        assert await found(SearchQuery(name)) == set(), name
+        assert await found(SearchQuery(name, user=name)) == set(), name
+    for text in ("", " ", "*", '""', "event", "by"):
+        assert all(hit.message.event is None for hit in await archive.search(SearchQuery(text)))
+    assert await found(SearchQuery("welcome", user="ann")) == {"1:1"}
+
+
+async def test_a_different_membership_change_under_a_stored_id_is_a_conflict(
+    archive: Archive,
+) -> None:
+    kept = change(1, 1, "bob", ADDED, by="ann")
+    await archive.store([kept.document])
+
+    await archive.store([kept.document])  # the same change: stored
+    others = [
+        change(1, 1, "bob", ADDED, by="eve"),  # another author
+        change(1, 1, "bob", BANNED, by="ann"),  # another event
+        ChatMessage(1, 1, "bob", "", kept.timestamp_ms),  # the same fields but no event
+    ]
+    for other in others:
+        with pytest.raises(ArchiveRefused) as refused:
+            await archive.store([other.document])
+        (conflict,) = refused.value.refused
+        assert (conflict.kind, conflict.stored) == (RefusalKind.CONFLICT, kept.document)
+    await archive.refresh()
+
+    assert await archive.read(1, after_offset=0, up_to_offset=9, limit=9) == [kept]
 
 
 HOSTILE_QUERIES = [

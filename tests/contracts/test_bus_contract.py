@@ -4,13 +4,16 @@ Several buses made by one ``new_bus`` share a backend: they are the nodes of one
 Tests wait for deliveries on the recording handler, never on time. Where a test proves that
 something was *not* delivered, it publishes a later sentinel from the same bus and waits for
 that: a bus delivers one publisher's traffic in publish order, across rooms too.
+
+A membership change (``Draft.membership``) is published like a message: it takes the room's
+next offset and is delivered and logged with its ``event`` and ``by``.
 """
 
 from __future__ import annotations
 
 import trio
 
-from chatnode.core.models import ChatMessage, Draft, RoomEvent
+from chatnode.core.models import ADDED, BANNED, LEFT, REMOVED, ChatMessage, Draft, RoomEvent
 
 from .harness import NewBus, start_node
 
@@ -196,4 +199,42 @@ async def test_a_client_id_sent_again_is_not_published_again(new_bus: NewBus) ->
         assert [m.offset for m in await seen_a.wait_for_messages(1, 6)] == [1, 2, 3, 4, 5, 6]
         logged = await node_b.read_log(1, after_offset=0, limit=10)
         assert [m.text for m in logged] == ["hello", "hello", "next", "no id", "no id", "end"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_membership_change_takes_an_offset_and_keeps_its_event(new_bus: NewBus) -> None:
+    async with trio.open_nursery() as nursery:
+        node_a, seen_a = await start_node(nursery, new_bus)
+        node_b, seen_b = await start_node(nursery, new_bus)
+        await node_a.subscribe(1)
+        await node_b.subscribe(1)
+
+        published = [
+            await node_a.publish(draft(1, "before")),
+            await node_a.publish(Draft.membership(1, "eve", ADDED, by="bob", at_ms=T0 + 1)),
+            await node_b.publish(draft(1, "hi eve", at_ms=T0 + 2)),
+            await node_b.publish(Draft.membership(1, "eve", LEFT, by="eve", at_ms=T0 + 3)),
+            await node_a.publish(Draft.membership(1, "dan", REMOVED, by="bob", at_ms=T0 + 4)),
+            await node_a.publish(Draft.membership(1, "dan", BANNED, by="ann", at_ms=T0 + 5)),
+        ]
+
+        assert [m.offset for m in published] == [1, 2, 3, 4, 5, 6]
+        assert published[1] == ChatMessage(1, 2, "eve", "", T0 + 1, ADDED, "bob")
+        assert [(m.event, m.by) for m in published] == [
+            (None, None),
+            (ADDED, "bob"),
+            (None, None),
+            (LEFT, "eve"),
+            (REMOVED, "bob"),
+            (BANNED, "ann"),
+        ]
+        assert await seen_a.wait_for_messages(1, 6) == published
+        assert await seen_b.wait_for_messages(1, 6) == published
+        assert await node_b.last_offset(1) == 6
+        assert await node_b.read_log(1, after_offset=0, limit=10) == published
+        assert await node_a.read_log(1, after_offset=1, limit=1) == published[1:2]
+        assert [m.document for m in published[1:2]] == [
+            b'{"chatroom":1,"offset":2,"user":"eve","message":"","timestamp":%d,'
+            b'"event":"added","by":"bob"}' % (T0 + 1)
+        ]
         nursery.cancel_scope.cancel()

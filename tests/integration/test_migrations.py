@@ -34,13 +34,15 @@ from chatnode.adapters.mysql.migrations import (
 )
 from chatnode.config import Config
 from chatnode.core import errors
-from chatnode.core.models import Member, Room
+from chatnode.core.models import ChatMessage, Member, Room, SearchQuery
+from chatnode.core.ports import ArchiveRefused
 from chatnode.wiring import migrate
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
 from tests.contracts.harness import require_service
 from tests.es_cleanup import drop_es_prefix
 
 integration = pytest.mark.integration
+T0 = 1_700_000_000_000
 
 
 @pytest.fixture
@@ -144,6 +146,8 @@ def test_the_template_matches_the_prefix_and_the_message_fields() -> None:
         "user": {"type": "keyword"},
         "message": {"type": "text", "analyzer": "standard"},
         "timestamp": {"type": "date", "format": "epoch_millis"},
+        "event": {"type": "keyword"},
+        "by": {"type": "keyword"},
     }
     with pytest.raises(ValueError, match="lowercase"):
         messages_template("Acme")
@@ -399,7 +403,62 @@ async def test_migrate_elasticsearch_adds_new_fields_to_an_existing_index(es_url
                 "user",
                 "message",
                 "timestamp",
+                "event",
+                "by",
             }
+        finally:
+            await es.close()
+
+
+OLD_MESSAGES_MAPPING = {  # version 1 of schema/messages_template.json: no membership changes
+    "dynamic": "strict",
+    "properties": {
+        "chatroom": {"type": "integer"},
+        "offset": {"type": "long"},
+        "user": {"type": "keyword"},
+        "message": {"type": "text", "analyzer": "standard"},
+        "timestamp": {"type": "date", "format": "epoch_millis"},
+    },
+}
+
+
+@integration
+async def test_migrate_elasticsearch_lets_an_index_with_messages_keep_membership_changes(
+    es_url: str,
+) -> None:
+    """An index made with the mapping of before membership changes, holding messages: the
+    migration adds ``event`` and ``by`` (again: nothing changes); its messages stay, changes
+    are then stored and read back, and search still finds the messages only."""
+    from chatnode.adapters.elasticsearch import EsArchive
+
+    old = [ChatMessage(1, 1, "bob", "old apple", T0), ChatMessage(1, 2, "ann", "apple", T0 + 1)]
+    change = ChatMessage(1, 3, "apple", "", T0 + 2, "added", "bob")
+    async with cleanup_prefix(es_url) as prefix:
+        index = messages_index(prefix)
+        es = es_client(es_url)
+        try:
+            await es.indices.create(index=index, mappings=OLD_MESSAGES_MAPPING)
+            async with EsArchive.from_url(es_url, prefix=prefix) as archive:
+                with pytest.raises(ArchiveRefused):  # the old mapping is strict
+                    await archive.store([change.document])
+                await archive.store([m.document for m in old])
+
+            assert await migrate_elasticsearch(es_url, prefix) is False
+            assert await migrate_elasticsearch(es_url, prefix) is False
+
+            mapping = await es.indices.get_mapping(index=index)
+            properties = mapping[index]["mappings"]["properties"]
+            assert properties["event"] == properties["by"] == {"type": "keyword"}
+            assert mapping[index]["mappings"]["dynamic"] == "strict"
+            async with EsArchive.from_url(es_url, prefix=prefix) as archive:
+                await archive.store([change.document, old[0].document])
+                await archive.refresh()
+                read = await archive.read(1, after_offset=0, up_to_offset=9, limit=9)
+                hits = await archive.search(SearchQuery("apple"))
+                last = await archive.last_offset(1)
+            assert read == [*old, change]
+            assert sorted(hit.message.key for hit in hits) == ["1:1", "1:2"]
+            assert last == 3
         finally:
             await es.close()
 

@@ -2,10 +2,12 @@
 
 One document per message in the index ``<prefix>-messages`` (mapping and settings:
 ``schema/messages_template.json``, put by ``chatnode migrate``: ``migrations.py``), with the
-fields ``chatroom``, ``offset``, ``user``, ``message``, ``timestamp`` (epoch ms). Dead
-letters, the documents the archive refused, are kept in ``<prefix>-dead-letters``
-(``schema/dead_letters_template.json``, also put by ``chatnode migrate``), one per letter with
-``_id`` its digest, the documents as ``binary`` (base64: kept byte for byte).
+fields ``chatroom``, ``offset``, ``user``, ``message``, ``timestamp`` (epoch ms), and for a
+membership change ``event`` and ``by`` (keywords; ``chatnode migrate`` adds them to an
+existing index's mapping). Dead letters, the documents the archive refused, are kept in
+``<prefix>-dead-letters`` (``schema/dead_letters_template.json``, also put by ``chatnode
+migrate``), one per letter with ``_id`` its digest, the documents as ``binary`` (base64: kept
+byte for byte).
 
 Guarantees:
 
@@ -38,7 +40,9 @@ Guarantees:
   ``offset`` range and sort by ``offset``; beyond ES's 10,000-hit window they page with
   ``search_after``. They see what ``refresh()`` made visible (ES refreshes every second too).
 - **Search** matches every word of the query in ``message`` (standard analyzer), filters on
-  room, user and an inclusive time range, and ranks by score, then newest first.
+  room, user and an inclusive time range, and ranks by score, then newest first. It returns
+  messages only: a document with ``event`` (a membership change) never; reads and
+  ``last_offset`` count membership changes like messages.
 
 The archive talks to ES through :class:`~chatnode.adapters.elasticsearch.http.HttpPool` (why:
 its module docstring, measured), with request bodies built in ``documents.py``: the bulk body
@@ -90,6 +94,7 @@ from chatnode.adapters.elasticsearch.indices import dead_letters_index, messages
 from chatnode.adapters.lifecycle import ClosesOnExit
 from chatnode.core import errors, ports
 from chatnode.core.models import (
+    EVENT_FIELDS,
     MESSAGE_FIELDS,
     ChatMessage,
     DeadLetter,
@@ -105,7 +110,7 @@ log = logging.getLogger(__name__)
 MAX_WINDOW: Final = 10_000
 """ES's ``index.max_result_window``: the most hits one search returns."""
 
-_SOURCE: Final = list(MESSAGE_FIELDS)
+_SOURCE: Final = [*MESSAGE_FIELDS, *EVENT_FIELDS]
 _BULK_ACCEPTED: Final = b'{"errors":false'
 _MGET_FILTER: Final = "docs._id,docs.found,docs._source"
 _DEAD_LETTER_SOURCE: Final = ["kind", "document", "reason", "stored", "kept_at"]

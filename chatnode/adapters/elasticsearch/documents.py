@@ -64,6 +64,7 @@ def usable(documents: Sequence[bytes]) -> tuple[list[bytes], list[tuple[bytes, s
 
 
 def message_of(source: dict[str, Any]) -> ChatMessage:
+    """The message a stored ``_source`` holds; a membership change with its event and by."""
     return ChatMessage.from_fields(source)
 
 
@@ -152,6 +153,7 @@ def range_query(room_id: int, offsets: dict[str, int]) -> dict[str, Any]:
 
 
 def search_query(query: SearchQuery) -> dict[str, Any]:
+    """The query of a search: messages only, never a membership change (it has ``event``)."""
     filters: list[dict[str, Any]] = []
     if query.room_id is not None:
         filters.append({"term": {"chatroom": query.room_id}})
@@ -166,6 +168,7 @@ def search_query(query: SearchQuery) -> dict[str, Any]:
         "bool": {
             "must": [{"match": {"message": {"query": _clean(query.text), "operator": "and"}}}],
             "filter": filters,
+            "must_not": [{"exists": {"field": "event"}}],
         }
     }
 

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
-from chatnode.adapters.sqlite.messages import MESSAGE_COLUMNS, last_offset, message_of, read_range
+from chatnode.adapters.sqlite.messages import (
+    MESSAGE_COLUMN_COUNT,
+    MESSAGE_COLUMNS,
+    last_offset,
+    message_of,
+    read_range,
+)
 from chatnode.adapters.sqlite.runner import SqliteDatabase
 from chatnode.adapters.sqlite.schema import index_pending
 from chatnode.adapters.sqlite.transaction import Transaction
@@ -54,10 +60,12 @@ class SqliteArchive:
     the insert added fewer rows than it was given, the same transaction compares each
     document with the row under its key: a different message there is refused as a
     ``CONFLICT`` carrying the stored one (the check costs nothing while every row is new). What
-    is stored is visible at once, so ``refresh`` has nothing to do. ``search`` matches every word of the query (case and
-    diacritics folded), ranks by BM25, then newest first; the time filters are inclusive.
-    ``SearchHit.score`` is the negated BM25 value: higher is better. Dead letters are rows of
-    ``dead_letters``, unique by digest, listed by ``(kept_at_ms, digest)``.
+    is stored is visible at once, so ``refresh`` has nothing to do. A membership change is
+    stored, read and counted by ``last_offset`` like a message, its ``event`` and ``by``
+    kept. ``search`` matches every word of the query (case and diacritics folded) in messages
+    only, never a membership change; ranks by BM25, then newest first; the time filters are
+    inclusive. ``SearchHit.score`` is the negated BM25 value: higher is better. Dead letters
+    are rows of ``dead_letters``, unique by digest, listed by ``(kept_at_ms, digest)``.
     """
 
     _db: SqliteDatabase
@@ -165,9 +173,13 @@ def _insert_messages(
     """Insert the messages that are new; the documents whose key holds a different message."""
     with Transaction(conn):
         inserted = conn.executemany(
-            'INSERT OR IGNORE INTO messages (room_id, "offset", user, text, timestamp_ms)'
-            " VALUES (?, ?, ?, ?, ?)",
-            [(m.room_id, m.offset, m.user, m.text, m.timestamp_ms) for _, m in messages],
+            "INSERT OR IGNORE INTO messages"
+            ' (room_id, "offset", user, text, timestamp_ms, event, by_user)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (m.room_id, m.offset, m.user, m.text, m.timestamp_ms, m.event, m.by)
+                for _, m in messages
+            ],
         ).rowcount
         if inserted == len(messages):
             return []
@@ -201,7 +213,7 @@ def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[Search
     rows = conn.execute(
         f"SELECT {MESSAGE_COLUMNS}, bm25(messages_fts) AS rank"
         " FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid"
-        " WHERE messages_fts MATCH ?"
+        " WHERE messages_fts MATCH ? AND m.event IS NULL"
         " AND (? IS NULL OR m.room_id = ?) AND (? IS NULL OR m.user = ?)"
         " AND (? IS NULL OR m.room_id IN (SELECT value FROM json_each(?)))"
         " AND (? IS NULL OR m.timestamp_ms >= ?) AND (? IS NULL OR m.timestamp_ms <= ?)"
@@ -221,7 +233,7 @@ def _search(match: str, q: SearchQuery, conn: sqlite3.Connection) -> list[Search
             q.limit,
         ),
     )
-    return [SearchHit(message_of(row), -float(row[5])) for row in rows]
+    return [SearchHit(message_of(row), -float(row[MESSAGE_COLUMN_COUNT])) for row in rows]
 
 
 if TYPE_CHECKING:  # mypy proves the adapter implements its port

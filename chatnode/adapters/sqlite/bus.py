@@ -33,8 +33,9 @@ from chatnode.core.models import ChatMessage, Draft, RoomEvent
 
 
 def _append(draft: Draft, dedup_window_ms: int, conn: sqlite3.Connection) -> _Appended:
-    """Insert ``draft`` as the room's next message, or find the message its client id
-    already published within the dedup window; one transaction."""
+    """Insert ``draft`` as the room's next message (a membership change too, with its event
+    and ``by``), or find the message its client id already published within the dedup
+    window; one transaction."""
     with Transaction(conn):
         if draft.client_id is not None:
             row = conn.execute(
@@ -46,10 +47,12 @@ def _append(draft: Draft, dedup_window_ms: int, conn: sqlite3.Connection) -> _Ap
             if row is not None:
                 return _Appended(message_of(row), duplicate=True)
         offset = last_offset(conn, draft.room_id) + 1
+        event = draft.event
+        by = None if event is None else draft.by or ""
         conn.execute(
-            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms)'
-            " VALUES (?, ?, ?, ?, ?)",
-            (draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms),
+            'INSERT INTO messages (room_id, "offset", user, text, timestamp_ms, event, by_user)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms, event, by),
         )
         if draft.client_id is not None:
             conn.execute(
@@ -63,7 +66,9 @@ def _append(draft: Draft, dedup_window_ms: int, conn: sqlite3.Connection) -> _Ap
                     draft.timestamp_ms + dedup_window_ms,
                 ),
             )
-    message = ChatMessage(draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms)
+    message = ChatMessage(
+        draft.room_id, offset, draft.user, draft.text, draft.timestamp_ms, event, by
+    )
     return _Appended(message, duplicate=False)
 
 

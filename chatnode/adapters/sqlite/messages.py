@@ -5,6 +5,10 @@ Rule: **the room log is the archive.** ``messages`` holds every published messag
 ``INSERT OR IGNORE``. A message is durable (against a process crash; with
 ``synchronous=NORMAL`` a power loss may drop the last commits) the moment ``publish`` returns,
 so the embedded node needs no archive feed. It is searchable at once too (``schema.py`` rule 2).
+
+A membership change is a row like a message, with its own offset, ``text`` empty and
+``event``/``by_user`` set (NULL for a message): reads and offsets count it, search never
+returns it (``SqliteArchive.search``).
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from typing import Any, Final
 
 from chatnode.core.models import ChatMessage
 
-MESSAGE_COLUMNS: Final = 'm.room_id, m."offset", m.user, m.text, m.timestamp_ms'
+MESSAGE_COLUMNS: Final = 'm.room_id, m."offset", m.user, m.text, m.timestamp_ms, m.event, m.by_user'
+"""The columns :func:`message_of` reads, in its order (``messages AS m``)."""
+MESSAGE_COLUMN_COUNT: Final = 7
 
 
 def message_of(row: sqlite3.Row | tuple[Any, ...]) -> ChatMessage:
-    room_id, offset, user, text, timestamp_ms = row[:5]
-    return ChatMessage(int(room_id), int(offset), user, text, int(timestamp_ms))
+    """The message (or membership change) of a row selected with :data:`MESSAGE_COLUMNS`."""
+    room_id, offset, user, text, timestamp_ms, event, by = row[:MESSAGE_COLUMN_COUNT]
+    if event is None:
+        return ChatMessage(int(room_id), int(offset), user, text, int(timestamp_ms))
+    return ChatMessage(int(room_id), int(offset), user, text, int(timestamp_ms), event, by or "")
 
 
 def read_range(

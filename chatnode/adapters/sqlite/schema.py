@@ -170,6 +170,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (room_id, user)
         ) WITHOUT ROWID""",
     ),
+    # 7: a membership change is a message of its room (``chatnode.core.models``): its
+    # ``event`` and who made it, ``by_user``; both NULL for a message (every existing row).
+    (
+        "ALTER TABLE messages ADD COLUMN event TEXT",
+        "ALTER TABLE messages ADD COLUMN by_user TEXT",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
