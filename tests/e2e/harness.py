@@ -155,7 +155,8 @@ async def next_of_type(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
 
 
 async def until_live(ws: WebSocketConnection) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read the joined frame and the replay; return (joined, history messages)."""
+    """Read the joined frame and the replay; return (joined, history messages). Membership
+    changes in the replay are skipped."""
     joined = json.loads(await ws.get_message())
     assert joined["type"] == "joined", joined
     history = []
@@ -163,8 +164,9 @@ async def until_live(ws: WebSocketConnection) -> tuple[dict[str, Any], list[dict
         frame = json.loads(await ws.get_message())
         if frame["type"] == "live":
             return joined, history
-        assert frame["type"] == "message", frame
-        history.append(frame)
+        assert frame["type"] in ("message", "member"), frame
+        if frame["type"] == "message":
+            history.append(frame)
 
 
 async def messages(ws: WebSocketConnection, count: int) -> list[dict[str, Any]]:

@@ -115,6 +115,12 @@ class Member(FakeMember):
         super().close_nowait(code, reason)
         self.was_closed.set()
 
+    replay_page_bytes = 1 << 20
+
+    async def writable(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self.closed is None
+
 
 ACCOUNTS = {"ann": 1, "bob": 2, "root": 3}
 
@@ -127,10 +133,12 @@ async def test_a_removal_closes_every_connection_of_the_user_to_the_room(rig: Ri
     node = rig.node
     ann1, ann2, bob = member("c1", "ann"), member("c2", "ann"), member("c3", "bob")
     async with (
-        node.join(rig.room_id, ann1),
-        node.join(rig.room_id, ann2),
-        node.join(rig.room_id, bob),
+        node.join(rig.room_id, ann1) as room1,
+        node.join(rig.room_id, ann2) as room2,
+        node.join(rig.room_id, bob) as room3,
     ):
+        for room in (room1, room2, room3):
+            await room.replay()  # live
         assert rig.directory.adds == 2  # ann's second connection: confirmed already
         with pytest.raises(Forbidden):
             await node.remove_member(member("x", "bob").claims, rig.room_id, "ann")
@@ -193,14 +201,23 @@ async def test_a_change_that_cannot_be_published_is_undone(
     room = await node.create_room("group", claims=ann, visibility="private", members=["bob"])
     directory = rig.directory.inner
     bus = node.backends.bus
-    publish = bus.publish
 
-    async def refusing(draft: Draft) -> ChatMessage:
-        if draft.event is not None:
-            raise Unavailable("the bus is away")
-        return await publish(draft)
+    @attrs.define
+    class RefusingBus:
+        """The node's bus, refusing membership changes."""
 
-    monkeypatch.setattr(bus, "publish", refusing)
+        inner: Any
+
+        async def publish(self, draft: Draft) -> ChatMessage:
+            if draft.event is not None:
+                raise Unavailable("the bus is away")
+            message: ChatMessage = await self.inner.publish(draft)
+            return message
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(node, "backends", attrs.evolve(node.backends, bus=RefusingBus(bus)))
     with pytest.raises(Unavailable):
         await node.add_member(ann, room.id, "root")
     assert await directory.get_member(room.id, "root") is None
@@ -212,7 +229,7 @@ async def test_a_change_that_cannot_be_published_is_undone(
     assert await directory.get_member(room.id, "bob") is not None
     assert await directory.list_bans(room.id, limit=10) == []
 
-    monkeypatch.setattr(bus, "publish", publish)
+    monkeypatch.undo()
     await node.ban(ann, room.id, "bob")
     assert await directory.get_member(room.id, "bob") is None
     await node.add_member(ann, room.id, "root")
