@@ -308,13 +308,17 @@ def main() -> int:
         md += "\n" + messenger_markdown(messenger)
     out.with_suffix(".md").write_text(md)
     try:
-        plot(result, out.with_suffix(".png"))
+        if agg:  # the plot is the fan-out's (none for the messenger alone)
+            plot(result, out.with_suffix(".png"))
     except Exception as exc:
         log(f"plot failed: {exc}")
     print(md)
     if errors:
         print("Errors:", json.dumps(errors, indent=1))
-    log(f"done in {result['elapsed_s']:.0f}s: {out.with_suffix('.json')}, .md, .png")
+    log(
+        f"done in {result['elapsed_s']:.0f}s: {out.with_suffix('.json')}, .md"
+        + (", .png" if agg else "")
+    )
     return 0 if not errors else 1
 
 
