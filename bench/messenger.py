@@ -293,7 +293,7 @@ def keys_memory(redis: Redis, keys: set[str], sample: int = 300) -> dict[str, An
     sizes = [int(x) for x in out.stdout.split() if x.isdigit()]
     families: dict[str, int] = {}
     for k in keys:
-        fam = re.sub(r"[0-9]+", "N", k)
+        fam = re.sub(r"[0-9a-f]*[0-9][0-9a-f]*", "N", k)  # ids, hashes
         families[fam] = families.get(fam, 0) + 1
     mean = sum(sizes) / len(sizes) if sizes else 0.0
     return {
