@@ -284,17 +284,23 @@ class ChatMessage:
             raise ValueError(f"not a message document: {exc}") from None
         if not isinstance(fields, dict) or tuple(fields) not in (MESSAGE_FIELDS, _EVENT_SHAPE):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        room_id, offset, user, text, timestamp_ms, *change = fields.values()
+        if len(fields) == 5:  # a chat message: the path of every message a node receives
+            room_id, offset, user, text, timestamp_ms = fields.values()
+            event = by = None
+        else:
+            room_id, offset, user, text, timestamp_ms, event, by = fields.values()
+            if event not in MEMBER_EVENTS or not isinstance(by, str):
+                raise ValueError(f"not a message document: {document[:80]!r}")
         if not (
             type(room_id) is int
             and type(offset) is int
             and isinstance(user, str)
             and isinstance(text, str)
             and type(timestamp_ms) is int
-            and all(isinstance(value, str) for value in change)
-        ) or (change and change[0] not in MEMBER_EVENTS):
+        ):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        event, by = change or (None, None)
+        if event is None:
+            return cls(room_id, offset, user, text, timestamp_ms)
         return cls(room_id, offset, user, text, timestamp_ms, event, by)
 
 
