@@ -34,6 +34,9 @@ Rules:
    subscribed at once, within the room limit. The user's rooms are read before the
    connection follows such events; if one came meanwhile (``hub.user_room_events``), they
    are read again once it follows them.
+9. While open, the connection makes its user online and gets the ``presence`` frames
+   (``online``, ``last_seen``; ``chatroom`` null) of the people the user shares a direct or
+   private room with when it opened (``ChatNode.connected``, ``node/presence.py``).
 """
 
 from __future__ import annotations
@@ -244,7 +247,7 @@ class ConnectMember(WsWriter):
         self.start()
         self._batcher.watch(self)
         hub = self._node.hub
-        async with trio.open_nursery() as nursery:
+        async with self._node.connected(self, self.conn_id), trio.open_nursery() as nursery:
             self._nursery = nursery
             for room_id in self.initial_rooms:
                 self.subscribe(room_id, None)
