@@ -4,6 +4,7 @@ coalescing, and ``typing`` forwarded once per ``CHATNODE_TYPING_INTERVAL_S``."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,20 @@ async def test_a_dm_partner_connecting_and_leaving_reaches_the_connection(
         with trio.fail_after(20):
             async with connect(node, ann) as c:
                 await c.until_live(dm)
-                async with connect(node, carol):
-                    async with connect(node, bob) as b:
-                        await b.until_live(dm)
-                        online = await next_user_presence(c, "bob")
-                        assert online == {
-                            "type": "presence",
-                            "chatroom": None,
-                            "user": "bob",
-                            "online": True,
-                            "last_seen": online["last_seen"],
-                        }
-                        assert isinstance(online["last_seen"], int)
-                        # the room's own presence event is still there, per room
-                        joined = await c.next("presence", chatroom=dm, user="bob")
-                        assert joined["event"] == "join" and "online" not in joined
+                async with connect(node, carol), connect(node, bob) as b:
+                    await b.until_live(dm)
+                    online = await next_user_presence(c, "bob")
+                    assert online == {
+                        "type": "presence",
+                        "chatroom": None,
+                        "user": "bob",
+                        "online": True,
+                        "last_seen": online["last_seen"],
+                    }
+                    assert isinstance(online["last_seen"], int)
+                    # the room's own presence event is still there, per room
+                    joined = await c.next("presence", chatroom=dm, user="bob")
+                    assert joined["event"] == "join" and "online" not in joined
                 offline = await next_user_presence(c, "bob")
                 assert offline["online"] is False
                 assert offline["last_seen"] >= online["last_seen"]
@@ -131,7 +131,7 @@ async def test_a_flapping_partner_costs_at_most_a_frame_a_second(tmp_path: Path)
                         break
         times = [at for at, _ in received]
         assert len(received) <= 4, received
-        assert all(b - a >= 0.9 for a, b in zip(times, times[1:], strict=False)), times
+        assert all(b - a >= 0.9 for a, b in itertools.pairwise(times)), times
 
 
 async def test_typing_is_forwarded_once_per_interval(tmp_path: Path) -> None:
