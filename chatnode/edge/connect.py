@@ -36,7 +36,7 @@ Rules:
    are read again once it follows them.
 9. While open, the connection makes its user online and gets the ``presence`` frames
    (``online``, ``last_seen``; ``chatroom`` null) of the people the user shares a direct or
-   private room with when it opened (``ChatNode.connected``, ``node/presence.py``).
+   private room with (``ChatNode.connected``, ``node/presence.py``).
 """
 
 from __future__ import annotations
@@ -186,6 +186,8 @@ class ConnectMember(WsWriter):
         limit = self._node.settings.max_connection_rooms
         if not self._closing and room_id not in self.rooms and len(self.rooms) < limit:
             self.subscribe(room_id, since)
+        if not self._closing and self._nursery is not None:  # rule 9
+            self._nursery.start_soon(self._node.watch_contacts, self, room_id)
 
     # -- rooms ----------------------------------------------------------------------------
 
@@ -251,6 +253,7 @@ class ConnectMember(WsWriter):
             self._nursery = nursery
             for room_id in self.initial_rooms:
                 self.subscribe(room_id, None)
+            nursery.start_soon(self._node.watch_contacts, self)  # rule 9
             hub.watch_rooms(self)
             try:
                 if hub.user_room_events != self.events_seen:  # rule 8

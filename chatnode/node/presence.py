@@ -4,7 +4,8 @@
 Rules:
 
 1. A user's **contacts** are the people they share a direct or private room with (at most
-   their newest ``limit`` memberships are looked at). Only a contact, or the user themself,
+   their newest ``limit`` memberships are looked at; a ``/v1/connect`` connection reads them
+   when it opens, and adds the members of a room its user joins while it is open). Only a contact, or the user themself,
    may read a user's presence (``GET /v1/users/{name}``); anyone else gets
    ``user_not_found``, as for a user that does not exist: presence is not shown to strangers.
 2. A user's presence can change only when one of their connections opens or closes on some
@@ -121,7 +122,13 @@ class UserPresenceFeed:
 
     # -- watchers ----------------------------------------------------------------------------
 
-    def watch(self, watcher: PresenceWatcher, users: Iterable[str]) -> None:
+    def watch(
+        self, watcher: PresenceWatcher, users: Iterable[str], *, only_if_watching: bool = False
+    ) -> None:
+        """``watcher`` gets the frames of ``users`` too (``only_if_watching``: unless it
+        stopped watching meanwhile, or never began)."""
+        if only_if_watching and watcher not in self._watching:
+            return
         watched = frozenset(users) | self._watching.get(watcher, frozenset())
         self._watching[watcher] = watched
         for user in watched:

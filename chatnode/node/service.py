@@ -258,12 +258,13 @@ class ChatNode(Rooms):
     async def connected(self, watcher: PresenceWatcher, conn_id: str) -> AsyncIterator[None]:
         """A ``/v1/connect`` connection while open: an entry of its user in room 0
         (``frames.USERS_CHANNEL``, no room has that id), so that the user is online even with
-        no room, and a watcher of the user's contacts' presence (``node/presence.py``). A
-        store or directory that fails here costs the connection neither: logged, and the
-        heartbeat's restore writes the entry later."""
+        no room, and a watcher of presence (:meth:`watch_contacts` says whose). A store that
+        fails here costs the connection nothing: logged, and the heartbeat's restore writes
+        the entry later."""
         user, feed = watcher.user, self.user_presence
         entry = PresenceEntry(frames.USERS_CHANNEL, user, self.settings.node_id, conn_id)
         self._presence.add(entry)
+        feed.watch(watcher, ())
         counted = False
         try:
             try:
@@ -271,8 +272,6 @@ class ChatNode(Rooms):
                 counted = True
                 if feed.opened(user):
                     await self.announce_presence(user)
-                limit = self.settings.max_connection_rooms
-                feed.watch(watcher, await contacts(self.backends.directory, user, limit=limit))
             except Exception:
                 log.warning("presence of connection %s not set up", conn_id, exc_info=True)
             yield
@@ -287,6 +286,23 @@ class ChatNode(Rooms):
                         await self.announce_presence(user)
                 except Exception:
                     log.warning("presence cleanup failed for %s", entry, exc_info=True)
+
+    async def watch_contacts(self, watcher: PresenceWatcher, room_id: int | None = None) -> None:
+        """Watch the presence of the people ``watcher``'s user shares a direct or private
+        room with: all of them (``room_id`` None; the connection's task, so that reading them
+        delays no room), or the members of ``room_id`` (a membership that began while
+        connected). A directory that fails leaves them unwatched (logged)."""
+        try:
+            if room_id is None:
+                limit = self.settings.max_connection_rooms
+                users = await contacts(self.backends.directory, watcher.user, limit=limit)
+            elif (await self.room(room_id)).public:
+                return
+            else:
+                users = set(await self.backends.directory.list_members(room_id))
+            self.user_presence.watch(watcher, users - {watcher.user}, only_if_watching=True)
+        except Exception:
+            log.warning("contacts of %s not watched", watcher.user, exc_info=True)
 
     async def check(self) -> dict[str, str]:
         """Readiness of every backend: name -> "ok" or the error."""

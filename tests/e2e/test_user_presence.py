@@ -150,3 +150,26 @@ async def test_typing_is_forwarded_once_per_interval(tmp_path: Path) -> None:
                 await b.next("message", chatroom=dm)
                 typing = [f for f in b.of(dm, "typing") if f["user"] == "ann"]
                 assert len(typing) == 1
+
+
+async def test_a_group_joined_while_connected_watches_its_members(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path), **FAST)) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        with trio.fail_after(20):
+            async with connect(node, ann) as c:
+                r = await api.client.post(
+                    "/v1/chatrooms",
+                    json={"name": "group", "visibility": "private"},
+                    headers=auth(bob),
+                )
+                assert r.status_code == 201, r.text
+                group = r.json()["id"]
+                r = await api.client.post(
+                    f"/v1/chatrooms/{group}/members", json={"user": "ann"}, headers=auth(bob)
+                )
+                assert r.status_code == 201, r.text
+                await c.until_live(group)  # subscribed: the membership reached the connection
+                async with connect(node, bob) as b:
+                    await b.until_live(group)
+                    assert (await next_user_presence(c, "bob"))["online"] is True
