@@ -392,6 +392,25 @@ class PresenceEntry:
     conn_id: str
 
 
+@attrs.frozen
+class UserPresence:
+    """A user's presence: ``online`` while any entry of theirs (a room's connection, or a
+    ``/v1/connect`` connection: room 0) is not reaped; ``last_seen_ms`` the wall time (epoch
+    ms) of their latest connect or disconnect (or of the reap that ended their last entry),
+    None if never seen. It only moves forward."""
+
+    online: bool
+    last_seen_ms: int | None
+
+
+@attrs.frozen
+class Reaped:
+    """What a reap removed: ``entries``, and the users it left with no entry (now offline)."""
+
+    entries: int
+    offline: tuple[str, ...] = ()
+
+
 class RevocationKind(enum.Enum):
     """What a :class:`Revocation` ends."""
 
