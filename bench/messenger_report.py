@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from report import figure_row
 from settings import P99_LIMIT_MS, TARGETS
 from stats import fmt, ratio
 
@@ -36,15 +37,7 @@ def messenger_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(figure: str, target: str, value: str, met: bool | None, note: str = "") -> None:
-        rows.append(
-            {
-                "figure": figure,
-                "target": target,
-                "value": value,
-                "met": "met" if met else ("not met" if met is False else "not measured"),
-                "note": note,
-            }
-        )
+        rows.append(figure_row(figure, target, value, met, note))
 
     ours = m.get("systems", {}).get(OURS, {})
     at = TARGETS["messenger_at_msgs"]

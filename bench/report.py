@@ -105,6 +105,19 @@ def headline_step(agg: dict[str, dict[str, Any]], names: list[str], steps: list[
     return best
 
 
+def figure_row(
+    figure: str, target: str, value: str, met: bool | None, note: str = ""
+) -> dict[str, Any]:
+    """One row of the figures table: ``met`` None when the figure was not measured."""
+    return {
+        "figure": figure,
+        "target": target,
+        "value": value,
+        "met": "met" if met else ("not met" if met is False else "not measured"),
+        "note": note,
+    }
+
+
 def figures(
     agg: dict[str, Any], extras: dict[str, Any], mode_name: str, steps: list[int]
 ) -> list[dict[str, Any]]:
@@ -114,15 +127,7 @@ def figures(
         return agg.get(name, {}).get("steps", {}).get(offered, {}).get("cpu_us_per_delivery")
 
     def row(figure: str, target: str, value: str, met: bool | None, note: str = "") -> None:
-        rows.append(
-            {
-                "figure": figure,
-                "target": target,
-                "value": value,
-                "met": "met" if met else ("not met" if met is False else "not measured"),
-                "note": note,
-            }
-        )
+        rows.append(figure_row(figure, target, value, met, note))
 
     cl = ["chatnode-cluster", "websockets-ref", "python-socketio"]
     if all(n in agg for n in cl):
