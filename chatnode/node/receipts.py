@@ -40,12 +40,13 @@ Key = tuple[int, str]
 
 
 class _State:
-    __slots__ = ("delivered", "read", "refs")
+    __slots__ = ("delivered", "loaded", "read", "refs")
 
     def __init__(self, delivered: int, read: int) -> None:
         self.delivered = delivered
         self.read = read
         self.refs = 0
+        self.loaded = False  # read from the directory
 
 
 class Cursors:
@@ -72,24 +73,26 @@ class Cursors:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def open(self, room_id: int, user: str) -> Cursor:
+    async def open(self, room_id: int, user: str, *, load: bool = True) -> Cursor:
         """A connection of ``user`` entered the room: its cursor (read from the directory
-        unless known here; a directory that cannot answer counts as no cursor)."""
+        once while known here, if ``load``: a connection that cannot acknowledge, the plain
+        dialect, needs none; a directory that cannot answer counts as no cursor)."""
         key = (room_id, user)
         state = self._known.get(key)
         if state is None:
+            state = self._known[key] = _State(0, 0)
+        state.refs += 1  # held from here: a cancelled read leaves it to ``close``
+        if load and not state.loaded:
+            state.loaded = True
             try:
                 stored = (await self._directory.user_cursors(user, [room_id])).get(room_id)
             except Exception:
                 log.warning("room %d: %s's cursor could not be read", room_id, user, exc_info=True)
+                state.loaded = False
                 stored = None
-            state = self._known.get(key)  # another connection may have opened meanwhile
-            if state is None:
-                state = self._known[key] = _State(0, 0)
             if stored is not None:
                 state.delivered = max(state.delivered, stored.delivered)
                 state.read = max(state.read, stored.read)
-        state.refs += 1
         return Cursor(room_id, user, state.delivered, state.read)
 
     async def close(self, room_id: int, user: str) -> None:

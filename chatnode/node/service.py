@@ -217,9 +217,8 @@ class ChatNode(Rooms):
             entered = opened = False
             try:
                 await self._ensure_member(session, member.claims)
-                entered = True
-                cursor = await self.cursors.open(room_id, member.user)
-                opened = True
+                entered = opened = True
+                cursor = await self.cursors.open(room_id, member.user, load=resume)
                 self._presence.add(entry)
                 await self.backends.presence.add(entry)
                 connection = RoomConnection(self, session, seat, member)
