@@ -37,6 +37,7 @@ async def next_of(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
             return frame
 
 
+@pytest.mark.deadline(120)
 async def test_receipts_cross_nodes_and_an_offline_member_gets_everything_once() -> None:
     async with (
         running_cluster(nodes=2, room_log_length=2 * OFFLINE) as cluster,
@@ -60,9 +61,11 @@ async def test_receipts_cross_nodes_and_an_offline_member_gets_everything_once()
                 open_websocket_url(url(0, "/v1/connect", ann), subprotocols=["chatnode.v1"]) as c,
             ):
                 await read_until_live(bob_ws)
+                await c.send_message(json.dumps({"type": "subscribe", "chatroom": room}))
+                await next_of(c, "live")  # ann is a member now, on node 0
                 await bob_ws.send_message(json.dumps({"type": "send", "message": "hello"}))
                 offset = (await next_of(bob_ws, "ack"))["offset"]
-                while True:  # ann's rooms: this one, subscribed on node 0
+                while True:
                     frame = json.loads(await c.get_message())
                     if frame["type"] == "message" and frame["offset"] == offset:
                         break
