@@ -40,13 +40,14 @@ Key = tuple[int, str]
 
 
 class _State:
-    __slots__ = ("delivered", "loaded", "read", "refs")
+    __slots__ = ("delivered", "loaded", "loading", "read", "refs")
 
     def __init__(self, delivered: int, read: int) -> None:
         self.delivered = delivered
         self.read = read
         self.refs = 0
         self.loaded = False  # read from the directory
+        self.loading: trio.Event | None = None  # while a read is under way
 
 
 class Cursors:
@@ -76,20 +77,26 @@ class Cursors:
     async def open(self, room_id: int, user: str, *, load: bool = True) -> Cursor:
         """A connection of ``user`` entered the room: its cursor (read from the directory
         once while known here, if ``load``: a connection that cannot acknowledge, the plain
-        dialect, needs none; a directory that cannot answer counts as no cursor)."""
+        dialect, needs none; a directory that cannot answer counts as no cursor, and the
+        next connection reads again). Connections opening at once share one read."""
         key = (room_id, user)
         state = self._known.get(key)
         if state is None:
             state = self._known[key] = _State(0, 0)
         state.refs += 1  # held from here: a cancelled read leaves it to ``close``
-        if load and not state.loaded:
-            state.loaded = True
+        if load and state.loading is not None:
+            await state.loading.wait()
+        elif load and not state.loaded:
+            state.loading = trio.Event()
             try:
                 stored = (await self._directory.user_cursors(user, [room_id])).get(room_id)
+                state.loaded = True
             except Exception:
                 log.warning("room %d: %s's cursor could not be read", room_id, user, exc_info=True)
-                state.loaded = False
                 stored = None
+            finally:
+                state.loading.set()
+                state.loading = None
             if stored is not None:
                 state.delivered = max(state.delivered, stored.delivered)
                 state.read = max(state.read, stored.read)

@@ -200,3 +200,36 @@ async def test_unread_counts_after_read(tmp_path: Path) -> None:
                 await frames_until(ws, "pong", id="p2")
         rooms, total = await mine()
         assert (rooms[room]["read_offset"], rooms[room]["unread"], total) == (head, 0, 0)
+
+
+def _metric(text: str, name: str) -> float:
+    return next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{")
+    )
+
+
+async def test_acknowledging_every_message_writes_once_a_second(tmp_path: Path) -> None:
+    async with running_node(node_config(str(tmp_path), **FAST)) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        room = await api.create_room(bob, "lobby")
+        count = 500
+        with trio.fail_after(30):
+            async with join(node, room, token=ann) as ws:
+                await until_live(ws)
+                started = trio.current_time()
+                await _send_many(node, bob, room, count)
+                got = 0
+                while got < count:
+                    frame = json.loads(await ws.get_message())
+                    if frame["type"] == "message":
+                        got += 1
+                        await send(ws, type="received", offset=frame["offset"])
+                        await send(ws, type="read", offset=frame["offset"])
+                await send(ws, type="ping", id="p")
+                await frames_until(ws, "pong")
+                elapsed_s = trio.current_time() - started
+        text = (await api.client.get("/metrics")).text
+        assert _metric(text, "chatnode_cursor_advances_total") >= count
+        # one batch a second at most, plus the one as ann left
+        assert _metric(text, "chatnode_cursor_writes_total") <= elapsed_s + 2
