@@ -21,6 +21,10 @@ Rules:
    own receipt.
 4. **Bounded memory.** A (room, user) is known here while it has a connection on this node
    (:meth:`open` ... :meth:`close`), and pending until written.
+5. **The directory is optional for joining.** A cursor the directory does not give within
+   ``READ_TIMEOUT_S`` counts as none (the join replays the newest ``history_on_join``), and
+   for ``READ_PAUSE_S`` after such a failure joins do not ask: a MySQL outage does not slow
+   joins down.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from chatnode.wire import frames
 log = logging.getLogger(__name__)
 
 Key = tuple[int, str]
+READ_TIMEOUT_S = 1.0
+READ_PAUSE_S = 5.0
 
 
 class _State:
@@ -68,6 +74,7 @@ class Cursors:
         self._known: dict[Key, _State] = {}
         self._pending: dict[Key, Cursor] = {}
         self._dirty: set[Key] = set()
+        self._reads_resume_at = float("-inf")  # trio time
         self.advanced_total = 0  # acknowledgements that moved a cursor
         self.written_total = 0  # cursors written to the directory
         self.writes_total = 0  # directory writes (batches)
@@ -86,14 +93,17 @@ class Cursors:
         state.refs += 1  # held from here: a cancelled read leaves it to ``close``
         if load and state.loading is not None:
             await state.loading.wait()
-        elif load and not state.loaded:
+        elif load and not state.loaded and trio.current_time() >= self._reads_resume_at:
             state.loading = trio.Event()
+            stored = None
             try:
-                stored = (await self._directory.user_cursors(user, [room_id])).get(room_id)
+                with trio.fail_after(READ_TIMEOUT_S):
+                    stored = (await self._directory.user_cursors(user, [room_id])).get(room_id)
                 state.loaded = True
             except Exception:
+                # the directory is down: joins go on without cursors for a while (rule 5)
+                self._reads_resume_at = trio.current_time() + READ_PAUSE_S
                 log.warning("room %d: %s's cursor could not be read", room_id, user, exc_info=True)
-                stored = None
             finally:
                 state.loading.set()
                 state.loading = None
