@@ -17,7 +17,13 @@ Driven by JSON lines on stdin, answers JSON lines on stdout (one answer per comm
 reference: a text frame is a message; what comes back is JSON with the text inside), ``raw``
 (libwebsockets' mirror protocol: the text comes back as is) or ``socketio`` (Engine.IO v4 /
 Socket.IO v5 over a WebSocket: ``40`` to join the namespace, ``42["message", text]`` events,
-``2``/``3`` pings).
+``2``/``3`` pings) or ``v1connect`` (one connection for several rooms, the messenger workload:
+chatnode's ``GET /v1/connect`` and the websockets peer's mirror of it; the spec's ``rooms``
+lists them; the client is ready once every one of them said ``live``; it sends
+``{"type": "send", "chatroom", "message"}`` and parses ``{"type": "message", "chatroom",
+"message", ...}`` frames; every other frame type is counted by type and otherwise ignored;
+each (client, room) is a sender of its own, so order is checked per room and sender, and a
+message must arrive in the room its sender sent it to).
 
 Open loop: a step sends ``count`` messages at ``rate_msgs`` per second on a fixed schedule,
 round robin over the senders of all rooms, without waiting for anything. Each message is 64
@@ -36,6 +42,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import resource
 import sys
 import time
@@ -86,13 +93,19 @@ class Stats:
         self.dups = 0
         self.reorders = 0
         self.other = 0  # frames without a benchmark message (acks, presence, pings...)
+        self.types: dict[str, int] = {}  # v1connect: frames by type
+        self.wrong_room = 0  # v1connect: a message in another room than its sender's
 
 
 class Client(WSListener):
-    def __init__(self, gen: LoadGen, index: int, room: int, kind: str) -> None:
+    def __init__(
+        self, gen: LoadGen, index: int, room: int, kind: str, rooms: list[int] | None = None
+    ) -> None:
         self.gen = gen
         self.index = index
         self.room = room
+        self.rooms = rooms or [room]
+        self.pending_live = set(self.rooms)
         self.kind = kind
         self.transport: WSTransport | None = None
         self.ready = asyncio.get_running_loop().create_future()
@@ -106,7 +119,7 @@ class Client(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.connected = True
-        if self.kind != "socketio" and not self.ready.done():
+        if self.kind not in ("socketio", "v1connect") and not self.ready.done():
             self.ready.set_result(True)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -120,6 +133,9 @@ class Client(WSListener):
         mt = frame.msg_type
         if mt == WSMsgType.TEXT:
             data = frame.get_payload_as_bytes()
+            if self.kind == "v1connect":
+                self._v1(data)
+                return
             i = data.find(b"~")
             if i >= 0:
                 self._message(data, i)
@@ -135,7 +151,36 @@ class Client(WSListener):
             self.gen.stats.other += 1
 
     # ------------------------------------------------------------------------------------------
-    def _message(self, data: bytes, i: int) -> None:
+    def _v1(self, data: bytes) -> None:
+        stats = self.gen.stats
+        try:
+            obj = json.loads(data)
+            kind = obj.get("type")
+        except (ValueError, AttributeError):
+            stats.types["unparsable"] = stats.types.get("unparsable", 0) + 1
+            return
+        if kind == "message":
+            text = obj.get("message")
+            i = text.find("~") if isinstance(text, str) else -1
+            if i >= 0:
+                sender = int(text[i + 1 : i + 6])
+                rooms = self.gen.sender_rooms
+                if sender >= len(rooms) or rooms[sender] != obj.get("chatroom"):
+                    stats.wrong_room += 1
+                    return
+                self._message(text, i)
+                return
+        elif kind == "live":
+            self.pending_live.discard(obj.get("chatroom"))
+            if not self.pending_live and not self.ready.done():
+                self.ready.set_result(True)
+        elif kind in ("unsubscribed", "error") and not self.ready.done():
+            self.ready.set_exception(ConnectionError(data.decode(errors="replace")[:200]))
+        key = str(kind)
+        stats.types[key] = stats.types.get(key, 0) + 1
+        stats.other += 1
+
+    def _message(self, data: bytes | str, i: int) -> None:
         now = perf_ns()
         sender = int(data[i + 1 : i + 6])
         seq = int(data[i + 7 : i + 16])
@@ -200,6 +245,7 @@ class LoadGen:
     def __init__(self) -> None:
         self.clients: list[Client] = []
         self.senders: list[Client] = []
+        self.sender_rooms: list[int] = []  # the room each sender sends to
         self.stats = Stats()
         self.disconnects = 0
         self.seq: list[int] = []  # next sequence number per sender
@@ -217,7 +263,7 @@ class LoadGen:
 
                 def factory() -> Client:
                     nonlocal client
-                    client = Client(self, base + i, int(c["room"]), c["kind"])
+                    client = Client(self, base + i, int(c["room"]), c["kind"], c.get("rooms"))
                     return client
 
                 try:
@@ -250,8 +296,10 @@ class LoadGen:
             ok += 1
             self.clients.append(client)
             if c.get("sender"):
-                self.senders.append(client)
-                self.seq.append(0)
+                for room in c.get("send_rooms") or [client.room]:
+                    self.senders.append(client)
+                    self.sender_rooms.append(int(room))
+                    self.seq.append(0)
         return {
             "ok": ok == len(specs),
             "connected": ok,
@@ -261,11 +309,16 @@ class LoadGen:
             "cpu_s": cpu_s() - c0,
         }
 
-    def _schedule(self) -> list[int]:
-        """Sender indexes in round-robin order that alternates rooms."""
+    def _schedule(self, shuffle: int | None = None) -> list[int]:
+        """Sender indexes in round-robin order that alternates rooms (or, with ``shuffle`` a
+        seed, every sender once in a random order: spread over rooms and users)."""
+        if shuffle is not None:
+            order = list(range(len(self.senders)))
+            random.Random(shuffle).shuffle(order)
+            return order
         by_room: dict[int, list[int]] = {}
-        for i, s in enumerate(self.senders):
-            by_room.setdefault(s.room, []).append(i)
+        for i, room in enumerate(self.sender_rooms):
+            by_room.setdefault(room, []).append(i)
         order: list[int] = []
         rooms = sorted(by_room)
         depth = max((len(v) for v in by_room.values()), default=0)
@@ -280,7 +333,8 @@ class LoadGen:
         count = int(spec["count"])
         drain_s = float(spec.get("drain_s", 3.0))
         max_drain_s = float(spec.get("max_drain_s", 30.0))
-        order = self._schedule()
+        shuffle = spec.get("shuffle")
+        order = self._schedule(None if shuffle is None else int(shuffle))
         if not order:
             return {"error": "no senders"}
         self.stats.reset(first_seq={i: self.seq[i] for i in range(len(self.senders))})
@@ -290,13 +344,19 @@ class LoadGen:
         live = [c for c in self.clients if c.connected]
         members: dict[int, int] = {}
         for c in live:
-            members[c.room] = members.get(c.room, 0) + 1
+            for r in c.rooms:
+                members[r] = members.get(r, 0) + 1
         sent_per_room: dict[int, int] = {}
         expected_per_client_room: dict[int, int] = {}
         lateness: list[int] = []
         pad = b"x" * PAYLOAD_BYTES
         words = [w.encode() + b" " for w in spec.get("words", [])]
         interval = 1e9 / rate
+        # uvloop's timers have 1 ms resolution: a shorter sleep returns at once, so above
+        # 1,000 msgs/s the loop would spin between sends (a full core of the generator's, for
+        # nothing). ``min_sleep_ms`` (the messenger: 1) sends what is due every >= 1 ms instead;
+        # the lateness counts in the latency, as always.
+        min_sleep_ns = int(float(spec.get("min_sleep_ms", 0)) * 1e6)
         c0 = cpu_s()
         t_start = perf_ns() + 20_000_000
         k = 0
@@ -305,7 +365,7 @@ class LoadGen:
             now = perf_ns()
             due = t_start + int(k * interval)
             if due > now:
-                await asyncio.sleep((due - now) / 1e9)
+                await asyncio.sleep(max(due - now, min_sleep_ns) / 1e9)
                 continue
             while k < count:
                 sched = t_start + int(k * interval)
@@ -319,10 +379,16 @@ class LoadGen:
                 if words:
                     head += words[seq % len(words)]
                 text = (head + pad)[:PAYLOAD_BYTES]
-                payload = b'42["message","' + text + b'"]' if sender.kind == "socketio" else text
+                room = self.sender_rooms[si]
+                if sender.kind == "socketio":
+                    payload = b'42["message","' + text + b'"]'
+                elif sender.kind == "v1connect":
+                    payload = b'{"type":"send","chatroom":%d,"message":"%s"}' % (room, text)
+                else:
+                    payload = text
                 if sender.connected and sender.transport is not None:
                     sender.transport.send(WSMsgType.TEXT, payload)
-                    sent_per_room[sender.room] = sent_per_room.get(sender.room, 0) + 1
+                    sent_per_room[room] = sent_per_room.get(room, 0) + 1
                 else:
                     send_errors += 1
                 lateness.append(now - sched)
@@ -351,7 +417,9 @@ class LoadGen:
         cpu = cpu_s() - c0
         stats = self.stats
         short_clients = sum(
-            1 for c in live if c.received_step < expected_per_client_room.get(c.room, 0)
+            1
+            for c in live
+            if c.received_step < sum(expected_per_client_room.get(r, 0) for r in c.rooms)
         )
         wall = (t_end - t_start) / 1e9
         return {
@@ -364,6 +432,8 @@ class LoadGen:
             "reorders": stats.reorders,
             "stale": stats.stale,
             "other_frames": stats.other,
+            "frame_types": stats.types,
+            "wrong_room": stats.wrong_room,
             "short_connections": short_clients,
             "disconnects": self.disconnects - disconnects0,
             "latency_ms": percentiles(stats.latencies, 1e-6),

@@ -331,7 +331,7 @@ def markdown(result: dict[str, Any]) -> str:
         else ""
     )
     lines.append(
-        f"Run: `bench/run --{result['mode']}` on {result['date']} ({state}); "
+        f"Run: `bench/run --{result['mode']}{' --messenger' if result.get('messenger') else ''}` on {result['date']} ({state}); "
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}; "
         f"servers pinned to CPU {m['server_cpus']}, load generator to CPU "
         f"{m['loadgen_cpus']}; nginx reaches the processes behind it over "
@@ -343,6 +343,10 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["figures"]:
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['figure']} | {r['target']} | {r['value']}{note} | {r['met']} |")
+    if not result["fanout"]:  # e.g. bench/run --messenger alone
+        if result.get("missing"):
+            lines += ["", "Missing from this run: " + "; ".join(result["missing"]) + "."]
+        return "\n".join(lines) + "\n"
     lines.append("")
     lines.append(
         "Fan-out per offered load (medians over rounds; CPU = server processes' "

@@ -18,7 +18,10 @@ then runs this file with bench/.venv's Python). What it does, in order:
    latency with 100 messages of history (Redis room log, then Elasticsearch), search through
    the API vs straight to Elasticsearch, memory per idle connection, ``GET /v1/chatrooms``
    through nginx vs nginx's own ``return 200``.
-3. Figures against the targets of issue 5 (``settings.py``, and nowhere else), a table on
+3. With ``--messenger``: the messenger workload (issue 16, ``messenger.py``): 2,000 users on
+   one ``/v1/connect`` each, 5,000 DMs and 200 groups of 10, on chatnode's cluster and the
+   websockets reference's multi-room mode, and a busy-room reference step.
+4. Figures against the targets of issue 5 (``settings.py``, and nowhere else), a table on
    stdout and in ``bench/results/latest.md``, everything in ``bench/results/latest.json`` and
    the p99 plot in ``bench/results/latest.png``.
 
@@ -46,11 +49,14 @@ from common import LOADGEN_CPUS, RESULTS, WORK, log, raise_nofile
 from fanout import aggregate, run_fanout
 from history import history_extras
 from idle import idle_memory, idle_peers
+from messenger import MessengerCluster, run_messenger_all
+from messenger_report import messenger_markdown, messenger_rows
 from report import code_state, figures, integrity_row, machine, markdown, plot
 from rest import rest_throughput
 from settings import (
     CLUSTER_WORKLOAD,
     EXTRAS,
+    MESSENGER_MODES,
     MODES,
     P99_LIMIT_MS,
     SINGLE_WORKLOAD,
@@ -120,6 +126,16 @@ def main() -> int:
     parser.add_argument(
         "--steps", help="override the mode's offered loads: comma list of deliveries/s"
     )
+    parser.add_argument(
+        "--messenger",
+        action="store_true",
+        help="the messenger workload (issue 16): 2,000 users on /v1/connect, 5,000 DMs, 200"
+        " groups of 10, 200..2,000 msgs/s, chatnode's cluster and the websockets peer; alone"
+        " unless --systems / --extras ask for more",
+    )
+    parser.add_argument(
+        "--messenger-steps", help="override the messenger's offered loads: comma list of msgs/s"
+    )
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
     parser.add_argument(
         "--mysql-url",
@@ -145,6 +161,13 @@ def main() -> int:
         mode["rounds"] = args.rounds
     if args.steps:
         mode["steps"] = [int(x) for x in args.steps.split(",")]
+    m_mode = dict(MESSENGER_MODES[mode_name])
+    if args.messenger_steps:
+        m_mode["steps"] = [int(x) for x in args.messenger_steps.split(",")]
+    if args.messenger and not args.systems:
+        args.systems = "none"  # --messenger alone: the messenger workload only
+    if args.messenger and not args.extras:
+        args.no_extras = True
     only = frozenset(args.extras.split(",")) if args.extras else frozenset(EXTRAS)
     if only - set(EXTRAS):
         raise SystemExit(f"unknown extras: {sorted(only - set(EXTRAS))}")
@@ -176,9 +199,10 @@ def main() -> int:
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in wanted}
     errors: dict[str, str] = {}
     extras: dict[str, Any] = {}
+    messenger: dict[str, Any] = {}
     try:
         cluster_probe = ChatnodeCluster(redis, args.mysql_url, args.es_url, args.prefix)
-        if "chatnode-cluster" in wanted or not args.no_extras:
+        if "chatnode-cluster" in wanted or not args.no_extras or args.messenger:
             cluster_probe.migrate()
 
         def make(name: str) -> tuple[System, dict[str, int]]:
@@ -214,6 +238,24 @@ def main() -> int:
                 extras["error"] = f"{type(exc).__name__}: {exc}"
                 log(f"extras FAILED: {exc}")
                 traceback.print_exc()
+        if args.messenger:
+            agg_so_far = {n: aggregate(r, mode["steps"]) for n, r in runs.items() if r}
+
+            def make_cluster(messenger: bool = False) -> ChatnodeCluster:
+                cls = MessengerCluster if messenger else ChatnodeCluster
+                return cls(redis, args.mysql_url, args.es_url, args.prefix)
+
+            try:
+                messenger = run_messenger_all(redis, make_cluster, m_mode, agg_so_far)
+            except Exception as exc:
+                messenger = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"messenger FAILED: {exc}")
+                traceback.print_exc()
+            for name, run in messenger.get("systems", {}).items():
+                if "error" in run:
+                    errors[f"messenger {name}"] = run["error"]
+            if "error" in messenger.get("busy_room", {}):
+                errors["messenger busy room"] = messenger["busy_room"]["error"]
     finally:
         redis.stop()
 
@@ -228,6 +270,10 @@ def main() -> int:
     agg = {n: aggregate(r, mode["steps"]) for n, r in runs.items() if r}
     rows = figures(agg, extras, mode_name, mode["steps"])
     rows.insert(3, integrity_row(agg))
+    if args.messenger and "systems" in messenger:
+        if not agg and not extras:  # the messenger alone: its figures only
+            rows = []
+        rows += messenger_rows(messenger)
     missing = [r["figure"] for r in rows if r["met"] == "not measured"]
     result = {
         "mode": mode_name,
@@ -247,6 +293,7 @@ def main() -> int:
         "figures": rows,
         "fanout": agg,
         "extras": extras,
+        "messenger": messenger,
         "errors": errors,
         "missing": missing,
         "raw_runs": runs,
@@ -257,15 +304,21 @@ def main() -> int:
     tmp.write_text(json.dumps(result, indent=1, default=str))
     tmp.replace(out.with_suffix(".json"))
     md = markdown(result)
+    if messenger.get("systems"):
+        md += "\n" + messenger_markdown(messenger)
     out.with_suffix(".md").write_text(md)
     try:
-        plot(result, out.with_suffix(".png"))
+        if agg:  # the plot is the fan-out's (none for the messenger alone)
+            plot(result, out.with_suffix(".png"))
     except Exception as exc:
         log(f"plot failed: {exc}")
     print(md)
     if errors:
         print("Errors:", json.dumps(errors, indent=1))
-    log(f"done in {result['elapsed_s']:.0f}s: {out.with_suffix('.json')}, .md, .png")
+    log(
+        f"done in {result['elapsed_s']:.0f}s: {out.with_suffix('.json')}, .md"
+        + (", .png" if agg else "")
+    )
     return 0 if not errors else 1
 
 

@@ -48,6 +48,12 @@ TARGETS = {
     "join_es_p99_ms": 60.0,
     "search_added_p50_ms": 2.0,
     "archiver_ratio": 0.8,
+    # the messenger workload (issue 16): p99 at this offered load, and the nodes' CPU per
+    # message against today's per-message cost in a busy room (the fan-out's per delivery x
+    # members, at MESSENGER_BUSY_ROOM_STEP deliveries/s)
+    "messenger_p99_ms": 100.0,
+    "messenger_at_msgs": 2000,
+    "messenger_cpu_vs_busy_room": 1.5,
 }
 WORDS = [
     "apple",
@@ -71,3 +77,13 @@ WORDS = [
 
 EXTRAS = ("archiver", "join", "search", "idle", "rest", "peers")
 """The extras on chatnode's cluster, in the order they run (``--extras`` picks some)."""
+
+
+# The messenger workload (issue 16, "Scale"; ``bench/run --messenger``): users, each on one
+# /v1/connect WebSocket; direct rooms; private groups of ``group_size`` (bench/messenger.py).
+MESSENGER_WORKLOAD = {"users": 2000, "dms": 5000, "groups": 200, "group_size": 10}
+MESSENGER_MODES: dict[str, dict[str, Any]] = {
+    "quick": {"steps": [200, 1000, 2000], "step_s": 5.0, "warmup_s": 2.0},
+    "full": {"steps": [200, 500, 1000, 2000, 3000], "step_s": 10.0, "warmup_s": 3.0},
+}
+MESSENGER_BUSY_ROOM_STEP = 5000  # the fan-out step (deliveries/s) of the busy-room reference

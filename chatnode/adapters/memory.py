@@ -18,6 +18,10 @@ deadline. It follows the same rules as the Redis implementation:
 - ``online`` counts every entry not yet reaped, expired node or not.
 - ``reap`` removes every entry of a node whose heartbeat expired or that never sent one, and
   forgets the expired heartbeat. A later ``heartbeat`` brings the node back with no entries.
+- A user is online while any entry of theirs is not removed or reaped; their ``last_seen`` is
+  set (wall clock ``clock_ms``, never moving back) when an entry is added, when their last
+  entry is removed and when a reap removes it. Kept in memory: an embedded node's restart
+  forgets it (the node had all the connections anyway).
 
 Time comes from an injectable ``clock`` (seconds, monotonic), so tests advance time instead of
 sleeping. The default is ``trio.current_time``: it follows Trio's clock (``MockClock`` /
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -39,10 +43,12 @@ from chatnode.core import ports
 from chatnode.core.models import (
     Grant,
     PresenceEntry,
+    Reaped,
     Revocation,
     RevocationChanges,
     RevocationKind,
     RevocationState,
+    UserPresence,
 )
 
 
@@ -51,8 +57,11 @@ class MemoryPresence:
     """``ports.Presence`` in process memory; every method is atomic (no await inside)."""
 
     clock: Callable[[], float] = attrs.field(default=trio.current_time, kw_only=True)
+    clock_ms: Callable[[], int] = attrs.field(default=lambda: _wall_ms(), kw_only=True)
     _entries: dict[str, set[PresenceEntry]] = attrs.field(factory=dict, init=False)
     _deadlines: dict[str, float] = attrs.field(factory=dict, init=False)
+    _per_user: dict[str, int] = attrs.field(factory=dict, init=False)  # user -> live entries
+    _last_seen: dict[str, int] = attrs.field(factory=dict, init=False)
 
     async def check(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -62,16 +71,40 @@ class MemoryPresence:
 
     async def add(self, entry: PresenceEntry) -> None:
         await trio.lowlevel.checkpoint()
-        self._entries.setdefault(entry.node_id, set()).add(entry)
+        node_entries = self._entries.setdefault(entry.node_id, set())
+        if entry not in node_entries:
+            node_entries.add(entry)
+            self._per_user[entry.user] = self._per_user.get(entry.user, 0) + 1
+        self._seen(entry.user)
 
     async def remove(self, entry: PresenceEntry) -> None:
         await trio.lowlevel.checkpoint()
         node_entries = self._entries.get(entry.node_id)
-        if node_entries is None:
+        if node_entries is None or entry not in node_entries:
             return
         node_entries.discard(entry)
         if not node_entries:
             del self._entries[entry.node_id]
+        self._dropped(entry.user)
+
+    def _seen(self, user: str) -> None:
+        self._last_seen[user] = max(self._last_seen.get(user, 0), self.clock_ms())
+
+    def _dropped(self, user: str) -> bool:
+        """One entry of ``user`` is gone: True if it was their last (last seen now)."""
+        left = self._per_user.get(user, 0) - 1
+        if left > 0:
+            self._per_user[user] = left
+            return False
+        self._per_user.pop(user, None)
+        self._seen(user)
+        return True
+
+    async def users(self, names: Sequence[str]) -> dict[str, UserPresence]:
+        await trio.lowlevel.checkpoint()
+        return {
+            name: UserPresence(name in self._per_user, self._last_seen.get(name)) for name in names
+        }
 
     async def online(self, room_id: int) -> list[str]:
         await trio.lowlevel.checkpoint()
@@ -87,14 +120,20 @@ class MemoryPresence:
         await trio.lowlevel.checkpoint()
         self._deadlines[node_id] = self.clock() + ttl_ms / 1000
 
-    async def reap(self) -> int:
+    async def reap(self) -> Reaped:
         await trio.lowlevel.checkpoint()
         now = self.clock()
         expired = {node for node, deadline in self._deadlines.items() if deadline <= now}
         for node in expired:
             del self._deadlines[node]
         dead = [node for node in self._entries if node not in self._deadlines]
-        return sum(len(self._entries.pop(node)) for node in dead)
+        removed, offline = 0, list[str]()
+        for node in dead:
+            for entry in self._entries.pop(node):
+                removed += 1
+                if self._dropped(entry.user):
+                    offline.append(entry.user)
+        return Reaped(removed, tuple(sorted(offline)))
 
 
 def _wall_ms() -> int:

@@ -307,17 +307,23 @@ class ChatMessage:
             raise ValueError(f"not a message document: {exc}") from None
         if not isinstance(fields, dict) or tuple(fields) not in (MESSAGE_FIELDS, _EVENT_SHAPE):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        room_id, offset, user, text, timestamp_ms, *change = fields.values()
+        if len(fields) == 5:  # a chat message: the path of every message a node receives
+            room_id, offset, user, text, timestamp_ms = fields.values()
+            event = by = None
+        else:
+            room_id, offset, user, text, timestamp_ms, event, by = fields.values()
+            if event not in MEMBER_EVENTS or not isinstance(by, str):
+                raise ValueError(f"not a message document: {document[:80]!r}")
         if not (
             type(room_id) is int
             and type(offset) is int
             and isinstance(user, str)
             and isinstance(text, str)
             and type(timestamp_ms) is int
-            and all(isinstance(value, str) for value in change)
-        ) or (change and change[0] not in MEMBER_EVENTS):
+        ):
             raise ValueError(f"not a message document: {document[:80]!r}")
-        event, by = change or (None, None)
+        if event is None:
+            return cls(room_id, offset, user, text, timestamp_ms)
         return cls(room_id, offset, user, text, timestamp_ms, event, by)
 
 
@@ -407,6 +413,25 @@ class PresenceEntry:
     user: str
     node_id: str
     conn_id: str
+
+
+@attrs.frozen
+class UserPresence:
+    """A user's presence: ``online`` while any entry of theirs (a room's connection, or a
+    ``/v1/connect`` connection: room 0) is not reaped; ``last_seen_ms`` the wall time (epoch
+    ms) of their latest connect or disconnect (or of the reap that ended their last entry),
+    None if never seen. It only moves forward."""
+
+    online: bool
+    last_seen_ms: int | None
+
+
+@attrs.frozen
+class Reaped:
+    """What a reap removed: ``entries``, and the users it left with no entry (now offline)."""
+
+    entries: int
+    offline: tuple[str, ...] = ()
 
 
 class RevocationKind(enum.Enum):

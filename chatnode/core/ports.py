@@ -26,6 +26,7 @@ from chatnode.core.models import (
     Listed,
     Member,
     PresenceEntry,
+    Reaped,
     Refusal,
     Revocation,
     RevocationChanges,
@@ -35,6 +36,7 @@ from chatnode.core.models import (
     SearchHit,
     SearchQuery,
     User,
+    UserPresence,
 )
 
 
@@ -358,7 +360,8 @@ class Archive(Closeable, Protocol):
 
 
 class Presence(Closeable, Protocol):
-    """Who is connected to which room, on which node (memory, Redis).
+    """Who is connected to which room, on which node (memory, Redis), and each user's
+    presence (online, last seen) that follows from it.
 
     Entries live under a node heartbeat: a node that stops heartbeating (crashed) has its
     entries removed by ``reap`` once the heartbeat expired.
@@ -373,9 +376,18 @@ class Presence(Closeable, Protocol):
 
     async def heartbeat(self, node_id: str, *, ttl_ms: int) -> None: ...
 
-    async def reap(self) -> int:
+    async def reap(self) -> Reaped:
         """Remove entries of nodes whose heartbeat expired (or that never sent one); return
-        how many were removed."""
+        how many were removed and which users that left with no entry (their ``last_seen``
+        is the time of the reap)."""
+
+    # -- user presence (online, last seen) ----------------------------------------------------
+
+    async def users(self, names: Sequence[str]) -> dict[str, UserPresence]:
+        """Each named user's presence. Rules: a user is online while any entry of theirs, in
+        any room and on any node, is not removed or reaped; ``last_seen_ms`` is set (to the
+        store's wall clock, never moving back) when an entry is added, when the user's last
+        entry is removed, and when a reap removes it; never seen: offline, None."""
 
 
 class Revocations(Protocol):

@@ -34,6 +34,9 @@ Rules:
    subscribed at once, within the room limit. The user's rooms are read before the
    connection follows such events; if one came meanwhile (``hub.user_room_events``), they
    are read again once it follows them.
+9. While open, the connection makes its user online and gets the ``presence`` frames
+   (``online``, ``last_seen``; ``chatroom`` null) of the people the user shares a direct or
+   private room with (``ChatNode.connected``, ``node/presence.py``).
 """
 
 from __future__ import annotations
@@ -183,6 +186,8 @@ class ConnectMember(WsWriter):
         limit = self._node.settings.max_connection_rooms
         if not self._closing and room_id not in self.rooms and len(self.rooms) < limit:
             self.subscribe(room_id, since)
+        if not self._closing and self._nursery is not None:  # rule 9
+            self._nursery.start_soon(self._node.watch_contacts, self, room_id)
 
     # -- rooms ----------------------------------------------------------------------------
 
@@ -244,10 +249,11 @@ class ConnectMember(WsWriter):
         self.start()
         self._batcher.watch(self)
         hub = self._node.hub
-        async with trio.open_nursery() as nursery:
+        async with self._node.connected(self, self.conn_id), trio.open_nursery() as nursery:
             self._nursery = nursery
             for room_id in self.initial_rooms:
                 self.subscribe(room_id, None)
+            nursery.start_soon(self._node.watch_contacts, self)  # rule 9
             hub.watch_rooms(self)
             try:
                 if hub.user_room_events != self.events_seen:  # rule 8

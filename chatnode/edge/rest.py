@@ -23,6 +23,7 @@ from chatnode.core import auth, errors, validation
 from chatnode.core.models import Listed, Member, Room, SearchQuery
 from chatnode.edge.http import error_response
 from chatnode.edge.metrics import Metrics
+from chatnode.node import presence as presence_rules
 from chatnode.node.rooms import Activity
 from chatnode.node.service import ChatNode
 from chatnode.wire.http import Request, Response
@@ -208,6 +209,23 @@ class Api:
             },
         )
 
+    async def user_presence(self, request: Request, match: re.Match[str]) -> Response:
+        """``GET /v1/users/{name}``: the caller's or a contact's presence
+        (``node/presence.py`` rule 1)."""
+        claims = await self.claims(request)
+        node = self.node
+        name = validation.user_name(match["name"], node.settings.limits)
+        state = await presence_rules.lookup(
+            node.backends.directory,
+            node.backends.presence,
+            claims,
+            name,
+            limit=node.settings.max_connection_rooms,
+        )
+        return Response.json(
+            200, {"name": name, "online": state.online, "last_seen": state.last_seen_ms}
+        )
+
     async def members(self, request: Request, match: re.Match[str]) -> Response:
         claims = await self.claims(request)
         members = await self.node.room_members(int(match["room"]), claims)
@@ -391,6 +409,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/v1/me/chatrooms", Api.my_rooms),
     _route("POST", "/v1/users", Api.create_user),
     _route("DELETE", "/v1/users", Api.delete_users),
+    _route("GET", "/v1/users/(?P<name>[^/]+)", Api.user_presence),
     _route("POST", "/v1/tokens", Api.create_token),
     _route("DELETE", "/v1/tokens/current", Api.delete_token),
     _route("PUT", "/v1/users/me/password", Api.change_password),

@@ -48,7 +48,8 @@ Rules (the guarantees of docs/architecture.md, "path of a message"):
    change and does not act on it: a seat is taken before its membership is checked, so a
    removal after the check reaches the seat live (or queued, Rule 3).
 9. A membership that begins reaches the user's multi-room connections. Every node follows
-   ``frames.USERS_CHANNEL`` on the bus (one subscription per node); a ``user_room_added``
+   ``frames.USERS_CHANNEL`` on the bus (one subscription per node; it also carries
+   ``user_presence``, handed to ``on_user_presence``: ``node/presence.py``); a ``user_room_added``
    signal there hands the room, and the offset of the ``added`` change if it has one, to
    each :class:`RoomWatcher` of that user on this node (``/v1/connect`` connections, which
    subscribe it from that offset on). ``user_room_events`` counts them, so a connection
@@ -60,6 +61,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -196,6 +198,7 @@ class Hub:
         self.hole_wait_s = HOLE_WAIT_S
         self._holes: dict[int, float] = {}  # room -> when its history first lacked messages
         self._watchers: dict[str, set[RoomWatcher]] = {}  # user -> its connections (Rule 9)
+        self.on_user_presence: Callable[[str], None] | None = None  # Rule 9, user presence
         self.user_room_events = 0
 
     # -- membership -----------------------------------------------------------------------
@@ -418,6 +421,8 @@ class Hub:
         if session is None:
             if room_id == frames.USERS_CHANNEL and event.kind == frames.USER_ROOM_ADDED:
                 self._room_added(event)
+            elif room_id == frames.USERS_CHANNEL and event.kind == frames.USER_PRESENCE:
+                self._user_presence(event)
             return
         if event.kind == frames.RECEIPT:  # never a user's own receipt
             user = event.fields.get("user")
@@ -439,6 +444,12 @@ class Hub:
         since = offset - 1 if type(offset) is int and offset > 0 else None
         for watcher in list(self._watchers.get(user, ())):
             watcher.room_added(room_id, since)
+
+    def _user_presence(self, event: RoomEvent) -> None:
+        """Rule 9: a user's presence may have changed (``node/presence.py`` rule 2)."""
+        user = event.fields.get("user")
+        if self.on_user_presence is not None and isinstance(user, str):
+            self.on_user_presence(user)
 
     def watch_rooms(self, watcher: RoomWatcher) -> None:
         self._watchers.setdefault(watcher.user, set()).add(watcher)

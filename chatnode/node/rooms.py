@@ -159,6 +159,9 @@ class Rooms(Accounts):
         )
         self.rooms_created += 1
         await self._start_offsets(room)
+        if visibility == PRIVATE:  # its members' open connections subscribe it
+            for member in {claims.user, *names}:
+                await self.member_added(room.id, member)
         return room
 
     async def direct_room(self, claims: auth.Claims, other: object) -> tuple[Room, bool]:
@@ -178,6 +181,8 @@ class Rooms(Accounts):
         if made:
             self.rooms_created += 1
             await self._start_offsets(room)
+            for member in (claims.user, name):  # their open connections subscribe it
+                await self.member_added(room.id, member)
         return room, made
 
     async def _start_offsets(self, room: Room) -> None:

@@ -34,6 +34,7 @@ from chatnode.node.accounts import USER_CHECK_TTL_S, Holder
 from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, RoomSession
 from chatnode.node.passwords import PasswordWork
+from chatnode.node.presence import PresenceWatcher, UserPresenceFeed, contacts
 from chatnode.node.ratelimit import NodeLimits, Rate
 from chatnode.node.receipts import Cursors
 from chatnode.node.room import RoomConnection
@@ -83,6 +84,8 @@ class ChatNode(Rooms):
         self.rooms_created = 0
         self._presence: set[PresenceEntry] = set()  # this node's live connections
         self.cursors = Cursors(backends.directory, self.signal)  # node/receipts.py
+        self.user_presence = UserPresenceFeed(backends.presence)  # node/presence.py
+        self.hub.on_user_presence = self.user_presence.changed
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class ChatNode(Rooms):
             await nursery.start(self.backends.bus.serve, self.hub)
             nursery.start_soon(self._follow_users_channel)
             nursery.start_soon(self._presence_loop)
+            nursery.start_soon(self.user_presence.run)
             nursery.start_soon(self._follow_revocations)
             nursery.start_soon(self.cursors.run)
             if self.archiver is not None:
@@ -127,8 +131,10 @@ class ChatNode(Rooms):
                     await self._restore_presence()
                 last_ok, failed = now, False
                 reaped = await self.backends.presence.reap()
-                if reaped:
-                    log.info("reaped %d presence entries of dead nodes", reaped)
+                if reaped.entries:
+                    log.info("reaped %d presence entries of dead nodes", reaped.entries)
+                for user in reaped.offline:
+                    await self.announce_presence(user)
             except Exception:
                 failed = True
                 log.warning("presence heartbeat failed; retrying", exc_info=True)
@@ -214,19 +220,23 @@ class ChatNode(Rooms):
             await self.room(room_id)
             entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
             session, seat = await self.hub.attach(room_id, member)
-            entered = opened = False
+            entered = opened = counted = False
             try:
                 await self._ensure_member(session, member.claims)
                 entered = opened = True
                 cursor = await self.cursors.open(room_id, member.user, load=resume)
                 self._presence.add(entry)
                 await self.backends.presence.add(entry)
+                counted = True
+                if self.user_presence.opened(member.user):
+                    await self.announce_presence(member.user)
                 connection = RoomConnection(self, session, seat, member)
                 await connection.prepare(since, resume_from=cursor.delivered if resume else 0)
                 await self.signal(room_id, frames.presence_event(room_id, member.user, "join"))
                 yield connection
             finally:
                 self._presence.discard(entry)
+                last = counted and self.user_presence.closed(member.user)
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self.hub.detach(room_id, member)
                     try:
@@ -234,6 +244,9 @@ class ChatNode(Rooms):
                             await self.cursors.close(room_id, member.user)
                         if entered:
                             await self.backends.presence.remove(entry)
+                        if last:
+                            await self.announce_presence(member.user)
+                        if entered:
                             await self.signal(
                                 room_id, frames.presence_event(room_id, member.user, "leave")
                             )
@@ -249,6 +262,63 @@ class ChatNode(Rooms):
         await self.readable(room_id, claims)
         stored = await self.backends.directory.room_cursors(room_id)
         return self.cursors.room_overlay(room_id, stored)
+
+    # -- user presence (node/presence.py) -----------------------------------------------------
+
+    async def announce_presence(self, user: str) -> None:
+        """Rule 2 of ``node/presence.py``: every node is told ``user``'s presence may have
+        changed (the store already has it)."""
+        await self.signal(frames.USERS_CHANNEL, frames.user_presence_event(user))
+
+    @asynccontextmanager
+    async def connected(self, watcher: PresenceWatcher, conn_id: str) -> AsyncIterator[None]:
+        """A ``/v1/connect`` connection while open: an entry of its user in room 0
+        (``frames.USERS_CHANNEL``, no room has that id), so that the user is online even with
+        no room, and a watcher of presence (:meth:`watch_contacts` says whose). A store that
+        fails here costs the connection nothing: logged, and the heartbeat's restore writes
+        the entry later."""
+        user, feed = watcher.user, self.user_presence
+        entry = PresenceEntry(frames.USERS_CHANNEL, user, self.settings.node_id, conn_id)
+        self._presence.add(entry)
+        feed.watch(watcher, ())
+        counted = False
+        try:
+            try:
+                await self.backends.presence.add(entry)
+                counted = True
+                if feed.opened(user):
+                    await self.announce_presence(user)
+            except Exception:
+                log.warning("presence of connection %s not set up", conn_id, exc_info=True)
+            yield
+        finally:
+            feed.unwatch(watcher)
+            self._presence.discard(entry)
+            last = counted and feed.closed(user)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.backends.presence.remove(entry)
+                    if last:
+                        await self.announce_presence(user)
+                except Exception:
+                    log.warning("presence cleanup failed for %s", entry, exc_info=True)
+
+    async def watch_contacts(self, watcher: PresenceWatcher, room_id: int | None = None) -> None:
+        """Watch the presence of the people ``watcher``'s user shares a direct or private
+        room with: all of them (``room_id`` None; the connection's task, so that reading them
+        delays no room), or the members of ``room_id`` (a membership that began while
+        connected). A directory that fails leaves them unwatched (logged)."""
+        try:
+            if room_id is None:
+                limit = self.settings.max_connection_rooms
+                users = await contacts(self.backends.directory, watcher.user, limit=limit)
+            elif (await self.room(room_id)).public:
+                return
+            else:
+                users = set(await self.backends.directory.list_members(room_id))
+            self.user_presence.watch(watcher, users - {watcher.user}, only_if_watching=True)
+        except Exception:
+            log.warning("contacts of %s not watched", watcher.user, exc_info=True)
 
     async def check(self) -> dict[str, str]:
         """Readiness of every backend: name -> "ok" or the error."""

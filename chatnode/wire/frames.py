@@ -367,6 +367,32 @@ def user_room_added_event(room_id: int, user: str, offset: int | None = None) ->
     return RoomEvent.of(type=USER_ROOM_ADDED, chatroom=room_id, user=user, offset=offset)
 
 
+# -- user presence (node/presence.py) -------------------------------------------------------
+
+USER_PRESENCE = "user_presence"
+
+
+def user_presence_event(user: str) -> RoomEvent:
+    """Between nodes only, on :data:`USERS_CHANNEL`: ``user``'s presence may have changed
+    (a connection of theirs opened or closed, or a reap ended their last); each node reads
+    the state from the store."""
+    return RoomEvent.of(type=USER_PRESENCE, user=user)
+
+
+def user_presence_frame(user: str, online: bool, last_seen_ms: int | None) -> bytes:
+    """``/v1/connect``: a contact's presence. Unlike a room's ``presence`` event (``event``:
+    join/leave, per room) it has ``online`` and ``last_seen``, and ``chatroom`` is null."""
+    return _dumps(
+        {
+            "type": "presence",
+            "chatroom": None,
+            "user": user,
+            "online": online,
+            "last_seen": last_seen_ms,
+        }
+    )
+
+
 # -- WebSocket framing (RFC 6455 §5.2; the rest is in ``wire/websocket.py``) ----------------
 
 

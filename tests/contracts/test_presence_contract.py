@@ -1,4 +1,5 @@
-"""The Presence contract: live connections per room, and the reaping of dead nodes.
+"""The Presence contract: live connections per room, the reaping of dead nodes, and each
+user's presence (online, last seen) that follows from them.
 
 Time passes through the rig's ``advance`` (a fake clock for the memory implementation, a real
 short wait for a service), so heartbeat TTLs here are small: 200 ms.
@@ -6,7 +7,9 @@ short wait for a service), so heartbeat TTLs here are small: 200 ms.
 
 from __future__ import annotations
 
-from chatnode.core.models import PresenceEntry
+import time
+
+from chatnode.core.models import PresenceEntry, Reaped, UserPresence
 
 from .harness import PresenceRig
 
@@ -78,15 +81,15 @@ async def test_reap_removes_only_the_entries_of_expired_nodes(presence_rig: Pres
     await presence.add(entry(1, "carol", "dying", "c4"))
     await presence.add(entry(1, "carol", "alive", "c5"))
 
-    assert await presence.reap() == 0
+    assert (await presence.reap()).entries == 0
     await advance(TTL_MS / 2 / 1000)
     await presence.heartbeat("alive", ttl_ms=TTL_MS)
     await advance(TTL_MS * 0.75 / 1000)
 
-    assert await presence.reap() == 3
+    assert (await presence.reap()).entries == 3
     assert await presence.online(1) == ["alice", "carol"]
     assert await presence.online(2) == []
-    assert await presence.reap() == 0
+    assert (await presence.reap()).entries == 0
 
 
 async def test_entries_of_a_node_without_heartbeat_are_reaped(presence_rig: PresenceRig) -> None:
@@ -95,7 +98,7 @@ async def test_entries_of_a_node_without_heartbeat_are_reaped(presence_rig: Pres
     await presence.add(entry(1, "alice", "alive", "c1"))
     await presence.add(entry(1, "ghost", "never-heartbeat", "c2"))
 
-    assert await presence.reap() == 1
+    assert (await presence.reap()).entries == 1
     assert await presence.online(1) == ["alice"]
 
 
@@ -104,12 +107,12 @@ async def test_a_reaped_node_comes_back_with_a_new_heartbeat(presence_rig: Prese
     await presence.heartbeat("n1", ttl_ms=TTL_MS)
     await presence.add(entry(1, "bob", "n1", "c1"))
     await advance(TTL_MS * 1.5 / 1000)
-    assert await presence.reap() == 1
+    assert (await presence.reap()).entries == 1
 
     await presence.heartbeat("n1", ttl_ms=TTL_MS)
     await presence.add(entry(1, "bob", "n1", "c2"))
 
-    assert await presence.reap() == 0
+    assert (await presence.reap()).entries == 0
     assert await presence.online(1) == ["bob"]
 
 
@@ -117,3 +120,79 @@ async def test_check_answers_and_aclose_is_idempotent(presence_rig: PresenceRig)
     await presence_rig.presence.check()
     await presence_rig.presence.aclose()
     await presence_rig.presence.aclose()
+
+
+# -- user presence ---------------------------------------------------------------------------
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_a_user_never_seen_is_offline_with_no_last_seen(presence_rig: PresenceRig) -> None:
+    presence = presence_rig.presence
+    assert await presence.users(["nobody"]) == {"nobody": UserPresence(False, None)}
+    assert await presence.users([]) == {}
+
+
+async def test_a_user_is_online_while_any_entry_of_theirs_lives(
+    presence_rig: PresenceRig,
+) -> None:
+    presence = presence_rig.presence
+    connect, room = entry(0, "bob", "n1", "c1"), entry(7, "bob", "n2", "c2")
+    before = wall_ms()
+    await presence.add(connect)
+    await presence.add(room)
+    await presence.add(entry(7, "carol", "n1", "c3"))
+
+    states = await presence.users(["bob", "carol", "dave"])
+    assert states["bob"].online and states["carol"].online
+    assert states["dave"] == UserPresence(False, None)
+    seen = states["bob"].last_seen_ms
+    assert seen is not None and before <= seen <= wall_ms()
+
+    await presence.remove(connect)
+    assert (await presence.users(["bob"]))["bob"].online
+    await presence.remove(room)
+    after = (await presence.users(["bob"]))["bob"]
+    assert not after.online
+    assert after.last_seen_ms is not None and seen <= after.last_seen_ms <= wall_ms()
+
+
+async def test_removing_an_unknown_entry_changes_no_last_seen(presence_rig: PresenceRig) -> None:
+    presence = presence_rig.presence
+    await presence.remove(entry(1, "ghost", "n1", "c1"))
+    assert await presence.users(["ghost"]) == {"ghost": UserPresence(False, None)}
+
+
+async def test_last_seen_never_moves_back(presence_rig: PresenceRig) -> None:
+    presence = presence_rig.presence
+    e = entry(1, "bob", "n1", "c1")
+    seen: list[int] = []
+    for _ in range(3):
+        await presence.add(e)
+        await presence.remove(e)
+        state = (await presence.users(["bob"]))["bob"]
+        assert state.last_seen_ms is not None
+        seen.append(state.last_seen_ms)
+    assert seen == sorted(seen)
+
+
+async def test_a_reap_takes_users_offline_and_names_them(presence_rig: PresenceRig) -> None:
+    presence, advance = presence_rig.presence, presence_rig.advance
+    await presence.heartbeat("alive", ttl_ms=10 * TTL_MS)
+    await presence.heartbeat("dying", ttl_ms=TTL_MS)
+    await presence.add(entry(1, "alice", "dying", "c1"))
+    await presence.add(entry(2, "alice", "dying", "c2"))
+    await presence.add(entry(1, "bob", "dying", "c3"))
+    await presence.add(entry(0, "bob", "alive", "c4"))
+    await advance(TTL_MS * 1.5 / 1000)
+    before = wall_ms()
+
+    assert await presence.reap() == Reaped(3, ("alice",))
+
+    states = await presence.users(["alice", "bob"])
+    assert not states["alice"].online and states["bob"].online
+    seen = states["alice"].last_seen_ms
+    assert seen is not None and before <= seen <= wall_ms()
+    assert await presence.reap() == Reaped(0, ())

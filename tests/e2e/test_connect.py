@@ -427,3 +427,30 @@ async def test_a_member_added_to_a_group_while_connected_is_subscribed(tmp_path:
                 await send_via_join(node, bob, group, ["welcome"])
                 got = await c.next("message", chatroom=group, user="bob")
                 assert (got["message"], got["offset"]) == ("welcome", 3)
+
+
+async def test_rooms_made_while_connected_are_subscribed_by_their_members(tmp_path: Path) -> None:
+    """A direct room and a private group made while their users are connected reach every
+    member's ``/v1/connect`` at once (hub Rule 9)."""
+    async with running_node(node_config(str(tmp_path), **FAST)) as node, api_client(node) as api:
+        ann = await api.user_with_token("ann")
+        bob = await api.user_with_token("bob")
+        with trio.fail_after(20):
+            async with connect(node, ann) as a, connect(node, bob) as b:
+                r = await api.client.post("/v1/direct", json={"user": "bob"}, headers=auth(ann))
+                assert r.status_code == 201, r.text
+                direct = r.json()["id"]
+                assert await a.until_live(direct) == []
+                assert await b.until_live(direct) == []
+                r = await api.client.post(
+                    "/v1/chatrooms",
+                    json={"name": "team", "visibility": "private", "members": ["ann"]},
+                    headers=auth(bob),
+                )
+                assert r.status_code == 201, r.text
+                group = r.json()["id"]
+                assert await a.until_live(group) == []
+                assert await b.until_live(group) == []
+                await a.send(type="send", chatroom=direct, message="hello bob", id="d1")
+                got = await b.next("message", chatroom=direct)
+                assert (got["user"], got["message"]) == ("ann", "hello bob")

@@ -1,5 +1,6 @@
 """RedisPresence against a real Redis, beyond the Presence contract: what it leaves in Redis
-(nothing once connections are gone or reaped) and failures as ``Unavailable``."""
+(only the users' last seen once connections are gone or reaped) and failures as
+``Unavailable``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from chatnode.adapters.redis import RedisPresence, RespClient
 from chatnode.core import errors
-from chatnode.core.models import PresenceEntry
+from chatnode.core.models import PresenceEntry, Reaped
 from tests.contracts.conftest import redis_test_clients
 from tests.contracts.harness import require_service
 from tests.redis_support import RedisAdmin
@@ -44,6 +45,7 @@ async def test_removing_every_entry_leaves_only_node_bookkeeping(
     assert await keys_of(client, prefix) == {
         f"{prefix}:presence:nodes",
         f"{prefix}:presence:node:n1:alive",
+        f"{prefix}:presence:last_seen",
     }
 
 
@@ -54,8 +56,8 @@ async def test_reaping_a_dead_node_removes_all_its_keys(redis: tuple[RedisAdmin,
         await presence.add(PresenceEntry(room, "ghost", "dead-node", f"c{room}"))
     await presence.add(PresenceEntry(1, "ghost", "dead-node", "c1"))  # twice: counted once
 
-    assert await presence.reap() == 3
-    assert await keys_of(client, prefix) == set()
+    assert await presence.reap() == Reaped(3, ("ghost",))
+    assert await keys_of(client, prefix) == {f"{prefix}:presence:last_seen"}
 
 
 async def test_names_with_separators_stay_apart(redis: tuple[RedisAdmin, str]) -> None:
@@ -69,7 +71,7 @@ async def test_names_with_separators_stay_apart(redis: tuple[RedisAdmin, str]) -
     await presence.remove(plain)
 
     assert await presence.online(1) == ['a "b" 1 c']
-    assert await presence.reap() == 1  # neither node heartbeated; one entry was left
+    assert (await presence.reap()).entries == 1  # neither node heartbeated; one was left
 
 
 async def test_an_unreachable_redis_is_unavailable() -> None:

@@ -14,6 +14,8 @@ Everything a node keeps in Redis, under one key prefix ``P`` (the deployment's):
     P:presence:node:{node}:entries        set      a node's presence entries
     P:presence:node:{node}:alive          string   a node's heartbeat (PX ttl)
     P:presence:nodes                      set      nodes with entries or heartbeats
+    P:presence:user:{name}                set      a user's live presence entries
+    P:presence:last_seen                  hash     user -> last seen (epoch ms)
     P:dir:...                             strings  cached rooms pages, member lists and rooms,
                                           sets     confirmed memberships, and their version
                                                    tokens                        (directory)
