@@ -25,7 +25,7 @@ import enum
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
@@ -149,6 +149,29 @@ class Member:
     user: str
     role: str = MEMBER
     joined_at_ms: int = 0
+
+
+@attrs.frozen
+class Cursor:
+    """How far ``user`` got in a room: ``delivered`` (their client received up to that
+    offset) and ``read`` (they saw up to it); 0 is nothing. ``read <= delivered``."""
+
+    room_id: int
+    user: str
+    delivered: int = 0
+    read: int = 0
+
+
+def coalesce_cursors(cursors: Iterable[Cursor]) -> list[Cursor]:
+    """One cursor per (room, user): the greatest ``delivered`` and ``read`` given, with
+    ``delivered >= read``; ordered by (room, user), the order a store locks rows in."""
+    best: dict[tuple[int, str], tuple[int, int]] = {}
+    for c in cursors:
+        key = (c.room_id, c.user)
+        delivered, read = best.get(key, (0, 0))
+        read = max(read, c.read)
+        best[key] = (max(delivered, c.delivered, read), read)
+    return [Cursor(room, user, d, r) for (room, user), (d, r) in sorted(best.items())]
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from chatnode.core.models import (
     PUBLIC,
     ArchiveEntry,
     ChatMessage,
+    Cursor,
     DeadLetter,
     Draft,
     Grant,
@@ -172,6 +173,21 @@ class Directory(Closeable, Protocol):
 
     async def list_bans(self, room_id: int, *, limit: int) -> list[str]:
         """Names banned from the room, in name order, at most ``limit``."""
+
+    # -- cursors (delivered/read receipts) ----------------------------------------------------
+
+    async def advance_cursors(self, cursors: Sequence[Cursor]) -> None:
+        """Store many members' cursors in one write. A cursor only moves forward: each of
+        ``delivered`` and ``read`` becomes the greater of the stored and the given value, and
+        ``delivered`` at least ``read``. A (room, user) given twice counts as its greatest.
+        Rooms and users are not checked (the node writes only cursors of members)."""
+
+    async def room_cursors(self, room_id: int) -> list[Cursor]:
+        """The cursors of the room's current members who have one, in name order."""
+
+    async def user_cursors(self, user: str, room_ids: Sequence[int]) -> dict[int, Cursor]:
+        """``user``'s cursors in ``room_ids`` (exact name), by room; rooms without one are
+        missing."""
 
 
 class BusHandler(Protocol):

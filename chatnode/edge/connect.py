@@ -217,7 +217,7 @@ class ConnectMember(WsWriter):
             try:
                 if view.ended or self._closing:
                     return
-                async with node.join(view.room_id, view, since=view.since) as room:
+                async with node.join(view.room_id, view, since=view.since, resume=True) as room:
                     view.room = room
                     with trio.move_on_after(timeout_s) as deadline:
                         await room.replay()
@@ -328,6 +328,11 @@ class ConnectMember(WsWriter):
                 assert room is not None
                 message = await room.send(frame.text, frame.client_id)
                 self._answer(frames.ack_frame(frame.client_id, message))
+            elif isinstance(frame, frames.Mark):  # received / read (node/receipts.py)
+                assert room_id is not None
+                room = self._joined(room_id).room
+                assert room is not None
+                await room.mark(frame.offset, read=frame.read)
             else:
                 assert room_id is not None
                 room = self._joined(room_id).room

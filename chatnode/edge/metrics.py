@@ -41,6 +41,12 @@ class Metrics:
             ("chatnode_revoked_connections_total", "counter", node.revoked_connections),
             ("chatnode_rooms_created_total", "counter", node.rooms_created),
         ]
+        cursors = node.cursors  # node/receipts.py
+        values += [
+            ("chatnode_cursor_advances_total", "counter", cursors.advanced_total),
+            ("chatnode_cursor_writes_total", "counter", cursors.writes_total),
+            ("chatnode_cursors_written_total", "counter", cursors.written_total),
+        ]
         for name, value in node.limits.counters().items():
             values.append((f"chatnode_{name}", "counter", value))
         for name, value in node.backends.bus.counters().items():

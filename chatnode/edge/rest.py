@@ -66,6 +66,8 @@ def activity_json(activity: Activity) -> dict[str, object]:
         "visibility": room.visibility,
         "last_offset": activity.last_offset,
         "last_message": None if last is None else last.fields(),
+        "read_offset": activity.read_offset,
+        "unread": activity.unread,
     }
 
 
@@ -190,7 +192,22 @@ class Api:
             maximum=self.node.settings.limits.max_page,
         )
         rooms = await self.node.my_rooms(claims, limit=limit)
-        return Response.json(200, [activity_json(a) for a in rooms])
+        total = sum(a.unread for a in rooms)  # the body stays a list: the total is a header
+        return Response.json(
+            200, [activity_json(a) for a in rooms], headers=(("Chatnode-Unread", str(total)),)
+        )
+
+    async def receipts(self, request: Request, match: re.Match[str]) -> Response:
+        claims = await self.claims(request)
+        cursors = await self.node.receipts(int(match["room"]), claims)
+        return Response.json(
+            200,
+            {
+                "receipts": [
+                    {"user": c.user, "delivered": c.delivered, "read": c.read} for c in cursors
+                ]
+            },
+        )
 
     async def user_presence(self, request: Request, match: re.Match[str]) -> Response:
         """``GET /v1/users/{name}``: the caller's or a contact's presence
@@ -380,6 +397,7 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/chatrooms/users", Api.create_user),
     _route("GET", ROOM + "/users", Api.room_users),
     _route("GET", ROOM + "/members", Api.members),
+    _route("GET", ROOM + "/receipts", Api.receipts),
     _route("POST", ROOM + "/members", Api.add_member),
     _route("GET", ROOM + "/bans", Api.bans),
     _route("POST", ROOM + "/bans", Api.ban),

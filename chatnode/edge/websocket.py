@@ -219,6 +219,13 @@ class WsMember(WsWriter):
                             frames.refreshed_frame(frame.client_id, claims.expires_at_s)
                         )
                     )
+            elif isinstance(frame, frames.Mark):
+                if frame.room_id is not None and frame.room_id != room.room_id:
+                    raise errors.BadRequest(
+                        f"this connection is in chatroom {room.room_id}, not {frame.room_id}",
+                        code="not_subscribed",
+                    )
+                await room.mark(frame.offset, read=frame.read)
             else:
                 await room.typing()
         except errors.ChatError as exc:
@@ -311,7 +318,9 @@ async def serve_websocket(
     and release its ``admission``. A join refused before the handshake answer went out gets
     an HTTP error; after it, close codes (docs/protocol.md)."""
     try:
-        async with node.join(member.room_id, member, since=member.since) as room:
+        async with node.join(
+            member.room_id, member, since=member.since, resume=member.dialect is Dialect.V1
+        ) as room:
             await member.run(room)
     except errors.ChatError as exc:
         if member.started:

@@ -424,6 +424,12 @@ class Hub:
             elif room_id == frames.USERS_CHANNEL and event.kind == frames.USER_PRESENCE:
                 self._user_presence(event)
             return
+        if event.kind == frames.RECEIPT:  # never a user's own receipt
+            user = event.fields.get("user")
+            for seat in session.seats.values():
+                if seat.live and seat.member.user != user:
+                    seat.member.notify(event)
+            return
         for seat in session.seats.values():
             if seat.live:
                 seat.member.notify(event)

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from chatnode.core import auth, validation
 from chatnode.core.errors import (
+    BadRequest,
     OffsetUnknown,
     RateLimited,
     Unauthorized,
@@ -19,6 +20,7 @@ from chatnode.core.models import (
 from chatnode.node.accounts import now_ms
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
 from chatnode.node.ratelimit import NodeLimits
+from chatnode.node.receipts import Cursors
 from chatnode.node.settings import Backends, NodeSettings
 from chatnode.wire import frames
 
@@ -35,6 +37,8 @@ class RoomNode(Protocol):
     def hub(self) -> Hub: ...
     @property
     def limits(self) -> NodeLimits: ...
+    @property
+    def cursors(self) -> Cursors: ...
 
     async def authenticate(
         self, token: str | None, *, user_param: str | None = None
@@ -68,13 +72,17 @@ class RoomConnection:
     def limits(self) -> validation.Limits:
         return self._node.settings.limits
 
-    async def prepare(self, since: int | None) -> None:
+    async def prepare(self, since: int | None, *, resume_from: int = 0) -> None:
         """Plan the replay and load its first page (``Unavailable`` if the history cannot be
-        read: the join is refused before the upgrade). A ``since`` more than ``max_replay``
-        behind gets the newest ``max_replay`` messages, after a ``gap`` frame naming what it
-        skipped (v1; the plain dialect cannot say it)."""
+        read: the join is refused before the upgrade). With no ``since``, a member resumes
+        from ``resume_from`` (their ``delivered`` cursor; 0: none), else gets the newest
+        ``history_on_join``. A resume more than ``max_replay`` behind gets the newest
+        ``max_replay`` messages, after a ``gap`` frame naming what it skipped (v1; the plain
+        dialect cannot say it, and does not resume from a cursor)."""
         settings = self._node.settings
         head = self._session.last_offset
+        if since is None and resume_from > 0:
+            since = resume_from
         if since is None:
             after = max(0, head - settings.history_on_join)
         else:
@@ -168,6 +176,20 @@ class RoomConnection:
     async def ping(self) -> None:
         """:func:`allow_ping` of the member's user."""
         await allow_ping(self._node, self._member.user)
+
+    async def mark(self, offset: int, *, read: bool) -> None:
+        """A ``received`` (``read``: a ``read``) up to ``offset`` (``node/receipts.py``):
+        memory only, written in batches. Beyond the room's last offset: ``BadRequest``
+        (``invalid_parameter``), the cursor unchanged; behind the cursor: ignored."""
+        room_id = self.room_id
+        if offset > self._session.last_offset and offset > await self._node.hub.head(room_id):
+            raise BadRequest(
+                f"offset {offset} is beyond the last offset of chatroom {room_id}",
+                code="invalid_parameter",
+            )
+        self._node.cursors.advance(
+            room_id, self._member.user, delivered=offset, read=offset if read else 0
+        )
 
     async def typing(self) -> None:
         """Tell the room the member is typing: at most once per ``typing_interval_s`` per

@@ -61,6 +61,7 @@ from chatnode.core.models import (
 )
 from chatnode.core.rooms import room_full
 from chatnode.node.accounts import Accounts, now_ms
+from chatnode.node.receipts import Cursors
 from chatnode.wire import frames
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ MAX_OWN_ROOMS = 1000
 """A user's rooms looked at by ``GET /v1/me/chatrooms`` and a search without ``chatroom``:
 the newest memberships, so that either costs a bounded amount whatever a user joined."""
 MY_ROOMS_CONCURRENCY = 32
+UNREAD_EXACT = 50
+"""``unread`` is counted exactly (others' messages after the read cursor, membership changes
+not counted) when the room is at most this many offsets past the cursor; further behind it
+is the difference of the offsets (an upper bound), so a list reads at most this many
+messages per room."""
 
 
 @attrs.frozen
@@ -78,6 +84,8 @@ class Activity:
     room: Room
     last_offset: int
     last_message: ChatMessage | None
+    read_offset: int = 0
+    unread: int = 0
 
     @property
     def active_at_ms(self) -> int:
@@ -104,6 +112,7 @@ class Rooms(Accounts):
 
     rooms_created: int
     _rooms: dict[int, Room]
+    cursors: Cursors
 
     async def create_room(
         self,
@@ -404,21 +413,35 @@ class Rooms(Accounts):
 
     async def my_rooms(self, claims: auth.Claims, *, limit: int) -> list[Activity]:
         """The caller's rooms, most recent activity first (the newest message's time, else
-        when the room was made), at most ``limit``. The newest ``MAX_OWN_ROOMS``
-        memberships are looked at: each costs a read of its newest message, made
-        ``MY_ROOMS_CONCURRENCY`` at a time."""
-        rooms = await self.backends.directory.user_rooms(claims.user, limit=MAX_OWN_ROOMS)
+        when the room was made), at most ``limit``, each with the caller's read cursor and
+        unread count (:data:`UNREAD_EXACT`). The newest ``MAX_OWN_ROOMS`` memberships are
+        looked at: each costs a read of its newest messages (at most ``UNREAD_EXACT``), made
+        ``MY_ROOMS_CONCURRENCY`` at a time, and one directory read for all their cursors."""
+        user = claims.user
+        rooms = await self.backends.directory.user_rooms(user, limit=MAX_OWN_ROOMS)
+        stored = await self.backends.directory.user_cursors(user, [room.id for room in rooms])
         found: list[Activity] = []
         gate = trio.CapacityLimiter(MY_ROOMS_CONCURRENCY)
 
         async def last_of(room: Room) -> None:
+            read = stored[room.id].read if room.id in stored else 0
+            local = self.cursors.get(room.id, user)
+            read = max(read, 0 if local is None else local.read)
             async with gate:
                 head = await self.hub.head(room.id)
+                read = min(read, head)
+                exact = head - read <= UNREAD_EXACT
                 try:
-                    last = await self.hub.load_range(room.id, head - 1, head) if head else []
-                except Unavailable:  # its newest message is in neither log nor archive yet
-                    last = []
-            found.append(Activity(room, head, last[-1] if last else None))
+                    after = min(read, head - 1) if exact else head - 1
+                    last = await self.hub.load_range(room.id, max(0, after), head) if head else []
+                except Unavailable:  # its newest messages are in neither log nor archive yet
+                    last, exact = [], False
+            unread = (
+                sum(1 for m in last if m.offset > read and m.user != user and m.event is None)
+                if exact
+                else head - read
+            )
+            found.append(Activity(room, head, last[-1] if last else None, read, unread))
 
         async with trio.open_nursery() as nursery:
             for room in rooms:

@@ -24,6 +24,7 @@ from chatnode.core.errors import (
 )
 from chatnode.core.models import (
     ChatMessage,
+    Cursor,
     PresenceEntry,
     Room,
     SearchHit,
@@ -35,6 +36,7 @@ from chatnode.node.hub import Hub, RoomSession
 from chatnode.node.passwords import PasswordWork
 from chatnode.node.presence import PresenceWatcher, UserPresenceFeed, contacts
 from chatnode.node.ratelimit import NodeLimits, Rate
+from chatnode.node.receipts import Cursors
 from chatnode.node.room import RoomConnection
 from chatnode.node.rooms import MAX_OWN_ROOMS, Rooms, no_room
 from chatnode.node.settings import Backends, NodeSettings
@@ -81,6 +83,7 @@ class ChatNode(Rooms):
         )
         self.rooms_created = 0
         self._presence: set[PresenceEntry] = set()  # this node's live connections
+        self.cursors = Cursors(backends.directory, self.signal)  # node/receipts.py
         self.user_presence = UserPresenceFeed(backends.presence)  # node/presence.py
         self.hub.on_user_presence = self.user_presence.changed
 
@@ -94,6 +97,7 @@ class ChatNode(Rooms):
             nursery.start_soon(self._presence_loop)
             nursery.start_soon(self.user_presence.run)
             nursery.start_soon(self._follow_revocations)
+            nursery.start_soon(self.cursors.run)
             if self.archiver is not None:
                 await nursery.start(self.archiver.run)
             task_status.started()
@@ -201,7 +205,7 @@ class ChatNode(Rooms):
 
     @asynccontextmanager
     async def join(
-        self, room_id: int, member: Holder, *, since: int | None = None
+        self, room_id: int, member: Holder, *, since: int | None = None, resume: bool = False
     ) -> AsyncIterator[RoomConnection]:
         """Enter a room: a seat, and the first page of its history, so that a refusal
         (unknown room, room full, history unavailable) comes before the caller answers the
@@ -209,23 +213,25 @@ class ChatNode(Rooms):
         and the seat goes live (hub Rules 3 and 5). Leaves on exit. While in the room the
         member is closed with 4501 once its token is revoked, or its membership ends. The
         membership is checked once the seat is taken: a removal signalled from then on finds
-        it (hub Rule 8)."""
+        it (hub Rule 8). ``resume`` (v1): with no ``since``, the replay starts at the
+        member's ``delivered`` cursor, if they have one (``RoomConnection.prepare``)."""
         held = self._hold(member)
         try:
             await self.room(room_id)
             entry = PresenceEntry(room_id, member.user, self.settings.node_id, member.conn_id)
             session, seat = await self.hub.attach(room_id, member)
-            entered = counted = False
+            entered = opened = counted = False
             try:
                 await self._ensure_member(session, member.claims)
-                entered = True
+                entered = opened = True
+                cursor = await self.cursors.open(room_id, member.user, load=resume)
                 self._presence.add(entry)
                 await self.backends.presence.add(entry)
                 counted = True
                 if self.user_presence.opened(member.user):
                     await self.announce_presence(member.user)
                 connection = RoomConnection(self, session, seat, member)
-                await connection.prepare(since)
+                await connection.prepare(since, resume_from=cursor.delivered if resume else 0)
                 await self.signal(room_id, frames.presence_event(room_id, member.user, "join"))
                 yield connection
             finally:
@@ -234,6 +240,8 @@ class ChatNode(Rooms):
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self.hub.detach(room_id, member)
                     try:
+                        if opened:
+                            await self.cursors.close(room_id, member.user)
                         if entered:
                             await self.backends.presence.remove(entry)
                         if last:
@@ -246,6 +254,14 @@ class ChatNode(Rooms):
                         log.warning("presence cleanup failed for %s", entry, exc_info=True)
         finally:
             self._release(member, held)
+
+    async def receipts(self, room_id: int, claims: auth.Claims) -> list[Cursor]:
+        """The cursors of a room's members (``node/receipts.py``), of a room the caller may
+        read (404 otherwise); what this node holds unwritten included, other nodes' within
+        their ``flush_s``."""
+        await self.readable(room_id, claims)
+        stored = await self.backends.directory.room_cursors(room_id)
+        return self.cursors.room_overlay(room_id, stored)
 
     # -- user presence (node/presence.py) -----------------------------------------------------
 

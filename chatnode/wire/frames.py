@@ -120,11 +120,21 @@ class Unsubscribe:
     room_id: int
 
 
-ClientFrame = Send | Ping | Typing | Refresh | Rejected
+@attrs.frozen
+class Mark:
+    """v1 ``received`` (``read`` False) or ``read``: the member's cursor in a room moves to
+    ``offset``; ``room_id`` is its ``chatroom`` (None: not given)."""
+
+    offset: int
+    read: bool
+    room_id: int | None = None
+
+
+ClientFrame = Send | Ping | Typing | Refresh | Rejected | Mark
 ConnectFrame = ClientFrame | Subscribe | Unsubscribe
 MAX_TOKEN_CHARS = 4096
 MAX_ID = 2**63 - 1
-ROOM_FRAMES = frozenset({"send", "typing", "subscribe", "unsubscribe"})
+ROOM_FRAMES = frozenset({"send", "typing", "subscribe", "unsubscribe", "received", "read"})
 """``/v1/connect`` frame types that name a room (``chatroom``)."""
 
 
@@ -167,7 +177,7 @@ def parse_connect_frame(text: str, limits: validation.Limits) -> tuple[int | Non
         frame = Rejected(
             BadRequest(
                 "unknown frame type; expected 'send', 'ping', 'typing', 'refresh',"
-                " 'subscribe' or 'unsubscribe'",
+                " 'received', 'read', 'subscribe' or 'unsubscribe'",
                 code="unknown_type",
             ),
             frame.client_id,
@@ -224,12 +234,26 @@ def _v1_frame(obj: dict[str, Any], limits: validation.Limits) -> ClientFrame:
                     code="invalid_frame",
                 )
             return Refresh(token, client_id)
+        if kind in ("received", "read"):
+            return _mark(obj, read=kind == "read")
         raise BadRequest(
-            "unknown frame type; expected 'send', 'ping', 'typing' or 'refresh'",
+            "unknown frame type; expected 'send', 'ping', 'typing', 'refresh', 'received'"
+            " or 'read'",
             code="unknown_type",
         )
     except BadRequest as exc:
         return Rejected(exc, client_id)
+
+
+def _mark(obj: dict[str, Any], *, read: bool) -> Mark:
+    """A ``received``/``read`` frame: ``offset`` an integer >= 0, ``chatroom`` (optional on
+    a room's own connection) a room id."""
+    offset, room = obj.get("offset"), obj.get("chatroom")
+    if not _is_id(offset, minimum=0):
+        raise BadRequest("'offset' must be an offset (integer >= 0)", code="invalid_frame")
+    if room is not None and not _is_id(room, minimum=1):
+        raise BadRequest("'chatroom' must be a room id (integer >= 1)", code="invalid_frame")
+    return Mark(offset, read, room)  # type: ignore[arg-type]
 
 
 # -- server -> client -------------------------------------------------------------------------
@@ -320,6 +344,14 @@ def presence_event(room_id: int, user: str, change: str) -> RoomEvent:
 
 def typing_event(room_id: int, user: str) -> RoomEvent:
     return RoomEvent.of(type="typing", chatroom=room_id, user=user)
+
+
+RECEIPT = "receipt"
+
+
+def receipt_event(room_id: int, user: str, delivered: int, read: int) -> RoomEvent:
+    """``user``'s cursors in the room (``node/receipts.py``); never shown to ``user``."""
+    return RoomEvent.of(type=RECEIPT, chatroom=room_id, user=user, delivered=delivered, read=read)
 
 
 USER_ROOM_ADDED = "user_room_added"

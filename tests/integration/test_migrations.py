@@ -34,7 +34,7 @@ from chatnode.adapters.mysql.migrations import (
 )
 from chatnode.config import Config
 from chatnode.core import errors
-from chatnode.core.models import ChatMessage, Member, Room, SearchQuery
+from chatnode.core.models import ChatMessage, Cursor, Member, Room, SearchQuery
 from chatnode.core.ports import ArchiveRefused
 from chatnode.wiring import migrate
 from tests.contracts.conftest import es_test_prefix, mysql_test_database
@@ -169,10 +169,10 @@ def test_the_dead_letters_template_is_strict_and_keeps_documents_as_bytes() -> N
 @integration
 async def test_migrate_mysql_creates_the_database_and_applies_once(mysql_url: str) -> None:
     async with new_database_url(mysql_url) as url:
-        assert await migrate_mysql(url) == [1, 2, 3]
+        assert await migrate_mysql(url) == [1, 2, 3, 4]
         assert await migrate_mysql(url) == []
 
-        assert await applied_versions(url) == [1, 2, 3]
+        assert await applied_versions(url) == [1, 2, 3, 4]
         assert {"users", "rooms", "memberships", "schema_migrations"} <= await tables(url)
         async with MysqlDirectory.from_url(url) as directory:
             await directory.check()
@@ -190,8 +190,8 @@ async def test_concurrent_migrations_apply_each_file_once(mysql_url: str) -> Non
             for _ in range(4):
                 nursery.start_soon(run)
 
-        assert sorted(results) == [[], [], [], [1, 2, 3]]
-        assert await applied_versions(url) == [1, 2, 3]
+        assert sorted(results) == [[], [], [], [1, 2, 3, 4]]
+        assert await applied_versions(url) == [1, 2, 3, 4]
 
 
 @integration
@@ -248,7 +248,7 @@ async def test_accounts_migration_keeps_every_user_and_membership(
 
         async with MysqlPool.from_url(url, size=1) as pool:
             await pool.run(seed)
-        assert await migrate_mysql(url) == [2, 3]
+        assert await migrate_mysql(url) == [2, 3, 4]
 
         def again(conn: Connection) -> None:  # an interrupted run starts over
             cursor = conn.cursor()
@@ -306,7 +306,7 @@ async def test_0003_keeps_rooms_public_and_members_members_and_runs_again(
 
         async with MysqlPool.from_url(url, size=1) as pool:
             await pool.run(seed)
-        assert await migrate_mysql(url) == [3]
+        assert await migrate_mysql(url) == [3, 4]
 
         def again(conn: Connection) -> None:  # an interrupted run starts over
             cursor = conn.cursor()
@@ -408,6 +408,37 @@ async def test_migrate_elasticsearch_adds_new_fields_to_an_existing_index(es_url
             }
         finally:
             await es.close()
+
+
+@integration
+async def test_0004_adds_cursors_to_a_database_in_use_and_runs_again(
+    mysql_url: str, tmp_path: Path
+) -> None:
+    """0004 on a database of version 3 with rooms and members: nothing existing changes,
+    members start with no cursor; the file runs again from its first statement."""
+    for name in ("0001_init.sql", "0002_accounts.sql", "0003_room_access.sql"):
+        (tmp_path / name).write_text((SCHEMA_DIR / name).read_text())
+    async with new_database_url(mysql_url) as url:
+        assert await migrate_mysql(url, directory=tmp_path) == [1, 2, 3]
+        async with MysqlDirectory.from_url(url) as directory:
+            await directory.create_user("ann", "h", created_at_ms=1)
+            room = await directory.create_room("lobby", created_at_ms=1)
+            await directory.add_member(room.id, "ann", max_members=9)
+        assert await migrate_mysql(url) == [4]
+
+        def again(conn: Connection) -> None:  # an interrupted run starts over
+            cursor = conn.cursor()
+            for statement in mysql_migrations()[3].statements:
+                cursor.execute(statement)
+
+        async with MysqlPool.from_url(url, size=1) as pool:
+            await pool.run(again)
+        async with MysqlDirectory.from_url(url) as directory:
+            await directory.check()
+            assert await directory.list_members(room.id) == ["ann"]
+            assert await directory.room_cursors(room.id) == []
+            await directory.advance_cursors([Cursor(room.id, "ann", 5, 2)])
+            assert await directory.room_cursors(room.id) == [Cursor(room.id, "ann", 5, 2)]
 
 
 OLD_MESSAGES_MAPPING = {  # version 1 of schema/messages_template.json: no membership changes

@@ -37,13 +37,26 @@ from chatnode.adapters.mysql.migrations import read_mysql_version, shipped_mysql
 from chatnode.adapters.mysql.pool import MysqlPool
 from chatnode.adapters.mysql.url import Connection
 from chatnode.core import errors, validation
-from chatnode.core.models import DIRECT, MEMBER, OWNER, PRIVATE, PUBLIC, Listed, Member, Room, User
+from chatnode.core.models import (
+    DIRECT,
+    MEMBER,
+    OWNER,
+    PRIVATE,
+    PUBLIC,
+    Cursor,
+    Listed,
+    Member,
+    Room,
+    User,
+    coalesce_cursors,
+)
 from chatnode.core.rooms import banned, direct_key, direct_name, first_members, room_full
 
 if TYPE_CHECKING:
     from chatnode.core import ports
 
 T = TypeVar("T")
+CURSOR_BATCH: Final = 500
 _USER_COLUMNS: Final = "name, password_hash, is_admin, created_at_ms, id, revoked_before_ms"
 
 
@@ -451,6 +464,59 @@ class MysqlDirectory(ClosesOnExit):
             )
         )
         return [name for (name,) in rows]
+
+    # -- cursors: forward only, one statement per batch (of at most CURSOR_BATCH rows) ----
+
+    async def advance_cursors(self, cursors: Sequence[Cursor]) -> None:
+        rows = coalesce_cursors(cursors)  # in key order: concurrent batches lock alike
+
+        def upsert(conn: Connection) -> None:
+            cursor = conn.cursor()
+            for start in range(0, len(rows), CURSOR_BATCH):
+                chunk = rows[start : start + CURSOR_BATCH]
+                args: list[object] = []
+                for c in chunk:
+                    args += (c.room_id, c.user, c.delivered, c.read)
+                cursor.execute(
+                    "INSERT INTO cursors (room_id, user, delivered_offset, read_offset) VALUES "
+                    + ", ".join(["(%s, %s, %s, %s)"] * len(chunk))
+                    + " ON DUPLICATE KEY UPDATE"
+                    " delivered_offset = GREATEST(delivered_offset, VALUES(delivered_offset)),"
+                    " read_offset = GREATEST(read_offset, VALUES(read_offset))",
+                    tuple(args),
+                )
+
+        if rows:
+            await self.pool.run(upsert)
+
+    async def room_cursors(self, room_id: int) -> list[Cursor]:
+        rows = await self.pool.run(
+            partial(
+                _fetch_all,
+                sql="SELECT c.user, c.delivered_offset, c.read_offset FROM cursors AS c"
+                " JOIN memberships AS m ON m.room_id = c.room_id AND m.user = c.user"
+                " WHERE c.room_id = %s ORDER BY c.user",
+                args=(room_id,),
+            )
+        )
+        return [Cursor(room_id, user, int(d), int(r)) for user, d, r in rows]
+
+    async def user_cursors(self, user: str, room_ids: Sequence[int]) -> dict[int, Cursor]:
+        ids = sorted(set(room_ids))
+        found: dict[int, Cursor] = {}
+        for start in range(0, len(ids), CURSOR_BATCH):
+            chunk = ids[start : start + CURSOR_BATCH]
+            rows = await self.pool.run(
+                partial(
+                    _fetch_all,
+                    sql="SELECT room_id, delivered_offset, read_offset FROM cursors"
+                    f" WHERE user = %s AND room_id IN ({', '.join(['%s'] * len(chunk))})",
+                    args=(user, *chunk),
+                )
+            )
+            for room_id, d, r in rows:
+                found[int(room_id)] = Cursor(int(room_id), user, int(d), int(r))
+        return found
 
 
 def _lock_room(cursor: Any, room_id: int) -> str | None:

@@ -94,7 +94,7 @@ import attrs
 import trio
 
 from chatnode.core import errors, ports
-from chatnode.core.models import MEMBER, PUBLIC, Listed, Member, Room, User
+from chatnode.core.models import MEMBER, PUBLIC, Cursor, Listed, Member, Room, User
 
 from .client import RespClient
 from .directory_store import (
@@ -549,6 +549,16 @@ class RedisCachedDirectory:
         await self._redis_or_none(
             lambda: self._redis.call("SET", self._room_key(room.id), raw, "PX", self._known_px)
         )
+
+    # cursors are not cached: written in batches, read at joins and by lists (one query each)
+    async def advance_cursors(self, cursors: Sequence[Cursor]) -> None:
+        await self.inner.advance_cursors(cursors)
+
+    async def room_cursors(self, room_id: int) -> list[Cursor]:
+        return await self.inner.room_cursors(room_id)
+
+    async def user_cursors(self, user: str, room_ids: Sequence[int]) -> dict[int, Cursor]:
+        return await self.inner.user_cursors(user, room_ids)
 
     async def check(self) -> None:
         await self.inner.check()

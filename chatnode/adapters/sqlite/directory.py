@@ -14,7 +14,19 @@ import trio
 from chatnode.adapters.sqlite.runner import SqliteDatabase
 from chatnode.adapters.sqlite.transaction import Transaction
 from chatnode.core import errors, validation
-from chatnode.core.models import DIRECT, MEMBER, OWNER, PRIVATE, PUBLIC, Listed, Member, Room, User
+from chatnode.core.models import (
+    DIRECT,
+    MEMBER,
+    OWNER,
+    PRIVATE,
+    PUBLIC,
+    Cursor,
+    Listed,
+    Member,
+    Room,
+    User,
+    coalesce_cursors,
+)
 from chatnode.core.rooms import banned, direct_key, direct_name, first_members, room_full
 
 if TYPE_CHECKING:
@@ -392,6 +404,57 @@ class SqliteDirectory:
                 (room_id, max(limit, 0)),
             )
             return [name for (name,) in rows]
+
+        return await self._db.run(select)
+
+    # -- cursors: forward only, one transaction per batch ----------------------------------
+
+    async def advance_cursors(self, cursors: Sequence[Cursor]) -> None:
+        rows = [(c.room_id, c.user, c.delivered, c.read) for c in coalesce_cursors(cursors)]
+        if not rows:
+            return
+
+        def upsert(conn: sqlite3.Connection) -> None:
+            with Transaction(conn):
+                conn.executemany(
+                    "INSERT INTO cursors (room_id, user, delivered_offset, read_offset)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (room_id, user) DO UPDATE SET"
+                    " delivered_offset = MAX(delivered_offset, excluded.delivered_offset),"
+                    " read_offset = MAX(read_offset, excluded.read_offset)",
+                    rows,
+                )
+
+        await self._db.run(upsert)
+
+    async def room_cursors(self, room_id: int) -> list[Cursor]:
+        def select(conn: sqlite3.Connection) -> list[Cursor]:
+            rows = conn.execute(
+                "SELECT c.user, c.delivered_offset, c.read_offset FROM cursors AS c"
+                " JOIN memberships AS m ON m.room_id = c.room_id AND m.user = c.user"
+                " WHERE c.room_id = ? ORDER BY c.user",
+                (room_id,),
+            )
+            return [Cursor(room_id, user, int(d), int(r)) for user, d, r in rows]
+
+        return await self._db.run(select)
+
+    async def user_cursors(self, user: str, room_ids: Sequence[int]) -> dict[int, Cursor]:
+        ids = sorted(set(room_ids))
+        if not ids:
+            return {}
+
+        def select(conn: sqlite3.Connection) -> dict[int, Cursor]:
+            found: dict[int, Cursor] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = conn.execute(
+                    "SELECT room_id, delivered_offset, read_offset FROM cursors"
+                    f" WHERE user = ? AND room_id IN ({','.join('?' * len(chunk))})",
+                    (user, *chunk),
+                )
+                for room_id, d, r in rows:
+                    found[int(room_id)] = Cursor(int(room_id), user, int(d), int(r))
+            return found
 
         return await self._db.run(select)
 

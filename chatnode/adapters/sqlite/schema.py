@@ -176,6 +176,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE messages ADD COLUMN event TEXT",
         "ALTER TABLE messages ADD COLUMN by_user TEXT",
     ),
+    # 8: members' delivered and read cursors (``SqliteDirectory.advance_cursors``).
+    (
+        """CREATE TABLE cursors (
+            room_id INTEGER NOT NULL,
+            user TEXT NOT NULL,
+            delivered_offset INTEGER NOT NULL,
+            read_offset INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
