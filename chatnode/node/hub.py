@@ -67,8 +67,8 @@ from typing import Protocol
 import attrs
 import trio
 
-from chatnode.core.errors import Unavailable
-from chatnode.core.models import ChatMessage, RoomEvent
+from chatnode.core.errors import OffsetUnknown, Unavailable
+from chatnode.core.models import ChatMessage, Draft, RoomEvent
 from chatnode.core.ports import Archive, Bus
 from chatnode.wire import frames
 from chatnode.wire.frames import CloseCode
@@ -268,6 +268,15 @@ class Hub:
         return True
 
     # -- offsets the bus lost (Rule 6) -------------------------------------------------------
+
+    async def publish(self, draft: Draft) -> ChatMessage:
+        """Publish ``draft`` on the bus; if the bus lost the room's offset, restore the room
+        first (:meth:`restore`) and publish again. ``Unavailable`` if it cannot be."""
+        try:
+            return await self._bus.publish(draft)
+        except OffsetUnknown:
+            await self.restore(draft.room_id)
+            return await self._bus.publish(draft)
 
     async def head(self, room_id: int) -> int:
         """The room's newest offset; if the bus lost it, restored first (:meth:`restore`)."""

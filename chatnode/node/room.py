@@ -8,7 +8,6 @@ from typing import Protocol
 from chatnode.core import auth, validation
 from chatnode.core.errors import (
     BadRequest,
-    OffsetUnknown,
     RateLimited,
     Unauthorized,
 )
@@ -162,12 +161,7 @@ class RoomConnection:
                 retry_after_s=wait_s,
             )
         draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
-        bus = self._node.backends.bus
-        try:
-            return await bus.publish(draft)
-        except OffsetUnknown:
-            await self._node.hub.restore(self.room_id)
-            return await bus.publish(draft)
+        return await self._node.hub.publish(draft)
 
     async def refresh(self, token: str, *, current: auth.Claims) -> auth.Claims:
         """:func:`refreshed_claims` of the member's connection."""

@@ -40,7 +40,7 @@ import attrs
 import trio
 
 from chatnode.core import auth, validation
-from chatnode.core.errors import BadRequest, Forbidden, NotFound, OffsetUnknown, Unavailable
+from chatnode.core.errors import BadRequest, Forbidden, NotFound, Unavailable
 from chatnode.core.models import (
     ADDED,
     ADMIN,
@@ -261,13 +261,7 @@ class Rooms(Accounts):
 
     async def _publish_change(self, room_id: int, user: str, event: str, by: str) -> ChatMessage:
         """Publish a membership change (rule 7); ``Unavailable`` if it could not be."""
-        draft = Draft.membership(room_id, user, event, by=by, at_ms=now_ms())
-        bus = self.backends.bus
-        try:
-            return await bus.publish(draft)
-        except OffsetUnknown:
-            await self.hub.restore(room_id)
-            return await bus.publish(draft)
+        return await self.hub.publish(Draft.membership(room_id, user, event, by=by, at_ms=now_ms()))
 
     def _max_members(self, room: Room) -> int:
         limits = self.settings.limits
