@@ -181,19 +181,24 @@ async def test_a_removed_member_gets_nothing_after_the_removal_on_either_node() 
                 for ws in (ann_ws, bob0, bob1, carl_ws):
                     await read_until_live(ws)
 
+                thirds = [trio.Event(), trio.Event()]
+                marks = {sent // 3: thirds[0], 2 * sent // 3: thirds[1]}
+
                 async def chatter() -> None:
                     for i in range(sent):
+                        if i in marks:
+                            marks[i].set()
                         await ann_ws.send_message(
                             json.dumps({"type": "send", "id": f"m{i}", "message": f"m{i}"})
                         )
-                        await trio.sleep(0.01)
+                        await trio.sleep(0.01)  # pacing: the changes land among the messages
 
                 async def change_members() -> None:
-                    await trio.sleep(0.1)
                     node0, node1 = cluster.node_url(0), cluster.node_url(1)
+                    await thirds[0].wait()
                     r = await api.delete(f"{node1}/v1/chatrooms/{room}/members/bob", headers=ann)
                     assert r.status_code == 200, r.text
-                    await trio.sleep(0.1)
+                    await thirds[1].wait()
                     r = await api.post(
                         f"{node0}/v1/chatrooms/{room}/members", json={"user": "dave"}, headers=ann
                     )
