@@ -270,6 +270,8 @@ class ConnectMember(WsWriter):
         await self.wait_written()
 
     async def _read(self) -> None:
+        """The reader loop; ``WsMember.run`` in ``edge/websocket.py`` has it inline (why
+        there)."""
         reader = self._frames
         while True:
             event = reader.next_event()
