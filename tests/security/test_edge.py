@@ -187,6 +187,41 @@ async def test_an_unread_replay_holds_a_page_and_is_closed_at_its_deadline(
         assert set(codes) <= {4001, None}, codes
 
 
+async def test_an_unread_replay_on_a_multi_room_connection_is_closed_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """The same on ``/v1/connect``: a room the connection opens with (here the user's only
+    room, replayed in full: ``history_on_join`` covers it) whose replay is not read within
+    ``replay_timeout_s`` closes the connection with 4001 (``edge/connect.py`` rule 3)."""
+    config = node_env_config(
+        str(tmp_path),
+        send_backlog_bytes=256 * 1024,
+        replay_timeout_s=REPLAY_TIMEOUT_S,
+        history_on_join=REPLAY_MESSAGES,
+    )
+    async with running_node(config) as node:
+        async with api_client(node) as api:
+            token = await api.user_with_token("ann")
+            r = await api.client.post(
+                "/v1/chatrooms",
+                json={"name": "mine", "visibility": "private"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 201, r.text
+            room = r.json()["id"]
+        await publish(node, room, REPLAY_MESSAGES, REPLAY_TEXT_BYTES)
+        answer = await upgrade(node.port, f"/v1/connect?token={token}", rcvbuf=4096)
+        assert answer.status == 101
+        # Not read until the node closed it (no event tells a test that: polled, bounded).
+        with trio.move_on_after(REPLAY_TIMEOUT_S + 10):
+            while closes(node, 4001) < 1:
+                await trio.sleep(0.05)
+        assert closes(node, 4001) == 1, "the unread replay was not closed"
+        with trio.fail_after(10):
+            assert await FrameStream(answer.sock).close_code() in (4001, None)
+        answer.sock.close()
+
+
 # -- 3: many WebSockets -------------------------------------------------------------------------
 
 
