@@ -11,6 +11,8 @@ Driven by JSON lines on stdin, answers JSON lines on stdout (one answer per comm
      "concurrency": 64, "timeout_s": 60}
     {"cmd": "step", "rate_msgs": 50.0, "count": 400, "drain_s": 3.0, "max_drain_s": 20.0}
     {"cmd": "joins", "urls": [...], "count": 200, "expect": 100}   (join latency with history)
+    {"cmd": "receipts", "on": true, "read_s": 1.0}   (v1connect: acknowledge, see below)
+    {"cmd": "counters"}   (cumulative: receipt frames in, received/read frames out, errors)
     {"cmd": "close"}
 
 ``kind`` is the client's framing: ``plain`` (chatnode's plain dialect and the websockets
@@ -23,7 +25,12 @@ lists them; the client is ready once every one of them said ``live``; it sends
 ``{"type": "send", "chatroom", "message"}`` and parses ``{"type": "message", "chatroom",
 "message", ...}`` frames; every other frame type is counted by type and otherwise ignored;
 each (client, room) is a sender of its own, so order is checked per room and sender, and a
-message must arrive in the room its sender sent it to).
+message must arrive in the room its sender sent it to). With ``receipts`` on, a v1connect
+client answers every ``message`` frame it gets (its own echo included) with ``{"type":
+"received", "chatroom", "offset"}`` at once, one per message, and every ``read_s`` (a timer
+per connection, their phases spread over 10 slots) sends ``{"type": "read", "chatroom",
+"offset"}`` for each room whose newest offset it has not read yet; ``receipt`` frames are
+counted and otherwise ignored (the messenger's receipts variant, ``receipts.py``).
 
 Open loop: a step sends ``count`` messages at ``rate_msgs`` per second on a fixed schedule,
 round robin over the senders of all rooms, without waiting for anything. Each message is 64
@@ -114,6 +121,8 @@ class Client(WSListener):
         self.missing: dict[int, set[int]] = {}  # sender -> numbers skipped over (not yet seen)
         self.received_step = 0
         self.close_code: int | None = None
+        self.newest: dict[int, int] = {}  # room -> newest offset seen (receipts mode)
+        self.read_sent: dict[int, int] = {}  # room -> offset of the last read sent
 
     # picows callbacks -------------------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -160,6 +169,17 @@ class Client(WSListener):
             stats.types["unparsable"] = stats.types.get("unparsable", 0) + 1
             return
         if kind == "message":
+            gen = self.gen
+            if gen.receipts_on and self.transport is not None:
+                room, off = obj.get("chatroom"), obj.get("offset")
+                if isinstance(room, int) and isinstance(off, int):
+                    self.transport.send(
+                        WSMsgType.TEXT,
+                        b'{"type":"received","chatroom":%d,"offset":%d}' % (room, off),
+                    )
+                    gen.totals["received_out"] += 1
+                    if off > self.newest.get(room, 0):
+                        self.newest[room] = off
             text = obj.get("message")
             i = text.find("~") if isinstance(text, str) else -1
             if i >= 0:
@@ -177,6 +197,8 @@ class Client(WSListener):
         elif kind in ("unsubscribed", "error") and not self.ready.done():
             self.ready.set_exception(ConnectionError(data.decode(errors="replace")[:200]))
         key = str(kind)
+        if key in ("receipt", "error"):
+            self.gen.totals[key + "_in"] += 1
         stats.types[key] = stats.types.get(key, 0) + 1
         stats.other += 1
 
@@ -249,6 +271,36 @@ class LoadGen:
         self.stats = Stats()
         self.disconnects = 0
         self.seq: list[int] = []  # next sequence number per sender
+        self.receipts_on = False
+        self.read_s = 1.0
+        self.reader: asyncio.Task[None] | None = None
+        self.totals = dict.fromkeys(("received_out", "read_out", "receipt_in", "error_in"), 0)
+
+    def receipts(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self.receipts_on = bool(spec.get("on"))
+        self.read_s = float(spec.get("read_s", 1.0))
+        if self.receipts_on and self.reader is None:
+            self.reader = asyncio.get_running_loop().create_task(self._read_timer())
+        return {"receipts": self.receipts_on, "read_s": self.read_s}
+
+    async def _read_timer(self) -> None:
+        """Each client's timer, every ``read_s``: ``read`` up to the newest offset of each
+        room it got something new in (10 slots, client i in slot i % 10)."""
+        tick = 0
+        while True:
+            await asyncio.sleep(self.read_s / 10)
+            tick += 1
+            for c in self.clients[tick % 10 :: 10]:
+                if not c.newest or not c.connected or c.transport is None:
+                    continue
+                for room, off in c.newest.items():
+                    if off > c.read_sent.get(room, 0):
+                        c.read_sent[room] = off
+                        c.transport.send(
+                            WSMsgType.TEXT,
+                            b'{"type":"read","chatroom":%d,"offset":%d}' % (room, off),
+                        )
+                        self.totals["read_out"] += 1
 
     async def connect(self, spec: dict[str, Any]) -> dict[str, Any]:
         t0, c0 = time.monotonic(), cpu_s()
@@ -522,6 +574,10 @@ async def main() -> None:
             out.write(json.dumps(answer) + "\n")
             out.flush()
             break
+        elif name == "receipts":
+            answer = gen.receipts(cmd)
+        elif name == "counters":
+            answer = dict(gen.totals)
         elif name == "ping":
             answer = {"pong": True, "pid": os.getpid(), "cpu_s": cpu_s()}
         else:

@@ -336,7 +336,8 @@ def markdown(result: dict[str, Any]) -> str:
         else ""
     )
     lines.append(
-        f"Run: `bench/run --{result['mode']}{' --messenger' if result.get('messenger') else ''}` on {result['date']} ({state}); "
+        f"Run: `bench/run --{result['mode']}{' --messenger' if result.get('messenger') else ''}"
+        f"{' --messenger-receipts' if result.get('receipts') else ''}` on {result['date']} ({state}); "
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}; "
         f"servers pinned to CPU {m['server_cpus']}, load generator to CPU "
         f"{m['loadgen_cpus']}; nginx reaches the processes behind it over "

@@ -51,6 +51,7 @@ from history import history_extras
 from idle import idle_memory, idle_peers
 from messenger import MessengerCluster, run_messenger_all
 from messenger_report import messenger_markdown, messenger_rows
+from receipts import receipts_markdown, receipts_rows, run_receipts_all
 from report import code_state, figures, integrity_row, machine, markdown, plot
 from rest import rest_throughput
 from settings import (
@@ -59,6 +60,7 @@ from settings import (
     MESSENGER_MODES,
     MODES,
     P99_LIMIT_MS,
+    RECEIPTS_MODES,
     SINGLE_WORKLOAD,
     TARGETS,
 )
@@ -134,6 +136,12 @@ def main() -> int:
         " unless --systems / --extras ask for more",
     )
     parser.add_argument(
+        "--messenger-receipts",
+        action="store_true",
+        help="the messenger workload's receipts variant (issue 17, receipts.py): chatnode's"
+        " cluster without and with receipts, alternating; alone unless other options ask",
+    )
+    parser.add_argument(
         "--messenger-steps", help="override the messenger's offered loads: comma list of msgs/s"
     )
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
@@ -162,11 +170,16 @@ def main() -> int:
     if args.steps:
         mode["steps"] = [int(x) for x in args.steps.split(",")]
     m_mode = dict(MESSENGER_MODES[mode_name])
+    r_mode = dict(RECEIPTS_MODES[mode_name])
     if args.messenger_steps:
         m_mode["steps"] = [int(x) for x in args.messenger_steps.split(",")]
-    if args.messenger and not args.systems:
+        r_mode["steps"] = m_mode["steps"]
+    if args.rounds:
+        r_mode["rounds"] = args.rounds
+    messengers = args.messenger or args.messenger_receipts
+    if messengers and not args.systems:
         args.systems = "none"  # --messenger alone: the messenger workload only
-    if args.messenger and not args.extras:
+    if messengers and not args.extras:
         args.no_extras = True
     only = frozenset(args.extras.split(",")) if args.extras else frozenset(EXTRAS)
     if only - set(EXTRAS):
@@ -200,9 +213,10 @@ def main() -> int:
     errors: dict[str, str] = {}
     extras: dict[str, Any] = {}
     messenger: dict[str, Any] = {}
+    receipts: dict[str, Any] = {}
     try:
         cluster_probe = ChatnodeCluster(redis, args.mysql_url, args.es_url, args.prefix)
-        if "chatnode-cluster" in wanted or not args.no_extras or args.messenger:
+        if "chatnode-cluster" in wanted or not args.no_extras or messengers:
             cluster_probe.migrate()
 
         def make(name: str) -> tuple[System, dict[str, int]]:
@@ -238,13 +252,13 @@ def main() -> int:
                 extras["error"] = f"{type(exc).__name__}: {exc}"
                 log(f"extras FAILED: {exc}")
                 traceback.print_exc()
+
+        def make_cluster(messenger: bool = False) -> ChatnodeCluster:
+            cls = MessengerCluster if messenger else ChatnodeCluster
+            return cls(redis, args.mysql_url, args.es_url, args.prefix)
+
         if args.messenger:
             agg_so_far = {n: aggregate(r, mode["steps"]) for n, r in runs.items() if r}
-
-            def make_cluster(messenger: bool = False) -> ChatnodeCluster:
-                cls = MessengerCluster if messenger else ChatnodeCluster
-                return cls(redis, args.mysql_url, args.es_url, args.prefix)
-
             try:
                 messenger = run_messenger_all(redis, make_cluster, m_mode, agg_so_far)
             except Exception as exc:
@@ -256,6 +270,10 @@ def main() -> int:
                     errors[f"messenger {name}"] = run["error"]
             if "error" in messenger.get("busy_room", {}):
                 errors["messenger busy room"] = messenger["busy_room"]["error"]
+        if args.messenger_receipts:
+            receipts = run_receipts_all(redis, make_cluster, r_mode)
+            if "error" in receipts:
+                errors["messenger receipts"] = receipts["error"]
     finally:
         redis.stop()
 
@@ -274,6 +292,10 @@ def main() -> int:
         if not agg and not extras:  # the messenger alone: its figures only
             rows = []
         rows += messenger_rows(messenger)
+    if args.messenger_receipts:
+        if not agg and not extras and not args.messenger:
+            rows = []
+        rows += receipts_rows(receipts)
     missing = [r["figure"] for r in rows if r["met"] == "not measured"]
     result = {
         "mode": mode_name,
@@ -294,6 +316,7 @@ def main() -> int:
         "fanout": agg,
         "extras": extras,
         "messenger": messenger,
+        "receipts": receipts,
         "errors": errors,
         "missing": missing,
         "raw_runs": runs,
@@ -306,6 +329,8 @@ def main() -> int:
     md = markdown(result)
     if messenger.get("systems"):
         md += "\n" + messenger_markdown(messenger)
+    if receipts:
+        md += "\n" + receipts_markdown(receipts)
     out.with_suffix(".md").write_text(md)
     try:
         if agg:  # the plot is the fan-out's (none for the messenger alone)

@@ -54,6 +54,9 @@ TARGETS = {
     "messenger_p99_ms": 100.0,
     "messenger_at_msgs": 2000,
     "messenger_cpu_vs_busy_room": 1.5,
+    # the messenger's receipts variant (issue 17): the nodes' CPU per message with receipts
+    # (received for every message, read within 1 s) over without, at RECEIPTS_TARGET_AT
+    "receipts_cpu_ratio": 1.30,
 }
 WORDS = [
     "apple",
@@ -87,3 +90,28 @@ MESSENGER_MODES: dict[str, dict[str, Any]] = {
     "full": {"steps": [200, 500, 1000, 2000, 3000], "step_s": 10.0, "warmup_s": 3.0},
 }
 MESSENGER_BUSY_ROOM_STEP = 5000  # the fan-out step (deliveries/s) of the busy-room reference
+
+# The messenger's receipts variant (issue 17; ``bench/run --messenger-receipts``,
+# bench/receipts.py): the messenger workload without and with receipts, alternating, on the
+# same connections. ``settle_s``: the least time in each step's window after its drain (last
+# reads, the nodes' 1 s cursor flush; then until receipts and cursor writes stopped);
+# ``read_s``: each client's read timer.
+RECEIPTS_MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "steps": [500, 1000, 2000],
+        "step_s": 5.0,
+        "rounds": 1,
+        "warmup_s": 2.0,
+        "settle_s": 2.5,
+        "read_s": 1.0,
+    },
+    "full": {
+        "steps": [500, 1000, 2000],
+        "step_s": 10.0,
+        "rounds": 2,
+        "warmup_s": 3.0,
+        "settle_s": 2.5,
+        "read_s": 1.0,
+    },
+}
+RECEIPTS_TARGET_AT = 2000  # msgs/s: the step the headline ratio is taken at
