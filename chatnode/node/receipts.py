@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 Key = tuple[int, str]
 READ_TIMEOUT_S = 1.0
 READ_PAUSE_S = 5.0
+RECEIPT_CONCURRENCY = 64
 
 
 class _State:
@@ -65,7 +66,7 @@ class Cursors:
         signal: Callable[[int, RoomEvent], Awaitable[None]],
         *,
         flush_s: float = 1.0,
-        receipt_s: float = 0.25,
+        receipt_s: float = 1.0,
     ) -> None:
         self._directory = directory
         self._signal = signal
@@ -168,22 +169,30 @@ class Cursors:
     # -- the node's task --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Send receipts every ``receipt_s`` and write the pending cursors every ``flush_s``
-        until cancelled; then write what is pending (bounded, shielded)."""
-        next_flush = trio.current_time() + self.flush_s
+        """Write the pending cursors every ``flush_s`` and send receipts every
+        ``receipt_s``, in two tasks (neither waits for the other: rule 2's bound holds
+        however many receipts go out), until cancelled; then write what is pending
+        (bounded, shielded)."""
         try:
-            while True:
-                await trio.sleep(self.receipt_s)
-                await self._send_receipts()
-                if trio.current_time() >= next_flush:
-                    next_flush = trio.current_time() + self.flush_s
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_receipts_forever)
+                while True:
+                    await trio.sleep(self.flush_s)
                     await self.flush()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
 
+    async def _send_receipts_forever(self) -> None:
+        while True:
+            await trio.sleep(self.receipt_s)
+            await self._send_receipts()
+
     async def _send_receipts(self) -> None:
+        """Tell the rooms every cursor that moved since the last call (rule 3), the events
+        sent together (``RECEIPT_CONCURRENCY`` at once: the bus pipelines them)."""
         dirty, self._dirty = self._dirty, set()
+        events = []
         for room_id, user in dirty:
             state = self._known.get((room_id, user))
             pending = self._pending.get((room_id, user))
@@ -195,7 +204,19 @@ class Cursors:
                 else (0, 0)
             )
             if delivered:
-                await self._signal(room_id, frames.receipt_event(room_id, user, delivered, read))
+                events.append((room_id, frames.receipt_event(room_id, user, delivered, read)))
+        if len(events) == 1:
+            await self._signal(*events[0])
+        elif events:
+            gate = trio.CapacityLimiter(RECEIPT_CONCURRENCY)
+
+            async def send(room_id: int, event: RoomEvent) -> None:
+                async with gate:
+                    await self._signal(room_id, event)
+
+            async with trio.open_nursery() as nursery:
+                for room_id, event in events:
+                    nursery.start_soon(send, room_id, event)
 
     async def flush(self) -> None:
         """Write every pending cursor in one directory call (rule 2)."""

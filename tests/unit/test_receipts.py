@@ -117,7 +117,7 @@ async def test_receipts_are_coalesced_with_the_latest_values(
 ) -> None:
     cursors, _, events = make()
     await cursors.open(1, "ann")
-    with trio.move_on_after(1.0):
+    with trio.move_on_after(0.3 + cursors.receipt_s * 3):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cursors.run)
             for offset in range(1, 201):
@@ -134,3 +134,29 @@ async def test_receipts_are_coalesced_with_the_latest_values(
         "delivered": 200,
         "read": 0,
     }
+
+
+async def test_writes_keep_their_period_while_receipts_hang(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rule 2's bound does not wait on rule 3: a bus that never answers a receipt leaves
+    the cursors written every ``flush_s``."""
+    directory = FakeDirectory()
+    never = trio.Event()
+
+    async def hanging(room_id: int, event: RoomEvent) -> None:
+        await never.wait()
+
+    cursors = Cursors(directory, hanging)  # type: ignore[arg-type]
+    await cursors.open(1, "ann")
+    await cursors.open(2, "ann")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cursors.run)
+        cursors.advance(1, "ann", delivered=3)
+        cursors.advance(2, "ann", delivered=5)
+        await trio.sleep(cursors.receipt_s + cursors.flush_s * 1.5)  # mock clock
+        assert directory.writes == [[Cursor(1, "ann", 3, 0), Cursor(2, "ann", 5, 0)]]
+        cursors.advance(1, "ann", delivered=4)
+        await trio.sleep(cursors.flush_s)
+        assert directory.writes[-1] == [Cursor(1, "ann", 4, 0)]
+        nursery.cancel_scope.cancel()
