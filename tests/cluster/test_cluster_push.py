@@ -99,7 +99,7 @@ async def test_one_webhook_call_per_collapse_window_across_two_nodes() -> None:
 
 async def test_a_webhook_down_or_hanging_delays_no_message() -> None:
     """Node 1's webhook refuses connections, node 2's never answers: members on both nodes
-    still get every message and every ack."""
+    still get every message and every ack while both hold notifications they retry."""
     hanging = Receiver(hang=True)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -121,6 +121,13 @@ async def test_a_webhook_down_or_hanging_delays_no_message() -> None:
             httpx.AsyncClient(base_url=cluster.url, timeout=10) as api,
         ):
             tokens, room = await group_with_an_offline_member(api)
+            await token_for(api, "dan")
+            r = await api.post(
+                "/v1/direct",
+                json={"user": "dan"},
+                headers={"Authorization": f"Bearer {tokens['ann']}"},
+            )
+            direct = r.json()["id"]
             with trio.fail_after(60):
                 async with (
                     open_websocket_url(
@@ -129,21 +136,31 @@ async def test_a_webhook_down_or_hanging_delays_no_message() -> None:
                     open_websocket_url(
                         join_url(cluster, 1, room, tokens["bob"]), subprotocols=["chatnode.v1"]
                     ) as bob,
+                    open_websocket_url(
+                        join_url(cluster, 0, direct, tokens["ann"]), subprotocols=["chatnode.v1"]
+                    ) as ann_to_dan,
                 ):
                     await read_until_live(ann)
                     await read_until_live(bob)
+                    await read_until_live(ann_to_dan)
+                    # The windows' holders, in this order: node 1 for dan (refused), then
+                    # node 2 for cat (never answered); both are failing during the burst.
+                    await send_acked(ann_to_dan, "to dan")
+                    await bob.send_message(json.dumps({"type": "send", "message": "b-first"}))
+                    await hanging.wait_for(1)
                     texts = {
                         "ann": [f"a{i}" for i in range(30)],
                         "bob": [f"b{i}" for i in range(30)],
                     }
-                    everything = sorted(texts["ann"] + texts["bob"])
+                    everything = sorted(["b-first", *texts["ann"], *texts["bob"]])
                     got: dict[str, list[str]] = {}
 
                     async def chat(name: str, ws: WebSocketConnection) -> None:
                         for text in texts[name]:
                             await ws.send_message(json.dumps({"type": "send", "message": text}))
                         acks, seen = 0, []
-                        while acks < len(texts[name]) or len(seen) < len(everything):
+                        mine = len(texts[name]) + (name == "bob")  # b-first's ack too
+                        while acks < mine or len(seen) < len(everything):
                             frame = json.loads(await ws.get_message())
                             acks += frame["type"] == "ack"
                             if frame["type"] == "message":
@@ -154,7 +171,6 @@ async def test_a_webhook_down_or_hanging_delays_no_message() -> None:
                         both.start_soon(chat, "ann", ann)
                         both.start_soon(chat, "bob", bob)
                     assert sorted(got["ann"]) == sorted(got["bob"]) == everything
-                    await hanging.wait_for(1)  # node 2's POST for cat: never answered
 
             async def node1_failed() -> bool:
                 async with httpx.AsyncClient(base_url=cluster.node_url(0)) as node1:

@@ -12,14 +12,22 @@ import pytest
 import trio
 
 from chatnode.config import ConfigError, load_config
-from tests.e2e.harness import api_client, auth, join, node_config, running_node, until_live
+from tests.e2e.harness import (
+    Api,
+    api_client,
+    auth,
+    join,
+    node_config,
+    running_node,
+    until_live,
+)
 from tests.push_receiver import Receiver
 
 FAST = {"rate_messages_per_s": 10_000.0, "rate_burst": 10_000}
 
 
-async def direct_room(api: object, me: str, other: str) -> int:
-    r = await api.client.post("/v1/direct", json={"user": other}, headers=auth(me))  # type: ignore[attr-defined]
+async def direct_room(api: Api, me: str, other: str) -> int:
+    r = await api.client.post("/v1/direct", json={"user": other}, headers=auth(me))
     assert r.status_code in (200, 201), r.text
     room: int = r.json()["id"]
     return room
@@ -48,7 +56,9 @@ async def test_an_offline_member_gets_the_first_at_once_and_the_latest_later(
                 assert first["unread"] == 1
                 assert (second["preview"], second["unread"]) == ("three", 3)
                 assert second["offset"] > first["offset"]
-                assert receiver.times[1] - receiver.times[0] >= 1.0
+                assert (
+                    receiver.times[1] - receiver.times[0] >= 0.9
+                )  # the window, less the first POST's trip
                 r = await api.client.get("/metrics")
                 assert 'chatnode_push_sent_total{node="test-node"} 2' in r.text
         nursery.cancel_scope.cancel()
