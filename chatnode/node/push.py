@@ -27,7 +27,7 @@ Rules:
    queue of ``QUEUE`` entries; full, the message notifies nobody (dropped, counted). One task
    reads the queue (the lookups of rule 1), ``CONCURRENCY`` tasks POST from a queue of
    ``DELIVERIES`` notifications (full: dropped, counted). A slow or dead webhook, directory
-   or Redis only makes these queues drop.
+   or Redis only makes these queues drop. What they hold when the node stops is lost.
 5. **Retried, then dropped.** A POST not answered (refused, reset, no answer within the
    webhook's timeout) or answered 408, 429 or 5xx is retried after 0.5 s, 1 s, 2 s, ... (at
    most ``BACKOFF_MAX_S`` apart) until ``give_up_s`` after the notification was made; then
