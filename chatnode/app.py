@@ -52,6 +52,8 @@ def node_settings(config: Config, secret: str) -> NodeSettings:
         tickets_per_account=config.tickets_per_account,
         revocation_poll_s=config.revocation_poll_s,
         max_connection_rooms=config.max_connection_rooms,
+        push_collapse_s=config.push_collapse_s,
+        push_give_up_s=config.push_give_up_s,
         rates=rates(config),
     )
 

@@ -264,6 +264,19 @@ class Config:
     signup_address_interval_s: float = _setting(
         60.0, "then one more user per address every this many seconds"
     )
+    push_url: str = _setting(
+        "",
+        "http(s) URL that gets a JSON POST for each message to a member of a private or direct"
+        ' room who is not connected (docs/protocol.md, "Push notifications"); unset: off',
+    )
+    push_collapse_s: float = _setting(
+        30.0, "at most one push notification per member and room in this time (the latest)"
+    )
+    push_give_up_s: float = _setting(
+        120.0,
+        "a push notification the webhook has not taken this long after it was made is"
+        " dropped (retried with backoff until then)",
+    )
     presence_ttl_s: float = _setting(
         15.0, "node heartbeat lifetime; a dead node's presence is reaped after it"
     )
@@ -367,6 +380,13 @@ def _origins_ok(text: str) -> bool:
     )
 
 
+def _url_ok(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        return url.startswith(schemes) and bool(urlsplit(url).hostname)
+    except ValueError:
+        return False
+
+
 def _validate(config: Config) -> None:
     checks = [
         (0 <= config.port <= 65535, "CHATNODE_PORT must be 0..65535"),
@@ -418,6 +438,8 @@ def _validate(config: Config) -> None:
         (_networks_ok(config.trusted_proxies), "CHATNODE_TRUSTED_PROXIES: not IP networks"),
         (config.unarchived_keep_bytes >= 0, "CHATNODE_UNARCHIVED_KEEP_BYTES must be >= 0"),
         (config.redis_settle_s >= 0, "CHATNODE_REDIS_SETTLE_S must be >= 0"),
+        (config.push_collapse_s > 0, "CHATNODE_PUSH_COLLAPSE_S must be > 0"),
+        (config.push_give_up_s > 0, "CHATNODE_PUSH_GIVE_UP_S must be > 0"),
         (
             0 <= config.cache_local_ttl_s <= config.cache_ttl_s,
             "CHATNODE_CACHE_LOCAL_TTL_S must be 0..CHATNODE_CACHE_TTL_S",
@@ -450,8 +472,9 @@ def _validate(config: Config) -> None:
         (config.mysql_url, "CHATNODE_MYSQL_URL", ("mysql://",)),
         (config.redis_url, "CHATNODE_REDIS_URL", ("redis://", "rediss://")),
         (config.elasticsearch_url, "CHATNODE_ELASTICSEARCH_URL", ("http://", "https://")),
+        (config.push_url, "CHATNODE_PUSH_URL", ("http://", "https://")),
     ):
-        if url and not url.startswith(schemes):
+        if url and not _url_ok(url, schemes):
             raise ConfigError(f"{name} must start with {' or '.join(schemes)}")
     database = urlsplit(config.mysql_url).path.lstrip("/")
     if config.mysql_url and (not database or "/" in database):

@@ -6,8 +6,9 @@ Rules:
    timeouts, key prefixes) and never see ``Config``; this module reads ``Config`` and builds
    them: the embedded set (:func:`open_embedded_backends`: one SQLite file, in-process
    presence, tickets and rate limits) or the cluster set (:func:`open_cluster_backends`: MySQL
-   directory cached in Redis, Redis bus, presence, archive feed, revocations, tickets and rate
-   limits, Elasticsearch archive), and the smaller sets the CLI's one-shot commands need
+   directory cached in Redis, Redis bus, presence, archive feed, revocations, tickets, rate
+   limits and push gate, Elasticsearch archive), each with the push webhook when
+   ``CHATNODE_PUSH_URL`` is set, and the smaller sets the CLI's one-shot commands need
    (:func:`open_accounts`, :func:`open_archive`, :func:`migrate`). ``app.py`` builds the node
    and the edge on what :func:`open_backends` yields.
 2. **Whoever opens closes.** Every function here is an async context manager (or, for
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from chatnode import datadir
 from chatnode.config import Config, ConfigError
-from chatnode.core.ports import Archive, Directory, Revocations
+from chatnode.core.ports import Archive, Directory, Revocations, Webhook
 from chatnode.node.settings import Backends
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,12 @@ async def open_backends(config: Config, node_id: str) -> AsyncIterator[Backends]
 async def open_embedded_backends(config: Config) -> AsyncIterator[Backends]:
     """One SQLite file (directory, bus, archive, revocations) in the data directory, created
     private if missing; presence, tickets and rate limits in memory."""
-    from chatnode.adapters.memory import MemoryPresence, MemoryRateLimits, MemoryTickets
+    from chatnode.adapters.memory import (
+        MemoryPresence,
+        MemoryPushGate,
+        MemoryRateLimits,
+        MemoryTickets,
+    )
     from chatnode.adapters.sqlite import (
         LocalBroker,
         SqliteArchive,
@@ -66,7 +72,7 @@ async def open_embedded_backends(config: Config) -> AsyncIterator[Backends]:
     )
 
     open_data_dir(config)
-    async with await SqliteDatabase.open(sqlite_path(config)) as db:
+    async with await SqliteDatabase.open(sqlite_path(config)) as db, open_webhook(config) as hook:
         yield Backends(
             directory=SqliteDirectory(db),
             bus=SqliteBus(db, LocalBroker(), dedup_window_s=config.dedup_window_s),
@@ -75,6 +81,8 @@ async def open_embedded_backends(config: Config) -> AsyncIterator[Backends]:
             revocations=SqliteRevocations(db),
             tickets=MemoryTickets(),
             rate_limits=MemoryRateLimits(),
+            push_gate=MemoryPushGate() if hook else None,
+            webhook=hook,
         )
 
 
@@ -92,6 +100,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
         RedisBus,
         RedisCachedDirectory,
         RedisPresence,
+        RedisPushGate,
         RedisRateLimits,
         RedisRevocations,
         RedisTickets,
@@ -120,6 +129,7 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
             config.elasticsearch_url, prefix=prefix, request_timeout_s=timeout_s
         )
         stack.push_async_callback(archive.aclose)
+        hook = await stack.enter_async_context(open_webhook(config))
         yield Backends(
             directory=RedisCachedDirectory(
                 directory,
@@ -148,7 +158,25 @@ async def open_cluster_backends(config: Config, node_id: str) -> AsyncIterator[B
                 reads=feed_reads,
             ),
             rate_limits=RedisRateLimits(limits_client, prefix),
+            push_gate=RedisPushGate(redis, prefix) if hook else None,
+            webhook=hook,
         )
+
+
+@asynccontextmanager
+async def open_webhook(config: Config) -> AsyncIterator[Webhook | None]:
+    """The push notifications' webhook (``CHATNODE_PUSH_URL``; requests time out after
+    ``backend_timeout_s``), None when unset, closed on exit."""
+    if not config.push_url:
+        yield None
+        return
+    from chatnode.adapters.webhook import HttpWebhook
+
+    hook = HttpWebhook(config.push_url, timeout_s=config.backend_timeout_s)
+    try:
+        yield hook
+    finally:
+        await hook.aclose()
 
 
 def open_data_dir(config: Config) -> None:

@@ -1,4 +1,4 @@
-"""In-process Presence, Revocations, Tickets and RateLimits for the embedded single node
+"""In-process Presence, Revocations, Tickets, RateLimits and PushGate for the embedded single node
 (and any test that needs them).
 
 :class:`MemoryRateLimits` holds the token buckets of the node's rate limits; with one node
@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -280,7 +280,63 @@ class MemoryRateLimits:
         self._sweep_at = max(1024, 2 * len(self._buckets))
 
 
+@attrs.define(eq=False)
+class MemoryPushGate:
+    """``ports.PushGate`` for one process (the embedded node): each window is
+    ``[token, expires at, pending offset, pending note]``; expired windows are swept once
+    there are twice as many as at the last sweep (at least 1,024). Time from ``clock``
+    (seconds, default ``trio.current_time``)."""
+
+    clock: Callable[[], float] = trio.current_time
+    _windows: dict[tuple[int, str], list[Any]] = attrs.field(factory=dict, init=False)
+    _sweep_at: int = attrs.field(default=1024, init=False)
+
+    async def open(
+        self,
+        room_id: int,
+        users: Sequence[str],
+        *,
+        offset: int,
+        note: bytes,
+        token: str,
+        window_ms: int,
+    ) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        now, opened = self.clock(), []
+        if len(self._windows) >= self._sweep_at:
+            self._windows = {k: w for k, w in self._windows.items() if w[1] > now}
+            self._sweep_at = max(1024, 2 * len(self._windows))
+        for user in users:
+            window = self._windows.get((room_id, user))
+            if window is None or window[1] <= now:
+                self._windows[(room_id, user)] = [token, now + 2 * window_ms / 1000, 0, None]
+                opened.append(user)
+            elif offset > window[2]:
+                window[2], window[3] = offset, note
+        return opened
+
+    async def close(
+        self, room_id: int, users: Sequence[str], *, token: str, window_ms: int
+    ) -> list[bytes | None]:
+        await trio.lowlevel.checkpoint()
+        now, notes = self.clock(), list[bytes | None]()
+        for user in users:
+            window = self._windows.get((room_id, user))
+            if window is None or window[0] != token or window[1] <= now:
+                notes.append(None)
+            elif window[3] is None:
+                del self._windows[(room_id, user)]
+                notes.append(None)
+            else:
+                notes.append(window[3])
+                self._windows[(room_id, user)] = [token, now + 2 * window_ms / 1000, 0, None]
+        return notes
+
+
 if TYPE_CHECKING:  # mypy proves the adapters implement their ports
+
+    def _implements_push_gate() -> ports.PushGate:
+        return MemoryPushGate()
 
     def _implements_port() -> ports.Presence:
         return MemoryPresence()

@@ -451,3 +451,44 @@ class RateLimits(Protocol):
         up to ``count``. When it holds less than one, nothing is taken and ``retry_after_s``
         says when it will hold one. Every caller of a key passes the same rate and burst.
         Raise ``Unavailable`` if the store cannot be reached."""
+
+
+class PushGate(Protocol):
+    """The collapse windows of push notifications, one per (room, member), shared by every
+    node of a deployment (``node/push.py`` rules): in process memory (embedded), in Redis
+    (cluster). A window is held by the ``token`` that opened it until it is closed or, if its
+    holder never closes it (a crashed node), until ``window_ms`` twice over has passed.
+
+    Each call is atomic per window: of the callers that find a window not open, exactly one
+    opens it.
+    """
+
+    async def open(
+        self,
+        room_id: int,
+        users: Sequence[str],
+        *,
+        offset: int,
+        note: bytes,
+        token: str,
+        window_ms: int,
+    ) -> list[str]:
+        """For each of ``users``: open their window in the room, held by ``token``, if none is
+        open; else keep ``note`` as the window's pending notification, unless it keeps one of
+        a greater ``offset``. Return the users whose window this call opened (the caller
+        notifies them now)."""
+
+    async def close(
+        self, room_id: int, users: Sequence[str], *, token: str, window_ms: int
+    ) -> list[bytes | None]:
+        """For each of ``users``, a window ``token`` holds whose time is up: its pending note,
+        taken, the window renewed for ``window_ms`` (the caller sends the note); or None, the
+        window closed (nothing pending, or not held by ``token`` any more)."""
+
+
+class Webhook(Protocol):
+    """Where push notifications go: one HTTP(S) endpoint taking JSON POSTs."""
+
+    async def post(self, body: bytes) -> int:
+        """POST ``body`` (JSON) and return the answer's status. ``Unavailable`` when no answer
+        came: refused, reset, not HTTP, or later than the adapter's timeout."""

@@ -47,6 +47,12 @@ class Metrics:
             ("chatnode_cursor_writes_total", "counter", cursors.writes_total),
             ("chatnode_cursors_written_total", "counter", cursors.written_total),
         ]
+        push = node.push  # node/push.py
+        values += [
+            ("chatnode_push_sent_total", "counter", push.sent_total if push else 0),
+            ("chatnode_push_failed_total", "counter", push.failed_total if push else 0),
+            ("chatnode_push_dropped_total", "counter", push.dropped_total if push else 0),
+        ]
         for name, value in node.limits.counters().items():
             values.append((f"chatnode_{name}", "counter", value))
         for name, value in node.backends.bus.counters().items():

@@ -18,6 +18,7 @@ from chatnode.core.models import (
 )
 from chatnode.node.accounts import now_ms
 from chatnode.node.hub import Hub, Member, RoomSession, Seat
+from chatnode.node.push import Notifier
 from chatnode.node.ratelimit import NodeLimits
 from chatnode.node.receipts import Cursors
 from chatnode.node.settings import Backends, NodeSettings
@@ -38,6 +39,8 @@ class RoomNode(Protocol):
     def limits(self) -> NodeLimits: ...
     @property
     def cursors(self) -> Cursors: ...
+    @property
+    def push(self) -> Notifier | None: ...
 
     async def authenticate(
         self, token: str | None, *, user_param: str | None = None
@@ -161,7 +164,10 @@ class RoomConnection:
                 retry_after_s=wait_s,
             )
         draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
-        return await self._node.hub.publish(draft)
+        message = await self._node.hub.publish(draft)
+        if self._node.push is not None:
+            self._node.push.published(message)  # no I/O, no wait (node/push.py rule 4)
+        return message
 
     async def refresh(self, token: str, *, current: auth.Claims) -> auth.Claims:
         """:func:`refreshed_claims` of the member's connection."""

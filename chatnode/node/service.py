@@ -4,7 +4,7 @@ bases), a member's time in a room in ``node/room.py``. Everything here is
 transport-neutral; ``edge/`` maps it to HTTP/WebSocket.
 
 Ownership: ``ChatNode.run`` owns the node's background tasks (bus receiver, archiver,
-presence heartbeat and reaper, revocation follower) in its nursery; connections are owned by
+presence heartbeat and reaper, revocation follower, push notifications) in its nursery; connections are owned by
 the edge and enter a room through ``ChatNode.join``, an async context manager that leaves the
 room on exit, also on cancellation.
 """
@@ -35,6 +35,7 @@ from chatnode.node.archiver import Archiver
 from chatnode.node.hub import Hub, RoomSession
 from chatnode.node.passwords import PasswordWork
 from chatnode.node.presence import PresenceWatcher, UserPresenceFeed, contacts
+from chatnode.node.push import Notifier
 from chatnode.node.ratelimit import NodeLimits, Rate
 from chatnode.node.receipts import Cursors
 from chatnode.node.room import RoomConnection
@@ -86,6 +87,23 @@ class ChatNode(Rooms):
         self.cursors = Cursors(backends.directory, self.signal)  # node/receipts.py
         self.user_presence = UserPresenceFeed(backends.presence)  # node/presence.py
         self.hub.on_user_presence = self.user_presence.changed
+        self.push = (
+            Notifier(
+                gate=backends.push_gate,
+                webhook=backends.webhook,
+                directory=backends.directory,
+                presence=backends.presence,
+                room=self.room,
+                load_range=self.hub.load_range,
+                local_cursors=self.cursors.room_overlay,
+                node_id=settings.node_id,
+                collapse_s=settings.push_collapse_s,
+                give_up_s=settings.push_give_up_s,
+                max_members=settings.limits.max_group_members,
+            )
+            if backends.webhook is not None and backends.push_gate is not None
+            else None
+        )  # node/push.py
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -98,6 +116,8 @@ class ChatNode(Rooms):
             nursery.start_soon(self.user_presence.run)
             nursery.start_soon(self._follow_revocations)
             nursery.start_soon(self.cursors.run)
+            if self.push is not None:
+                await nursery.start(self.push.run)
             if self.archiver is not None:
                 await nursery.start(self.archiver.run)
             task_status.started()

@@ -12,9 +12,11 @@ from chatnode.core.ports import (
     Bus,
     Directory,
     Presence,
+    PushGate,
     RateLimits,
     Revocations,
     Tickets,
+    Webhook,
 )
 from chatnode.node.ratelimit import Rates
 
@@ -44,6 +46,8 @@ class NodeSettings:
     tickets_per_account: int = 10
     revocation_poll_s: float = 1.0
     max_connection_rooms: int = 500
+    push_collapse_s: float = 30.0
+    push_give_up_s: float = 120.0
     rates: Rates = attrs.Factory(Rates)
 
 
@@ -58,3 +62,6 @@ class Backends:
     feed: ArchiveFeed | None = None
     rate_limits: RateLimits | None = None
     """The shared buckets of the rate limits; None: each node limits alone."""
+    push_gate: PushGate | None = None
+    webhook: Webhook | None = None
+    """Push notifications (``node/push.py``), with ``push_gate``; None: off."""

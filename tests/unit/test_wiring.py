@@ -63,3 +63,16 @@ async def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path: Path) 
 
 async def test_migrate_has_nothing_to_do_when_embedded() -> None:
     assert await wiring.migrate(Config()) == 0
+
+
+async def test_push_notifications_are_built_only_with_a_url(tmp_path: Path) -> None:
+    from chatnode.adapters.memory import MemoryPushGate
+    from chatnode.adapters.webhook import HttpWebhook
+
+    config = Config(data_dir=str(tmp_path / "data"))
+    async with wiring.open_backends(config, "node-1") as backends:
+        assert backends.webhook is None and backends.push_gate is None
+    config = Config(data_dir=str(tmp_path / "data"), push_url="https://push.example.com/hook")
+    async with wiring.open_backends(config, "node-1") as backends:
+        assert isinstance(backends.webhook, HttpWebhook)
+        assert isinstance(backends.push_gate, MemoryPushGate)

@@ -27,6 +27,8 @@ Everything a node keeps in Redis, under one key prefix ``P`` (the deployment's):
     P:tickets:account:{id}                string   tickets issued to an account    (tickets)
     P:rate:{kind}:{key}                   string   a rate limit's bucket, PX until full
                                                                                 (ratelimits)
+    P:push:{room}:{user}                  string   a push notification window's holder
+    P:push:{room}:{user}:next             hash     the note it holds back      (push_gate)
 
 One module per job, each with its rules in its docstring:
 
@@ -42,7 +44,8 @@ One module per job, each with its rules in its docstring:
   :mod:`.local_cache`);
 - :mod:`.revocations`: :class:`RedisRevocations` (``ports.Revocations``);
 - :mod:`.tickets`: :class:`RedisTickets` (``ports.Tickets``);
-- :mod:`.ratelimits`: :class:`RedisRateLimits` (``ports.RateLimits``).
+- :mod:`.ratelimits`: :class:`RedisRateLimits` (``ports.RateLimits``);
+- :mod:`.push_gate`: :class:`RedisPushGate` (``ports.PushGate``).
 
 Every port takes a :class:`RespClient` and a key prefix; the client is the caller's (it is
 closed by whoever made it). A client runs its commands on one pipelined connection, so the
@@ -64,6 +67,7 @@ from .bus import RedisBus
 from .client import RedisAddress, RespClient
 from .directory import RedisCachedDirectory
 from .presence import RedisPresence
+from .push_gate import RedisPushGate
 from .ratelimits import RedisRateLimits
 from .revocations import RedisRevocations
 from .tickets import RedisTickets
@@ -74,6 +78,7 @@ __all__ = [
     "RedisBus",
     "RedisCachedDirectory",
     "RedisPresence",
+    "RedisPushGate",
     "RedisRateLimits",
     "RedisRevocations",
     "RedisTickets",
