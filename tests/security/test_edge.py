@@ -214,7 +214,7 @@ async def test_an_unread_replay_on_a_multi_room_connection_is_closed_at_its_dead
         assert answer.status == 101
         # Not read until the node closed it (no event tells a test that: polled, bounded).
         with trio.move_on_after(REPLAY_TIMEOUT_S + 10):
-            while closes(node, 4001) < 1:
+            while closes(node, 4001) < 1:  # noqa: ASYNC110 -- no event for a close
                 await trio.sleep(0.05)
         assert closes(node, 4001) == 1, "the unread replay was not closed"
         with trio.fail_after(10):
