@@ -125,7 +125,7 @@ PUSH_MODES: dict[str, dict[str, Any]] = {
         "steps": [500, 1000],
         "step_s": 8.0,
         "rounds": 2,
-        "warmup_s": 2.0,
+        "warmup_s": 6.0,
         "collapse_s": 4.0,
     },
     "full": {
