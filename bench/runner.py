@@ -51,6 +51,7 @@ from history import history_extras
 from idle import idle_memory, idle_peers
 from messenger import MessengerCluster, run_messenger_all
 from messenger_report import messenger_markdown, messenger_rows
+from push import push_markdown, push_rows, run_push_all
 from receipts import receipts_markdown, receipts_rows, run_receipts_all
 from report import code_state, figures, integrity_row, machine, markdown, plot
 from rest import rest_throughput
@@ -60,6 +61,7 @@ from settings import (
     MESSENGER_MODES,
     MODES,
     P99_LIMIT_MS,
+    PUSH_MODES,
     RECEIPTS_MODES,
     SINGLE_WORKLOAD,
     TARGETS,
@@ -142,6 +144,13 @@ def main() -> int:
         " cluster without and with receipts, alternating; alone unless other options ask",
     )
     parser.add_argument(
+        "--messenger-push",
+        action="store_true",
+        help="the messenger workload's push variant (issue 17, push.py): 20 %% of the users"
+        " offline, the webhook off / up / down / hanging, alternating; alone unless other"
+        " options ask",
+    )
+    parser.add_argument(
         "--messenger-steps", help="override the messenger's offered loads: comma list of msgs/s"
     )
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
@@ -171,12 +180,13 @@ def main() -> int:
         mode["steps"] = [int(x) for x in args.steps.split(",")]
     m_mode = dict(MESSENGER_MODES[mode_name])
     r_mode = dict(RECEIPTS_MODES[mode_name])
+    p_mode = dict(PUSH_MODES[mode_name])
     if args.messenger_steps:
         m_mode["steps"] = [int(x) for x in args.messenger_steps.split(",")]
-        r_mode["steps"] = m_mode["steps"]
+        r_mode["steps"] = p_mode["steps"] = m_mode["steps"]
     if args.rounds:
-        r_mode["rounds"] = args.rounds
-    messengers = args.messenger or args.messenger_receipts
+        r_mode["rounds"] = p_mode["rounds"] = args.rounds
+    messengers = args.messenger or args.messenger_receipts or args.messenger_push
     if messengers and not args.systems:
         args.systems = "none"  # --messenger alone: the messenger workload only
     if messengers and not args.extras:
@@ -214,6 +224,7 @@ def main() -> int:
     extras: dict[str, Any] = {}
     messenger: dict[str, Any] = {}
     receipts: dict[str, Any] = {}
+    push: dict[str, Any] = {}
     try:
         cluster_probe = ChatnodeCluster(redis, args.mysql_url, args.es_url, args.prefix)
         if "chatnode-cluster" in wanted or not args.no_extras or messengers:
@@ -274,6 +285,10 @@ def main() -> int:
             receipts = run_receipts_all(redis, make_cluster, r_mode)
             if "error" in receipts:
                 errors["messenger receipts"] = receipts["error"]
+        if args.messenger_push:
+            push = run_push_all(redis, make_cluster, p_mode)
+            if "error" in push:
+                errors["messenger push"] = push["error"]
     finally:
         redis.stop()
 
@@ -296,6 +311,10 @@ def main() -> int:
         if not agg and not extras and not args.messenger:
             rows = []
         rows += receipts_rows(receipts)
+    if args.messenger_push:
+        if not agg and not extras and not args.messenger and not args.messenger_receipts:
+            rows = []
+        rows += push_rows(push)
     missing = [r["figure"] for r in rows if r["met"] == "not measured"]
     result = {
         "mode": mode_name,
@@ -317,6 +336,7 @@ def main() -> int:
         "extras": extras,
         "messenger": messenger,
         "receipts": receipts,
+        "push": push,
         "errors": errors,
         "missing": missing,
         "raw_runs": runs,
@@ -331,6 +351,8 @@ def main() -> int:
         md += "\n" + messenger_markdown(messenger)
     if receipts:
         md += "\n" + receipts_markdown(receipts)
+    if push:
+        md += "\n" + push_markdown(push)
     out.with_suffix(".md").write_text(md)
     try:
         if agg:  # the plot is the fan-out's (none for the messenger alone)

@@ -115,3 +115,24 @@ RECEIPTS_MODES: dict[str, dict[str, Any]] = {
     },
 }
 RECEIPTS_TARGET_AT = 2000  # msgs/s: the step the headline ratio is taken at
+
+# The messenger's push variant (issue 17; ``bench/run --messenger-push``, bench/push.py): 20 %
+# of the users offline, the webhook off / up / down (refused) / hanging, alternating per round;
+# ``collapse_s``: the nodes' CHATNODE_PUSH_COLLAPSE_S (and each step's settle after its drain);
+# a step's send time is two windows or more.
+PUSH_MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "steps": [500, 1000],
+        "step_s": 8.0,
+        "rounds": 2,
+        "warmup_s": 6.0,
+        "collapse_s": 4.0,
+    },
+    "full": {
+        "steps": [500, 1000, 2000],
+        "step_s": 15.0,
+        "rounds": 2,
+        "warmup_s": 3.0,
+        "collapse_s": 5.0,
+    },
+}
