@@ -25,12 +25,6 @@ Rules:
    ``READ_TIMEOUT_S`` counts as none (the join replays the newest ``history_on_join``), and
    for ``READ_PAUSE_S`` after such a failure joins do not ask: a MySQL outage does not slow
    joins down.
-6. **Your own message is yours.** A member whose ``delivered`` cursor is at the offset
-   just before the message they send has it delivered (and read, if ``read`` is there
-   too) without saying so (:meth:`sent`): the cursor moves with no receipt of its own, so
-   the echo's ``received`` and ``read`` move nothing and cost the room no receipt. The
-   move is written with the next batch and told with the member's next receipt. A cursor
-   further behind stays where it is: it claims every offset up to it.
 """
 
 from __future__ import annotations
@@ -154,16 +148,6 @@ class Cursors:
         self._dirty.add(key)
         self.advanced_total += 1
         return True
-
-    def sent(self, room_id: int, user: str, offset: int) -> None:
-        """Rule 6: ``user`` published ``offset`` in the room."""
-        state = self._known.get((room_id, user))
-        if state is None or state.delivered != offset - 1:
-            return
-        state.delivered = offset
-        if state.read == offset - 1:
-            state.read = offset
-        self._pending[(room_id, user)] = Cursor(room_id, user, state.delivered, state.read)
 
     def room_overlay(self, room_id: int, stored: list[Cursor]) -> list[Cursor]:
         """``stored`` (a room's cursors from the directory) with what this node knows newer

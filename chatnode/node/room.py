@@ -165,7 +165,6 @@ class RoomConnection:
             )
         draft = Draft(self.room_id, self._member.user, text, now_ms(), client_id)
         message = await self._node.hub.publish(draft)
-        self._node.cursors.sent(self.room_id, self._member.user, message.offset)
         if self._node.push is not None:
             self._node.push.published(message)  # no I/O, no wait (node/push.py rule 4)
         return message

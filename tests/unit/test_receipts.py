@@ -160,26 +160,3 @@ async def test_writes_keep_their_period_while_receipts_hang(
         await trio.sleep(cursors.flush_s)
         assert directory.writes[-1] == [Cursor(1, "ann", 4, 0)]
         nursery.cancel_scope.cancel()
-
-
-async def test_your_own_message_moves_your_cursor_without_a_receipt() -> None:
-    """Rule 6: sending right after your cursor moves it (read too, if there); the echo's
-    acknowledgements then move nothing. A cursor further behind stays."""
-    cursors, directory, events = make()
-    await cursors.open(1, "ann")
-    await cursors.open(2, "ann")
-    cursors.advance(1, "ann", delivered=4, read=4)
-    cursors.advance(2, "ann", delivered=4, read=2)
-    await cursors._send_receipts()
-    sent_before = len(events)
-    cursors.sent(1, "ann", 5)
-    cursors.sent(2, "ann", 5)
-    assert cursors.get(1, "ann") == Cursor(1, "ann", 5, 5)
-    assert cursors.get(2, "ann") == Cursor(2, "ann", 5, 2)
-    assert not cursors.advance(1, "ann", delivered=5, read=5)  # the echo moves nothing
-    await cursors._send_receipts()
-    assert len(events) == sent_before
-    cursors.sent(1, "ann", 9)  # 6-8 not acknowledged yet: the cursor cannot claim them
-    assert cursors.get(1, "ann") == Cursor(1, "ann", 5, 5)
-    await cursors.flush()
-    assert directory.writes[-1] == [Cursor(1, "ann", 5, 5), Cursor(2, "ann", 5, 2)]
