@@ -53,7 +53,7 @@ from messenger import MessengerCluster
 from receipts import service_pid
 from report import figure_row
 from settings import MESSENGER_WORKLOAD, OVERLOAD_P99_MS
-from stats import fmt, median, ratio
+from stats import fmt, medians_by, ratio
 from systems import HOST, Redis
 
 CONFIGS = ("off", "up", "down", "hang")
@@ -341,16 +341,7 @@ def summarize(steps: list[dict[str, Any]], offered: list[int]) -> dict[str, Any]
     )
     out: dict[str, Any] = {}
     for o in offered:
-        per: dict[str, Any] = {}
-        for c in CONFIGS:
-            ran = [s for s in steps if s["offered"] == o and s["config"] == c and "sent" in s]
-            if not ran:
-                continue
-            per[c] = {k: median([s[k] for s in ran]) for k in keys}
-            per[c]["p99_ms"] = median([s["latency_ms"]["p99"] for s in ran])
-            per[c]["p50_ms"] = median([s["latency_ms"]["p50"] for s in ran])
-            per[c]["rounds"] = len(ran)
-            per[c]["clean"] = all(s["clean"] and not s["wrong_room"] for s in ran)
+        per: dict[str, Any] = medians_by(steps, o, "config", CONFIGS, keys)
         for a, b in (("down", "up"), ("up", "off"), ("hang", "up"), ("down", "off")):
             if a in per and b in per:
                 per[f"{a}/{b}"] = {

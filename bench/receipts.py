@@ -36,7 +36,7 @@ from common import ROOT, Http, LoadGenProc, cpu_seconds, log, machine_busy_s
 from messenger import MessengerCluster
 from report import figure_row
 from settings import MESSENGER_WORKLOAD, OVERLOAD_P99_MS, RECEIPTS_TARGET_AT, TARGETS
-from stats import fmt, median, ratio
+from stats import fmt, medians_by, ratio
 from systems import HOST, Redis
 
 VARIANTS = ("without", "with")
@@ -253,15 +253,7 @@ def summarize(steps: list[dict[str, Any]], offered: list[int]) -> dict[str, Any]
     )
     out: dict[str, Any] = {}
     for o in offered:
-        per: dict[str, Any] = {}
-        for v in VARIANTS:
-            ran = [s for s in steps if s["offered"] == o and s["variant"] == v and "sent" in s]
-            if not ran:
-                continue
-            per[v] = {k: median([s[k] for s in ran]) for k in keys}
-            per[v]["p99_ms"] = median([s["latency_ms"]["p99"] for s in ran])
-            per[v]["rounds"] = len(ran)
-            per[v]["clean"] = all(s["clean"] and not s["wrong_room"] for s in ran)
+        per: dict[str, Any] = medians_by(steps, o, "variant", VARIANTS, keys)
         if len(per) == 2:
             per["cpu_ratio"] = ratio(
                 per["with"]["server_cpu_us_per_msg"], per["without"]["server_cpu_us_per_msg"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
+from typing import Any
 
 
 def fmt(v: float | None, nd: int = 1) -> str:
@@ -23,3 +25,27 @@ def pct(values: list[float], p: float) -> float | None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def medians_by(
+    steps: list[dict[str, Any]],
+    offered: int,
+    field: str,
+    labels: Iterable[str],
+    keys: Iterable[str],
+) -> dict[str, dict[str, Any]]:
+    """For one offered load, per label of ``field`` (a variant, a configuration): the
+    medians over rounds of ``keys``, p50 and p99, the rounds, and whether every round was
+    clean (nothing lost, duplicated, reordered or in the wrong room)."""
+    keys = tuple(keys)
+    per: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        ran = [s for s in steps if s["offered"] == offered and s[field] == label and "sent" in s]
+        if not ran:
+            continue
+        per[label] = {k: median([s[k] for s in ran]) for k in keys}
+        per[label]["p99_ms"] = median([s["latency_ms"]["p99"] for s in ran])
+        per[label]["p50_ms"] = median([s["latency_ms"]["p50"] for s in ran])
+        per[label]["rounds"] = len(ran)
+        per[label]["clean"] = all(s["clean"] and not s["wrong_room"] for s in ran)
+    return per
